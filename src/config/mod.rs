@@ -1,0 +1,412 @@
+//! Configuration: one TOML file read with the `config` crate, every key overridable from the
+//! environment as `KINESIS_FANOUT__<SECTION>__<KEY>` (array entries by index:
+//! `KINESIS_FANOUT__DESTINATIONS__0__PATTERN`).
+//!
+//! Raw values are checked once, here, into typed [`Settings`]. Every problem is collected, with the
+//! key it concerns, so a user fixes a bad file in one round instead of one error at a time.
+
+mod reader;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use regex::Regex;
+
+use reader::Section;
+pub use units::Rate;
+
+/// Environment variables starting with this prefix override keys of the file.
+pub const ENV_PREFIX: &str = "KINESIS_FANOUT__";
+
+/// The whole, validated configuration of one service process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub aws: AwsSettings,
+    pub source: SourceSettings,
+    pub destinations: Vec<DestinationGroup>,
+    pub checkpoint: CheckpointSettings,
+    pub metrics: MetricsSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// Region; `None` falls back to the SDK's default chain.
+    pub region: Option<String>,
+    /// Kinesis endpoint override, for emulators.
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    pub stream_name: String,
+    pub consumer_name: String,
+    pub initial_position: InitialPosition,
+}
+
+/// Where to start a shard that has no checkpoint and no parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialPosition {
+    TrimHorizon,
+    Latest,
+    AtTimestamp(SystemTime),
+}
+
+/// One `[[destinations]]` group: the streams whose names match `pattern` and none of `exclude`.
+#[derive(Debug, Clone)]
+pub struct DestinationGroup {
+    pub pattern: Regex,
+    pub exclude: Vec<Regex>,
+    pub refresh_interval: Duration,
+    pub records_per_second: Rate,
+    pub bytes_per_second: Rate,
+    pub max_in_flight_bytes: u64,
+    pub linger: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub dead_letter_stream: Option<String>,
+}
+
+impl DestinationGroup {
+    /// Whether a stream of this name belongs to the group.
+    pub fn matches(&self, stream_name: &str) -> bool {
+        self.pattern.is_match(stream_name) && !self.exclude.iter().any(|re| re.is_match(stream_name))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    pub backend: CheckpointBackend,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointBackend {
+    /// One JSON file, written atomically. For a single worker.
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    pub grace_period: Duration,
+}
+
+/// One problem in the configuration, with the key it concerns (`destinations[0].pattern`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no configuration file: pass --config FILE or set KINESIS_FANOUT_CONFIG")]
+    NoFile,
+    #[error("cannot read configuration file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("{} problem(s) in configuration {origin}:\n  {}", problems.len(), join(problems))]
+    Invalid { origin: String, problems: Vec<Problem> },
+}
+
+fn join(problems: &[Problem]) -> String {
+    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n  ")
+}
+
+impl ConfigError {
+    /// The problems found in the values, empty for a file that could not be read at all.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+impl Settings {
+    /// Loads a file and applies overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Loads a file and applies overrides from the given `(name, value)` pairs (tests pass their own).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let origin = path.display().to_string();
+        let file = config::File::from(path).format(config::FileFormat::Toml);
+        Self::build(config::Config::builder().add_source(file), origin, env)
+    }
+
+    /// Parses TOML text (no environment overrides): for tests and embedding.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let file = config::File::from_str(text, config::FileFormat::Toml);
+        Self::build(config::Config::builder().add_source(file), "<inline>".into(), [])
+    }
+
+    fn build(
+        mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+        origin: String,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let read_error = |source| ConfigError::Read { path: origin.clone(), source };
+        for (name, value) in env {
+            if let Some(key) = env_key(&name) {
+                builder = builder.set_override(key, value).map_err(read_error)?;
+            }
+        }
+        let tree: serde_json::Value = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(read_error)?;
+        let mut problems = Vec::new();
+        let settings = Settings::from_tree(&tree, &mut problems);
+        match settings {
+            Some(settings) if problems.is_empty() => Ok(settings),
+            _ => Err(ConfigError::Invalid { origin, problems }),
+        }
+    }
+
+    fn from_tree(tree: &serde_json::Value, problems: &mut Vec<Problem>) -> Option<Settings> {
+        let mut root = Section::root(tree, problems);
+        let aws = root.section("aws", |s| AwsSettings {
+            region: s.string("region"),
+            endpoint_url: s.string("endpoint_url"),
+        });
+        let source = root.section("source", source_settings);
+        let destinations = root.array("destinations", destination_group);
+        let checkpoint = root.section("checkpoint", checkpoint_settings);
+        let metrics = root.section("metrics", |s| MetricsSettings {
+            listen: s
+                .parsed("listen", "127.0.0.1:9090", |v| {
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| format!("`{v}` is not an address like 127.0.0.1:9090 ({e})"))
+                })
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        });
+        let shutdown = root.section("shutdown", |s| ShutdownSettings {
+            grace_period: s.duration("grace_period", "20s").unwrap_or_default(),
+        });
+        if destinations.as_ref().is_some_and(Vec::is_empty) {
+            root.problem("destinations", "at least one [[destinations]] group with a pattern is required");
+        }
+        root.finish();
+        Some(Settings {
+            aws: aws.unwrap_or_default(),
+            source: source?,
+            destinations: destinations?,
+            checkpoint: checkpoint?,
+            metrics: metrics?,
+            shutdown: shutdown?,
+        })
+    }
+
+    /// The destination group a stream belongs to (the first that matches), if any.
+    pub fn group_for(&self, stream_name: &str) -> Option<usize> {
+        self.destinations.iter().position(|g| g.matches(stream_name))
+    }
+}
+
+fn source_settings(s: &mut Section<'_>) -> SourceSettings {
+    let stream_name = s.required_string("stream_name").unwrap_or_default();
+    let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
+    let timestamp = s.parsed_opt("initial_timestamp", |v| {
+        humantime::parse_rfc3339_weak(v)
+            .map_err(|e| format!("`{v}` is not an RFC 3339 timestamp like 2026-11-01T00:00:00Z ({e})"))
+    });
+    let position = s.parsed("initial_position", "trim_horizon", |v| match v {
+        "trim_horizon" => Ok(None),
+        "latest" => Ok(Some(InitialPosition::Latest)),
+        "at_timestamp" => Ok(Some(InitialPosition::AtTimestamp(SystemTime::UNIX_EPOCH))),
+        other => Err(format!("`{other}` is not one of trim_horizon, latest, at_timestamp")),
+    });
+    let initial_position = match (position, timestamp) {
+        (Some(Some(InitialPosition::AtTimestamp(_))), Some(at)) => InitialPosition::AtTimestamp(at),
+        (Some(Some(InitialPosition::AtTimestamp(_))), None) => {
+            s.problem("initial_timestamp", "required when initial_position = \"at_timestamp\"");
+            InitialPosition::TrimHorizon
+        }
+        (Some(other), Some(_)) => {
+            s.problem("initial_timestamp", "only allowed with initial_position = \"at_timestamp\"");
+            other.unwrap_or(InitialPosition::TrimHorizon)
+        }
+        (Some(other), None) => other.unwrap_or(InitialPosition::TrimHorizon),
+        (None, _) => InitialPosition::TrimHorizon,
+    };
+    SourceSettings { stream_name, consumer_name, initial_position }
+}
+
+fn destination_group(s: &mut Section<'_>) -> Option<DestinationGroup> {
+    let pattern = s.required_regex("pattern");
+    let exclude = s.regex_list("exclude");
+    let refresh_interval = s.duration("refresh_interval", "30s");
+    let records_per_second = s.parsed("records_per_second", "auto", units::parse_record_rate);
+    let bytes_per_second = s.parsed("bytes_per_second", "auto", units::parse_byte_rate);
+    let max_in_flight_bytes = s.parsed("max_in_flight_bytes", "32MiB", |v| {
+        let n = units::parse_bytes(v)?;
+        if n < crate::sink::MAX_RECORD_BYTES as u64 {
+            return Err(format!("`{v}` is below 1MiB: the buffer must hold at least one record of the maximum size"));
+        }
+        Ok(n)
+    });
+    let linger = s.duration("linger", "50ms");
+    let initial_backoff = s.duration("initial_backoff", "100ms");
+    let max_backoff = s.duration("max_backoff", "10s");
+    let dead_letter_stream = s.string("dead_letter_stream");
+    if let (Some(min), Some(max)) = (initial_backoff, max_backoff)
+        && min > max
+    {
+        s.problem("initial_backoff", "must not exceed max_backoff");
+    }
+    if refresh_interval.is_some_and(|d| d < Duration::from_secs(1)) {
+        s.problem("refresh_interval", "must be at least 1s: ListStreams allows 5 calls per second per account");
+    }
+    Some(DestinationGroup {
+        pattern: pattern?,
+        exclude: exclude?,
+        refresh_interval: refresh_interval?,
+        records_per_second: records_per_second?,
+        bytes_per_second: bytes_per_second?,
+        max_in_flight_bytes: max_in_flight_bytes?,
+        linger: linger?,
+        initial_backoff: initial_backoff?,
+        max_backoff: max_backoff?,
+        dead_letter_stream,
+    })
+}
+
+fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
+    let backend = s.parsed("backend", "file", |v| match v {
+        "file" => Ok(()),
+        other => Err(format!("`{other}` is not a checkpoint backend; use \"file\"")),
+    });
+    let path = s.string("path").unwrap_or_else(|| "./data/checkpoints.json".into());
+    let interval = s.duration("interval", "5s");
+    if interval.is_some_and(|d| d.is_zero()) {
+        s.problem("interval", "must be more than zero");
+    }
+    let _ = backend;
+    CheckpointSettings {
+        backend: CheckpointBackend::File { path: PathBuf::from(path) },
+        interval: interval.unwrap_or(Duration::from_secs(5)),
+    }
+}
+
+/// `KINESIS_FANOUT__DESTINATIONS__0__PATTERN` → `destinations[0].pattern`.
+fn env_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    let mut key = String::new();
+    for part in rest.split("__").map(str::to_ascii_lowercase) {
+        if part.is_empty() {
+            return None;
+        }
+        if part.chars().all(|c| c.is_ascii_digit()) && !key.is_empty() {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&part);
+        }
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [source]
+        stream_name = "app-input"
+        [[destinations]]
+        pattern = "^app-output-.*$"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let s = Settings::from_toml(MINIMAL).unwrap();
+        assert_eq!(s.source.consumer_name, "kinesis-fanout");
+        assert_eq!(s.source.initial_position, InitialPosition::TrimHorizon);
+        let g = &s.destinations[0];
+        assert_eq!(g.refresh_interval, Duration::from_secs(30));
+        assert_eq!(g.records_per_second, Rate::Auto);
+        assert_eq!(g.max_in_flight_bytes, 32 << 20);
+        assert_eq!(g.linger, Duration::from_millis(50));
+        assert_eq!(s.checkpoint.interval, Duration::from_secs(5));
+        assert_eq!(s.shutdown.grace_period, Duration::from_secs(20));
+        assert!(g.matches("app-output-orders"));
+        assert!(!g.matches("app-input"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = Settings::from_toml(
+            r#"
+            [source]
+            initial_position = "at_timestamp"
+            colour = "blue"
+            [[destinations]]
+            pattern = "(unclosed"
+            linger = "soon"
+            [checkpoint]
+            backend = "floppy"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "source.stream_name",
+            "source.initial_timestamp",
+            "source.colour",
+            "destinations[0].pattern",
+            "destinations[0].linger",
+            "checkpoint.backend",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let env = [
+            ("KINESIS_FANOUT__SOURCE__STREAM_NAME".to_string(), "other-input".to_string()),
+            ("KINESIS_FANOUT__DESTINATIONS__0__LINGER".to_string(), "5ms".to_string()),
+            ("KINESIS_FANOUT_CONFIG".to_string(), "ignored".to_string()),
+        ];
+        let s = Settings::load_with_env(&path, env).unwrap();
+        assert_eq!(s.source.stream_name, "other-input");
+        assert_eq!(s.destinations[0].linger, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn env_keys_map_to_config_paths() {
+        assert_eq!(env_key("KINESIS_FANOUT__AWS__REGION").as_deref(), Some("aws.region"));
+        assert_eq!(
+            env_key("KINESIS_FANOUT__DESTINATIONS__1__EXCLUDE__0").as_deref(),
+            Some("destinations[1].exclude[0]")
+        );
+        assert_eq!(env_key("KINESIS_FANOUT_CONFIG"), None);
+        assert_eq!(env_key("OTHER"), None);
+    }
+}

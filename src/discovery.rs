@@ -1,0 +1,257 @@
+//! Destination discovery: which streams match the configured patterns, now and as they come and go.
+//!
+//! ListStreams (5 TPS per account) and DescribeStreamSummary (20 TPS) are shared with every other
+//! client of the account, so discovery paces itself well below both and re-reads only every
+//! `refresh_interval`. The source stream and dead-letter streams are never destinations, whatever
+//! the patterns say: copying a stream into itself would never end.
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::StreamStatus;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::aws::{ErrorKind, classify};
+use crate::config::Settings;
+use crate::fanout::{DestinationHandle, DestinationSet};
+use crate::metrics::Metrics;
+use crate::sink::DestinationTask;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("ListStreams failed")]
+    ListStreams(#[source] aws_sdk_kinesis::error::SdkError<aws_sdk_kinesis::operation::list_streams::ListStreamsError>),
+}
+
+/// A stream that matches a destination group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub group: usize,
+}
+
+/// Streams that are never destinations: the source and every dead-letter stream.
+pub fn never_destinations(settings: &Settings) -> HashSet<String> {
+    std::iter::once(settings.source.stream_name.clone())
+        .chain(settings.destinations.iter().filter_map(|g| g.dead_letter_stream.clone()))
+        .collect()
+}
+
+/// Filters stream names down to destinations, with the group each belongs to.
+pub fn select(settings: &Settings, names: impl IntoIterator<Item = String>) -> Vec<Candidate> {
+    let excluded = never_destinations(settings);
+    names
+        .into_iter()
+        .filter(|name| !excluded.contains(name))
+        .filter_map(|name| settings.group_for(&name).map(|group| Candidate { name, group }))
+        .collect()
+}
+
+/// Every stream name in the account and region (paginated ListStreams).
+pub async fn list_stream_names(
+    client: &aws_sdk_kinesis::Client,
+    pace: Option<&DefaultDirectRateLimiter>,
+) -> Result<Vec<String>, DiscoveryError> {
+    let mut names: Vec<String> = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        if let Some(pace) = pace {
+            pace.until_ready().await;
+        }
+        let request = match (&next_token, names.last()) {
+            (Some(token), _) => client.list_streams().next_token(token),
+            // Older endpoints page by the last name seen instead of a token.
+            (None, Some(last)) => client.list_streams().exclusive_start_stream_name(last),
+            (None, None) => client.list_streams().limit(1000),
+        };
+        let page = request.send().await.map_err(DiscoveryError::ListStreams)?;
+        let before = names.len();
+        names.extend(page.stream_names().iter().cloned());
+        if !page.has_more_streams() || (page.next_token().is_none() && names.len() == before) {
+            break;
+        }
+        next_token = page.next_token().map(str::to_string);
+    }
+    Ok(names)
+}
+
+/// A running destination: its handle for the source, its shard count feed, its off switch.
+struct Running {
+    handle: DestinationHandle,
+    open_shards: watch::Sender<u32>,
+    removed: CancellationToken,
+}
+
+/// Keeps the set of destination writers in line with the streams that exist.
+pub struct Discovery {
+    settings: Arc<Settings>,
+    client: aws_sdk_kinesis::Client,
+    writer_client: aws_sdk_kinesis::Client,
+    metrics: Arc<Metrics>,
+    running: BTreeMap<String, Running>,
+    publish: watch::Sender<DestinationSet>,
+    gone_tx: mpsc::UnboundedSender<Arc<str>>,
+    gone_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    list_pace: DefaultDirectRateLimiter,
+    describe_pace: DefaultDirectRateLimiter,
+    /// Stops every destination writer (end of the grace period).
+    writers_stop: CancellationToken,
+    writers: TaskTracker,
+}
+
+impl Discovery {
+    pub fn new(
+        settings: Arc<Settings>,
+        clients: &crate::aws::KinesisClients,
+        metrics: Arc<Metrics>,
+        writers_stop: CancellationToken,
+        writers: TaskTracker,
+    ) -> (Self, watch::Receiver<DestinationSet>) {
+        let (publish, subscribe) = watch::channel(Arc::new(Vec::new()));
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        let per_second = |n: u32| RateLimiter::direct(Quota::per_second(NonZeroU32::new(n).expect("positive")));
+        let discovery = Discovery {
+            settings,
+            client: clients.control.clone(),
+            writer_client: clients.writer.clone(),
+            metrics,
+            running: BTreeMap::new(),
+            publish,
+            gone_tx,
+            gone_rx,
+            list_pace: per_second(1),
+            describe_pace: per_second(5),
+            writers_stop,
+            writers,
+        };
+        (discovery, subscribe)
+    }
+
+    fn interval(&self) -> Duration {
+        self.settings.destinations.iter().map(|g| g.refresh_interval).min().unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Re-reads the account every refresh interval until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let interval = self.interval();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => self.refresh_logged().await,
+                Some(gone) = self.gone_rx.recv() => self.remove(&gone, "PutRecords found the stream deleted"),
+            }
+        }
+    }
+
+    pub async fn refresh_logged(&mut self) {
+        if let Err(err) = self.refresh().await {
+            tracing::warn!(error = %crate::aws::chain(&err), "Destination discovery failed; keeping the destinations known so far.");
+        }
+    }
+
+    /// One discovery round: start writers for new streams, stop those of vanished ones, refresh
+    /// shard counts.
+    pub async fn refresh(&mut self) -> Result<(), DiscoveryError> {
+        let names = list_stream_names(&self.client, Some(&self.list_pace)).await?;
+        let candidates = select(&self.settings, names);
+        let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
+        let vanished: Vec<String> = self.running.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        for name in vanished {
+            self.remove(&name, "no longer listed");
+        }
+        for candidate in &candidates {
+            self.describe_pace.until_ready().await;
+            let described = self.client.describe_stream_summary().stream_name(&candidate.name).send().await;
+            match described {
+                Ok(out) => {
+                    let Some(summary) = out.stream_description_summary() else { continue };
+                    let shards = summary.open_shard_count().max(0) as u32;
+                    match summary.stream_status() {
+                        StreamStatus::Active | StreamStatus::Updating => self.upsert(candidate, shards),
+                        StreamStatus::Deleting => self.remove(&candidate.name, "being deleted"),
+                        _ => tracing::debug!(destination = %candidate.name, "Stream is not accepting writes yet."),
+                    }
+                }
+                Err(err) if classify(&err) == ErrorKind::NotFound => self.remove(&candidate.name, "deleted"),
+                Err(err) => tracing::warn!(destination = %candidate.name, error = %crate::aws::chain(&err), "DescribeStreamSummary failed; will try again next round."),
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert(&mut self, candidate: &Candidate, open_shards: u32) {
+        if let Some(running) = self.running.get(&candidate.name) {
+            running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
+            return;
+        }
+        let group = Arc::new(self.settings.destinations[candidate.group].clone());
+        let name: Arc<str> = candidate.name.as_str().into();
+        let (handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
+        let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
+        let removed = CancellationToken::new();
+        let task = DestinationTask {
+            name: Arc::clone(&name),
+            source_stream: self.settings.source.stream_name.as_str().into(),
+            client: self.writer_client.clone(),
+            group,
+            queue,
+            open_shards: open_shards_rx,
+            metrics: Arc::clone(&self.metrics),
+            removed: removed.clone(),
+            stop: self.writers_stop.clone(),
+            gone: self.gone_tx.clone(),
+        };
+        self.writers.spawn(task.run());
+        tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
+        self.running.insert(candidate.name.clone(), Running { handle, open_shards: open_shards_tx, removed });
+        self.publish_set();
+    }
+
+    fn remove(&mut self, name: &str, why: &str) {
+        if let Some(running) = self.running.remove(name) {
+            tracing::info!(destination = %name, reason = why, "Destination removed; the others carry on.");
+            running.handle.close();
+            running.removed.cancel();
+            self.publish_set();
+        }
+    }
+
+    fn publish_set(&self) {
+        let set: Vec<DestinationHandle> = self.running.values().map(|r| r.handle.clone()).collect();
+        self.metrics.destinations.set(set.len() as i64);
+        self.publish.send_replace(Arc::new(set));
+    }
+
+    /// Names of the destinations written to now.
+    pub fn current(&self) -> Vec<String> {
+        self.running.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_and_dead_letter_streams_are_never_destinations() {
+        let settings = Settings::from_toml(
+            r#"
+            [source]
+            stream_name = "app-output-source"
+            [[destinations]]
+            pattern = "^app-output-.*$"
+            exclude = ["-test$"]
+            dead_letter_stream = "app-output-dlq"
+            "#,
+        )
+        .unwrap();
+        let names = ["app-output-source", "app-output-dlq", "app-output-a", "app-output-b-test", "other"];
+        let selected: Vec<String> = select(&settings, names.map(String::from)).into_iter().map(|c| c.name).collect();
+        assert_eq!(selected, vec!["app-output-a".to_string()]);
+    }
+}

@@ -1,0 +1,109 @@
+//! Fan-out: every chunk read from the source goes to every destination known at that moment.
+//!
+//! Each destination has an unbounded queue whose size is bounded by a byte budget (a semaphore of
+//! `max_in_flight_bytes` permits). The source takes permits before queueing, so a slow destination
+//! pauses the source instead of growing memory: backpressure without a second buffer.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::progress::{Chunk, Progress, ShardProgress};
+use crate::record::SourceRecord;
+
+/// A chunk queued for one destination, with the share of that destination's budget it holds.
+#[derive(Debug)]
+pub struct Delivery {
+    pub chunk: Arc<Chunk>,
+    /// Returned to the budget when the destination is done with the chunk.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// The side of a destination that the source sees.
+#[derive(Debug, Clone)]
+pub struct DestinationHandle {
+    pub name: Arc<str>,
+    queue: mpsc::UnboundedSender<Delivery>,
+    /// Bytes queued or in flight for this destination; closed when the destination goes away so
+    /// that a source waiting on it moves on.
+    budget: Arc<Semaphore>,
+    max_permits: u32,
+}
+
+impl DestinationHandle {
+    /// A handle and the receiving end of its queue.
+    pub fn new(name: Arc<str>, max_in_flight_bytes: u64) -> (Self, mpsc::UnboundedReceiver<Delivery>) {
+        let max_permits = u32::try_from(max_in_flight_bytes)
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        let (queue, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(max_permits as usize));
+        (DestinationHandle { name, queue, budget, max_permits }, rx)
+    }
+
+    /// Stops accepting chunks: waiting sources give up on this destination.
+    pub fn close(&self) {
+        self.budget.close();
+    }
+}
+
+/// The destinations in force now.
+pub type DestinationSet = Arc<Vec<DestinationHandle>>;
+
+/// The source's entry into fan-out.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    destinations: watch::Receiver<DestinationSet>,
+    progress: Arc<Progress>,
+}
+
+/// The wait was cut short by shutdown; what was not queued everywhere stays unacknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl Fanout {
+    pub fn new(destinations: watch::Receiver<DestinationSet>, progress: Arc<Progress>) -> Self {
+        Fanout { destinations, progress }
+    }
+
+    /// Queues `records` for every current destination, waiting on full budgets (backpressure) and
+    /// while no destination exists at all (records are never acknowledged to nobody).
+    pub async fn deliver(
+        &mut self,
+        shard: &Arc<ShardProgress>,
+        records: Vec<SourceRecord>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        let set = loop {
+            let set = self.destinations.borrow_and_update().clone();
+            if !set.is_empty() {
+                break set;
+            }
+            tracing::warn!(shard = %shard.shard_id, "No destination stream matches the pattern yet; reading is paused.");
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Cancelled),
+                changed = self.destinations.changed() => if changed.is_err() { return Err(Cancelled) },
+            }
+        };
+        let chunk = self.progress.begin(shard, records, set.len());
+        let wanted = u32::try_from(chunk.bytes).unwrap_or(u32::MAX).max(1);
+        for destination in set.iter() {
+            let permits = wanted.min(destination.max_permits);
+            let acquired = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Cancelled),
+                permit = Arc::clone(&destination.budget).acquire_many_owned(permits) => permit,
+            };
+            let delivered = match acquired {
+                Ok(permit) => destination.queue.send(Delivery { chunk: Arc::clone(&chunk), permit }).is_ok(),
+                Err(_closed) => false,
+            };
+            if !delivered {
+                // The destination went away while we waited: it owes nothing.
+                chunk.acknowledge();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,29 @@
+//! kinesis-fanout copies every record of one Kinesis stream to every stream whose name matches a
+//! pattern, at least once, in order per partition key.
+//!
+//! The path of a record, module by module:
+//! - [`source`]: Enhanced Fan-Out subscriptions, one reader per shard, resharding in order;
+//! - [`fanout`]: each chunk of records queued for every destination, with byte budgets as
+//!   backpressure;
+//! - [`sink`]: per destination, batched, rate-limited PutRecords that retry exactly the failed
+//!   records, with a dead-letter stream for what can never succeed;
+//! - [`progress`]: a chunk is done when every destination accepted it; checkpoints follow.
+//!
+//! Around it: [`discovery`] of destination streams, [`config`], [`metrics`], the AWS edge in
+//! [`aws`], and [`app`], which wires it all and owns shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod aws;
+pub mod config;
+pub mod discovery;
+pub mod fanout;
+pub mod metrics;
+pub mod progress;
+pub mod record;
+pub mod sink;
+pub mod source;
+
+pub use app::{RunError, Service};
+pub use config::Settings;

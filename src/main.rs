@@ -1,0 +1,132 @@
+//! The `kinesis-fanout` binary: command line, logging, signals. Everything else is in the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kinesis_fanout::config::ConfigError;
+use kinesis_fanout::{Service, Settings};
+use tokio_util::sync::CancellationToken;
+
+/// Copies one Kinesis stream to every stream matching a pattern, through Enhanced Fan-Out.
+#[derive(Debug, Parser)]
+#[command(name = "kinesis-fanout", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the service until SIGTERM or SIGINT.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validates the configuration, resolves the source stream and prints the destinations the
+    /// patterns match now.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Exit status for a configuration that cannot be used.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let (Command::Run { config } | Command::Check { config }) = &cli.command;
+    let settings = match load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("kinesis-fanout: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kinesis-fanout: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run { .. } => runtime.block_on(run(settings)),
+        Command::Check { .. } => runtime.block_on(check(settings)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kinesis-fanout: {}", chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
+    let path = path.ok_or(ConfigError::NoFile)?;
+    Settings::load(path)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn chain(err: &anyhow::Error) -> String {
+    err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
+async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let sdk = sdk_config().await;
+    let grace = settings.shutdown.grace_period;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone(), grace));
+    Service::new(settings, &sdk).run(shutdown).await?;
+    Ok(())
+}
+
+/// The first SIGTERM/SIGINT starts a graceful stop; a second one, or the grace period plus a
+/// margin, ends the process at once.
+async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else { return };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(grace_ms = grace.as_millis() as u64, "Stop requested; draining.");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => tracing::warn!("Second stop signal; exiting without draining."),
+        _ = int.recv() => tracing::warn!("Second stop signal; exiting without draining."),
+        _ = tokio::time::sleep(grace + std::time::Duration::from_secs(5)) => tracing::error!("Drain took longer than the grace period; exiting."),
+    }
+    std::process::exit(1);
+}
+
+async fn check(settings: Settings) -> anyhow::Result<()> {
+    let sdk = sdk_config().await;
+    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, &settings.aws);
+    let stream = kinesis_fanout::source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
+    println!("source: {} ({} open shards)", stream.name, stream.open_shards);
+    let names = kinesis_fanout::discovery::list_stream_names(&clients.control, None).await?;
+    let candidates = kinesis_fanout::discovery::select(&settings, names);
+    println!("destinations ({}):", candidates.len());
+    for c in &candidates {
+        println!("  {} (group {}: {})", c.name, c.group, settings.destinations[c.group].pattern);
+    }
+    Ok(())
+}

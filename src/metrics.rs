@@ -1,0 +1,164 @@
+//! Every metric the service exports, defined in one place.
+//!
+//! Labels stay low-cardinality (`shard`, `destination`, `outcome`, `reason`; never a partition
+//! key), and the pipeline updates them per batch or per event, never per record.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Outcomes of records written to a destination (`outcome` label).
+pub mod outcome {
+    pub const OK: &str = "ok";
+    pub const RETRIED: &str = "retried";
+    pub const THROTTLED: &str = "throttled";
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    pub const REJECTED: &str = "rejected";
+    pub const DESTINATION_DELETED: &str = "destination_deleted";
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    // Source.
+    pub records_read: IntCounterVec,
+    pub bytes_read: IntCounterVec,
+    pub millis_behind_latest: IntGaugeVec,
+    pub active_subscriptions: IntGauge,
+    pub resubscribes: IntCounterVec,
+    pub replayed_records_dropped: IntCounterVec,
+    // Destinations.
+    pub destinations: IntGauge,
+    pub records_written: IntCounterVec,
+    pub bytes_written: IntCounterVec,
+    pub put_records_seconds: HistogramVec,
+    pub rate_limiter_wait_seconds: prometheus::CounterVec,
+    pub buffered_records: IntGaugeVec,
+    pub buffered_bytes: IntGaugeVec,
+    pub destination_stalled: IntGaugeVec,
+    // Progress.
+    pub checkpoint_writes: IntCounterVec,
+    pub oldest_unacknowledged_age_seconds: GaugeVec,
+    pub end_to_end_seconds: Histogram,
+    // Process.
+    pub build_info: IntGaugeVec,
+    pub start_time_seconds: Gauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(format!("kinesis_fanout_{name}"), help)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(opts(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(opts(name, help)).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let latency_buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+        let put_records_seconds = HistogramVec::new(
+            HistogramOpts::from(opts("put_records_duration_seconds", "PutRecords call latency."))
+                .buckets(latency_buckets.clone()),
+            &["destination"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(put_records_seconds.clone())).expect("unique metric");
+        let end_to_end_seconds = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "end_to_end_latency_seconds",
+                "Time from a record's arrival in the source stream to its acceptance by every destination.",
+            ))
+            .buckets(latency_buckets),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(end_to_end_seconds.clone())).expect("unique metric");
+        let rate_limiter_wait_seconds = prometheus::CounterVec::new(
+            opts("rate_limiter_wait_seconds_total", "Time spent waiting on a destination's rate limiter."),
+            &["destination"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(rate_limiter_wait_seconds.clone())).expect("unique metric");
+        let oldest_unacknowledged_age_seconds = GaugeVec::new(
+            opts(
+                "oldest_unacknowledged_record_age_seconds",
+                "Age of the oldest record read from a shard and not yet accepted by every destination.",
+            ),
+            &["shard"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(oldest_unacknowledged_age_seconds.clone())).expect("unique metric");
+        let start_time_seconds =
+            Gauge::with_opts(opts("start_time_seconds", "Process start time, seconds since the Unix epoch."))
+                .expect("valid metric");
+        registry.register(Box::new(start_time_seconds.clone())).expect("unique metric");
+        start_time_seconds.set(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        );
+
+        let metrics = Metrics {
+            records_read: counter("source_records_read_total", "Records read from the source, per shard.", &["shard"]),
+            bytes_read: counter("source_bytes_read_total", "Bytes (data and partition key) read from the source, per shard.", &["shard"]),
+            millis_behind_latest: gauge_vec("source_millis_behind_latest", "MillisBehindLatest of the last event, per shard.", &["shard"]),
+            active_subscriptions: gauge("source_active_subscriptions", "SubscribeToShard sessions open now."),
+            resubscribes: counter("source_resubscribes_total", "SubscribeToShard sessions started again, by reason.", &["reason"]),
+            replayed_records_dropped: counter(
+                "source_replayed_records_dropped_total",
+                "Records delivered again by a resubscription and dropped before reaching destinations.",
+                &["shard"],
+            ),
+            destinations: gauge("destinations", "Destination streams currently written to."),
+            records_written: counter(
+                "destination_records_total",
+                "Records sent to a destination, by outcome (ok, retried, throttled, dead_lettered, rejected, destination_deleted).",
+                &["destination", "outcome"],
+            ),
+            bytes_written: counter("destination_bytes_total", "Bytes sent to a destination, by outcome.", &["destination", "outcome"]),
+            put_records_seconds,
+            rate_limiter_wait_seconds,
+            buffered_records: gauge_vec("destination_buffered_records", "Records queued for a destination.", &["destination"]),
+            buffered_bytes: gauge_vec("destination_buffered_bytes", "Bytes queued for a destination.", &["destination"]),
+            destination_stalled: gauge_vec(
+                "destination_stalled",
+                "1 while a destination rejects records that cannot succeed and has no dead-letter stream.",
+                &["destination"],
+            ),
+            checkpoint_writes: counter("checkpoint_writes_total", "Checkpoint writes, by outcome (ok, error).", &["outcome"]),
+            oldest_unacknowledged_age_seconds,
+            end_to_end_seconds,
+            build_info: gauge_vec("build_info", "Always 1; labels carry the version and git commit.", &["version", "git_sha"]),
+            start_time_seconds,
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("KINESIS_FANOUT_GIT_SHA").unwrap_or("unknown")])
+            .set(1);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,253 @@
+//! Durable progress: where each source shard resumes after a restart.
+//!
+//! The backend sits behind [`CheckpointStore`] so that the DynamoDB lease table can replace the
+//! file without touching the pipeline. The file backend writes atomically (temporary file, fsync,
+//! rename, fsync of the directory) and refuses a corrupt file rather than silently starting over.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::record::SequenceNumber;
+
+/// Where a shard stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Every record up to and including this one was accepted by every destination.
+    Sequence(SequenceNumber),
+    /// The shard was closed by a reshard and read to its end.
+    ShardEnd,
+}
+
+impl Checkpoint {
+    const SHARD_END: &'static str = "SHARD_END";
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Checkpoint::Sequence(seq) => seq.as_str(),
+            Checkpoint::ShardEnd => Self::SHARD_END,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
+        if text == Self::SHARD_END {
+            Ok(Checkpoint::ShardEnd)
+        } else {
+            SequenceNumber::parse(text).map(Checkpoint::Sequence)
+        }
+    }
+}
+
+/// Checkpoints by shard id.
+pub type Checkpoints = BTreeMap<String, Checkpoint>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read checkpoint file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "checkpoint file {path} is corrupt: {reason}; refusing to guess where to resume \
+         (move the file away to start from source.initial_position)"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("checkpoint file {path} belongs to source stream `{found}`, not `{expected}`")]
+    WrongStream { path: PathBuf, found: String, expected: String },
+    #[error("cannot write checkpoint file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A durable home for checkpoints.
+pub trait CheckpointStore: Send + Sync {
+    /// Every checkpoint stored for the source stream.
+    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>>;
+    /// Stores the given checkpoints (shards not named keep what they had).
+    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>>;
+}
+
+/// Checkpoints in one JSON file, for a single worker.
+#[derive(Debug)]
+pub struct FileCheckpointStore {
+    path: PathBuf,
+    stream_name: String,
+    /// Serialises writers: the periodic checkpointer and shard-end writes share the file.
+    write_lock: tokio::sync::Mutex<Checkpoints>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFormat {
+    version: u32,
+    source_stream: String,
+    shards: BTreeMap<String, String>,
+}
+
+const FILE_VERSION: u32 = 1;
+
+impl FileCheckpointStore {
+    pub fn new(path: impl Into<PathBuf>, stream_name: impl Into<String>) -> Self {
+        FileCheckpointStore {
+            path: path.into(),
+            stream_name: stream_name.into(),
+            write_lock: tokio::sync::Mutex::new(Checkpoints::new()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses the file's text (separate from I/O so that hostile contents can be tested directly).
+    pub fn parse(path: &Path, expected_stream: &str, text: &[u8]) -> Result<Checkpoints, CheckpointError> {
+        let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
+        let file: FileFormat = serde_json::from_slice(text).map_err(|e| corrupt(e.to_string()))?;
+        if file.version != FILE_VERSION {
+            return Err(corrupt(format!("unsupported version {}", file.version)));
+        }
+        if file.source_stream != expected_stream {
+            return Err(CheckpointError::WrongStream {
+                path: path.to_path_buf(),
+                found: file.source_stream,
+                expected: expected_stream.to_string(),
+            });
+        }
+        file.shards
+            .into_iter()
+            .map(|(shard, value)| {
+                Checkpoint::parse(&value)
+                    .map(|c| (shard.clone(), c))
+                    .map_err(|e| corrupt(format!("shard {shard}: {e}")))
+            })
+            .collect()
+    }
+
+    async fn load_file(&self) -> Result<Checkpoints, CheckpointError> {
+        let text = match tokio::fs::read(&self.path).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoints::new()),
+            Err(source) => return Err(CheckpointError::Read { path: self.path.clone(), source }),
+        };
+        let loaded = Self::parse(&self.path, &self.stream_name, &text)?;
+        *self.write_lock.lock().await = loaded.clone();
+        Ok(loaded)
+    }
+
+    async fn save_file(&self, checkpoints: &Checkpoints) -> Result<(), CheckpointError> {
+        let mut current = self.write_lock.lock().await;
+        let mut next = current.clone();
+        next.extend(checkpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if next == *current && self.path.exists() {
+            return Ok(());
+        }
+        let file = FileFormat {
+            version: FILE_VERSION,
+            source_stream: self.stream_name.clone(),
+            shards: next.iter().map(|(k, v)| (k.clone(), v.as_str().to_string())).collect(),
+        };
+        let text = serde_json::to_vec_pretty(&file).expect("checkpoint map serialises");
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &text))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| CheckpointError::Write { path: self.path.clone(), source })?;
+        *current = next;
+        Ok(())
+    }
+}
+
+impl CheckpointStore for FileCheckpointStore {
+    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+        Box::pin(self.load_file())
+    }
+
+    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(self.save_file(checkpoints))
+    }
+}
+
+/// Temporary file in the same directory, fsync, rename over the old file, fsync the directory:
+/// a crash leaves either the old or the new file, never a torn one.
+fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seq(n: &str) -> Checkpoint {
+        Checkpoint::Sequence(SequenceNumber::parse(n).unwrap())
+    }
+
+    #[tokio::test]
+    async fn saves_and_loads_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/checkpoints.json");
+        let store = FileCheckpointStore::new(&path, "app-input");
+        assert!(store.load().await.unwrap().is_empty());
+        let mut cps = Checkpoints::new();
+        cps.insert("shardId-000000000000".into(), seq("123"));
+        cps.insert("shardId-000000000001".into(), Checkpoint::ShardEnd);
+        store.save(&cps).await.unwrap();
+        let mut more = Checkpoints::new();
+        more.insert("shardId-000000000000".into(), seq("456"));
+        store.save(&more).await.unwrap();
+
+        let reopened = FileCheckpointStore::new(&path, "app-input");
+        let loaded = reopened.load().await.unwrap();
+        assert_eq!(loaded.get("shardId-000000000000"), Some(&seq("456")));
+        assert_eq!(loaded.get("shardId-000000000001"), Some(&Checkpoint::ShardEnd));
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[tokio::test]
+    async fn refuses_corrupt_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, b"{\"version\":1,\"source_stream\":\"app-in").unwrap();
+        let err = FileCheckpointStore::new(&path, "app-input").load().await.unwrap_err();
+        assert!(matches!(err, CheckpointError::Corrupt { .. }));
+        assert!(err.to_string().contains("c.json"), "{err}");
+
+        std::fs::write(&path, br#"{"version":1,"source_stream":"other","shards":{}}"#).unwrap();
+        let err = FileCheckpointStore::new(&path, "app-input").load().await.unwrap_err();
+        assert!(matches!(err, CheckpointError::WrongStream { .. }), "{err}");
+
+        std::fs::write(&path, br#"{"version":1,"source_stream":"app-input","shards":{"s":"12x"}}"#).unwrap();
+        let err = FileCheckpointStore::new(&path, "app-input").load().await.unwrap_err();
+        assert!(err.to_string().contains("shard s"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = FileCheckpointStore::parse(Path::new("x.json"), "s", &bytes);
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Acknowledgement: which source records every destination has accepted.
+//!
+//! Records travel in [`Chunk`]s (one per SubscribeToShard event). A chunk counts the destinations
+//! that still owe it; when the last one acknowledges, the chunk is done. Per shard,
+//! [`ShardProgress`] keeps the chunks in read order, and the checkpoint is the last sequence number
+//! of the longest run of done chunks from the front: nothing behind an undelivered record is ever
+//! checkpointed.
+
+pub mod checkpoint;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::record::{SequenceNumber, SourceRecord};
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints};
+
+/// A run of records read from one shard, shared by every destination it is copied to.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Unique in the process, so destinations can key their bookkeeping by it.
+    pub id: u64,
+    pub shard: Arc<ShardProgress>,
+    pub records: Vec<SourceRecord>,
+    /// Sum of the records' sizes.
+    pub bytes: usize,
+    pub last: SequenceNumber,
+    /// When the chunk was read: end-to-end latency is measured from here.
+    pub read_at: Instant,
+    /// Destinations that have not yet accepted every record of the chunk.
+    owed_by: AtomicUsize,
+}
+
+impl Chunk {
+    /// One destination is done with the chunk (accepted, dead-lettered, or deleted).
+    /// Returns true when that was the last destination: the chunk is now done everywhere.
+    pub fn acknowledge(&self) -> bool {
+        let last = self.owed_by.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last {
+            self.shard.complete(self.id);
+        }
+        last
+    }
+}
+
+/// Read order and acknowledgement state of one source shard.
+#[derive(Debug)]
+pub struct ShardProgress {
+    pub shard_id: Arc<str>,
+    state: Mutex<ShardState>,
+    /// Wakes whoever waits for the shard to drain (shard end, shutdown).
+    drained: Notify,
+}
+
+#[derive(Debug, Default)]
+struct ShardState {
+    /// Chunks handed to destinations and not yet done, oldest first.
+    outstanding: VecDeque<Outstanding>,
+    /// Highest sequence number below which every record is done.
+    acknowledged: Option<SequenceNumber>,
+    /// The shard was read to its end and everything was acknowledged.
+    ended: bool,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    id: u64,
+    last: SequenceNumber,
+    done: bool,
+    /// Source arrival of the chunk's first record (the lag an operator alerts on).
+    arrival: Option<SystemTime>,
+}
+
+impl ShardProgress {
+    fn new(shard_id: Arc<str>) -> Self {
+        ShardProgress { shard_id, state: Mutex::new(ShardState::default()), drained: Notify::new() }
+    }
+
+    fn state(&self) -> MutexGuard<'_, ShardState> {
+        // A panic while holding this lock cannot leave the queue half-updated in a way that loses
+        // records (the worst is a stale checkpoint), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers records read from this shard, owed by `destinations` destinations.
+    pub fn begin(self: &Arc<Self>, id: u64, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
+        let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
+        let bytes = records.iter().map(SourceRecord::size).sum();
+        let arrival = records.first().and_then(|r| r.arrival);
+        self.state().outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival });
+        let chunk = Arc::new(Chunk {
+            id,
+            shard: Arc::clone(self),
+            records,
+            bytes,
+            last,
+            read_at: Instant::now(),
+            owed_by: AtomicUsize::new(destinations),
+        });
+        if destinations == 0 {
+            self.complete(id);
+        }
+        chunk
+    }
+
+    fn complete(&self, id: u64) {
+        let mut state = self.state();
+        if let Ok(index) = state.outstanding.binary_search_by_key(&id, |o| o.id) {
+            state.outstanding[index].done = true;
+        }
+        while state.outstanding.front().is_some_and(|o| o.done) {
+            let done = state.outstanding.pop_front().expect("front exists");
+            state.acknowledged = Some(done.last);
+        }
+        let empty = state.outstanding.is_empty();
+        drop(state);
+        if empty {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// The checkpoint this shard may write now.
+    pub fn acknowledged(&self) -> Option<SequenceNumber> {
+        self.state().acknowledged.clone()
+    }
+
+    /// Number of chunks not yet done.
+    pub fn outstanding(&self) -> usize {
+        self.state().outstanding.len()
+    }
+
+    /// Arrival time of the oldest record not yet accepted everywhere, when known.
+    pub fn oldest_unacknowledged_arrival(&self) -> Option<SystemTime> {
+        self.state().outstanding.front().and_then(|o| o.arrival)
+    }
+
+    /// Waits until every chunk handed on so far is done.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.outstanding() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the shard as read to its end, with everything acknowledged.
+    pub fn mark_ended(&self) {
+        self.state().ended = true;
+    }
+
+    pub fn ended(&self) -> bool {
+        self.state().ended
+    }
+}
+
+/// Every shard's progress in this process.
+#[derive(Debug, Default)]
+pub struct Progress {
+    shards: Mutex<HashMap<Arc<str>, Arc<ShardProgress>>>,
+    next_chunk: AtomicU64,
+}
+
+impl Progress {
+    /// The tracker of a shard, created on first use.
+    pub fn shard(&self, shard_id: &str) -> Arc<ShardProgress> {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = shards.get(shard_id) {
+            return Arc::clone(existing);
+        }
+        let id: Arc<str> = shard_id.into();
+        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id)));
+        shards.insert(id, Arc::clone(&tracker));
+        tracker
+    }
+
+    /// Registers a chunk of records of `shard`, owed by `destinations` destinations.
+    pub fn begin(&self, shard: &Arc<ShardProgress>, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
+        let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+        shard.begin(id, records, destinations)
+    }
+
+    pub fn all(&self) -> Vec<Arc<ShardProgress>> {
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// What may be checkpointed now: every shard that acknowledged something or ended.
+    pub fn checkpoints(&self) -> Checkpoints {
+        let mut out = BTreeMap::new();
+        for shard in self.all() {
+            let state = shard.state();
+            if state.ended {
+                out.insert(shard.shard_id.to_string(), Checkpoint::ShardEnd);
+            } else if let Some(seq) = &state.acknowledged {
+                out.insert(shard.shard_id.to_string(), Checkpoint::Sequence(seq.clone()));
+            }
+        }
+        out
+    }
+
+    /// Chunks not yet done, over all shards.
+    pub fn outstanding(&self) -> usize {
+        self.all().iter().map(|s| s.outstanding()).sum()
+    }
+
+    /// Waits until every shard has drained.
+    pub async fn drained(&self) {
+        for shard in self.all() {
+            shard.drained().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn records(seqs: &[u64]) -> Vec<SourceRecord> {
+        seqs.iter()
+            .map(|s| SourceRecord {
+                sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
+                partition_key: "k".into(),
+                data: Bytes::from_static(b"x"),
+                arrival: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checkpoint_waits_for_the_oldest_chunk() {
+        let progress = Progress::default();
+        let shard = progress.shard("shardId-0");
+        let first = progress.begin(&shard, records(&[1, 2]), 2);
+        let second = progress.begin(&shard, records(&[3]), 2);
+        second.acknowledge();
+        second.acknowledge();
+        assert_eq!(shard.acknowledged(), None, "the first chunk still owes two destinations");
+        first.acknowledge();
+        assert_eq!(shard.acknowledged(), None);
+        first.acknowledge();
+        assert_eq!(shard.acknowledged().unwrap().as_str(), "3");
+        assert_eq!(shard.outstanding(), 0);
+    }
+
+    #[test]
+    fn checkpoints_report_ended_shards() {
+        let progress = Progress::default();
+        let a = progress.shard("a");
+        let chunk = progress.begin(&a, records(&[5]), 1);
+        chunk.acknowledge();
+        a.mark_ended();
+        let b = progress.shard("b");
+        let _pending = progress.begin(&b, records(&[9]), 1);
+        let checkpoints = progress.checkpoints();
+        assert_eq!(checkpoints.get("a"), Some(&Checkpoint::ShardEnd));
+        assert_eq!(checkpoints.get("b"), None);
+    }
+
+    #[tokio::test]
+    async fn drained_resolves_when_the_last_chunk_completes() {
+        let progress = Arc::new(Progress::default());
+        let shard = progress.shard("s");
+        let chunk = progress.begin(&shard, records(&[1]), 1);
+        let waiter = tokio::spawn({
+            let shard = Arc::clone(&shard);
+            async move { shard.drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        chunk.acknowledge();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+}

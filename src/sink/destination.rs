@@ -1,0 +1,532 @@
+//! One destination stream's writer: queue → batch → rate limit → PutRecords → retry the failed
+//! records → acknowledge.
+//!
+//! Records are sent in arrival order; failed ones go back to the front of the queue so they are
+//! retried before anything newer. A chunk is acknowledged to the source once every one of its
+//! records was accepted (or dead-lettered), and its budget returns to the source then.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{self, BatchLimits};
+use super::dead_letter::{DeadLetter, Rejected};
+use super::limiter::Limiter;
+use super::retry::{Backoff, EntryOutcome, classify_batch};
+use crate::aws::{ErrorKind, classify};
+use crate::config::DestinationGroup;
+use crate::fanout::Delivery;
+use crate::metrics::{Metrics, outcome};
+use crate::progress::Chunk;
+
+/// Per-shard write limits of Kinesis, the base of `auto` rates.
+pub const RECORDS_PER_SHARD: u64 = 1_000;
+pub const BYTES_PER_SHARD: u64 = 1 << 20;
+
+/// Why a destination task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The service is stopping; unacknowledged records stay unacknowledged.
+    Stopped,
+    /// The stream was deleted; everything it held was released.
+    Deleted,
+}
+
+/// Everything a destination task needs, built by discovery.
+pub struct DestinationTask {
+    pub name: Arc<str>,
+    pub source_stream: Arc<str>,
+    pub client: aws_sdk_kinesis::Client,
+    pub group: Arc<DestinationGroup>,
+    pub queue: mpsc::UnboundedReceiver<Delivery>,
+    /// Open shard count, refreshed by discovery; `auto` rates follow it.
+    pub open_shards: watch::Receiver<u32>,
+    pub metrics: Arc<Metrics>,
+    /// Discovery no longer sees the stream.
+    pub removed: CancellationToken,
+    /// The grace period is over: stop at once.
+    pub stop: CancellationToken,
+    /// Tells discovery that PutRecords found the stream gone.
+    pub gone: mpsc::UnboundedSender<Arc<str>>,
+}
+
+struct Pending {
+    chunk: Arc<Chunk>,
+    index: usize,
+    queued_at: Instant,
+    retry: bool,
+}
+
+impl Pending {
+    fn record(&self) -> &crate::record::SourceRecord {
+        &self.chunk.records[self.index]
+    }
+}
+
+/// What this destination still owes a chunk.
+struct Ticket {
+    remaining: usize,
+    chunk: Arc<Chunk>,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Writer {
+    task: DestinationTask,
+    pending: VecDeque<Pending>,
+    tickets: HashMap<u64, Ticket>,
+    limiter: Limiter,
+    backoff: Backoff,
+    dead_letter: Option<DeadLetter>,
+    buffered_bytes: usize,
+    stalled: bool,
+    limits: BatchLimits,
+}
+
+enum Interrupt {
+    Stop,
+    Removed,
+}
+
+struct Guard {
+    stop: CancellationToken,
+    removed: CancellationToken,
+}
+
+impl Guard {
+    async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.removed.cancelled() => Err(Interrupt::Removed),
+            out = work => Ok(out),
+        }
+    }
+}
+
+impl DestinationTask {
+    pub async fn run(self) -> Exit {
+        let group = Arc::clone(&self.group);
+        let backoff = Backoff::try_new(group.initial_backoff, group.max_backoff)
+            .unwrap_or_else(|_| Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10)).expect("valid"));
+        let shards = *self.open_shards.borrow();
+        let dead_letter = group
+            .dead_letter_stream
+            .clone()
+            .map(|stream| DeadLetter::new(stream, self.client.clone(), backoff.clone()));
+        let mut writer = Writer {
+            limiter: limiter_for(&group, shards),
+            task: self,
+            pending: VecDeque::new(),
+            tickets: HashMap::new(),
+            backoff,
+            dead_letter,
+            buffered_bytes: 0,
+            stalled: false,
+            limits: BatchLimits::default(),
+        };
+        let name = Arc::clone(&writer.task.name);
+        let exit = writer.run().await;
+        match exit {
+            Exit::Deleted => tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress."),
+            Exit::Stopped => tracing::debug!(destination = %name, "Destination writer stopped."),
+        }
+        writer.clear_gauges();
+        exit
+    }
+}
+
+fn limiter_for(group: &DestinationGroup, open_shards: u32) -> Limiter {
+    Limiter::new(
+        group.records_per_second.resolve(open_shards, RECORDS_PER_SHARD),
+        group.bytes_per_second.resolve(open_shards, BYTES_PER_SHARD),
+    )
+}
+
+impl Writer {
+    async fn run(&mut self) -> Exit {
+        loop {
+            if let Err(interrupt) = self.fill().await {
+                return self.interrupted(interrupt);
+            }
+            if let Err(interrupt) = self.send_batch().await {
+                return self.interrupted(interrupt);
+            }
+        }
+    }
+
+    fn interrupted(&mut self, interrupt: Interrupt) -> Exit {
+        match interrupt {
+            Interrupt::Stop => Exit::Stopped,
+            Interrupt::Removed => {
+                self.release_everything();
+                Exit::Deleted
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.task.name
+    }
+
+    /// Waits until there is something to send and the batch is full or has lingered long enough.
+    async fn fill(&mut self) -> Result<(), Interrupt> {
+        if self.task.open_shards.has_changed().unwrap_or(false) {
+            let shards = *self.task.open_shards.borrow_and_update();
+            self.limiter = limiter_for(&self.task.group, shards);
+            tracing::info!(destination = %self.task.name, open_shards = shards, rates = ?self.limiter.rates(), "Destination rate limits follow its new shard count.");
+        }
+        while self.pending.is_empty() {
+            let delivery = self.next_delivery(None).await?;
+            if let Some(delivery) = delivery {
+                self.accept(delivery);
+            }
+        }
+        let front = self.pending.front().expect("not empty");
+        let deadline = if front.retry { Instant::now() } else { front.queued_at + self.task.group.linger };
+        loop {
+            while let Ok(delivery) = self.task.queue.try_recv() {
+                self.accept(delivery);
+            }
+            if self.batch_full() || Instant::now() >= deadline {
+                return Ok(());
+            }
+            match self.next_delivery(Some(deadline)).await? {
+                Some(delivery) => self.accept(delivery),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next delivery, or `None` at the deadline.
+    async fn next_delivery(&mut self, deadline: Option<Instant>) -> Result<Option<Delivery>, Interrupt> {
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.task.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.task.removed.cancelled() => Err(Interrupt::Removed),
+            delivery = self.task.queue.recv() => match delivery {
+                Some(d) => Ok(Some(d)),
+                None => Err(Interrupt::Stop),
+            },
+            _ = sleep => Ok(None),
+        }
+    }
+
+    fn accept(&mut self, delivery: Delivery) {
+        let Delivery { chunk, permit } = delivery;
+        let now = Instant::now();
+        self.buffered_bytes += chunk.bytes;
+        self.pending.extend((0..chunk.records.len()).map(|index| Pending {
+            chunk: Arc::clone(&chunk),
+            index,
+            queued_at: now,
+            retry: false,
+        }));
+        self.tickets.insert(chunk.id, Ticket { remaining: chunk.records.len(), chunk, _permit: permit });
+        self.update_gauges();
+    }
+
+    fn batch_full(&self) -> bool {
+        let mut bytes = 0;
+        let mut count = 0;
+        for p in &self.pending {
+            let r = p.record();
+            bytes += batch::encoded_size(r.partition_key.len(), r.data.len());
+            count += 1;
+            if batch::is_full(count, bytes, self.limits) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The signals that cut a wait short, owned so the wait may borrow the writer.
+    fn guard(&self) -> Guard {
+        Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone() }
+    }
+
+    async fn send_batch(&mut self) -> Result<(), Interrupt> {
+        let count = batch::fits(
+            self.pending.iter().map(|p| {
+                let r = p.record();
+                batch::encoded_size(r.partition_key.len(), r.data.len())
+            }),
+            self.limits,
+        );
+        if count == 0 {
+            return Ok(());
+        }
+        let bytes: usize = self.pending.iter().take(count).map(|p| p.record().size()).sum();
+        let entries: Vec<PutRecordsRequestEntry> = self
+            .pending
+            .iter()
+            .take(count)
+            .map(|p| {
+                let r = p.record();
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(r.data.to_vec()))
+                    .partition_key(r.partition_key.clone())
+                    .build()
+                    .expect("data and partition key are set")
+            })
+            .collect();
+
+        let waited = self.guard().run(self.limiter.acquire(count, bytes)).await?;
+        self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
+
+        let started = Instant::now();
+        let request = self.task.client.put_records().stream_name(&*self.task.name).set_records(Some(entries)).send();
+        let result = self.guard().run(request).await?;
+        self.task
+            .metrics
+            .put_records_seconds
+            .with_label_values(&[self.name()])
+            .observe(started.elapsed().as_secs_f64());
+
+        match result {
+            Ok(output) => {
+                let outcomes = classify_batch(output.records().iter().map(|e| (e.error_code(), e.error_message())));
+                if outcomes.len() != count {
+                    tracing::warn!(destination = %self.task.name, sent = count, answered = outcomes.len(), "PutRecords answered a different number of entries; retrying them all.");
+                    let all_retry = vec![EntryOutcome::Retry { code: "MismatchedResponse".into() }; count];
+                    return self.settle(all_retry).await;
+                }
+                self.settle(outcomes).await
+            }
+            Err(err) => {
+                let kind = classify(&err);
+                let code = crate::aws::error_code(&err);
+                let cause = crate::aws::chain(&err);
+                match kind {
+                    ErrorKind::NotFound => {
+                        if self.confirm_deleted().await? {
+                            let _ = self.task.gone.send(Arc::clone(&self.task.name));
+                            return Err(Interrupt::Removed);
+                        }
+                        tracing::warn!(destination = %self.task.name, error = %cause, "PutRecords said the stream was not found, but it exists; retrying.");
+                        self.settle(vec![EntryOutcome::Retry { code }; count]).await
+                    }
+                    ErrorKind::Permanent => {
+                        let message = cause.clone();
+                        self.settle(vec![EntryOutcome::Reject { code, message }; count]).await
+                    }
+                    ErrorKind::Transient | ErrorKind::InUse => {
+                        tracing::warn!(destination = %self.task.name, records = count, error = %cause, "PutRecords failed as a whole; retrying with backoff.");
+                        self.settle(vec![EntryOutcome::Retry { code }; count]).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
+    async fn settle(&mut self, outcomes: Vec<EntryOutcome>) -> Result<(), Interrupt> {
+        let sent: Vec<Pending> = self.pending.drain(..outcomes.len()).collect();
+        let mut again: Vec<Pending> = Vec::new();
+        let mut rejected: Vec<(Pending, String, String)> = Vec::new();
+        let (mut ok, mut ok_bytes) = (0u64, 0u64);
+        let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
+        let (mut retried, mut retried_bytes) = (0u64, 0u64);
+        for (mut p, outcome) in sent.into_iter().zip(outcomes) {
+            let size = p.record().size() as u64;
+            match outcome {
+                EntryOutcome::Accepted => {
+                    ok += 1;
+                    ok_bytes += size;
+                    self.done_with(&p);
+                }
+                EntryOutcome::Throttled => {
+                    throttled += 1;
+                    throttled_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Retry { .. } => {
+                    retried += 1;
+                    retried_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Reject { code, message } => rejected.push((p, code, message)),
+            }
+        }
+        let metrics = Arc::clone(&self.task.metrics);
+        let count = |outcome: &str, records: u64, bytes: u64| {
+            if records > 0 {
+                metrics.records_written.with_label_values(&[&*self.task.name, outcome]).inc_by(records);
+                metrics.bytes_written.with_label_values(&[&*self.task.name, outcome]).inc_by(bytes);
+            }
+        };
+        count(outcome::OK, ok, ok_bytes);
+        count(outcome::THROTTLED, throttled, throttled_bytes);
+        count(outcome::RETRIED, retried, retried_bytes);
+
+        let mut held_rejected = false;
+        if !rejected.is_empty() {
+            held_rejected = !self.dead_letter_or_hold(&mut rejected).await?;
+            if held_rejected {
+                again.extend(rejected.into_iter().map(|(mut p, _, _)| {
+                    p.retry = true;
+                    p
+                }));
+                // Keep the original order: retried and held records interleave as they were sent.
+                again.sort_by_key(|p| (p.chunk.id, p.index));
+            }
+        }
+
+        if throttled > 0 {
+            self.limiter.penalize(throttled as usize, throttled_bytes as usize);
+        }
+        if again.is_empty() {
+            self.backoff.reset();
+            self.set_stalled(false);
+            self.update_gauges();
+            return Ok(());
+        }
+        for p in again.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+        self.update_gauges();
+        let delay = if held_rejected { self.backoff.max() } else { self.backoff.next_delay(&mut rand::rng()) };
+        tracing::debug!(destination = %self.task.name, throttled, retried, delay_ms = delay.as_millis() as u64, "Retrying failed records after a backoff.");
+        self.guard().run(tokio::time::sleep(delay)).await
+    }
+
+    /// Sends rejected records to the dead-letter stream. Returns false when there is none, after
+    /// saying loudly that the destination stops advancing.
+    async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
+        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.record().size() as u64).sum();
+        let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
+        let Some(dead_letter) = self.dead_letter.as_mut() else {
+            self.set_stalled(true);
+            self.task.metrics.records_written.with_label_values(&[&*self.task.name, outcome::REJECTED]).inc_by(rejected.len() as u64);
+            tracing::error!(
+                destination = %self.task.name,
+                records = rejected.len(),
+                error_code = %code,
+                error = %message,
+                "Destination rejects records with an error that retrying cannot fix, and no dead_letter_stream is configured: \
+                 it stops advancing (and holds back checkpoints) until the cause is fixed."
+            );
+            return Ok(false);
+        };
+        let entries: Vec<Rejected<'_>> = rejected
+            .iter()
+            .map(|(p, code, message)| Rejected {
+                record: p.record(),
+                shard_id: &p.chunk.shard.shard_id,
+                error_code: code.clone(),
+                error_message: message.clone(),
+            })
+            .collect();
+        tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
+        let stop = self.task.stop.clone();
+        let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
+        drop(entries);
+        if written.is_err() {
+            return Err(Interrupt::Stop);
+        }
+        self.task.metrics.records_written.with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED]).inc_by(rejected.len() as u64);
+        self.task.metrics.bytes_written.with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED]).inc_by(bytes);
+        for (p, _, _) in rejected.drain(..) {
+            self.done_with(&p);
+        }
+        Ok(true)
+    }
+
+    /// One record of a chunk is done for this destination.
+    fn done_with(&mut self, p: &Pending) {
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(p.record().size());
+        let id = p.chunk.id;
+        let finished = match self.tickets.get_mut(&id) {
+            Some(ticket) => {
+                ticket.remaining -= 1;
+                ticket.remaining == 0
+            }
+            None => false,
+        };
+        if finished && let Some(ticket) = self.tickets.remove(&id) {
+            self.complete(&ticket.chunk);
+        }
+    }
+
+    fn complete(&self, chunk: &Chunk) {
+        if chunk.acknowledge()
+            && let Some(arrival) = chunk.records.first().and_then(|r| r.arrival)
+            && let Ok(age) = arrival.elapsed()
+        {
+            self.task.metrics.end_to_end_seconds.observe(age.as_secs_f64());
+        }
+    }
+
+    /// The stream is gone: nothing it holds may hold back progress any more.
+    fn release_everything(&mut self) {
+        let released = self.pending.len();
+        self.pending.clear();
+        for (_, ticket) in self.tickets.drain() {
+            if ticket.chunk.acknowledge() {
+                // Counted as done; no latency sample for records that were not delivered here.
+            }
+        }
+        self.task.queue.close();
+        let mut late = 0usize;
+        while let Ok(delivery) = self.task.queue.try_recv() {
+            late += delivery.chunk.records.len();
+            delivery.chunk.acknowledge();
+        }
+        let dropped = (released + late) as u64;
+        if dropped > 0 {
+            self.task
+                .metrics
+                .records_written
+                .with_label_values(&[&*self.task.name, outcome::DESTINATION_DELETED])
+                .inc_by(dropped);
+        }
+        self.buffered_bytes = 0;
+    }
+
+    async fn confirm_deleted(&self) -> Result<bool, Interrupt> {
+        let describe = self.task.client.describe_stream_summary().stream_name(&*self.task.name).send();
+        match self.guard().run(describe).await? {
+            Err(err) => Ok(classify(&err) == ErrorKind::NotFound),
+            Ok(out) => Ok(out
+                .stream_description_summary()
+                .is_some_and(|s| *s.stream_status() == aws_sdk_kinesis::types::StreamStatus::Deleting)),
+        }
+    }
+
+    fn set_stalled(&mut self, stalled: bool) {
+        if self.stalled != stalled {
+            self.stalled = stalled;
+            self.task.metrics.destination_stalled.with_label_values(&[&*self.task.name]).set(i64::from(stalled));
+            if !stalled {
+                tracing::info!(destination = %self.task.name, "Destination accepts records again.");
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.task.metrics;
+        m.buffered_records.with_label_values(&[&*self.task.name]).set(self.pending.len() as i64);
+        m.buffered_bytes.with_label_values(&[&*self.task.name]).set(self.buffered_bytes as i64);
+    }
+
+    fn clear_gauges(&self) {
+        let m = &self.task.metrics;
+        let label = [&*self.task.name];
+        let _ = m.buffered_records.remove_label_values(&label);
+        let _ = m.buffered_bytes.remove_label_values(&label);
+        let _ = m.destination_stalled.remove_label_values(&label);
+    }
+}

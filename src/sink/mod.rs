@@ -1,0 +1,11 @@
+//! The write side: one task per destination stream that batches, rate-limits, writes with
+//! PutRecords, retries exactly the failed records, and dead-letters what can never succeed.
+
+pub mod batch;
+pub mod dead_letter;
+pub mod destination;
+pub mod limiter;
+pub mod retry;
+
+pub use batch::MAX_RECORD_BYTES;
+pub use destination::{DestinationTask, Exit};

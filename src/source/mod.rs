@@ -1,0 +1,180 @@
+//! The read side: the source stream's shards, read through Enhanced Fan-Out.
+//!
+//! [`run`] is the coordinator: it lists the shards, starts a [`reader::ShardReader`] for each shard
+//! that may be read now (see [`shards::plan`]), records `SHARD_END` durably when a shard is done,
+//! and then starts its children.
+
+pub mod consumer;
+pub mod reader;
+pub mod shards;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::InitialPosition;
+use crate::fanout::Fanout;
+use crate::metrics::Metrics;
+use crate::progress::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints, Progress};
+pub use consumer::{SourceStream, ensure_consumer, resolve_stream};
+use reader::{ReaderExit, ShardReader};
+use shards::ShardInfo;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source stream `{stream}` does not exist")]
+    StreamNotFound { stream: String },
+    #[error("source stream `{stream}` was deleted")]
+    StreamDeleted { stream: String },
+    #[error("cannot describe source stream `{stream}`")]
+    Describe {
+        stream: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot register or describe Enhanced Fan-Out consumer `{consumer}` of stream `{stream}`")]
+    Consumer {
+        consumer: String,
+        stream: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("Enhanced Fan-Out consumer `{consumer}` did not become ACTIVE within {waited:?}")]
+    ConsumerNotActive { consumer: String, waited: Duration },
+    #[error("cannot list the shards of source stream `{stream}`")]
+    ListShards {
+        stream: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("SubscribeToShard on shard {shard} failed with an error retrying cannot fix: {message}")]
+    Subscribe { shard: String, message: String },
+    #[error("cannot record the end of shard {shard}")]
+    Checkpoint {
+        shard: String,
+        #[source]
+        source: CheckpointError,
+    },
+    #[error("a shard reader failed unexpectedly: {0}")]
+    Reader(String),
+    #[error("stopped before the source was ready")]
+    Cancelled,
+}
+
+/// Every shard of the stream (paginated ListShards).
+pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &SourceStream) -> Result<Vec<ShardInfo>, SourceError> {
+    let mut shards = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        let request = match &next_token {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_arn(&stream.arn),
+        };
+        let page = request.send().await.map_err(|err| SourceError::ListShards {
+            stream: stream.name.clone(),
+            source: Box::new(err),
+        })?;
+        for shard in page.shards() {
+            let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+                .collect();
+            let closed = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some();
+            shards.push(ShardInfo { id: shard.shard_id().to_string(), parents, closed });
+        }
+        match page.next_token() {
+            Some(token) => next_token = Some(token.to_string()),
+            None => break,
+        }
+    }
+    Ok(shards)
+}
+
+/// Everything the coordinator needs.
+pub struct Source {
+    pub stream: SourceStream,
+    pub consumer_arn: String,
+    pub initial_position: InitialPosition,
+    pub clients: crate::aws::KinesisClients,
+    pub fanout: Fanout,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn CheckpointStore>,
+    pub checkpoints: Checkpoints,
+}
+
+/// How often the shard list is read again even when no shard ended (a fallback for missed
+/// ChildShards announcements).
+const RELIST_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Source {
+    /// Reads the source until `stop`, or until a fatal error.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), SourceError> {
+        let readers_stop = stop.child_token();
+        let mut readers: JoinSet<(String, ReaderExit)> = JoinSet::new();
+        let mut running: HashSet<String> = HashSet::new();
+        let mut announced_done = false;
+        let result = loop {
+            match list_shards(&self.clients.control, &self.stream).await {
+                Ok(shards) => {
+                    for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &running) {
+                        running.insert(shard_id.clone());
+                        let reader = ShardReader {
+                            stream_name: self.stream.name.clone(),
+                            consumer_arn: self.consumer_arn.clone(),
+                            progress: self.progress.shard(&shard_id),
+                            shard_id: shard_id.clone(),
+                            start,
+                            subscriber: self.clients.subscriber.clone(),
+                            control: self.clients.control.clone(),
+                            fanout: self.fanout.clone(),
+                            metrics: Arc::clone(&self.metrics),
+                        };
+                        let token = readers_stop.clone();
+                        readers.spawn(async move { (shard_id, reader.run(token).await) });
+                    }
+                    if readers.is_empty() && shards::all_done(&shards, &self.checkpoints) && !announced_done {
+                        tracing::warn!(stream = %self.stream.name, "Every shard of the source is closed and fully copied; nothing more to read.");
+                        announced_done = true;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again shortly.");
+                }
+            }
+            let joined = tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(RELIST_INTERVAL) => continue,
+                Some(joined) = readers.join_next(), if !readers.is_empty() => joined,
+            };
+            match joined {
+                Ok((shard_id, ReaderExit::Ended)) => {
+                    running.remove(&shard_id);
+                    // Durable before any child starts: a restart must not read a child before its parent.
+                    let mut end = Checkpoints::new();
+                    end.insert(shard_id.clone(), Checkpoint::ShardEnd);
+                    if let Err(source) = self.store.save(&end).await {
+                        break Err(SourceError::Checkpoint { shard: shard_id, source });
+                    }
+                    self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
+                    self.checkpoints.insert(shard_id.clone(), Checkpoint::ShardEnd);
+                    tracing::info!(shard = %shard_id, "Shard fully copied; starting its children.");
+                }
+                Ok((shard_id, ReaderExit::Stopped)) => {
+                    running.remove(&shard_id);
+                }
+                Ok((_, ReaderExit::Fatal(err))) => break Err(err),
+                Err(join_error) => break Err(SourceError::Reader(join_error.to_string())),
+            }
+        };
+        readers_stop.cancel();
+        while readers.join_next().await.is_some() {}
+        result
+    }
+}

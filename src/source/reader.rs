@@ -1,0 +1,276 @@
+//! One source shard's reader: SubscribeToShard sessions, one after another, from where the last
+//! one stopped, until the shard ends or the service stops.
+//!
+//! A record is handed on only if its sequence number is greater than the last one handed on, so
+//! a resubscription can never replay into the destinations.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEvent, SubscribeToShardEventStream};
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::SourceError;
+use super::shards::StartingPoint;
+use crate::aws::{ErrorKind, classify};
+use crate::fanout::Fanout;
+use crate::metrics::Metrics;
+use crate::progress::ShardProgress;
+use crate::record::{SequenceNumber, SourceRecord};
+use crate::sink::retry::Backoff;
+
+/// A subscription that delivers no event for this long is assumed dead and restarted
+/// (Kinesis sends an event at least every 5 seconds, even when there are no records).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// AWS rejects a second subscription to the same shard within 5 s of the previous one.
+const IN_USE_MIN_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub enum ReaderExit {
+    /// The shard was closed by a reshard, read to its end, and every record acknowledged.
+    Ended,
+    /// The service is stopping.
+    Stopped,
+    /// The source is gone, or access to it was lost: the service cannot go on.
+    Fatal(SourceError),
+}
+
+pub struct ShardReader {
+    pub stream_name: String,
+    pub consumer_arn: String,
+    pub shard_id: String,
+    pub start: StartingPoint,
+    pub subscriber: aws_sdk_kinesis::Client,
+    pub control: aws_sdk_kinesis::Client,
+    pub fanout: Fanout,
+    pub progress: Arc<ShardProgress>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Stop,
+    ShardEnd,
+    Resubscribe(&'static str),
+    Failed(&'static str, ErrorKind, String),
+}
+
+/// Counts an open subscription for as long as it lives.
+struct Active(prometheus::IntGauge);
+
+impl Active {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Active(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ShardReader {
+    pub async fn run(mut self, stop: CancellationToken) -> ReaderExit {
+        let mut last_handed: Option<SequenceNumber> = match &self.start {
+            StartingPoint::After(seq) => Some(seq.clone()),
+            _ => None,
+        };
+        let mut position = self.start.clone();
+        let mut backoff = Backoff::try_new(Duration::from_millis(200), Duration::from_secs(10)).expect("valid bounds");
+        let mut first = true;
+        tracing::info!(shard = %self.shard_id, start = ?position, "Reading shard.");
+        loop {
+            if !first {
+                // Where the next session starts: after the last record handed on.
+                if let Some(seq) = &last_handed {
+                    position = StartingPoint::After(seq.clone());
+                }
+            }
+            first = false;
+            let end = self.session(&mut position, &mut last_handed, &mut backoff, &stop).await;
+            let (reason, delay) = match end {
+                SessionEnd::Stop => return ReaderExit::Stopped,
+                SessionEnd::ShardEnd => {
+                    tracing::info!(shard = %self.shard_id, "Shard reached its end; waiting until every destination has its records.");
+                    tokio::select! {
+                        _ = stop.cancelled() => return ReaderExit::Stopped,
+                        _ = self.progress.drained() => {}
+                    }
+                    self.progress.mark_ended();
+                    return ReaderExit::Ended;
+                }
+                SessionEnd::Resubscribe(reason) => (reason, Duration::ZERO),
+                SessionEnd::Failed(reason, kind, cause) => {
+                    if kind == ErrorKind::NotFound || kind == ErrorKind::Permanent {
+                        if let Some(fatal) = self.source_gone(kind, &cause).await {
+                            return ReaderExit::Fatal(fatal);
+                        }
+                    }
+                    let mut delay = backoff.next_delay(&mut rand::rng());
+                    if kind == ErrorKind::InUse {
+                        delay = delay.max(IN_USE_MIN_WAIT);
+                    }
+                    tracing::warn!(shard = %self.shard_id, reason, error = %cause, delay_ms = delay.as_millis() as u64, "Subscription failed; resubscribing after a backoff.");
+                    (reason, delay)
+                }
+            };
+            self.metrics.resubscribes.with_label_values(&[reason]).inc();
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return ReaderExit::Stopped,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    /// Decides whether a NotFound/permanent error means the source is gone for good.
+    async fn source_gone(&self, kind: ErrorKind, cause: &str) -> Option<SourceError> {
+        match self.control.describe_stream_summary().stream_name(&self.stream_name).send().await {
+            Err(err) if classify(&err) == ErrorKind::NotFound => {
+                Some(SourceError::StreamDeleted { stream: self.stream_name.clone() })
+            }
+            Ok(out)
+                if out
+                    .stream_description_summary()
+                    .is_some_and(|s| *s.stream_status() == aws_sdk_kinesis::types::StreamStatus::Deleting) =>
+            {
+                Some(SourceError::StreamDeleted { stream: self.stream_name.clone() })
+            }
+            _ if kind == ErrorKind::Permanent => Some(SourceError::Subscribe {
+                shard: self.shard_id.clone(),
+                message: cause.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    async fn session(
+        &mut self,
+        position: &mut StartingPoint,
+        last_handed: &mut Option<SequenceNumber>,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> SessionEnd {
+        let request = self
+            .subscriber
+            .subscribe_to_shard()
+            .consumer_arn(&self.consumer_arn)
+            .shard_id(&self.shard_id)
+            .starting_position(starting_position(position))
+            .send();
+        let output = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return SessionEnd::Stop,
+            r = tokio::time::timeout(IDLE_TIMEOUT, request) => r,
+        };
+        let mut events = match output {
+            Err(_elapsed) => return SessionEnd::Resubscribe("subscribe_timeout"),
+            Ok(Err(err)) => {
+                let kind = classify(&err);
+                let reason = match kind {
+                    ErrorKind::InUse => "resource_in_use",
+                    ErrorKind::NotFound => "not_found",
+                    _ if crate::aws::error_code(&err) == "LimitExceededException" => "limit_exceeded",
+                    _ => "subscribe_error",
+                };
+                return SessionEnd::Failed(reason, kind, crate::aws::chain(&err));
+            }
+            Ok(Ok(output)) => output.event_stream,
+        };
+        let _active = Active::new(&self.metrics.active_subscriptions);
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return SessionEnd::Stop,
+                next = tokio::time::timeout(IDLE_TIMEOUT, events.recv()) => next,
+            };
+            let event = match next {
+                Err(_elapsed) => return SessionEnd::Resubscribe("idle_timeout"),
+                Ok(Ok(None)) => return SessionEnd::Resubscribe("session_end"),
+                Ok(Err(err)) => return SessionEnd::Failed("stream_error", classify(&err), crate::aws::chain(&err)),
+                Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => event,
+                Ok(Ok(Some(_))) => continue,
+            };
+            backoff.reset();
+            match self.handle(event, position, last_handed, stop).await {
+                Ok(false) => {}
+                Ok(true) => return SessionEnd::ShardEnd,
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// Hands the event's new records on. Returns true at the end of the shard.
+    async fn handle(
+        &mut self,
+        event: SubscribeToShardEvent,
+        position: &mut StartingPoint,
+        last_handed: &mut Option<SequenceNumber>,
+        stop: &CancellationToken,
+    ) -> Result<bool, SessionEnd> {
+        let shard = self.shard_id.as_str();
+        self.metrics.millis_behind_latest.with_label_values(&[shard]).set(event.millis_behind_latest);
+        let continuation = event.continuation_sequence_number;
+        let child_shards = event.child_shards.as_ref().is_some_and(|c| !c.is_empty());
+        let received = event.records.len();
+        let mut records = Vec::with_capacity(received);
+        let mut replayed = 0u64;
+        for record in event.records {
+            let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
+                tracing::error!(shard, "Event carried a record with a malformed sequence number; resubscribing.");
+                return Err(SessionEnd::Failed("malformed_event", ErrorKind::Transient, "malformed sequence number".into()));
+            };
+            if last_handed.as_ref().is_some_and(|last| seq <= *last) {
+                replayed += 1;
+                continue;
+            }
+            *last_handed = Some(seq.clone());
+            records.push(SourceRecord {
+                sequence_number: seq,
+                // Kinesis always sets one; if not, the destination's validation error sends the
+                // record to the dead-letter stream with its origin instead of losing it here.
+                partition_key: record.partition_key.unwrap_or_default(),
+                data: Bytes::from(record.data.into_inner()),
+                arrival: record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok()),
+            });
+        }
+        if replayed > 0 {
+            self.metrics.replayed_records_dropped.with_label_values(&[shard]).inc_by(replayed);
+        }
+        if !records.is_empty() {
+            let bytes: usize = records.iter().map(SourceRecord::size).sum();
+            self.metrics.records_read.with_label_values(&[shard]).inc_by(records.len() as u64);
+            self.metrics.bytes_read.with_label_values(&[shard]).inc_by(bytes as u64);
+            if self.fanout.deliver(&self.progress, records, stop).await.is_err() {
+                return Err(SessionEnd::Stop);
+            }
+        }
+        if last_handed.is_none()
+            && let Ok(seq) = SequenceNumber::parse(&continuation)
+        {
+            // Nothing read yet: remember where the stream stands, so the next session does not
+            // start again from LATEST or a timestamp and skip what arrives in between.
+            *position = StartingPoint::At(seq);
+        }
+        // Real Kinesis ends a shard with a null continuation; some emulators keep sending one but
+        // announce the children on an empty event.
+        Ok(continuation.is_empty() || (child_shards && received == 0))
+    }
+}
+
+fn starting_position(point: &StartingPoint) -> StartingPosition {
+    let builder = StartingPosition::builder();
+    let builder = match point {
+        StartingPoint::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
+        StartingPoint::Latest => builder.r#type(ShardIteratorType::Latest),
+        StartingPoint::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
+        StartingPoint::After(seq) => builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str()),
+        StartingPoint::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
+    };
+    builder.build().expect("type is always set")
+}

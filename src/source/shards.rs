@@ -1,0 +1,135 @@
+//! The shard graph of the source stream, and which shards to read now.
+//!
+//! A shard is read only after every parent it has was read to its end and acknowledged by every
+//! destination (checkpoint `SHARD_END`), so records of one partition key reach the destinations
+//! in source order across splits and merges.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::config::InitialPosition;
+use crate::progress::{Checkpoint, Checkpoints};
+use crate::record::SequenceNumber;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub id: String,
+    /// Parent and adjacent parent (after a merge), when the stream still lists them.
+    pub parents: Vec<String>,
+    /// The shard has an ending sequence number: a reshard closed it.
+    pub closed: bool,
+}
+
+/// Where a shard's subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartingPoint {
+    TrimHorizon,
+    Latest,
+    AtTimestamp(std::time::SystemTime),
+    After(SequenceNumber),
+    At(SequenceNumber),
+}
+
+/// Shards to start now, given what is running already, with their starting points.
+pub fn plan(
+    shards: &[ShardInfo],
+    checkpoints: &Checkpoints,
+    initial: InitialPosition,
+    running: &HashSet<String>,
+) -> Vec<(String, StartingPoint)> {
+    let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.id.as_str(), s)).collect();
+    let done = |id: &str| -> bool {
+        match checkpoints.get(id) {
+            Some(Checkpoint::ShardEnd) => true,
+            Some(Checkpoint::Sequence(_)) => false,
+            // Starting at LATEST, history is not wanted: closed shards never read are skipped.
+            None => initial == InitialPosition::Latest && by_id.get(id).is_some_and(|s| s.closed),
+        }
+    };
+    shards
+        .iter()
+        .filter(|s| !running.contains(&s.id) && !done(&s.id))
+        // A parent the stream no longer lists has aged out of retention: nothing left to wait for.
+        .filter(|s| s.parents.iter().all(|p| !by_id.contains_key(p.as_str()) || done(p)))
+        .map(|s| {
+            let start = match checkpoints.get(&s.id) {
+                Some(Checkpoint::Sequence(seq)) => StartingPoint::After(seq.clone()),
+                _ if s.parents.iter().any(|p| checkpoints.contains_key(p)) => StartingPoint::TrimHorizon,
+                _ => match initial {
+                    InitialPosition::TrimHorizon => StartingPoint::TrimHorizon,
+                    InitialPosition::Latest => StartingPoint::Latest,
+                    InitialPosition::AtTimestamp(at) => StartingPoint::AtTimestamp(at),
+                },
+            };
+            (s.id.clone(), start)
+        })
+        .collect()
+}
+
+/// Whether every listed shard is closed and done: the stream holds nothing more to read.
+pub fn all_done(shards: &[ShardInfo], checkpoints: &Checkpoints) -> bool {
+    !shards.is_empty() && shards.iter().all(|s| checkpoints.get(&s.id) == Some(&Checkpoint::ShardEnd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
+        ShardInfo { id: id.into(), parents: parents.iter().map(|p| p.to_string()).collect(), closed }
+    }
+
+    fn ids(plan: &[(String, StartingPoint)]) -> Vec<&str> {
+        plan.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    // 0 split into 1 and 2; 1 and 2 merged into 3; 4 untouched.
+    fn graph() -> Vec<ShardInfo> {
+        vec![
+            shard("s0", &[], true),
+            shard("s1", &["s0"], true),
+            shard("s2", &["s0"], true),
+            shard("s3", &["s1", "s2"], false),
+            shard("s4", &[], false),
+        ]
+    }
+
+    #[test]
+    fn children_wait_for_every_parent() {
+        let none = HashSet::new();
+        let mut cps = Checkpoints::new();
+        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s0", "s4"]);
+        cps.insert("s0".into(), Checkpoint::ShardEnd);
+        let next = plan(&graph(), &cps, InitialPosition::TrimHorizon, &none);
+        assert_eq!(ids(&next), vec!["s1", "s2", "s4"]);
+        assert_eq!(next[0].1, StartingPoint::TrimHorizon);
+        cps.insert("s1".into(), Checkpoint::ShardEnd);
+        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s2", "s4"]);
+        cps.insert("s2".into(), Checkpoint::ShardEnd);
+        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s3", "s4"]);
+    }
+
+    #[test]
+    fn checkpoints_resume_after_the_sequence_and_running_shards_are_skipped() {
+        let mut cps = Checkpoints::new();
+        let seq = SequenceNumber::parse("42").unwrap();
+        cps.insert("s4".into(), Checkpoint::Sequence(seq.clone()));
+        let running: HashSet<String> = ["s0".to_string()].into();
+        let next = plan(&graph(), &cps, InitialPosition::TrimHorizon, &running);
+        assert_eq!(next, vec![("s4".to_string(), StartingPoint::After(seq))]);
+    }
+
+    #[test]
+    fn latest_skips_closed_history() {
+        let next = plan(&graph(), &Checkpoints::new(), InitialPosition::Latest, &HashSet::new());
+        assert_eq!(next, vec![("s3".to_string(), StartingPoint::Latest), ("s4".to_string(), StartingPoint::Latest)]);
+    }
+
+    #[test]
+    fn everything_done_when_all_shards_ended() {
+        let shards = vec![shard("a", &[], true)];
+        let mut cps = Checkpoints::new();
+        assert!(!all_done(&shards, &cps));
+        cps.insert("a".into(), Checkpoint::ShardEnd);
+        assert!(all_done(&shards, &cps));
+    }
+}
