@@ -48,6 +48,24 @@ impl DestinationHandle {
     }
 }
 
+/// A chunk holds at most this many records or bytes (a SubscribeToShard event can hold far more).
+pub const MAX_CHUNK_RECORDS: usize = 500;
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// How many leading records form the next chunk (at least one).
+pub fn chunk_len(records: &[SourceRecord]) -> usize {
+    let mut bytes = 0;
+    let mut count = 0;
+    for record in records.iter().take(MAX_CHUNK_RECORDS) {
+        bytes += record.size();
+        if count > 0 && bytes > MAX_CHUNK_BYTES {
+            break;
+        }
+        count += 1;
+    }
+    count.max(usize::from(!records.is_empty()))
+}
+
 /// The destinations in force now.
 pub type DestinationSet = Arc<Vec<DestinationHandle>>;
 
@@ -67,9 +85,25 @@ impl Fanout {
         Fanout { destinations, progress }
     }
 
-    /// Queues `records` for every current destination, waiting on full budgets (backpressure) and
-    /// while no destination exists at all (records are never acknowledged to nobody).
+    /// Queues `records` for every current destination, in chunks small enough that a budget holds
+    /// several of them, waiting on full budgets (backpressure) and while no destination exists at
+    /// all (records are never acknowledged to nobody).
     pub async fn deliver(
+        &mut self,
+        shard: &Arc<ShardProgress>,
+        mut records: Vec<SourceRecord>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        while !records.is_empty() {
+            let take = chunk_len(&records);
+            let rest = records.split_off(take);
+            self.deliver_chunk(shard, records, cancel).await?;
+            records = rest;
+        }
+        Ok(())
+    }
+
+    async fn deliver_chunk(
         &mut self,
         shard: &Arc<ShardProgress>,
         records: Vec<SourceRecord>,

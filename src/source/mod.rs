@@ -73,7 +73,7 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &SourceStream
     loop {
         let request = match &next_token {
             Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_arn(&stream.arn),
+            None => client.list_shards().stream_name(&stream.name),
         };
         let page = request.send().await.map_err(|err| SourceError::ListShards {
             stream: stream.name.clone(),
@@ -120,9 +120,12 @@ impl Source {
         let mut readers: JoinSet<(String, ReaderExit)> = JoinSet::new();
         let mut running: HashSet<String> = HashSet::new();
         let mut announced_done = false;
+        let mut list_backoff = crate::sink::retry::Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL)
+            .expect("valid bounds");
         let result = loop {
-            match list_shards(&self.clients.control, &self.stream).await {
+            let relist_after = match list_shards(&self.clients.control, &self.stream).await {
                 Ok(shards) => {
+                    list_backoff.reset();
                     for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &running) {
                         running.insert(shard_id.clone());
                         let reader = ShardReader {
@@ -143,14 +146,16 @@ impl Source {
                         tracing::warn!(stream = %self.stream.name, "Every shard of the source is closed and fully copied; nothing more to read.");
                         announced_done = true;
                     }
+                    RELIST_INTERVAL
                 }
                 Err(err) => {
                     tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again shortly.");
+                    list_backoff.next_delay(&mut rand::rng())
                 }
-            }
+            };
             let joined = tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
-                _ = tokio::time::sleep(RELIST_INTERVAL) => continue,
+                _ = tokio::time::sleep(relist_after) => continue,
                 Some(joined) = readers.join_next(), if !readers.is_empty() => joined,
             };
             match joined {

@@ -1,0 +1,98 @@
+use std::path::Path;
+use std::process::Output;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kinesis-fanout");
+
+async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).env_remove("KINESIS_FANOUT_CONFIG").env("RUST_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    tokio::time::timeout(WAIT, command.output()).await.expect("the command finishes").expect("the binary runs")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+const GOOD: &str = r#"
+[source]
+stream_name = "app-input"
+[[destinations]]
+pattern = "^app-output-.*$"
+"#;
+
+#[tokio::test]
+async fn bad_configs_exit_2_and_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("missing key", "[[destinations]]\npattern = \"x\"\n", "source.stream_name"),
+        ("bad regex", "[source]\nstream_name = \"s\"\n[[destinations]]\npattern = \"(oops\"\n", "destinations[0].pattern"),
+        ("bad duration", &format!("{GOOD}linger = \"soonish\"\n"), "destinations[0].linger"),
+        ("unknown key", "[source]\nstream_name = \"s\"\ncolour = \"red\"\n[[destinations]]\npattern = \"x\"\n", "source.colour"),
+        (
+            "at_timestamp without timestamp",
+            "[source]\nstream_name = \"s\"\ninitial_position = \"at_timestamp\"\n[[destinations]]\npattern = \"x\"\n",
+            "source.initial_timestamp",
+        ),
+        ("no destinations", "[source]\nstream_name = \"s\"\n", "destinations"),
+        ("not TOML", "[source\nstream_name = ", "cannot read configuration file"),
+    ];
+    for (what, text, key) in cases {
+        let path = write(dir.path(), "bad.toml", text);
+        for command in ["check", "run"] {
+            let out = run_cli(&[command, "--config", &path], &[]).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what} ({command}): {stderr}");
+            assert!(stderr.contains(key), "{what} ({command}) should name {key}: {stderr}");
+        }
+    }
+    let good = write(dir.path(), "good.toml", GOOD);
+    let out = run_cli(&["check", "--config", &good], &[("KINESIS_FANOUT__SHUTDOWN__GRACE_PERIOD", "whenever")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown.grace_period"));
+    let out = run_cli(&["check"], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "no config at all");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KINESIS_FANOUT_CONFIG"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_matching_destinations_and_fails_on_a_missing_source() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for (name, shards) in [("app-input", 2), ("app-output-orders", 1), ("app-output-search", 1), ("other", 1)] {
+        create_stream(&client, name, shards).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), "");
+    let path = write(dir.path(), "c.toml", &config);
+    let aws = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+    let mut env = aws.to_vec();
+    env.push(("KINESIS_FANOUT_CONFIG", &path));
+    let out = run_cli(&["check"], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("app-output-orders") && stdout.contains("app-output-search"), "{stdout}");
+    assert!(!stdout.contains("  app-input"), "the source is never a destination: {stdout}");
+    assert!(!stdout.contains("other"), "{stdout}");
+
+    let mut env = aws.to_vec();
+    env.push(("KINESIS_FANOUT__SOURCE__STREAM_NAME", "nope"));
+    let out = run_cli(&["check", "--config", &path], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`nope` does not exist"), "{stderr}");
+}
+
+#[test]
+fn the_documented_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kinesis-fanout.toml");
+    let settings = kinesis_fanout::Settings::load_with_env(&path, []).expect("config/kinesis-fanout.toml is valid");
+    assert_eq!(settings.source.stream_name, "app-input");
+    assert!(settings.destinations[0].matches("app-output-orders"));
+}

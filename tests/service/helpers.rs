@@ -1,0 +1,349 @@
+//! Test harness: an in-process ferrokinesis emulator on 127.0.0.1:0 behind a fault-injecting
+//! HTTP layer, SDK clients for it, and the service started in-process with its own config.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ferrokinesis::store::StoreOptions;
+use kinesis_fanout::metrics::Metrics;
+use kinesis_fanout::{Service, Settings};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// Faults injected in front of the emulator, switched by tests while the service runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// PutRecords requests naming this stream get a 500 InternalFailure.
+    pub reject_puts_to: Option<String>,
+    /// The next N SubscribeToShard calls get 400 ResourceInUseException.
+    pub subscribe_in_use: u32,
+    /// Calls seen, by operation.
+    pub calls: HashMap<String, u64>,
+}
+
+pub struct Emulator {
+    pub url: String,
+    pub faults: Arc<Mutex<Faults>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn store_options() -> StoreOptions {
+    StoreOptions {
+        create_stream_ms: 10,
+        delete_stream_ms: 10,
+        update_stream_ms: 10,
+        shard_limit: 200,
+        ..StoreOptions::default()
+    }
+}
+
+impl Emulator {
+    pub async fn start() -> Emulator {
+        Self::with_options(store_options()).await
+    }
+
+    pub async fn with_options(options: StoreOptions) -> Emulator {
+        let (app, _store) = ferrokinesis::create_app(options);
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&faults), inject_faults));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            let _ = ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await;
+        });
+        Emulator { url, faults, stop }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&sdk_config(&self.url))
+    }
+
+    /// How many calls of an operation reached the emulator.
+    pub fn calls(&self, operation: &str) -> u64 {
+        self.faults.lock().unwrap().calls.get(operation).copied().unwrap_or(0)
+    }
+}
+
+fn error_response(status: StatusCode, kind: &str) -> Response {
+    let body = format!(r#"{{"__type":"{kind}","message":"injected by the test fault layer"}}"#);
+    (status, [("content-type", "application/x-amz-json-1.1")], body).into_response()
+}
+
+async fn inject_faults(State(faults): State<Arc<Mutex<Faults>>>, request: Request, next: Next) -> Response {
+    let operation = request
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit('.').next())
+        .unwrap_or("")
+        .to_string();
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    {
+        let mut faults = faults.lock().unwrap();
+        *faults.calls.entry(operation.clone()).or_default() += 1;
+        if operation == "PutRecords"
+            && let Some(stream) = &faults.reject_puts_to
+            && contains(&bytes, stream.as_bytes())
+        {
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure");
+        }
+        if operation == "SubscribeToShard" && faults.subscribe_in_use > 0 {
+            faults.subscribe_in_use -= 1;
+            return error_response(StatusCode::BAD_REQUEST, "ResourceInUseException");
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+pub fn sdk_config(url: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new("test", "test", None, None, "test")))
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .behavior_version(BehaviorVersion::latest())
+        .build()
+}
+
+/// Polls `condition` every 50 ms until it holds, failing the test after `WAIT`.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let outcome = tokio::time::timeout(WAIT, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "timed out after {WAIT:?} waiting for: {what}");
+}
+
+pub async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client.create_stream().stream_name(name).shard_count(shards).send().await.unwrap();
+    wait_active(client, name).await;
+}
+
+pub async fn wait_active(client: &Client, name: &str) {
+    wait_until(&format!("stream {name} ACTIVE"), || async {
+        let out = client.describe_stream_summary().stream_name(name).send().await;
+        out.ok()
+            .and_then(|o| o.stream_description_summary().map(|s| *s.stream_status() == StreamStatus::Active))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+/// A test record: partition key and data.
+pub type Rec = (String, Vec<u8>);
+
+/// Puts records in order, 500 at a time, retrying failed entries until all are in.
+pub async fn put_all(client: &Client, stream: &str, records: &[Rec]) {
+    for batch in records.chunks(500) {
+        let mut pending: Vec<&Rec> = batch.iter().collect();
+        let mut attempts = 0;
+        while !pending.is_empty() {
+            attempts += 1;
+            assert!(attempts < 200, "producer could not put records into {stream}");
+            let entries = pending
+                .iter()
+                .map(|(pk, data)| {
+                    PutRecordsRequestEntry::builder().partition_key(pk).data(Blob::new(data.clone())).build().unwrap()
+                })
+                .collect();
+            match client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+                Ok(out) => {
+                    pending = pending
+                        .into_iter()
+                        .zip(out.records())
+                        .filter(|(_, r)| r.error_code().is_some())
+                        .map(|(rec, _)| rec)
+                        .collect();
+                }
+                Err(_) => {}
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Records of a stream, per shard, in shard order: (shard id, partition key, data).
+pub async fn read_all(client: &Client, stream: &str) -> Vec<(String, String, Vec<u8>)> {
+    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
+    let mut out = Vec::new();
+    for shard in shards.shards() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator
+            .unwrap();
+        loop {
+            let page = client.get_records().shard_iterator(&iterator).limit(10_000).send().await.unwrap();
+            let empty = page.records().is_empty();
+            for r in page.records() {
+                out.push((shard.shard_id().to_string(), r.partition_key().unwrap_or_default().to_string(), r.data().as_ref().to_vec()));
+            }
+            match page.next_shard_iterator() {
+                Some(next) if !empty => iterator = next.to_string(),
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+/// (partition key, data) pairs of a stream, sorted, for multiset comparison.
+pub async fn contents(client: &Client, stream: &str) -> Vec<Rec> {
+    let mut all: Vec<Rec> = read_all(client, stream).await.into_iter().map(|(_, pk, data)| (pk, data)).collect();
+    all.sort();
+    all
+}
+
+pub fn sorted(records: &[Rec]) -> Vec<Rec> {
+    let mut v = records.to_vec();
+    v.sort();
+    v
+}
+
+/// `n` records with random partition keys and unique data, reproducible from `seed`.
+pub fn records(seed: u64, n: usize, data_len: usize) -> Vec<Rec> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let pk = format!("pk-{:016x}", rng.random::<u64>());
+            let mut data = format!("record-{seed}-{i}-").into_bytes();
+            data.resize(data_len.max(data.len()), b'x');
+            (pk, data)
+        })
+        .collect()
+}
+
+/// A config file for the emulator, with fast intervals; `extra` is appended to the first
+/// destination group (e.g. `records_per_second = "5000"`).
+pub fn config_toml(url: &str, source: &str, pattern: &str, checkpoint: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{url}"
+
+[source]
+stream_name = "{source}"
+consumer_name = "fanout-test"
+
+[[destinations]]
+pattern = "{pattern}"
+refresh_interval = "1s"
+linger = "20ms"
+initial_backoff = "20ms"
+max_backoff = "500ms"
+{extra}
+
+[checkpoint]
+backend = "file"
+path = "{checkpoint}"
+interval = "200ms"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[shutdown]
+grace_period = "10s"
+"#,
+        checkpoint = checkpoint.display()
+    )
+}
+
+/// The service running in-process.
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    pub progress: Arc<kinesis_fanout::progress::Progress>,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), kinesis_fanout::RunError>>,
+}
+
+impl Running {
+    pub fn start(toml: &str, url: &str) -> Running {
+        // Service logs show in a failing test's output (RUST_LOG to tune).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kinesis_fanout=info")),
+            )
+            .with_test_writer()
+            .try_init();
+        let settings = Settings::from_toml(toml).expect("test config is valid");
+        let service = Service::new(settings, &sdk_config(url));
+        let metrics = service.metrics();
+        let progress = service.progress();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(service.run(stop.clone()));
+        Running { metrics, progress, stop, handle }
+    }
+
+    /// Records accepted by a destination so far.
+    pub fn accepted(&self, destination: &str) -> u64 {
+        self.metrics.records_written.with_label_values(&[destination, "ok"]).get()
+    }
+
+    pub fn counter(&self, destination: &str, outcome: &str) -> u64 {
+        self.metrics.records_written.with_label_values(&[destination, outcome]).get()
+    }
+
+    pub async fn wait_accepted(&self, destination: &str, n: u64) {
+        wait_until(&format!("{destination} accepted {n} records"), || async { self.accepted(destination) >= n }).await;
+    }
+
+    /// Stops gracefully and returns the service's result.
+    pub async fn stop(self) -> Result<(), kinesis_fanout::RunError> {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.handle).await.expect("service stops within the wait").expect("service task did not panic")
+    }
+
+    /// Waits for the service to end by itself (a fatal error).
+    pub async fn finished(self) -> Result<(), kinesis_fanout::RunError> {
+        tokio::time::timeout(WAIT, self.handle).await.expect("service ends within the wait").expect("service task did not panic")
+    }
+}
+
+pub fn temp_checkpoint() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoints.json");
+    (dir, path)
+}

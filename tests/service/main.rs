@@ -1,0 +1,9 @@
+//! Whole-service tests against the ferrokinesis emulator, each with its own emulator and streams.
+
+mod helpers;
+
+mod cli;
+mod destinations;
+mod faults;
+mod replication;
+mod resharding;
