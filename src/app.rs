@@ -119,7 +119,11 @@ impl Service {
         // the grace period runs out.
         let grace = settings.shutdown.grace_period;
         let outstanding = self.progress.outstanding();
-        tracing::info!(outstanding_chunks = outstanding, grace_ms = grace.as_millis() as u64, "Reading stopped; flushing records in flight.");
+        tracing::info!(
+            outstanding_chunks = outstanding,
+            grace_ms = grace.as_millis() as u64,
+            "Reading stopped; flushing records in flight."
+        );
         if tokio::time::timeout(grace, self.progress.drained()).await.is_err() {
             tracing::warn!(
                 outstanding_chunks = self.progress.outstanding(),
@@ -144,7 +148,11 @@ impl Service {
     }
 }
 
-async fn save(store: &dyn CheckpointStore, checkpoints: &Checkpoints, metrics: &Metrics) -> Result<(), CheckpointError> {
+async fn save(
+    store: &dyn CheckpointStore,
+    checkpoints: &Checkpoints,
+    metrics: &Metrics,
+) -> Result<(), CheckpointError> {
     match store.save(checkpoints).await {
         Ok(()) => {
             metrics.checkpoint_writes.with_label_values(&["ok"]).inc();

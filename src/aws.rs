@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::config::timeout::TimeoutConfig;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 
 use crate::config::AwsSettings;
 

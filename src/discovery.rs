@@ -178,7 +178,9 @@ impl Discovery {
                     }
                 }
                 Err(err) if classify(&err) == ErrorKind::NotFound => self.remove(&candidate.name, "deleted"),
-                Err(err) => tracing::warn!(destination = %candidate.name, error = %crate::aws::chain(&err), "DescribeStreamSummary failed; will try again next round."),
+                Err(err) => {
+                    tracing::warn!(destination = %candidate.name, error = %crate::aws::chain(&err), "DescribeStreamSummary failed; will try again next round.")
+                }
             }
         }
         Ok(())

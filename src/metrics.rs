@@ -110,10 +110,22 @@ impl Metrics {
 
         let metrics = Metrics {
             records_read: counter("source_records_read_total", "Records read from the source, per shard.", &["shard"]),
-            bytes_read: counter("source_bytes_read_total", "Bytes (data and partition key) read from the source, per shard.", &["shard"]),
-            millis_behind_latest: gauge_vec("source_millis_behind_latest", "MillisBehindLatest of the last event, per shard.", &["shard"]),
+            bytes_read: counter(
+                "source_bytes_read_total",
+                "Bytes (data and partition key) read from the source, per shard.",
+                &["shard"],
+            ),
+            millis_behind_latest: gauge_vec(
+                "source_millis_behind_latest",
+                "MillisBehindLatest of the last event, per shard.",
+                &["shard"],
+            ),
             active_subscriptions: gauge("source_active_subscriptions", "SubscribeToShard sessions open now."),
-            resubscribes: counter("source_resubscribes_total", "SubscribeToShard sessions started again, by reason.", &["reason"]),
+            resubscribes: counter(
+                "source_resubscribes_total",
+                "SubscribeToShard sessions started again, by reason.",
+                &["reason"],
+            ),
             replayed_records_dropped: counter(
                 "source_replayed_records_dropped_total",
                 "Records delivered again by a resubscription and dropped before reaching destinations.",
@@ -125,20 +137,40 @@ impl Metrics {
                 "Records sent to a destination, by outcome (ok, retried, throttled, dead_lettered, rejected, destination_deleted).",
                 &["destination", "outcome"],
             ),
-            bytes_written: counter("destination_bytes_total", "Bytes sent to a destination, by outcome.", &["destination", "outcome"]),
+            bytes_written: counter(
+                "destination_bytes_total",
+                "Bytes sent to a destination, by outcome.",
+                &["destination", "outcome"],
+            ),
             put_records_seconds,
             rate_limiter_wait_seconds,
-            buffered_records: gauge_vec("destination_buffered_records", "Records queued for a destination.", &["destination"]),
-            buffered_bytes: gauge_vec("destination_buffered_bytes", "Bytes queued for a destination.", &["destination"]),
+            buffered_records: gauge_vec(
+                "destination_buffered_records",
+                "Records queued for a destination.",
+                &["destination"],
+            ),
+            buffered_bytes: gauge_vec(
+                "destination_buffered_bytes",
+                "Bytes queued for a destination.",
+                &["destination"],
+            ),
             destination_stalled: gauge_vec(
                 "destination_stalled",
                 "1 while a destination rejects records that cannot succeed and has no dead-letter stream.",
                 &["destination"],
             ),
-            checkpoint_writes: counter("checkpoint_writes_total", "Checkpoint writes, by outcome (ok, error).", &["outcome"]),
+            checkpoint_writes: counter(
+                "checkpoint_writes_total",
+                "Checkpoint writes, by outcome (ok, error).",
+                &["outcome"],
+            ),
             oldest_unacknowledged_age_seconds,
             end_to_end_seconds,
-            build_info: gauge_vec("build_info", "Always 1; labels carry the version and git commit.", &["version", "git_sha"]),
+            build_info: gauge_vec(
+                "build_info",
+                "Always 1; labels carry the version and git commit.",
+                &["version", "git_sha"],
+            ),
             start_time_seconds,
             registry,
         };

@@ -119,7 +119,7 @@ pub enum ConfigError {
     Read {
         path: String,
         #[source]
-        source: config::ConfigError,
+        source: Box<config::ConfigError>,
     },
     #[error("{} problem(s) in configuration {origin}:\n  {}", problems.len(), join(problems))]
     Invalid { origin: String, problems: Vec<Problem> },
@@ -166,16 +166,13 @@ impl Settings {
         origin: String,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let read_error = |source| ConfigError::Read { path: origin.clone(), source };
+        let read_error = |source| ConfigError::Read { path: origin.clone(), source: Box::new(source) };
         for (name, value) in env {
             if let Some(key) = env_key(&name) {
                 builder = builder.set_override(key, value).map_err(read_error)?;
             }
         }
-        let tree: serde_json::Value = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(read_error)?;
+        let tree: serde_json::Value = builder.build().and_then(|c| c.try_deserialize()).map_err(read_error)?;
         let mut problems = Vec::new();
         let settings = Settings::from_tree(&tree, &mut problems);
         match settings {
@@ -186,18 +183,15 @@ impl Settings {
 
     fn from_tree(tree: &serde_json::Value, problems: &mut Vec<Problem>) -> Option<Settings> {
         let mut root = Section::root(tree, problems);
-        let aws = root.section("aws", |s| AwsSettings {
-            region: s.string("region"),
-            endpoint_url: s.string("endpoint_url"),
-        });
+        let aws =
+            root.section("aws", |s| AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") });
         let source = root.section("source", source_settings);
         let destinations = root.array("destinations", destination_group);
         let checkpoint = root.section("checkpoint", checkpoint_settings);
         let metrics = root.section("metrics", |s| MetricsSettings {
             listen: s
                 .parsed("listen", "127.0.0.1:9090", |v| {
-                    v.parse::<SocketAddr>()
-                        .map_err(|e| format!("`{v}` is not an address like 127.0.0.1:9090 ({e})"))
+                    v.parse::<SocketAddr>().map_err(|e| format!("`{v}` is not an address like 127.0.0.1:9090 ({e})"))
                 })
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
         });

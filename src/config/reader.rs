@@ -58,7 +58,11 @@ impl<'a> Section<'a> {
     }
 
     /// An array of tables (`[[key]]`); `None` when any entry is unusable.
-    pub(super) fn array<T>(&mut self, key: &str, mut read: impl FnMut(&mut Section<'_>) -> Option<T>) -> Option<Vec<T>> {
+    pub(super) fn array<T>(
+        &mut self,
+        key: &str,
+        mut read: impl FnMut(&mut Section<'_>) -> Option<T>,
+    ) -> Option<Vec<T>> {
         let items = match self.get(key) {
             None => return Some(Vec::new()),
             Some(Value::Array(items)) => items,
@@ -117,7 +121,12 @@ impl<'a> Section<'a> {
     }
 
     /// A value parsed by `parse`, or `default` (also parsed) when the key is missing.
-    pub(super) fn parsed<T>(&mut self, key: &str, default: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub(super) fn parsed<T>(
+        &mut self,
+        key: &str,
+        default: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let text = self.string(key).unwrap_or_else(|| default.to_string());
         parse(&text).map_err(|message| self.problem(key, message)).ok()
     }

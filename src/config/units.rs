@@ -13,13 +13,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a byte size: a whole number of bytes (`"1048576"`), or a number with a unit
 /// (`B`, `KB`, `MB`, `GB` in powers of 1000; `KiB`, `MiB`, `GiB` in powers of 1024).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("`{text}` is not a byte size; use values like \"512KiB\", \"32MiB\" or a number of bytes")
-    };
+    let bad = || format!("`{text}` is not a byte size; use values like \"512KiB\", \"32MiB\" or a number of bytes");
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
     if digits.is_empty() {
         return Err(bad());
@@ -64,9 +60,9 @@ pub fn parse_record_rate(text: &str) -> Result<Rate, String> {
         return Ok(Rate::Auto);
     }
     match trimmed.parse::<u64>() {
-        Ok(0) | Err(_) => Err(format!(
-            "`{text}` is not a rate; use \"auto\" or a positive number of records per second"
-        )),
+        Ok(0) | Err(_) => {
+            Err(format!("`{text}` is not a rate; use \"auto\" or a positive number of records per second"))
+        }
         Ok(n) => Ok(Rate::PerSecond(n)),
     }
 }

@@ -133,7 +133,9 @@ impl DestinationTask {
         let name = Arc::clone(&writer.task.name);
         let exit = writer.run().await;
         match exit {
-            Exit::Deleted => tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress."),
+            Exit::Deleted => {
+                tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress.")
+            }
             Exit::Stopped => tracing::debug!(destination = %name, "Destination writer stopped."),
         }
         writer.clear_gauges();
@@ -410,7 +412,11 @@ impl Writer {
         let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
         let Some(dead_letter) = self.dead_letter.as_mut() else {
             self.set_stalled(true);
-            self.task.metrics.records_written.with_label_values(&[&*self.task.name, outcome::REJECTED]).inc_by(rejected.len() as u64);
+            self.task
+                .metrics
+                .records_written
+                .with_label_values(&[&*self.task.name, outcome::REJECTED])
+                .inc_by(rejected.len() as u64);
             tracing::error!(
                 destination = %self.task.name,
                 records = rejected.len(),
@@ -437,7 +443,11 @@ impl Writer {
         if written.is_err() {
             return Err(Interrupt::Stop);
         }
-        self.task.metrics.records_written.with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED]).inc_by(rejected.len() as u64);
+        self.task
+            .metrics
+            .records_written
+            .with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED])
+            .inc_by(rejected.len() as u64);
         self.task.metrics.bytes_written.with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED]).inc_by(bytes);
         for (p, _, _) in rejected.drain(..) {
             self.done_with(&p);

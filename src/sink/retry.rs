@@ -16,25 +16,27 @@ pub enum EntryOutcome {
     /// Throttled by the destination shard: retry, and slow down.
     Throttled,
     /// Another failure that can succeed later (InternalFailure, KMS throttling).
-    Retry { code: String },
+    Retry {
+        code: String,
+    },
     /// Cannot succeed by retrying: dead-letter, or hold the destination.
-    Reject { code: String, message: String },
+    Reject {
+        code: String,
+        message: String,
+    },
 }
 
 /// Per-entry outcomes of a PutRecords response, given each entry's `(error_code, error_message)`.
-pub fn classify_batch<'a>(
-    entries: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>)>,
-) -> Vec<EntryOutcome> {
+pub fn classify_batch<'a>(entries: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Vec<EntryOutcome> {
     entries
         .into_iter()
         .map(|(code, message)| match code {
             None | Some("") => EntryOutcome::Accepted,
             Some("ProvisionedThroughputExceededException") => EntryOutcome::Throttled,
             Some(code) => match classify_code(Some(code)) {
-                ErrorKind::Permanent => EntryOutcome::Reject {
-                    code: code.to_string(),
-                    message: message.unwrap_or_default().to_string(),
-                },
+                ErrorKind::Permanent => {
+                    EntryOutcome::Reject { code: code.to_string(), message: message.unwrap_or_default().to_string() }
+                }
                 _ => EntryOutcome::Retry { code: code.to_string() },
             },
         })
@@ -124,7 +126,13 @@ mod tests {
     fn ceiling_doubles_then_caps_and_resets() {
         let mut b = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(1)).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let ceilings: Vec<_> = (0..6).map(|_| { let c = b.ceiling(); b.next_delay(&mut rng); c.as_millis() }).collect();
+        let ceilings: Vec<_> = (0..6)
+            .map(|_| {
+                let c = b.ceiling();
+                b.next_delay(&mut rng);
+                c.as_millis()
+            })
+            .collect();
         assert_eq!(ceilings, vec![100, 200, 400, 800, 1000, 1000]);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));

@@ -60,12 +60,8 @@ pub async fn ensure_consumer(
     };
     let mut announced = false;
     loop {
-        let described = client
-            .describe_stream_consumer()
-            .stream_arn(&stream.arn)
-            .consumer_name(consumer_name)
-            .send()
-            .await;
+        let described =
+            client.describe_stream_consumer().stream_arn(&stream.arn).consumer_name(consumer_name).send().await;
         match described {
             Ok(out) => {
                 if let Some(consumer) = out.consumer_description() {
@@ -85,7 +81,13 @@ pub async fn ensure_consumer(
             }
             Err(err) if classify(&err) == ErrorKind::NotFound => {
                 tracing::info!(consumer = consumer_name, stream = %stream.name, "Registering the Enhanced Fan-Out consumer.");
-                match client.register_stream_consumer().stream_arn(&stream.arn).consumer_name(consumer_name).send().await {
+                match client
+                    .register_stream_consumer()
+                    .stream_arn(&stream.arn)
+                    .consumer_name(consumer_name)
+                    .send()
+                    .await
+                {
                     Ok(_) => {}
                     // Another worker registered it first, or it is still being deleted: poll on.
                     Err(err) if classify(&err) == ErrorKind::InUse => {}

@@ -67,7 +67,10 @@ pub enum SourceError {
 }
 
 /// Every shard of the stream (paginated ListShards).
-pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &SourceStream) -> Result<Vec<ShardInfo>, SourceError> {
+pub async fn list_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &SourceStream,
+) -> Result<Vec<ShardInfo>, SourceError> {
     let mut shards = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
@@ -75,10 +78,10 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &SourceStream
             Some(token) => client.list_shards().next_token(token),
             None => client.list_shards().stream_name(&stream.name),
         };
-        let page = request.send().await.map_err(|err| SourceError::ListShards {
-            stream: stream.name.clone(),
-            source: Box::new(err),
-        })?;
+        let page = request
+            .send()
+            .await
+            .map_err(|err| SourceError::ListShards { stream: stream.name.clone(), source: Box::new(err) })?;
         for shard in page.shards() {
             let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
                 .into_iter()
@@ -120,8 +123,8 @@ impl Source {
         let mut readers: JoinSet<(String, ReaderExit)> = JoinSet::new();
         let mut running: HashSet<String> = HashSet::new();
         let mut announced_done = false;
-        let mut list_backoff = crate::sink::retry::Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL)
-            .expect("valid bounds");
+        let mut list_backoff =
+            crate::sink::retry::Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL).expect("valid bounds");
         let result = loop {
             let relist_after = match list_shards(&self.clients.control, &self.stream).await {
                 Ok(shards) => {

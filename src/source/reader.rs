@@ -105,10 +105,10 @@ impl ShardReader {
                 }
                 SessionEnd::Resubscribe(reason) => (reason, Duration::ZERO),
                 SessionEnd::Failed(reason, kind, cause) => {
-                    if kind == ErrorKind::NotFound || kind == ErrorKind::Permanent {
-                        if let Some(fatal) = self.source_gone(kind, &cause).await {
-                            return ReaderExit::Fatal(fatal);
-                        }
+                    if (kind == ErrorKind::NotFound || kind == ErrorKind::Permanent)
+                        && let Some(fatal) = self.source_gone(kind, &cause).await
+                    {
+                        return ReaderExit::Fatal(fatal);
                     }
                     let mut delay = backoff.next_delay(&mut rand::rng());
                     if kind == ErrorKind::InUse {
@@ -141,10 +141,9 @@ impl ShardReader {
             {
                 Some(SourceError::StreamDeleted { stream: self.stream_name.clone() })
             }
-            _ if kind == ErrorKind::Permanent => Some(SourceError::Subscribe {
-                shard: self.shard_id.clone(),
-                message: cause.to_string(),
-            }),
+            _ if kind == ErrorKind::Permanent => {
+                Some(SourceError::Subscribe { shard: self.shard_id.clone(), message: cause.to_string() })
+            }
             _ => None,
         }
     }
@@ -223,7 +222,11 @@ impl ShardReader {
         for record in event.records {
             let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
                 tracing::error!(shard, "Event carried a record with a malformed sequence number; resubscribing.");
-                return Err(SessionEnd::Failed("malformed_event", ErrorKind::Transient, "malformed sequence number".into()));
+                return Err(SessionEnd::Failed(
+                    "malformed_event",
+                    ErrorKind::Transient,
+                    "malformed sequence number".into(),
+                ));
             };
             if last_handed.as_ref().is_some_and(|last| seq <= *last) {
                 replayed += 1;
@@ -269,7 +272,9 @@ fn starting_position(point: &StartingPoint) -> StartingPosition {
         StartingPoint::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
         StartingPoint::Latest => builder.r#type(ShardIteratorType::Latest),
         StartingPoint::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
-        StartingPoint::After(seq) => builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str()),
+        StartingPoint::After(seq) => {
+            builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str())
+        }
         StartingPoint::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
     };
     builder.build().expect("type is always set")

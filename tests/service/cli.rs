@@ -32,9 +32,17 @@ async fn bad_configs_exit_2_and_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("missing key", "[[destinations]]\npattern = \"x\"\n", "source.stream_name"),
-        ("bad regex", "[source]\nstream_name = \"s\"\n[[destinations]]\npattern = \"(oops\"\n", "destinations[0].pattern"),
+        (
+            "bad regex",
+            "[source]\nstream_name = \"s\"\n[[destinations]]\npattern = \"(oops\"\n",
+            "destinations[0].pattern",
+        ),
         ("bad duration", &format!("{GOOD}linger = \"soonish\"\n"), "destinations[0].linger"),
-        ("unknown key", "[source]\nstream_name = \"s\"\ncolour = \"red\"\n[[destinations]]\npattern = \"x\"\n", "source.colour"),
+        (
+            "unknown key",
+            "[source]\nstream_name = \"s\"\ncolour = \"red\"\n[[destinations]]\npattern = \"x\"\n",
+            "source.colour",
+        ),
         (
             "at_timestamp without timestamp",
             "[source]\nstream_name = \"s\"\ninitial_position = \"at_timestamp\"\n[[destinations]]\npattern = \"x\"\n",

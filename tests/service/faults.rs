@@ -1,10 +1,13 @@
+use ferrokinesis::store::StoreOptions;
 use kinesis_fanout::fanout::MAX_CHUNK_BYTES;
 
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoints() {
-    let emulator = Emulator::start().await;
+    // Events of at most 200 records, as AWS keeps its events small.
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
     let client = emulator.client();
     create_stream(&client, "in", 1).await;
     create_stream(&client, "out-healthy", 1).await;
@@ -18,7 +21,8 @@ async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoin
     // 6 MiB of records: far more than the broken destination's 1 MiB budget.
     let input = records(20, 6_000, 1_024);
     put_all(&client, "in", &input).await;
-    wait_until("broken destination retried many times", || async { service.counter("out-broken", "retried") > 2_000 }).await;
+    wait_until("broken destination retried many times", || async { service.counter("out-broken", "retried") > 2_000 })
+        .await;
 
     let buffered = service.metrics.buffered_bytes.with_label_values(&["out-broken"]).get() as u64;
     assert!(buffered <= budget + MAX_CHUNK_BYTES as u64, "buffer bounded: {buffered} bytes");

@@ -179,16 +179,14 @@ pub async fn put_all(client: &Client, stream: &str, records: &[Rec]) {
                     PutRecordsRequestEntry::builder().partition_key(pk).data(Blob::new(data.clone())).build().unwrap()
                 })
                 .collect();
-            match client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
-                Ok(out) => {
-                    pending = pending
-                        .into_iter()
-                        .zip(out.records())
-                        .filter(|(_, r)| r.error_code().is_some())
-                        .map(|(rec, _)| rec)
-                        .collect();
-                }
-                Err(_) => {}
+            // A failed request leaves every entry pending.
+            if let Ok(out) = client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+                pending = pending
+                    .into_iter()
+                    .zip(out.records())
+                    .filter(|(_, r)| r.error_code().is_some())
+                    .map(|(rec, _)| rec)
+                    .collect();
             }
             if !pending.is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,7 +214,11 @@ pub async fn read_all(client: &Client, stream: &str) -> Vec<(String, String, Vec
             let page = client.get_records().shard_iterator(&iterator).limit(10_000).send().await.unwrap();
             let empty = page.records().is_empty();
             for r in page.records() {
-                out.push((shard.shard_id().to_string(), r.partition_key().unwrap_or_default().to_string(), r.data().as_ref().to_vec()));
+                out.push((
+                    shard.shard_id().to_string(),
+                    r.partition_key().unwrap_or_default().to_string(),
+                    r.data().as_ref().to_vec(),
+                ));
             }
             match page.next_shard_iterator() {
                 Some(next) if !empty => iterator = next.to_string(),
@@ -333,12 +335,18 @@ impl Running {
     /// Stops gracefully and returns the service's result.
     pub async fn stop(self) -> Result<(), kinesis_fanout::RunError> {
         self.stop.cancel();
-        tokio::time::timeout(WAIT, self.handle).await.expect("service stops within the wait").expect("service task did not panic")
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("service stops within the wait")
+            .expect("service task did not panic")
     }
 
     /// Waits for the service to end by itself (a fatal error).
     pub async fn finished(self) -> Result<(), kinesis_fanout::RunError> {
-        tokio::time::timeout(WAIT, self.handle).await.expect("service ends within the wait").expect("service task did not panic")
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("service ends within the wait")
+            .expect("service task did not panic")
     }
 }
 

@@ -14,7 +14,8 @@ async fn copies_every_record_to_every_destination_exactly_once() {
     }
     create_stream(&client, "unrelated", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "app-input", "^app-output-.*$", &checkpoint, ""), &emulator.url);
+    let service =
+        Running::start(&config_toml(&emulator.url, "app-input", "^app-output-.*$", &checkpoint, ""), &emulator.url);
 
     let input = records(1, 5_000, 100);
     put_all(&client, "app-input", &input).await;
@@ -32,7 +33,8 @@ async fn copies_every_record_to_every_destination_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_sessions_resubscribe_without_loss_or_replay() {
-    let emulator = Emulator::with_options(StoreOptions { subscribe_to_shard_session_ms: 2_000, ..store_options() }).await;
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_session_ms: 2_000, ..store_options() }).await;
     let client = emulator.client();
     create_stream(&client, "in", 2).await;
     create_stream(&client, "out-a", 1).await;
@@ -41,13 +43,17 @@ async fn short_sessions_resubscribe_without_loss_or_replay() {
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
 
-    // Produce for about 8 seconds so that each shard lives through at least 3 sessions.
+    // Produce until each shard has lived through at least 3 sessions (2 s each).
     let mut all = Vec::new();
-    for round in 0..16u64 {
+    let ends = || service.metrics.resubscribes.with_label_values(&["session_end"]).get();
+    for round in 0..200u64 {
         let batch = records(100 + round, 100, 50);
         put_all(&client, "in", &batch).await;
         all.extend(batch);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if ends() >= 6 && round >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     service.wait_accepted("out-a", all.len() as u64).await;
     assert!(emulator.calls("SubscribeToShard") >= 8, "every session is a SubscribeToShard call");
@@ -131,7 +137,10 @@ async fn source_matching_the_pattern_is_never_written_to() {
     create_stream(&client, "app-output-source", 1).await;
     create_stream(&client, "app-output-copy", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "app-output-source", "^app-output-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(
+        &config_toml(&emulator.url, "app-output-source", "^app-output-.*$", &checkpoint, ""),
+        &emulator.url,
+    );
     let input = records(400, 300, 32);
     put_all(&client, "app-output-source", &input).await;
     service.wait_accepted("app-output-copy", 300).await;
@@ -147,7 +156,8 @@ async fn missing_or_deleted_source_is_a_clear_error() {
     let client = emulator.client();
     create_stream(&client, "out-x", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let missing = Running::start(&config_toml(&emulator.url, "no-such-input", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let missing =
+        Running::start(&config_toml(&emulator.url, "no-such-input", "^out-.*$", &checkpoint, ""), &emulator.url);
     let err = missing.finished().await.unwrap_err();
     assert!(err.to_string().contains("`no-such-input` does not exist"), "{err}");
 

@@ -22,7 +22,11 @@ async fn open_shards(client: &Client, stream: &str) -> Vec<(String, u128, u128)>
         .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
         .map(|s| {
             let range = s.hash_key_range().unwrap();
-            (s.shard_id().to_string(), range.starting_hash_key().parse().unwrap(), range.ending_hash_key().parse().unwrap())
+            (
+                s.shard_id().to_string(),
+                range.starting_hash_key().parse().unwrap(),
+                range.ending_hash_key().parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -46,7 +50,14 @@ async fn split_and_merge_keep_every_record_and_per_key_order() {
             let shards = open_shards(&client, "in").await;
             let (id, start, end) = shards[0].clone();
             let middle = start + (end - start) / 2;
-            client.split_shard().stream_name("in").shard_to_split(id).new_starting_hash_key(middle.to_string()).send().await.unwrap();
+            client
+                .split_shard()
+                .stream_name("in")
+                .shard_to_split(id)
+                .new_starting_hash_key(middle.to_string())
+                .send()
+                .await
+                .unwrap();
             wait_active(&client, "in").await;
         }
         if round == 40 {
