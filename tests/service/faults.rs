@@ -39,3 +39,81 @@ async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoin
         assert_eq!(contents(&client, name).await, sorted(&input), "{name} recovered with every record once");
     }
 }
+
+#[derive(serde::Deserialize)]
+struct Envelope {
+    source_stream: String,
+    shard_id: String,
+    sequence_number: String,
+    destination: String,
+    error_code: String,
+    partition_key: String,
+    data: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
+    use base64::Engine as _;
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-ok", "out-denied", "out-dlq"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    // The dead-letter stream matches the pattern too: it must never be a destination.
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"dead_letter_stream = "out-dlq""#);
+    let service = Running::start(&toml, &emulator.url);
+    let input = records(30, 300, 16);
+    put_all(&client, "in", &input).await;
+    service.wait_accepted("out-ok", 300).await;
+    wait_until("300 dead-lettered", || async { service.counter("out-denied", "dead_lettered") >= 300 }).await;
+    wait_until("progress not held back", || async { service.progress.outstanding() == 0 }).await;
+    assert_eq!(service.metrics.destinations.get(), 2, "out-dlq is not a destination");
+    service.stop().await.unwrap();
+
+    let letters = read_all(&client, "out-dlq").await;
+    assert_eq!(letters.len(), 300);
+    let mut recovered: Vec<Rec> = letters
+        .iter()
+        .map(|(_, pk, body)| {
+            let e: Envelope = serde_json::from_slice(body).expect("envelope is JSON");
+            assert_eq!((e.source_stream.as_str(), e.destination.as_str()), ("in", "out-denied"));
+            assert_eq!(e.error_code, "AccessDeniedException");
+            assert!(e.shard_id.starts_with("shardId-") && !e.sequence_number.is_empty());
+            assert_eq!(&e.partition_key, pk);
+            (e.partition_key, base64::engine::general_purpose::STANDARD.decode(e.data).unwrap())
+        })
+        .collect();
+    recovered.sort();
+    assert_eq!(recovered, sorted(&input), "every rejected record is in the dead-letter stream with its origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_stream_a_rejecting_destination_stalls_loudly_then_recovers() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-ok", "out-denied"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let input = records(31, 100, 16);
+    put_all(&client, "in", &input).await;
+    service.wait_accepted("out-ok", 100).await;
+    wait_until("stalled gauge raised", || async {
+        service.metrics.destination_stalled.with_label_values(&["out-denied"]).get() == 1
+    })
+    .await;
+    assert!(service.progress.checkpoints().is_empty(), "the stalled destination holds back checkpoints");
+
+    emulator.faults.lock().unwrap().deny_puts_to = None;
+    service.wait_accepted("out-denied", 100).await;
+    wait_until("stalled gauge cleared", || async {
+        service.metrics.destination_stalled.with_label_values(&["out-denied"]).get() == 0
+    })
+    .await;
+    service.stop().await.unwrap();
+    assert_eq!(contents(&client, "out-denied").await, sorted(&input));
+}
