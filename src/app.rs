@@ -14,6 +14,7 @@ use crate::aws::KinesisClients;
 use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Progress};
@@ -21,6 +22,12 @@ use crate::source::{self, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("cannot listen on {addr} for metrics and health (metrics.listen)")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -33,19 +40,33 @@ pub struct Service {
     clients: KinesisClients,
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
+    health: Arc<Health>,
+    /// Bound at construction, so that a port conflict fails fast and tests learn the port.
+    admin: std::net::TcpListener,
 }
 
 impl Service {
     /// Builds the service from validated settings and an SDK configuration (the default chain in
     /// the binary, static test credentials in tests).
-    pub fn new(settings: Settings, sdk: &aws_config::SdkConfig) -> Self {
+    pub fn new(settings: Settings, sdk: &aws_config::SdkConfig) -> Result<Self, RunError> {
         let clients = KinesisClients::new(sdk, &settings.aws);
-        Service {
+        let addr = settings.metrics.listen;
+        let admin = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| RunError::Admin { addr, source })?;
+        Ok(Service {
             settings: Arc::new(settings),
             clients,
             metrics: Arc::new(Metrics::new()),
             progress: Arc::new(Progress::default()),
-        }
+            health: Arc::new(Health::default()),
+            admin,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin.local_addr().unwrap_or(self.settings.metrics.listen)
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -56,23 +77,50 @@ impl Service {
         Arc::clone(&self.progress)
     }
 
-    fn checkpoint_store(&self) -> Arc<dyn CheckpointStore> {
-        match &self.settings.checkpoint.backend {
-            CheckpointBackend::File { path } => {
-                Arc::new(FileCheckpointStore::new(path.clone(), self.settings.source.stream_name.clone()))
-            }
-        }
-    }
-
     /// Runs until `shutdown` fires (then drains within the grace period and exits cleanly) or a
     /// fatal error (source deleted, checkpoint store broken).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let settings = Arc::clone(&self.settings);
-        let stream = source::resolve_stream(&self.clients.control, &settings.source.stream_name).await?;
+        let admin_stop = CancellationToken::new();
+        let addr = self.admin_addr();
+        let listener =
+            tokio::net::TcpListener::from_std(self.admin).map_err(|source| RunError::Admin { addr, source })?;
+        tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
+        let admin = tokio::spawn(crate::admin::serve(
+            listener,
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.health),
+            Arc::clone(&self.progress),
+            admin_stop.clone(),
+        ));
+        let _stop_admin = admin_stop.drop_guard();
+        let outcome = Self::replicate(
+            Arc::clone(&self.settings),
+            self.clients,
+            self.metrics,
+            self.progress,
+            self.health,
+            shutdown,
+        )
+        .await;
+        drop(_stop_admin);
+        let _ = admin.await;
+        outcome
+    }
+
+    async fn replicate(
+        settings: Arc<Settings>,
+        clients: KinesisClients,
+        metrics: Arc<Metrics>,
+        progress: Arc<Progress>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunError> {
+        let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
         let consumer_arn =
-            source::ensure_consumer(&self.clients.control, &stream, &settings.source.consumer_name, &shutdown).await?;
-        let store = self.checkpoint_store();
+            source::ensure_consumer(&clients.control, &stream, &settings.source.consumer_name, &shutdown).await?;
+        health.consumer_active();
+        let store = checkpoint_store(&settings);
         let checkpoints = store.load().await?;
         tracing::info!(shards = checkpoints.len(), "Checkpoints loaded.");
 
@@ -80,20 +128,33 @@ impl Service {
         let writers = TaskTracker::new();
         let (mut discovery, destinations) = Discovery::new(
             Arc::clone(&settings),
-            &self.clients,
-            Arc::clone(&self.metrics),
+            &clients,
+            Arc::clone(&metrics),
+            Arc::clone(&health),
             writers_stop.clone(),
             writers.clone(),
         );
         discovery.refresh_logged().await;
         tracing::info!(destinations = ?discovery.current(), "Destinations discovered.");
+        let idle_stop = CancellationToken::new();
+        let idle = tokio::spawn(
+            crate::idle::IdleMonitor {
+                settings: settings.idle.clone(),
+                source_stream: settings.source.stream_name.clone(),
+                health: Arc::clone(&health),
+                progress: Arc::clone(&progress),
+                metrics: Arc::clone(&metrics),
+                destinations: destinations.clone(),
+            }
+            .run(idle_stop.clone()),
+        );
         let discovery_task = tokio::spawn(discovery.run(shutdown.clone()));
 
         let checkpointer_stop = CancellationToken::new();
         let checkpointer = tokio::spawn(checkpoint_loop(
             Arc::clone(&store),
-            Arc::clone(&self.progress),
-            Arc::clone(&self.metrics),
+            Arc::clone(&progress),
+            Arc::clone(&metrics),
             settings.checkpoint.interval,
             checkpointer_stop.clone(),
         ));
@@ -103,10 +164,11 @@ impl Service {
             stream,
             consumer_arn,
             initial_position: settings.source.initial_position,
-            clients: self.clients.clone(),
-            fanout: Fanout::new(destinations, Arc::clone(&self.progress)),
-            progress: Arc::clone(&self.progress),
-            metrics: Arc::clone(&self.metrics),
+            clients: clients.clone(),
+            fanout: Fanout::new(destinations, Arc::clone(&progress)),
+            progress: Arc::clone(&progress),
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
             store: Arc::clone(&store),
             checkpoints,
         };
@@ -118,15 +180,15 @@ impl Service {
         // Drain: destinations keep writing what was read until everything is acknowledged or
         // the grace period runs out.
         let grace = settings.shutdown.grace_period;
-        let outstanding = self.progress.outstanding();
+        let outstanding = progress.outstanding();
         tracing::info!(
             outstanding_chunks = outstanding,
             grace_ms = grace.as_millis() as u64,
             "Reading stopped; flushing records in flight."
         );
-        if tokio::time::timeout(grace, self.progress.drained()).await.is_err() {
+        if tokio::time::timeout(grace, progress.drained()).await.is_err() {
             tracing::warn!(
-                outstanding_chunks = self.progress.outstanding(),
+                outstanding_chunks = progress.outstanding(),
                 "Grace period ran out before every destination accepted every record; those records will be read again after restart."
             );
         }
@@ -134,17 +196,27 @@ impl Service {
         writers.close();
         writers.wait().await;
         discovery_task.abort();
+        idle_stop.cancel();
+        let _ = idle.await;
         checkpointer_stop.cancel();
         let _ = checkpointer.await;
 
-        let last = self.progress.checkpoints();
-        let saved = save(&*store, &last, &self.metrics).await;
+        let last = progress.checkpoints();
+        let saved = save(&*store, &last, &metrics).await;
         match (&outcome, saved) {
             (Ok(()), Err(err)) => return Err(err.into()),
             (_, Ok(())) => tracing::info!(shards = last.len(), "Final checkpoint written."),
             (Err(_), Err(err)) => tracing::error!(error = %crate::aws::chain(&err), "Final checkpoint failed."),
         }
         outcome.map_err(RunError::from)
+    }
+}
+
+fn checkpoint_store(settings: &Settings) -> Arc<dyn CheckpointStore> {
+    match &settings.checkpoint.backend {
+        CheckpointBackend::File { path } => {
+            Arc::new(FileCheckpointStore::new(path.clone(), settings.source.stream_name.clone()))
+        }
     }
 }
 
@@ -165,7 +237,7 @@ async fn save(
     }
 }
 
-/// Writes what every destination has accepted, every `interval`, and keeps the lag gauge fresh.
+/// Writes what every destination has accepted, every `interval`.
 async fn checkpoint_loop(
     store: Arc<dyn CheckpointStore>,
     progress: Arc<Progress>,
@@ -178,14 +250,6 @@ async fn checkpoint_loop(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
-        }
-        for shard in progress.all() {
-            let age = shard
-                .oldest_unacknowledged_arrival()
-                .and_then(|t| t.elapsed().ok())
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
-            metrics.oldest_unacknowledged_age_seconds.with_label_values(&[&*shard.shard_id]).set(age);
         }
         let current = progress.checkpoints();
         if current == last_written {

@@ -93,6 +93,7 @@ pub struct Discovery {
     client: aws_sdk_kinesis::Client,
     writer_client: aws_sdk_kinesis::Client,
     metrics: Arc<Metrics>,
+    health: Arc<crate::health::Health>,
     running: BTreeMap<String, Running>,
     publish: watch::Sender<DestinationSet>,
     gone_tx: mpsc::UnboundedSender<Arc<str>>,
@@ -109,6 +110,7 @@ impl Discovery {
         settings: Arc<Settings>,
         clients: &crate::aws::KinesisClients,
         metrics: Arc<Metrics>,
+        health: Arc<crate::health::Health>,
         writers_stop: CancellationToken,
         writers: TaskTracker,
     ) -> (Self, watch::Receiver<DestinationSet>) {
@@ -120,6 +122,7 @@ impl Discovery {
             client: clients.control.clone(),
             writer_client: clients.writer.clone(),
             metrics,
+            health,
             running: BTreeMap::new(),
             publish,
             gone_tx,
@@ -226,6 +229,7 @@ impl Discovery {
     fn publish_set(&self) {
         let set: Vec<DestinationHandle> = self.running.values().map(|r| r.handle.clone()).collect();
         self.metrics.destinations.set(set.len() as i64);
+        self.health.set_destinations(set.len());
         self.publish.send_replace(Arc::new(set));
     }
 

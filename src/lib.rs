@@ -9,16 +9,20 @@
 //!   records, with a dead-letter stream for what can never succeed;
 //! - [`progress`]: a chunk is done when every destination accepted it; checkpoints follow.
 //!
-//! Around it: [`discovery`] of destination streams, [`config`], [`metrics`], the AWS edge in
-//! [`aws`], and [`app`], which wires it all and owns shutdown.
+//! Around it: [`discovery`] of destination streams, [`config`], [`metrics`] and the [`admin`]
+//! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], and [`app`], which wires
+//! it all and owns shutdown.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod aws;
 pub mod config;
 pub mod discovery;
 pub mod fanout;
+pub mod health;
+pub mod idle;
 pub mod metrics;
 pub mod progress;
 pub mod record;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kinesis_fanout::config::ConfigError;
+use kinesis_fanout::config::{ConfigError, LogFormat, LogSettings};
 use kinesis_fanout::{Service, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,16 @@ enum Command {
         #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Probes `/healthz` of a running service (for container health checks: distroless has no
+    /// curl). Exits 0 when it answers 200.
+    Healthcheck {
+        /// The configuration file, whose metrics.listen is probed.
+        #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Probe this address (host:port) instead of the configured one.
+        #[arg(long)]
+        addr: Option<String>,
+    },
 }
 
 /// Exit status for a configuration that cannot be used.
@@ -40,8 +50,10 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    let (Command::Run { config } | Command::Check { config }) = &cli.command;
+    if let Command::Healthcheck { addr: Some(addr), .. } = &cli.command {
+        return healthcheck(addr);
+    }
+    let (Command::Run { config } | Command::Check { config } | Command::Healthcheck { config, .. }) = &cli.command;
     let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -49,6 +61,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Healthcheck { .. } = cli.command {
+        let mut addr = settings.metrics.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        return healthcheck(&addr.to_string());
+    }
+    init_logging(&settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
@@ -59,6 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { .. } => runtime.block_on(run(settings)),
         Command::Check { .. } => runtime.block_on(check(settings)),
+        Command::Healthcheck { .. } => unreachable!("answered above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,10 +95,48 @@ fn load(path: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(path)
 }
 
-fn init_logging() {
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides the configured level.
+fn init_logging(settings: &LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// GET /healthz over plain HTTP/1.0 with short timeouts.
+fn healthcheck(addr: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(2);
+    let probe = || -> std::io::Result<String> {
+        let target = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.take(4096).read_to_string(&mut response)?;
+        Ok(response)
+    };
+    match probe() {
+        Ok(response) if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") => {
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("kinesis-fanout: {addr}/healthz answered {}", response.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("kinesis-fanout: cannot reach http://{addr}/healthz: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn chain(err: &anyhow::Error) -> String {
@@ -93,7 +152,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let grace = settings.shutdown.grace_period;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), grace));
-    Service::new(settings, &sdk).run(shutdown).await?;
+    Service::new(settings, &sdk)?.run(shutdown).await?;
     Ok(())
 }
 

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub oldest_unacknowledged_age_seconds: GaugeVec,
     pub end_to_end_seconds: Histogram,
     // Process.
+    pub idle: IntGauge,
     pub build_info: IntGaugeVec,
     pub start_time_seconds: Gauge,
 }
@@ -166,6 +167,10 @@ impl Metrics {
             ),
             oldest_unacknowledged_age_seconds,
             end_to_end_seconds,
+            idle: gauge(
+                "idle",
+                "1 when every shard is caught up, every destination accepted everything read, and nothing new arrived for idle.after.",
+            ),
             build_info: gauge_vec(
                 "build_info",
                 "Always 1; labels carry the version and git commit.",
@@ -174,11 +179,32 @@ impl Metrics {
             start_time_seconds,
             registry,
         };
+        // Series that alerts use exist from the start, at zero.
+        for outcome in ["ok", "error"] {
+            metrics.checkpoint_writes.with_label_values(&[outcome]);
+        }
+        for reason in
+            ["session_end", "idle_timeout", "resource_in_use", "limit_exceeded", "subscribe_error", "stream_error"]
+        {
+            metrics.resubscribes.with_label_values(&[reason]);
+        }
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("KINESIS_FANOUT_GIT_SHA").unwrap_or("unknown")])
             .set(1);
         metrics
+    }
+
+    /// Refreshes the gauges derived from acknowledgement state (called at scrape time).
+    pub fn observe_progress(&self, progress: &crate::progress::Progress) {
+        for shard in progress.all() {
+            let age = shard
+                .oldest_unacknowledged_arrival()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.oldest_unacknowledged_age_seconds.with_label_values(&[&*shard.shard_id]).set(age);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -29,6 +29,8 @@ pub struct Settings {
     pub checkpoint: CheckpointSettings,
     pub metrics: MetricsSettings,
     pub shutdown: ShutdownSettings,
+    pub idle: IdleSettings,
+    pub log: LogSettings,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -96,6 +98,28 @@ pub struct MetricsSettings {
 #[derive(Debug, Clone)]
 pub struct ShutdownSettings {
     pub grace_period: Duration,
+}
+
+/// "Is my data all there yet?": the service is idle when every shard is caught up, every
+/// destination accepted everything read, and nothing new arrived for `after`.
+#[derive(Debug, Clone)]
+pub struct IdleSettings {
+    pub after: Duration,
+    /// Receives one JSON document per busy-to-idle transition.
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `kinesis_fanout=debug,warn`); `RUST_LOG` overrides it.
+    pub level: String,
 }
 
 /// One problem in the configuration, with the key it concerns (`destinations[0].pattern`).
@@ -198,6 +222,32 @@ impl Settings {
         let shutdown = root.section("shutdown", |s| ShutdownSettings {
             grace_period: s.duration("grace_period", "20s").unwrap_or_default(),
         });
+        let idle = root.section("idle", |s| IdleSettings {
+            after: s.duration("after", "30s").unwrap_or(Duration::from_secs(30)),
+            webhook_url: s.parsed_opt("webhook_url", |v| {
+                if v.starts_with("http://") || v.starts_with("https://") {
+                    Ok(v.to_string())
+                } else {
+                    Err(format!("`{v}` is not an http:// or https:// URL"))
+                }
+            }),
+        });
+        let log = root.section("log", |s| LogSettings {
+            format: s
+                .parsed("format", "text", |v| match v {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    other => Err(format!("`{other}` is not a log format; use \"text\" or \"json\"")),
+                })
+                .unwrap_or(LogFormat::Text),
+            level: s
+                .parsed("level", "info", |v| {
+                    tracing_subscriber::EnvFilter::try_new(v)
+                        .map(|_| v.to_string())
+                        .map_err(|e| format!("`{v}` is not a log level or filter ({e})"))
+                })
+                .unwrap_or_else(|| "info".into()),
+        });
         if destinations.as_ref().is_some_and(Vec::is_empty) {
             root.problem("destinations", "at least one [[destinations]] group with a pattern is required");
         }
@@ -209,6 +259,8 @@ impl Settings {
             checkpoint: checkpoint?,
             metrics: metrics?,
             shutdown: shutdown?,
+            idle: idle?,
+            log: log?,
         })
     }
 

@@ -108,6 +108,7 @@ pub struct Source {
     pub fanout: Fanout,
     pub progress: Arc<Progress>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<crate::health::Health>,
     pub store: Arc<dyn CheckpointStore>,
     pub checkpoints: Checkpoints,
 }
@@ -141,6 +142,7 @@ impl Source {
                             control: self.clients.control.clone(),
                             fanout: self.fanout.clone(),
                             metrics: Arc::clone(&self.metrics),
+                            health: Arc::clone(&self.health),
                         };
                         let token = readers_stop.clone();
                         readers.spawn(async move { (shard_id, reader.run(token).await) });

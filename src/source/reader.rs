@@ -47,6 +47,7 @@ pub struct ShardReader {
     pub fanout: Fanout,
     pub progress: Arc<ShardProgress>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<crate::health::Health>,
 }
 
 /// How a session ended.
@@ -75,6 +76,13 @@ impl Drop for Active {
 
 impl ShardReader {
     pub async fn run(mut self, stop: CancellationToken) -> ReaderExit {
+        self.health.reader_started(&self.shard_id);
+        let exit = self.read(&stop).await;
+        self.health.reader_stopped(&self.shard_id);
+        exit
+    }
+
+    async fn read(&mut self, stop: &CancellationToken) -> ReaderExit {
         let mut last_handed: Option<SequenceNumber> = match &self.start {
             StartingPoint::After(seq) => Some(seq.clone()),
             _ => None,
@@ -91,7 +99,7 @@ impl ShardReader {
                 }
             }
             first = false;
-            let end = self.session(&mut position, &mut last_handed, &mut backoff, &stop).await;
+            let end = self.session(&mut position, &mut last_handed, &mut backoff, stop).await;
             let (reason, delay) = match end {
                 SessionEnd::Stop => return ReaderExit::Stopped,
                 SessionEnd::ShardEnd => {
@@ -242,6 +250,7 @@ impl ShardReader {
                 arrival: record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok()),
             });
         }
+        self.health.event(shard, event.millis_behind_latest, records.len(), last_handed.as_ref());
         if replayed > 0 {
             self.metrics.replayed_records_dropped.with_label_values(&[shard]).inc_by(replayed);
         }

@@ -303,6 +303,8 @@ grace_period = "10s"
 /// The service running in-process.
 pub struct Running {
     pub metrics: Arc<Metrics>,
+    /// Address of /metrics, /healthz, /readyz.
+    pub admin: std::net::SocketAddr,
     pub progress: Arc<kinesis_fanout::progress::Progress>,
     stop: CancellationToken,
     handle: JoinHandle<Result<(), kinesis_fanout::RunError>>,
@@ -319,12 +321,19 @@ impl Running {
             .with_test_writer()
             .try_init();
         let settings = Settings::from_toml(toml).expect("test config is valid");
-        let service = Service::new(settings, &sdk_config(url));
+        let service = Service::new(settings, &sdk_config(url)).expect("admin port binds");
+        let admin = service.admin_addr();
         let metrics = service.metrics();
         let progress = service.progress();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(service.run(stop.clone()));
-        Running { metrics, progress, stop, handle }
+        Running { metrics, progress, admin, stop, handle }
+    }
+
+    /// GET an admin path: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.admin)).await.expect("admin port answers");
+        (response.status().as_u16(), response.text().await.unwrap())
     }
 
     /// Records accepted by a destination so far.

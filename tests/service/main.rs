@@ -5,5 +5,6 @@ mod helpers;
 mod cli;
 mod destinations;
 mod faults;
+mod operate;
 mod replication;
 mod resharding;
