@@ -118,7 +118,12 @@ impl Service {
         let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
         let consumer_arn =
-            source::ensure_consumer(&clients.control, &stream, &settings.source.consumer_name, &shutdown).await?;
+            match source::ensure_consumer(&clients.control, &stream, &settings.source.consumer_name, &shutdown).await {
+                Ok(arn) => arn,
+                // Asked to stop before anything was read: nothing to flush.
+                Err(SourceError::Cancelled) => return Ok(()),
+                Err(err) => return Err(err.into()),
+            };
         health.consumer_active();
         let store = checkpoint_store(&settings);
         let checkpoints = store.load().await?;

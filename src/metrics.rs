@@ -45,6 +45,8 @@ pub struct Metrics {
     pub idle: IntGauge,
     pub build_info: IntGaugeVec,
     pub start_time_seconds: Gauge,
+    /// Every metric name defined here, for documentation checks.
+    names: Vec<String>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -54,19 +56,25 @@ fn opts(name: &str, help: &str) -> Opts {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        // Every registration goes through here, so `names` cannot miss one.
+        let names = std::cell::RefCell::new(Vec::new());
+        let register = |collector: Box<dyn prometheus::core::Collector>| {
+            names.borrow_mut().extend(collector.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(collector).expect("unique metric");
+        };
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(opts(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::with_opts(opts(name, help)).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let latency_buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -76,7 +84,7 @@ impl Metrics {
             &["destination"],
         )
         .expect("valid metric");
-        registry.register(Box::new(put_records_seconds.clone())).expect("unique metric");
+        register(Box::new(put_records_seconds.clone()));
         let end_to_end_seconds = Histogram::with_opts(
             HistogramOpts::from(opts(
                 "end_to_end_latency_seconds",
@@ -85,13 +93,13 @@ impl Metrics {
             .buckets(latency_buckets),
         )
         .expect("valid metric");
-        registry.register(Box::new(end_to_end_seconds.clone())).expect("unique metric");
+        register(Box::new(end_to_end_seconds.clone()));
         let rate_limiter_wait_seconds = prometheus::CounterVec::new(
             opts("rate_limiter_wait_seconds_total", "Time spent waiting on a destination's rate limiter."),
             &["destination"],
         )
         .expect("valid metric");
-        registry.register(Box::new(rate_limiter_wait_seconds.clone())).expect("unique metric");
+        register(Box::new(rate_limiter_wait_seconds.clone()));
         let oldest_unacknowledged_age_seconds = GaugeVec::new(
             opts(
                 "oldest_unacknowledged_record_age_seconds",
@@ -100,11 +108,11 @@ impl Metrics {
             &["shard"],
         )
         .expect("valid metric");
-        registry.register(Box::new(oldest_unacknowledged_age_seconds.clone())).expect("unique metric");
+        register(Box::new(oldest_unacknowledged_age_seconds.clone()));
         let start_time_seconds =
             Gauge::with_opts(opts("start_time_seconds", "Process start time, seconds since the Unix epoch."))
                 .expect("valid metric");
-        registry.register(Box::new(start_time_seconds.clone())).expect("unique metric");
+        register(Box::new(start_time_seconds.clone()));
         start_time_seconds.set(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         );
@@ -177,8 +185,11 @@ impl Metrics {
                 &["version", "git_sha"],
             ),
             start_time_seconds,
+            names: Vec::new(),
             registry,
         };
+        let mut metrics = metrics;
+        metrics.names = names.take();
         // Series that alerts use exist from the start, at zero.
         for outcome in ["ok", "error"] {
             metrics.checkpoint_writes.with_label_values(&[outcome]);
@@ -188,10 +199,7 @@ impl Metrics {
         {
             metrics.resubscribes.with_label_values(&[reason]);
         }
-        metrics
-            .build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("KINESIS_FANOUT_GIT_SHA").unwrap_or("unknown")])
-            .set(1);
+        metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("KINESIS_FANOUT_GIT_SHA")]).set(1);
         metrics
     }
 
@@ -205,6 +213,11 @@ impl Metrics {
                 .unwrap_or(0.0);
             self.oldest_unacknowledged_age_seconds.with_label_values(&[&*shard.shard_id]).set(age);
         }
+    }
+
+    /// Names of every metric this service exports.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

@@ -98,9 +98,31 @@ async fn check_lists_matching_destinations_and_fails_on_a_missing_source() {
 }
 
 #[test]
+fn the_demo_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let settings = kinesis_fanout::Settings::load_with_env(&path, []).expect("config/demo.toml is valid");
+    assert_eq!(settings.source.stream_name, "app-input");
+}
+
+#[test]
 fn the_documented_example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kinesis-fanout.toml");
     let settings = kinesis_fanout::Settings::load_with_env(&path, []).expect("config/kinesis-fanout.toml is valid");
     assert_eq!(settings.source.stream_name, "app-input");
     assert!(settings.destinations[0].matches("app-output-orders"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_probes_the_admin_port() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let addr = service.admin.to_string();
+    let out = run_cli(&["healthcheck", "--addr", &addr], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    service.stop().await.unwrap();
+    let out = run_cli(&["healthcheck", "--addr", &addr], &[]).await;
+    assert_eq!(out.status.code(), Some(1), "a stopped service fails the health check");
 }

@@ -1,0 +1,65 @@
+//! What can be checked of the deployment files without Docker or AWS: the Dockerfile copies
+//! paths that exist and keeps its contract, the Grafana dashboard parses and queries real
+//! metrics, and the alerts name real metrics. (cfn-lint and promtool run from .ci/run.)
+
+use std::path::Path;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn dockerfile_copies_existing_paths_and_keeps_its_contract() {
+    let dockerfile = read("Dockerfile");
+    for line in dockerfile.lines().map(str::trim).filter(|l| l.starts_with("COPY ") && !l.contains("--from=")) {
+        let words: Vec<&str> = line.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join(source).exists(), "Dockerfile copies missing {source}");
+        }
+    }
+    for needle in [
+        "EXPOSE 9090",
+        "STOPSIGNAL SIGTERM",
+        "HEALTHCHECK",
+        "\"healthcheck\"",
+        "USER nonroot",
+        "/etc/kinesis-fanout/config.toml",
+        "FROM rust:1.95",
+    ] {
+        assert!(dockerfile.contains(needle), "Dockerfile lacks {needle}");
+    }
+}
+
+/// Every `kinesis_fanout_*` name used by a deployment file is a metric the service exports.
+fn assert_known_metrics(file: &str, text: &str) {
+    let metrics = kinesis_fanout::metrics::Metrics::new();
+    let exported = metrics.names();
+    let mut rest = text;
+    while let Some(at) = rest.find("kinesis_fanout_") {
+        let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+        assert!(exported.iter().any(|n| n == base), "{file} uses unknown metric {name}");
+        rest = &rest[at + name.len()..];
+    }
+}
+
+#[test]
+fn grafana_dashboard_parses_and_uses_real_metrics() {
+    let text = read("deploy/grafana/kinesis-fanout.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 4));
+    assert_known_metrics("dashboard", &text);
+}
+
+#[test]
+fn alerts_use_real_metrics() {
+    assert_known_metrics("alerts", &read("deploy/prometheus/alerts.yml"));
+}
+
+#[test]
+fn readme_documents_every_metric() {
+    let readme = read("README.md");
+    for name in kinesis_fanout::metrics::Metrics::new().names() {
+        assert!(readme.contains(name.as_str()), "README.md does not document {name}");
+    }
+}
