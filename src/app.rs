@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +16,7 @@ use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
+use crate::lease::{LeaseError, LeaseEvent, LeaseManager, LeaseTable};
 use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Progress};
@@ -32,6 +34,8 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// One service instance: configuration, AWS clients and metrics.
@@ -41,6 +45,7 @@ pub struct Service {
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
     health: Arc<Health>,
+    sdk: aws_config::SdkConfig,
     /// Bound at construction, so that a port conflict fails fast and tests learn the port.
     admin: std::net::TcpListener,
 }
@@ -60,8 +65,13 @@ impl Service {
             metrics: Arc::new(Metrics::new()),
             progress: Arc::new(Progress::default()),
             health: Arc::new(Health::default()),
+            sdk: sdk.clone(),
             admin,
         })
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -99,6 +109,7 @@ impl Service {
             self.metrics,
             self.progress,
             self.health,
+            self.sdk,
             shutdown,
         )
         .await;
@@ -113,6 +124,7 @@ impl Service {
         metrics: Arc<Metrics>,
         progress: Arc<Progress>,
         health: Arc<Health>,
+        sdk: aws_config::SdkConfig,
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
@@ -125,9 +137,12 @@ impl Service {
                 Err(err) => return Err(err.into()),
             };
         health.consumer_active();
-        let store = checkpoint_store(&settings);
+        let backend = Backend::open(&settings, &sdk, &clients, &stream).await?;
+        let store = Arc::clone(&backend.store);
         let checkpoints = store.load().await?;
         tracing::info!(shards = checkpoints.len(), "Checkpoints loaded.");
+        let lease_stop = CancellationToken::new();
+        let lease_loop = backend.manager.clone().map(|m| tokio::spawn(m.run(lease_stop.clone())));
 
         let writers_stop = CancellationToken::new();
         let writers = TaskTracker::new();
@@ -136,6 +151,7 @@ impl Service {
             &clients,
             Arc::clone(&metrics),
             Arc::clone(&health),
+            backend.share.clone(),
             writers_stop.clone(),
             writers.clone(),
         );
@@ -176,6 +192,7 @@ impl Service {
             health: Arc::clone(&health),
             store: Arc::clone(&store),
             checkpoints,
+            leases: backend.manager.clone().zip(backend.events),
         };
         let outcome = source.run(reading).await;
         if let Err(err) = &outcome {
@@ -208,6 +225,14 @@ impl Service {
 
         let last = progress.checkpoints();
         let saved = save(&*store, &last, &metrics).await;
+        // Only now may the leases go: they were renewed through the drain.
+        lease_stop.cancel();
+        if let Some(lease_loop) = lease_loop {
+            let _ = lease_loop.await;
+        }
+        if let Some(manager) = &backend.manager {
+            manager.release_all().await;
+        }
         match (&outcome, saved) {
             (Ok(()), Err(err)) => return Err(err.into()),
             (_, Ok(())) => tracing::info!(shards = last.len(), "Final checkpoint written."),
@@ -217,12 +242,79 @@ impl Service {
     }
 }
 
-fn checkpoint_store(settings: &Settings) -> Arc<dyn CheckpointStore> {
-    match &settings.checkpoint.backend {
-        CheckpointBackend::File { path } => {
-            Arc::new(FileCheckpointStore::new(path.clone(), settings.source.stream_name.clone()))
+/// Where progress lives, and for a lease table, which shards this worker reads.
+struct Backend {
+    store: Arc<dyn CheckpointStore>,
+    manager: Option<Arc<LeaseManager>>,
+    events: Option<mpsc::UnboundedReceiver<LeaseEvent>>,
+    share: watch::Receiver<f64>,
+    /// Keeps the share of a single worker (always 1) alive.
+    _alone: Option<watch::Sender<f64>>,
+}
+
+impl Backend {
+    async fn open(
+        settings: &Settings,
+        sdk: &aws_config::SdkConfig,
+        clients: &KinesisClients,
+        stream: &source::SourceStream,
+    ) -> Result<Backend, RunError> {
+        match &settings.checkpoint.backend {
+            CheckpointBackend::File { path } => {
+                let (alone, share) = watch::channel(1.0);
+                Ok(Backend {
+                    store: Arc::new(FileCheckpointStore::new(path.clone(), settings.source.stream_name.clone())),
+                    manager: None,
+                    events: None,
+                    share,
+                    _alone: Some(alone),
+                })
+            }
+            CheckpointBackend::DynamoDb(lease) => {
+                let table = LeaseTable::new(dynamodb_client(sdk, settings, lease), lease.table_name.clone());
+                table.ensure(lease.create_table).await?;
+                let me = match &lease.worker_id {
+                    Some(id) => id.clone(),
+                    None => crate::lease::manager::default_worker_id().await,
+                };
+                tracing::info!(worker = %me, table = %lease.table_name, failover_ms = lease.failover_time.as_millis() as u64, "Sharing shards through the lease table.");
+                let (manager, events, share) = LeaseManager::new(table, me, lease.failover_time);
+                let shards = source::list_shards(&clients.control, stream).await?;
+                manager.sync(&shards, settings.source.initial_position).await?;
+                Ok(Backend {
+                    store: Arc::clone(&manager) as Arc<dyn CheckpointStore>,
+                    manager: Some(manager),
+                    events: Some(events),
+                    share,
+                    _alone: None,
+                })
+            }
         }
     }
+}
+
+fn dynamodb_client(
+    sdk: &aws_config::SdkConfig,
+    settings: &Settings,
+    lease: &crate::config::LeaseSettings,
+) -> aws_sdk_dynamodb::Client {
+    use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+    // A call must not outlast a renewal period: a stuck table is noticed while leases can still
+    // be proven, and the watchdog stops shards whose leases cannot.
+    let budget = (lease.failover_time / 3).clamp(Duration::from_millis(300), Duration::from_secs(5));
+    let mut config = aws_sdk_dynamodb::config::Builder::from(sdk).timeout_config(
+        TimeoutConfig::builder()
+            .connect_timeout(budget.min(Duration::from_secs(2)))
+            .operation_attempt_timeout(budget / 2)
+            .operation_timeout(budget)
+            .build(),
+    );
+    if let Some(region) = &settings.aws.region {
+        config = config.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
+    }
+    // The Kinesis endpoint override must not leak into DynamoDB: it has its own.
+    config.set_endpoint_url(lease.endpoint_url.clone());
+    aws_sdk_dynamodb::Client::from_conf(config.build())
 }
 
 async fn save(

@@ -100,6 +100,8 @@ pub struct Discovery {
     gone_rx: mpsc::UnboundedReceiver<Arc<str>>,
     list_pace: DefaultDirectRateLimiter,
     describe_pace: DefaultDirectRateLimiter,
+    /// This worker's share of the source, for fleet-wide rate limits.
+    share: watch::Receiver<f64>,
     /// Stops every destination writer (end of the grace period).
     writers_stop: CancellationToken,
     writers: TaskTracker,
@@ -111,6 +113,7 @@ impl Discovery {
         clients: &crate::aws::KinesisClients,
         metrics: Arc<Metrics>,
         health: Arc<crate::health::Health>,
+        share: watch::Receiver<f64>,
         writers_stop: CancellationToken,
         writers: TaskTracker,
     ) -> (Self, watch::Receiver<DestinationSet>) {
@@ -129,6 +132,7 @@ impl Discovery {
             gone_rx,
             list_pace: per_second(1),
             describe_pace: per_second(5),
+            share,
             writers_stop,
             writers,
         };
@@ -206,6 +210,7 @@ impl Discovery {
             group,
             queue,
             open_shards: open_shards_rx,
+            share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),
             stop: self.writers_stop.clone(),

@@ -28,11 +28,24 @@ struct ShardStatus {
 pub struct Health {
     started: Instant,
     consumer_active: AtomicBool,
+    /// The source decided which shards this worker reads (all, or its leases).
+    assigned: AtomicBool,
     destinations: AtomicUsize,
     shards: Mutex<BTreeMap<String, ShardStatus>>,
     /// Records handed to fan-out since start.
     records: AtomicU64,
     last_record: Mutex<Option<Instant>>,
+    /// When each shard was read, for operators' debugging and for tests proving that no two
+    /// workers read one shard at once.
+    spans: Mutex<Vec<ReadingSpan>>,
+}
+
+/// One reading of one shard by this process.
+#[derive(Debug, Clone)]
+pub struct ReadingSpan {
+    pub shard: String,
+    pub started: Instant,
+    pub stopped: Option<Instant>,
 }
 
 impl Default for Health {
@@ -40,10 +53,12 @@ impl Default for Health {
         Health {
             started: Instant::now(),
             consumer_active: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
             destinations: AtomicUsize::new(0),
             shards: Mutex::new(BTreeMap::new()),
             records: AtomicU64::new(0),
             last_record: Mutex::new(None),
+            spans: Mutex::new(Vec::new()),
         }
     }
 }
@@ -57,6 +72,10 @@ impl Health {
         self.consumer_active.store(true, Ordering::Relaxed);
     }
 
+    pub fn shards_assigned(&self) {
+        self.assigned.store(true, Ordering::Relaxed);
+    }
+
     pub fn set_destinations(&self, n: usize) {
         self.destinations.store(n, Ordering::Relaxed);
     }
@@ -66,12 +85,24 @@ impl Health {
         let status = shards.entry(shard.to_string()).or_default();
         status.reading = true;
         status.last_event = None;
+        drop(shards);
+        let span = ReadingSpan { shard: shard.to_string(), started: Instant::now(), stopped: None };
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).push(span);
+    }
+
+    /// Every reading of a shard so far (open ones have no `stopped`).
+    pub fn reading_spans(&self) -> Vec<ReadingSpan> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn reader_stopped(&self, shard: &str) {
         if let Some(status) = self.shards().get_mut(shard) {
             status.reading = false;
             status.millis_behind = 0;
+        }
+        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(span) = spans.iter_mut().rev().find(|s| s.shard == shard && s.stopped.is_none()) {
+            span.stopped = Some(Instant::now());
         }
     }
 
@@ -101,11 +132,12 @@ impl Health {
         if self.destinations.load(Ordering::Relaxed) == 0 {
             return Err("no destination stream discovered".into());
         }
+        if !self.assigned.load(Ordering::Relaxed) {
+            return Err("shards not assigned yet".into());
+        }
+        // A worker holding no lease (more workers than shards) reads nothing and is still ready.
         let shards = self.shards();
         let reading: Vec<(&String, &ShardStatus)> = shards.iter().filter(|(_, s)| s.reading).collect();
-        if reading.is_empty() {
-            return Err("no shard subscription established".into());
-        }
         let stale: Vec<&str> = reading
             .iter()
             .filter(|(_, s)| s.last_event.is_none_or(|t| t.elapsed() > SUBSCRIPTION_STALE))
@@ -152,7 +184,9 @@ mod tests {
         health.consumer_active();
         assert!(health.readiness().unwrap_err().contains("destination"));
         health.set_destinations(2);
-        assert!(health.readiness().unwrap_err().contains("subscription"));
+        assert!(health.readiness().unwrap_err().contains("assigned"));
+        health.shards_assigned();
+        assert_eq!(health.readiness(), Ok(()), "nothing to read yet is not a failure");
         health.reader_started("shardId-1");
         assert!(health.readiness().unwrap_err().contains("shardId-1"));
         health.event("shardId-1", 0, 0, None);

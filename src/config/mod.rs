@@ -88,6 +88,22 @@ pub struct CheckpointSettings {
 pub enum CheckpointBackend {
     /// One JSON file, written atomically. For a single worker.
     File { path: PathBuf },
+    /// A DynamoDB lease table shared by many workers, KCL-style.
+    DynamoDb(LeaseSettings),
+}
+
+/// The lease table and how this worker takes part in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSettings {
+    pub table_name: String,
+    /// DynamoDB endpoint override, for emulators.
+    pub endpoint_url: Option<String>,
+    /// Create the table (on-demand, hash key `leaseKey`) when missing.
+    pub create_table: bool,
+    /// A lease whose counter did not move for this long, as seen by this worker, is expired.
+    pub failover_time: Duration,
+    /// `None`: the ECS task id, else hostname plus a random suffix.
+    pub worker_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -339,20 +355,40 @@ fn destination_group(s: &mut Section<'_>) -> Option<DestinationGroup> {
 }
 
 fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
-    let backend = s.parsed("backend", "file", |v| match v {
-        "file" => Ok(()),
-        other => Err(format!("`{other}` is not a checkpoint backend; use \"file\"")),
+    let dynamodb = s.parsed("backend", "file", |v| match v {
+        "file" => Ok(false),
+        "dynamodb" => Ok(true),
+        other => Err(format!("`{other}` is not a checkpoint backend; use \"file\" or \"dynamodb\"")),
     });
     let path = s.string("path").unwrap_or_else(|| "./data/checkpoints.json".into());
     let interval = s.duration("interval", "5s");
     if interval.is_some_and(|d| d.is_zero()) {
         s.problem("interval", "must be more than zero");
     }
-    let _ = backend;
-    CheckpointSettings {
-        backend: CheckpointBackend::File { path: PathBuf::from(path) },
-        interval: interval.unwrap_or(Duration::from_secs(5)),
+    let table_name = s.string("table_name");
+    let endpoint_url = s.string("endpoint_url");
+    let create_table =
+        s.parsed("create_table", "true", |v| v.parse::<bool>().map_err(|_| format!("`{v}` is not true or false")));
+    let failover_time = s.duration("failover_time", "10s");
+    if failover_time.is_some_and(|d| d < Duration::from_secs(1)) {
+        s.problem("failover_time", "must be at least 1s");
     }
+    let worker_id = s.string("worker_id");
+    let backend = if dynamodb == Some(true) {
+        if table_name.is_none() {
+            s.problem("table_name", "is required with backend = \"dynamodb\"");
+        }
+        CheckpointBackend::DynamoDb(LeaseSettings {
+            table_name: table_name.unwrap_or_default(),
+            endpoint_url,
+            create_table: create_table.unwrap_or(true),
+            failover_time: failover_time.unwrap_or(Duration::from_secs(10)),
+            worker_id,
+        })
+    } else {
+        CheckpointBackend::File { path: PathBuf::from(path) }
+    };
+    CheckpointSettings { backend, interval: interval.unwrap_or(Duration::from_secs(5)) }
 }
 
 /// `KINESIS_FANOUT__DESTINATIONS__0__PATTERN` → `destinations[0].pattern`.

@@ -58,6 +58,8 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, reason: String },
     #[error("checkpoint file {path} belongs to source stream `{found}`, not `{expected}`")]
     WrongStream { path: PathBuf, found: String, expected: String },
+    #[error("lease table {table}: {message}")]
+    Lease { table: String, message: String },
     #[error("cannot write checkpoint file {path}")]
     Write {
         path: PathBuf,

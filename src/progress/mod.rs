@@ -178,6 +178,15 @@ impl Progress {
         tracker
     }
 
+    /// A fresh tracker for a shard read again from its stored checkpoint (a lease taken anew):
+    /// chunks of an earlier reading no longer hold it back.
+    pub fn restart(&self, shard_id: &str) -> Arc<ShardProgress> {
+        let id: Arc<str> = shard_id.into();
+        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id)));
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::clone(&tracker));
+        tracker
+    }
+
     /// Registers a chunk of records of `shard`, owed by `destinations` destinations.
     pub fn begin(&self, shard: &Arc<ShardProgress>, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
         let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);

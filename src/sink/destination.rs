@@ -47,6 +47,9 @@ pub struct DestinationTask {
     pub queue: mpsc::UnboundedReceiver<Delivery>,
     /// Open shard count, refreshed by discovery; `auto` rates follow it.
     pub open_shards: watch::Receiver<u32>,
+    /// This worker's share of the source's shards (1 alone): N workers together stay within
+    /// the destination's limits.
+    pub share: watch::Receiver<f64>,
     pub metrics: Arc<Metrics>,
     /// Discovery no longer sees the stream.
     pub removed: CancellationToken,
@@ -115,12 +118,13 @@ impl DestinationTask {
         let backoff = Backoff::try_new(group.initial_backoff, group.max_backoff)
             .unwrap_or_else(|_| Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10)).expect("valid"));
         let shards = *self.open_shards.borrow();
+        let share = *self.share.borrow();
         let dead_letter = group
             .dead_letter_stream
             .clone()
             .map(|stream| DeadLetter::new(stream, self.client.clone(), backoff.clone()));
         let mut writer = Writer {
-            limiter: limiter_for(&group, shards),
+            limiter: limiter_for(&group, shards, share),
             task: self,
             pending: VecDeque::new(),
             tickets: HashMap::new(),
@@ -143,10 +147,12 @@ impl DestinationTask {
     }
 }
 
-fn limiter_for(group: &DestinationGroup, open_shards: u32) -> Limiter {
+fn limiter_for(group: &DestinationGroup, open_shards: u32, share: f64) -> Limiter {
+    let share = if share.is_finite() && share > 0.0 { share.min(1.0) } else { 1.0 };
+    let scaled = |rate: u64| ((rate as f64 * share).ceil() as u64).max(1);
     Limiter::new(
-        group.records_per_second.resolve(open_shards, RECORDS_PER_SHARD),
-        group.bytes_per_second.resolve(open_shards, BYTES_PER_SHARD),
+        scaled(group.records_per_second.resolve(open_shards, RECORDS_PER_SHARD)),
+        scaled(group.bytes_per_second.resolve(open_shards, BYTES_PER_SHARD)),
     )
 }
 
@@ -178,10 +184,13 @@ impl Writer {
 
     /// Waits until there is something to send and the batch is full or has lingered long enough.
     async fn fill(&mut self) -> Result<(), Interrupt> {
-        if self.task.open_shards.has_changed().unwrap_or(false) {
+        let shards_changed = self.task.open_shards.has_changed().unwrap_or(false);
+        let share_changed = self.task.share.has_changed().unwrap_or(false);
+        if shards_changed || share_changed {
             let shards = *self.task.open_shards.borrow_and_update();
-            self.limiter = limiter_for(&self.task.group, shards);
-            tracing::info!(destination = %self.task.name, open_shards = shards, rates = ?self.limiter.rates(), "Destination rate limits follow its new shard count.");
+            let share = *self.task.share.borrow_and_update();
+            self.limiter = limiter_for(&self.task.group, shards, share);
+            tracing::info!(destination = %self.task.name, open_shards = shards, share, rates = ?self.limiter.rates(), "Destination rate limits follow its shard count and this worker's share.");
         }
         while self.pending.is_empty() {
             let delivery = self.next_delivery(None).await?;

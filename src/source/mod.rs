@@ -8,20 +8,36 @@ pub mod consumer;
 pub mod reader;
 pub mod shards;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::InitialPosition;
 use crate::fanout::Fanout;
+use crate::lease::{LeaseEvent, LeaseManager, Position};
 use crate::metrics::Metrics;
 use crate::progress::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints, Progress};
 pub use consumer::{SourceStream, ensure_consumer, resolve_stream};
 use reader::{ReaderExit, ShardReader};
-use shards::ShardInfo;
+use shards::{ShardInfo, StartingPoint};
+
+/// Where a leased shard starts reading; `None` for a shard already read to its end.
+fn starting_point(position: &Position, initial: InitialPosition) -> Option<StartingPoint> {
+    Some(match position {
+        Position::TrimHorizon => StartingPoint::TrimHorizon,
+        Position::Latest => StartingPoint::Latest,
+        Position::AtTimestamp => match initial {
+            InitialPosition::AtTimestamp(at) => StartingPoint::AtTimestamp(at),
+            _ => StartingPoint::TrimHorizon,
+        },
+        Position::Sequence(seq) => StartingPoint::After(seq.clone()),
+        Position::ShardEnd => return None,
+    })
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -89,7 +105,9 @@ pub async fn list_shards(
                 .map(str::to_string)
                 .collect();
             let closed = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some();
-            shards.push(ShardInfo { id: shard.shard_id().to_string(), parents, closed });
+            let hash_range =
+                shard.hash_key_range().map(|r| (r.starting_hash_key().to_string(), r.ending_hash_key().to_string()));
+            shards.push(ShardInfo { id: shard.shard_id().to_string(), parents, closed, hash_range });
         }
         match page.next_token() {
             Some(token) => next_token = Some(token.to_string()),
@@ -111,6 +129,8 @@ pub struct Source {
     pub health: Arc<crate::health::Health>,
     pub store: Arc<dyn CheckpointStore>,
     pub checkpoints: Checkpoints,
+    /// With a lease table: which shards this worker reads comes from here, not from the plan.
+    pub leases: Option<(Arc<LeaseManager>, mpsc::UnboundedReceiver<LeaseEvent>)>,
 }
 
 /// How often the shard list is read again even when no shard ended (a fallback for missed
@@ -120,6 +140,138 @@ const RELIST_INTERVAL: Duration = Duration::from_secs(30);
 impl Source {
     /// Reads the source until `stop`, or until a fatal error.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), SourceError> {
+        match self.leases.take() {
+            Some((manager, events)) => self.run_leased(manager, events, stop).await,
+            None => self.run_all(stop).await,
+        }
+    }
+
+    fn reader(
+        &self,
+        shard_id: &str,
+        start: StartingPoint,
+        progress: Arc<crate::progress::ShardProgress>,
+    ) -> ShardReader {
+        ShardReader {
+            stream_name: self.stream.name.clone(),
+            consumer_arn: self.consumer_arn.clone(),
+            progress,
+            shard_id: shard_id.to_string(),
+            start,
+            subscriber: self.clients.subscriber.clone(),
+            control: self.clients.control.clone(),
+            fanout: self.fanout.clone(),
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
+        }
+    }
+
+    /// Creates leases for shards that have none (new children included).
+    async fn sync_leases(&self, manager: &LeaseManager) -> Option<Vec<ShardInfo>> {
+        let shards = match list_shards(&self.clients.control, &self.stream).await {
+            Ok(shards) => shards,
+            Err(err) => {
+                tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
+                return None;
+            }
+        };
+        if let Err(err) = manager.sync(&shards, self.initial_position).await {
+            tracing::warn!(error = %err, "Creating leases failed; trying again later.");
+        }
+        Some(shards)
+    }
+
+    /// Reads the shards this worker holds leases for, as leases come and go.
+    async fn run_leased(
+        self,
+        manager: Arc<LeaseManager>,
+        mut events: mpsc::UnboundedReceiver<LeaseEvent>,
+        stop: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let readers_stop = stop.child_token();
+        // Each reading of a shard has a generation, so a late exit of an earlier reading cannot
+        // cancel a newer one.
+        let mut readers: JoinSet<(String, u64, ReaderExit)> = JoinSet::new();
+        let mut running: HashMap<String, (u64, CancellationToken)> = HashMap::new();
+        let mut generation = 0u64;
+        self.health.shards_assigned();
+        let result = loop {
+            let joined = tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(RELIST_INTERVAL) => {
+                    self.sync_leases(&manager).await;
+                    continue;
+                }
+                Some(event) = events.recv() => {
+                    match event {
+                        LeaseEvent::Acquired { shard, position, delay } => {
+                            let Some(start) = starting_point(&position, self.initial_position) else { continue };
+                            if let Some((_, old)) = running.remove(&shard) {
+                                old.cancel();
+                            }
+                            generation += 1;
+                            let token = readers_stop.child_token();
+                            running.insert(shard.clone(), (generation, token.clone()));
+                            let reader = self.reader(&shard, start, self.progress.restart(&shard));
+                            let current = generation;
+                            readers.spawn(async move {
+                                if !delay.is_zero() {
+                                    tokio::select! {
+                                        _ = token.cancelled() => return (shard, current, ReaderExit::Stopped),
+                                        _ = tokio::time::sleep(delay) => {}
+                                    }
+                                }
+                                (shard, current, reader.run(token).await)
+                            });
+                        }
+                        LeaseEvent::Lost { shard } => {
+                            if let Some((_, token)) = running.remove(&shard) {
+                                token.cancel();
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Some(joined) = readers.join_next(), if !readers.is_empty() => joined,
+            };
+            let (shard, ended_generation, exit) = match joined {
+                Ok(done) => done,
+                Err(join_error) => break Err(SourceError::Reader(join_error.to_string())),
+            };
+            if running.get(&shard).is_some_and(|(g, _)| *g == ended_generation) {
+                running.remove(&shard);
+            }
+            match exit {
+                ReaderExit::Ended => {
+                    let children: Vec<String> = match list_shards(&self.clients.control, &self.stream).await {
+                        Ok(shards) => {
+                            shards.iter().filter(|s| s.parents.contains(&shard)).map(|s| s.id.clone()).collect()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    match manager.checkpoint(&shard, &Position::ShardEnd, &children).await {
+                        Ok(()) => {
+                            self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
+                            tracing::info!(shard = %shard, ?children, "Shard fully copied; its children may start.");
+                        }
+                        Err(err) => {
+                            self.metrics.checkpoint_writes.with_label_values(&["error"]).inc();
+                            tracing::warn!(shard = %shard, error = %err, "Could not record the end of the shard; whoever holds it next reads its tail again.");
+                        }
+                    }
+                    self.sync_leases(&manager).await;
+                }
+                ReaderExit::Stopped => {}
+                ReaderExit::Fatal(err) => break Err(err),
+            }
+        };
+        readers_stop.cancel();
+        while readers.join_next().await.is_some() {}
+        result
+    }
+
+    /// Reads every shard (single worker), in the order [`shards::plan`] allows.
+    async fn run_all(mut self, stop: CancellationToken) -> Result<(), SourceError> {
         let readers_stop = stop.child_token();
         let mut readers: JoinSet<(String, ReaderExit)> = JoinSet::new();
         let mut running: HashSet<String> = HashSet::new();
@@ -132,21 +284,11 @@ impl Source {
                     list_backoff.reset();
                     for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &running) {
                         running.insert(shard_id.clone());
-                        let reader = ShardReader {
-                            stream_name: self.stream.name.clone(),
-                            consumer_arn: self.consumer_arn.clone(),
-                            progress: self.progress.shard(&shard_id),
-                            shard_id: shard_id.clone(),
-                            start,
-                            subscriber: self.clients.subscriber.clone(),
-                            control: self.clients.control.clone(),
-                            fanout: self.fanout.clone(),
-                            metrics: Arc::clone(&self.metrics),
-                            health: Arc::clone(&self.health),
-                        };
+                        let reader = self.reader(&shard_id, start, self.progress.shard(&shard_id));
                         let token = readers_stop.clone();
                         readers.spawn(async move { (shard_id, reader.run(token).await) });
                     }
+                    self.health.shards_assigned();
                     if readers.is_empty() && shards::all_done(&shards, &self.checkpoints) && !announced_done {
                         tracing::warn!(stream = %self.stream.name, "Every shard of the source is closed and fully copied; nothing more to read.");
                         announced_done = true;

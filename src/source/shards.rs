@@ -17,6 +17,8 @@ pub struct ShardInfo {
     pub parents: Vec<String>,
     /// The shard has an ending sequence number: a reshard closed it.
     pub closed: bool,
+    /// Starting and ending hash keys, when known.
+    pub hash_range: Option<(String, String)>,
 }
 
 /// Where a shard's subscription starts.
@@ -75,7 +77,7 @@ mod tests {
     use super::*;
 
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
-        ShardInfo { id: id.into(), parents: parents.iter().map(|p| p.to_string()).collect(), closed }
+        ShardInfo { id: id.into(), parents: parents.iter().map(|p| p.to_string()).collect(), closed, hash_range: None }
     }
 
     fn ids(plan: &[(String, StartingPoint)]) -> Vec<&str> {

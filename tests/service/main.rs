@@ -3,8 +3,10 @@
 mod helpers;
 
 mod cli;
+mod cluster;
 mod destinations;
 mod faults;
+mod leases;
 mod operate;
 mod replication;
 mod resharding;

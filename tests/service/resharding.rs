@@ -7,7 +7,7 @@ use crate::helpers::*;
 
 /// Per partition key, the data in the order a stream holds it (shards in id order, so parents
 /// come before their children).
-async fn per_key(client: &Client, stream: &str) -> BTreeMap<String, Vec<Vec<u8>>> {
+pub async fn per_key(client: &Client, stream: &str) -> BTreeMap<String, Vec<Vec<u8>>> {
     let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for (_, pk, data) in read_all(client, stream).await {
         out.entry(pk).or_default().push(data);
@@ -31,16 +31,10 @@ async fn open_shards(client: &Client, stream: &str) -> Vec<(String, u128, u128)>
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn split_and_merge_keep_every_record_and_per_key_order() {
-    let emulator = Emulator::start().await;
+/// Puts 40 keys x 60 rounds into `in` (2 shards), splitting a shard after round 20 and merging two
+/// after round 40; returns the source's records per key, in order.
+pub async fn produce_with_split_and_merge(emulator: &Emulator) -> BTreeMap<String, Vec<Vec<u8>>> {
     let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-wide", 3).await;
-    create_stream(&client, "out-one", 1).await;
-    let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
-
     let keys: Vec<String> = (0..40).map(|k| format!("key-{k:02}")).collect();
     let rounds = 60;
     for round in 0..rounds {
@@ -77,15 +71,31 @@ async fn split_and_merge_keep_every_record_and_per_key_order() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    let total = (keys.len() * rounds) as u64;
+    per_key(&client, "in").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_keep_every_record_and_per_key_order() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 2).await;
+    create_stream(&client, "out-wide", 3).await;
+    create_stream(&client, "out-one", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let source = produce_with_split_and_merge(&emulator).await;
+    let total = source.values().map(Vec::len).sum::<usize>() as u64;
     service.wait_accepted("out-wide", total).await;
     service.wait_accepted("out-one", total).await;
     service.stop().await.unwrap();
 
-    let source = per_key(&client, "in").await;
-    assert_eq!(source.values().map(Vec::len).sum::<usize>() as u64, total);
+    assert_eq!(total, 40 * 60);
     for name in ["out-wide", "out-one"] {
         let copied = per_key(&client, name).await;
-        assert_eq!(copied, source, "{name}: every record, in source order per partition key");
+        let wrong: Vec<&String> = source.keys().filter(|k| copied.get(*k) != source.get(*k)).collect();
+        assert!(
+            wrong.is_empty() && copied.len() == source.len(),
+            "{name}: keys out of source order or incomplete: {wrong:?}"
+        );
     }
 }

@@ -1,0 +1,359 @@
+//! The lease loop of one worker: every `failover_time / 3` it renews what it holds, reads the
+//! table, notes whose counters stopped moving (as seen by this worker: no clock is compared across
+//! machines), and takes free, expired or (one per round) stolen leases. Shards come and go as
+//! [`LeaseEvent`]s; checkpoints are written through the lease, conditional on its counter.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::balance::{self, Take};
+use super::table::{Lease, LeaseError, LeaseTable, Position};
+use crate::config::InitialPosition;
+use crate::progress::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints};
+use crate::source::shards::ShardInfo;
+
+/// What the source learns from the lease loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
+    /// renewal period to notice and stop, so that two workers do not read it at once).
+    Acquired { shard: String, position: Position, delay: Duration },
+    /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
+    Lost { shard: String },
+}
+
+#[derive(Debug)]
+struct Held {
+    counter: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    held: BTreeMap<String, Held>,
+    /// Per lease, the counter last seen and when it was first seen at that value.
+    observed: HashMap<String, (u64, Instant)>,
+    /// The table as of the last scan.
+    leases: Vec<Lease>,
+}
+
+/// One worker's side of the lease table.
+pub struct LeaseManager {
+    table: LeaseTable,
+    me: String,
+    failover: Duration,
+    /// Serialises this worker's writes: renewals and checkpoints of one lease must not race on
+    /// its counter.
+    state: tokio::sync::Mutex<State>,
+    events: mpsc::UnboundedSender<LeaseEvent>,
+    /// This worker's share of the source's active shards, for fleet-wide rate limits.
+    share: watch::Sender<f64>,
+    /// When the table last confirmed each hold, outside `state` so that the watchdog can read it
+    /// while a slow round holds the state lock.
+    confirmed: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Holds the watchdog gave up on; the next round forgets them.
+    revoked: std::sync::Mutex<HashSet<String>>,
+}
+
+impl LeaseManager {
+    pub fn new(
+        table: LeaseTable,
+        me: String,
+        failover: Duration,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<LeaseEvent>, watch::Receiver<f64>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let (share, share_rx) = watch::channel(0.0);
+        let manager = LeaseManager {
+            table,
+            me,
+            failover,
+            state: Default::default(),
+            events,
+            share,
+            confirmed: Default::default(),
+            revoked: Default::default(),
+        };
+        (Arc::new(manager), receiver, share_rx)
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.me
+    }
+
+    pub fn renew_interval(&self) -> Duration {
+        self.failover / 3
+    }
+
+    /// Runs rounds, and the watchdog beside them, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let rounds = async {
+            loop {
+                self.round().await;
+                tokio::time::sleep(self.renew_interval()).await;
+            }
+        };
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(self.renew_interval() / 4).await;
+                self.revoke_unconfirmed();
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = rounds => {}
+            _ = watchdog => {}
+        }
+    }
+
+    /// A hold the table has not confirmed for most of a failover period may soon be someone
+    /// else's: stop its shard before they could start, even while a round is stuck on the table.
+    fn revoke_unconfirmed(&self) {
+        let confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        for (shard, at) in confirmed.iter() {
+            if at.elapsed() + self.renew_interval() > self.failover && revoked.insert(shard.clone()) {
+                tracing::warn!(shard = %shard, worker = %self.me, "The lease table has not confirmed this lease in time; stopping the shard.");
+                let _ = self.events.send(LeaseEvent::Lost { shard: shard.clone() });
+            }
+        }
+    }
+
+    fn confirm(&self, shard: &str, at: Instant) {
+        if !self.revoked.lock().unwrap_or_else(|p| p.into_inner()).contains(shard) {
+            self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).insert(shard.to_string(), at);
+        }
+    }
+
+    fn lose(&self, state: &mut State, shard: &str, why: &str) {
+        self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
+        let already_told = self.revoked.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
+        if state.held.remove(shard).is_some() && !already_told {
+            tracing::warn!(shard, worker = %self.me, reason = why, "Lease lost; stopping the shard.");
+            let _ = self.events.send(LeaseEvent::Lost { shard: shard.to_string() });
+        }
+    }
+
+    /// One round: renew, scan, take.
+    pub async fn round(&self) {
+        let mut state = self.state.lock().await;
+        self.revoke_unconfirmed();
+        let revoked: Vec<String> = self.revoked.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        for shard in revoked {
+            self.lose(&mut state, &shard, "the lease table could not confirm it in time");
+        }
+        let held: Vec<(String, u64)> = state.held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
+        for (shard, counter) in held {
+            let attempt = Instant::now();
+            match self.table.renew(&shard, counter, &self.me).await {
+                Ok(next) => {
+                    if let Some(h) = state.held.get_mut(&shard) {
+                        h.counter = next;
+                    }
+                    self.confirm(&shard, attempt);
+                }
+                Err(LeaseError::Lost { .. }) => self.lose(&mut state, &shard, "renewal found another owner"),
+                Err(err) => tracing::warn!(shard, error = %err, "Lease renewal failed; will retry."),
+            }
+        }
+        let leases = match self.table.scan().await {
+            Ok(leases) => leases,
+            Err(err) => {
+                tracing::warn!(error = %err, "Cannot read the lease table; keeping current leases.");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for lease in &leases {
+            let entry = state.observed.entry(lease.key.clone()).or_insert((lease.counter, now));
+            if entry.0 != lease.counter {
+                *entry = (lease.counter, now);
+            }
+        }
+        let expired: HashSet<String> = leases
+            .iter()
+            .filter(|l| l.owner.is_some())
+            .filter(|l| state.observed.get(&l.key).is_some_and(|(_, since)| since.elapsed() > self.failover))
+            .map(|l| l.key.clone())
+            .collect();
+        // Leases the table says are ours but this worker dropped (say, after losing the table for a
+        // while) are taken back like free ones.
+        let view: Vec<Lease> = leases
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                if l.owner.as_deref() == Some(self.me.as_str()) && !state.held.contains_key(&l.key) {
+                    l.owner = None;
+                }
+                l
+            })
+            .collect();
+        for take in balance::choose(&view, &self.me, &expired) {
+            let (key, stolen) = match take {
+                Take::Free(k) => (k, false),
+                Take::Steal(k) => (k, true),
+            };
+            let Some(lease) = leases.iter().find(|l| l.key == key) else { continue };
+            match self.table.take(&key, lease.counter, &self.me).await {
+                Ok(next) => {
+                    tracing::info!(shard = %key, worker = %self.me, previous_owner = ?lease.owner, stolen, "Lease taken.");
+                    state.held.insert(key.clone(), Held { counter: next });
+                    self.confirm(&key, Instant::now());
+                    state.observed.insert(key.clone(), (next, Instant::now()));
+                    let delay = if stolen { self.renew_interval() + self.renew_interval() / 2 } else { Duration::ZERO };
+                    let _ = self.events.send(LeaseEvent::Acquired {
+                        shard: key,
+                        position: lease.checkpoint.clone(),
+                        delay,
+                    });
+                }
+                Err(LeaseError::Lost { .. }) => tracing::debug!(shard = %key, "Another worker took the lease first."),
+                Err(err) => tracing::warn!(shard = %key, error = %err, "Taking a lease failed."),
+            }
+        }
+        let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+        let active = leases
+            .iter()
+            .filter(|l| l.checkpoint != Position::ShardEnd && balance::parents_done(l, &by_key))
+            .count()
+            .max(1);
+        let share = (state.held.len() as f64 / active as f64).clamp(1.0 / active as f64, 1.0);
+        self.share.send_if_modified(|s| std::mem::replace(s, share) != share);
+        state.leases = leases;
+    }
+
+    /// Whether this worker holds the lease now.
+    pub async fn holds(&self, shard: &str) -> bool {
+        self.state.lock().await.held.contains_key(shard)
+    }
+
+    /// Shards held now.
+    pub async fn held(&self) -> Vec<String> {
+        self.state.lock().await.held.keys().cloned().collect()
+    }
+
+    /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
+    pub async fn checkpoint(&self, shard: &str, position: &Position, children: &[String]) -> Result<(), LeaseError> {
+        let mut state = self.state.lock().await;
+        let Some(counter) = state.held.get(shard).map(|h| h.counter) else {
+            return Err(LeaseError::Lost { shard: shard.to_string() });
+        };
+        let attempt = Instant::now();
+        match self.table.checkpoint(shard, counter, &self.me, position, children).await {
+            Ok(next) => {
+                if *position == Position::ShardEnd {
+                    // Done: nothing more to renew; children are taken through the table.
+                    state.held.remove(shard);
+                    self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
+                } else if let Some(h) = state.held.get_mut(shard) {
+                    h.counter = next;
+                    self.confirm(shard, attempt);
+                }
+                Ok(())
+            }
+            Err(err @ LeaseError::Lost { .. }) => {
+                self.lose(&mut state, shard, "checkpoint found another owner");
+                Err(err)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Creates leases for shards that have none: roots at the initial position (closed roots are
+    /// skipped at LATEST), children at their beginning.
+    pub async fn sync(&self, shards: &[ShardInfo], initial: InitialPosition) -> Result<(), LeaseError> {
+        let known: HashSet<String> = self.state.lock().await.leases.iter().map(|l| l.key.clone()).collect();
+        let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+        for shard in shards.iter().filter(|s| !known.contains(&s.id)) {
+            let has_parent = shard.parents.iter().any(|p| listed.contains(p.as_str()) || known.contains(p));
+            let checkpoint = match initial {
+                _ if has_parent => Position::TrimHorizon,
+                InitialPosition::Latest if shard.closed => Position::ShardEnd,
+                InitialPosition::Latest => Position::Latest,
+                InitialPosition::TrimHorizon => Position::TrimHorizon,
+                InitialPosition::AtTimestamp(_) => Position::AtTimestamp,
+            };
+            let lease = Lease {
+                key: shard.id.clone(),
+                checkpoint,
+                parents: shard.parents.clone(),
+                starting_hash_key: shard.hash_range.as_ref().map(|r| r.0.clone()),
+                ending_hash_key: shard.hash_range.as_ref().map(|r| r.1.clone()),
+                ..Lease::default()
+            };
+            if self.table.create_if_absent(&lease).await? {
+                tracing::info!(shard = %shard.id, checkpoint = lease.checkpoint.as_str(), "Lease created.");
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every held lease up (graceful shutdown), so other workers take them at once.
+    pub async fn release_all(&self) {
+        let mut state = self.state.lock().await;
+        let held: Vec<(String, u64)> = state.held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
+        for (shard, counter) in held {
+            match self.table.release(&shard, counter, &self.me).await {
+                Ok(()) => tracing::info!(shard, worker = %self.me, "Lease released."),
+                Err(err) => tracing::warn!(shard, error = %err, "Releasing a lease failed; it will expire instead."),
+            }
+            state.held.remove(&shard);
+            self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        }
+    }
+}
+
+impl CheckpointStore for LeaseManager {
+    /// Positions come with the leases themselves.
+    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+        Box::pin(async { Ok(Checkpoints::new()) })
+    }
+
+    /// Writes the checkpoints of the shards this worker holds; others are not its to write.
+    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
+            let held: HashSet<String> = self.held().await.into_iter().collect();
+            let mut failure = None;
+            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| held.contains(*s)) {
+                let position = match checkpoint {
+                    Checkpoint::Sequence(seq) => Position::Sequence(seq.clone()),
+                    Checkpoint::ShardEnd => Position::ShardEnd,
+                };
+                match self.checkpoint(shard, &position, &[]).await {
+                    Ok(()) | Err(LeaseError::Lost { .. }) => {}
+                    Err(err) => failure = Some(err),
+                }
+            }
+            match failure {
+                None => Ok(()),
+                Some(err) => {
+                    Err(CheckpointError::Lease { table: self.table.name().to_string(), message: err.to_string() })
+                }
+            }
+        })
+    }
+}
+
+/// This worker's name: the ECS task id when running on ECS, else hostname plus a random suffix.
+pub async fn default_worker_id() -> String {
+    if let Ok(uri) = std::env::var("ECS_CONTAINER_METADATA_URI_V4") {
+        let task = async {
+            let body: serde_json::Value = reqwest::get(format!("{uri}/task")).await.ok()?.json().await.ok()?;
+            body.get("TaskARN")?.as_str()?.rsplit('/').next().map(str::to_string)
+        };
+        if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(2), task).await {
+            return id;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}

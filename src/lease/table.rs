@@ -1,0 +1,396 @@
+//! The lease table in DynamoDB, with the Kinesis Client Library's attribute names so that existing
+//! lease-table tooling reads it: `leaseKey` (shard id), `leaseOwner`, `leaseCounter`, `checkpoint`,
+//! `checkpointSubSequenceNumber`, `ownerSwitchesSinceCheckpoint`, `parentShardId`, `childShardIds`,
+//! `startingHashKey`, `endingHashKey`.
+//!
+//! Every write is conditional on `leaseCounter` (and the owner), the fencing token: a worker that
+//! lost a lease, however slow, can no longer move its checkpoint.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+};
+
+use crate::aws::{ErrorKind, classify};
+use crate::record::SequenceNumber;
+
+/// Where a lease's shard stands (the `checkpoint` attribute).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Position {
+    #[default]
+    TrimHorizon,
+    Latest,
+    AtTimestamp,
+    Sequence(SequenceNumber),
+    ShardEnd,
+}
+
+impl Position {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Position::TrimHorizon => "TRIM_HORIZON",
+            Position::Latest => "LATEST",
+            Position::AtTimestamp => "AT_TIMESTAMP",
+            Position::Sequence(seq) => seq.as_str(),
+            Position::ShardEnd => "SHARD_END",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
+        Ok(match text {
+            "TRIM_HORIZON" => Position::TrimHorizon,
+            "LATEST" => Position::Latest,
+            "AT_TIMESTAMP" => Position::AtTimestamp,
+            "SHARD_END" => Position::ShardEnd,
+            other => Position::Sequence(SequenceNumber::parse(other)?),
+        })
+    }
+}
+
+/// One lease item.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Lease {
+    pub key: String,
+    pub owner: Option<String>,
+    pub counter: u64,
+    pub checkpoint: Position,
+    pub owner_switches: u64,
+    pub parents: Vec<String>,
+    pub children: Vec<String>,
+    pub starting_hash_key: Option<String>,
+    pub ending_hash_key: Option<String>,
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The condition on `leaseCounter`/`leaseOwner` failed: someone else holds the lease now.
+    #[error("lease {shard} is no longer held by this worker")]
+    Lost { shard: String },
+    #[error("lease table {table}: {operation} failed: {message}")]
+    DynamoDb { table: String, operation: &'static str, message: String, transient: bool },
+    #[error("lease table {table} holds a malformed item: {reason}")]
+    Malformed { table: String, reason: String },
+    #[error("lease table {table} did not become ACTIVE within {waited:?}")]
+    NotActive { table: String, waited: Duration },
+}
+
+/// The lease table.
+#[derive(Debug, Clone)]
+pub struct LeaseTable {
+    client: aws_sdk_dynamodb::Client,
+    name: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+impl LeaseTable {
+    pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
+        LeaseTable { client, name: name.into() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn failed<E, R>(&self, operation: &'static str, err: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseError
+    where
+        E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug + 'static,
+    {
+        let code = match &err {
+            aws_sdk_dynamodb::error::SdkError::ServiceError(e) => e.err().code().map(str::to_string),
+            _ => None,
+        };
+        let transient = match code.as_deref() {
+            Some("ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded")
+            | Some("InternalServerError")
+            | None => true,
+            Some(other) => crate::aws::classify_code(Some(other)) == ErrorKind::Transient,
+        };
+        LeaseError::DynamoDb { table: self.name.clone(), operation, message: crate::aws::chain(&err), transient }
+    }
+
+    /// Creates the table (on-demand, hash key `leaseKey`) when `create` and it is missing, then
+    /// waits until it is ACTIVE.
+    pub async fn ensure(&self, create: bool) -> Result<(), LeaseError> {
+        let waited = Duration::from_secs(120);
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            match self.client.describe_table().table_name(&self.name).send().await {
+                Ok(out) => {
+                    if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                        return Ok(());
+                    }
+                }
+                Err(err) if classify(&err) == ErrorKind::NotFound && create => {
+                    tracing::info!(table = %self.name, "Creating the lease table (on-demand, hash key leaseKey).");
+                    let created = self
+                        .client
+                        .create_table()
+                        .table_name(&self.name)
+                        .billing_mode(BillingMode::PayPerRequest)
+                        .attribute_definitions(
+                            AttributeDefinition::builder()
+                                .attribute_name("leaseKey")
+                                .attribute_type(ScalarAttributeType::S)
+                                .build()
+                                .expect("complete"),
+                        )
+                        .key_schema(
+                            KeySchemaElement::builder()
+                                .attribute_name("leaseKey")
+                                .key_type(KeyType::Hash)
+                                .build()
+                                .expect("complete"),
+                        )
+                        .send()
+                        .await;
+                    match created {
+                        Ok(_) => {}
+                        // Another worker created it first.
+                        Err(err) if classify(&err) == ErrorKind::InUse => {}
+                        Err(err) => return Err(self.failed("CreateTable", err)),
+                    }
+                }
+                Err(err) => {
+                    let failure = self.failed("DescribeTable", err);
+                    if !matches!(failure, LeaseError::DynamoDb { transient: true, .. }) {
+                        return Err(failure);
+                    }
+                    tracing::warn!(error = %failure, "Lease table not reachable yet; retrying.");
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LeaseError::NotActive { table: self.name.clone(), waited });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every lease (paginated, strongly consistent scan).
+    pub async fn scan(&self) -> Result<Vec<Lease>, LeaseError> {
+        let mut leases = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.name)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.failed("Scan", e))?;
+            for item in page.items() {
+                leases.push(self.parse(item)?);
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        Ok(leases)
+    }
+
+    fn parse(&self, item: &Item) -> Result<Lease, LeaseError> {
+        let malformed = |reason: String| LeaseError::Malformed { table: self.name.clone(), reason };
+        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        let number = |name: &str| -> Result<u64, LeaseError> {
+            match item.get(name) {
+                None => Ok(0),
+                Some(v) => v
+                    .as_n()
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| malformed(format!("{name} is not a whole number"))),
+            }
+        };
+        let set = |name: &str| -> Vec<String> {
+            match item.get(name) {
+                Some(AttributeValue::Ss(v)) => v.clone(),
+                Some(AttributeValue::S(v)) => vec![v.clone()],
+                _ => Vec::new(),
+            }
+        };
+        let key = text("leaseKey").ok_or_else(|| malformed("an item has no leaseKey".into()))?;
+        let checkpoint = match text("checkpoint") {
+            Some(cp) => Position::parse(&cp).map_err(|e| malformed(format!("lease {key}: checkpoint {e}")))?,
+            None => Position::TrimHorizon,
+        };
+        Ok(Lease {
+            owner: text("leaseOwner").filter(|o| !o.is_empty()),
+            counter: number("leaseCounter")?,
+            checkpoint,
+            owner_switches: number("ownerSwitchesSinceCheckpoint")?,
+            parents: set("parentShardId"),
+            children: set("childShardIds"),
+            starting_hash_key: text("startingHashKey"),
+            ending_hash_key: text("endingHashKey"),
+            key,
+        })
+    }
+
+    /// Creates a lease unless one exists for the shard.
+    pub async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .item("leaseKey", s(&lease.key))
+            .item("leaseCounter", n(0))
+            .item("checkpoint", s(lease.checkpoint.as_str()))
+            .item("checkpointSubSequenceNumber", n(0))
+            .item("ownerSwitchesSinceCheckpoint", n(0))
+            .condition_expression("attribute_not_exists(leaseKey)");
+        if !lease.parents.is_empty() {
+            request = request.item("parentShardId", AttributeValue::Ss(lease.parents.clone()));
+        }
+        if let Some(start) = &lease.starting_hash_key {
+            request = request.item("startingHashKey", s(start));
+        }
+        if let Some(end) = &lease.ending_hash_key {
+            request = request.item("endingHashKey", s(end));
+        }
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if is_condition_failure(&err) => Ok(false),
+            Err(err) => Err(self.failed("PutItem", err)),
+        }
+    }
+
+    /// Takes a lease whose counter is `expected` (free, expired, or stolen). Returns the new counter.
+    pub async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
+        let next = expected + 1;
+        self.conditional(
+            key,
+            "SET leaseOwner = :me, leaseCounter = :next ADD ownerSwitchesSinceCheckpoint :one",
+            "leaseCounter = :expected",
+            &[(":me", s(me)), (":next", n(next)), (":one", n(1)), (":expected", n(expected))],
+        )
+        .await?;
+        Ok(next)
+    }
+
+    /// Proves this worker is alive: bumps the counter it holds.
+    pub async fn renew(&self, key: &str, counter: u64, me: &str) -> Result<u64, LeaseError> {
+        let next = counter + 1;
+        self.conditional(
+            key,
+            "SET leaseCounter = :next",
+            "leaseCounter = :expected AND leaseOwner = :me",
+            &[(":next", n(next)), (":expected", n(counter)), (":me", s(me))],
+        )
+        .await?;
+        Ok(next)
+    }
+
+    /// Moves the checkpoint of a lease this worker holds (KCL: sub-sequence 0 for whole records).
+    pub async fn checkpoint(
+        &self,
+        key: &str,
+        counter: u64,
+        me: &str,
+        position: &Position,
+        children: &[String],
+    ) -> Result<u64, LeaseError> {
+        let next = counter + 1;
+        let mut values = vec![
+            (":next", n(next)),
+            (":expected", n(counter)),
+            (":me", s(me)),
+            (":cp", s(position.as_str())),
+            (":zero", n(0)),
+        ];
+        let mut update = "SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, \
+                          ownerSwitchesSinceCheckpoint = :zero"
+            .to_string();
+        if !children.is_empty() {
+            update.push_str(", childShardIds = :children");
+            values.push((":children", AttributeValue::Ss(children.to_vec())));
+        }
+        self.conditional(key, &update, "leaseCounter = :expected AND leaseOwner = :me", &values).await?;
+        Ok(next)
+    }
+
+    /// Gives a lease up so that another worker takes it at once.
+    pub async fn release(&self, key: &str, counter: u64, me: &str) -> Result<(), LeaseError> {
+        self.conditional(
+            key,
+            "REMOVE leaseOwner SET leaseCounter = :next",
+            "leaseCounter = :expected AND leaseOwner = :me",
+            &[(":next", n(counter + 1)), (":expected", n(counter)), (":me", s(me))],
+        )
+        .await
+    }
+
+    async fn conditional(
+        &self,
+        key: &str,
+        update: &str,
+        condition: &str,
+        values: &[(&str, AttributeValue)],
+    ) -> Result<(), LeaseError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(key))
+            .update_expression(update)
+            .condition_expression(condition);
+        for (name, value) in values {
+            request = request.expression_attribute_values(*name, value.clone());
+        }
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(err) if is_condition_failure(&err) => Err(LeaseError::Lost { shard: key.to_string() }),
+            Err(err) => Err(self.failed("UpdateItem", err)),
+        }
+    }
+}
+
+fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
+    err: &aws_sdk_dynamodb::error::SdkError<E, R>,
+) -> bool {
+    crate::aws::error_code(err) == "ConditionalCheckFailedException"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn positions_round_trip() {
+        for text in ["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP", "SHARD_END", "4959033827149025660855969"] {
+            assert_eq!(Position::parse(text).unwrap().as_str(), text);
+        }
+        assert!(Position::parse("garbage").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_items_never_panic(key in ".{0,20}", counter in ".{0,20}", checkpoint in ".{0,30}") {
+            let table = LeaseTable::new(
+                aws_sdk_dynamodb::Client::from_conf(
+                    aws_sdk_dynamodb::Config::builder().behavior_version_latest().build(),
+                ),
+                "t",
+            );
+            let mut item = Item::new();
+            item.insert("leaseKey".into(), s(key));
+            item.insert("leaseCounter".into(), AttributeValue::N(counter));
+            item.insert("checkpoint".into(), s(checkpoint));
+            let _ = table.parse(&item);
+        }
+    }
+}

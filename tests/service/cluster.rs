@@ -1,0 +1,232 @@
+//! Harness for many workers: a DynamoDB emulator (dynoxide) behind a fault-injecting HTTP proxy,
+//! and workers that each run in their own runtime, so that one can be killed outright.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use tokio::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kinesis_fanout::health::{Health, ReadingSpan};
+use kinesis_fanout::lease::{Lease, LeaseTable};
+use kinesis_fanout::metrics::Metrics;
+use kinesis_fanout::{Service, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// How the proxy in front of DynamoDB behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DynamoMode {
+    #[default]
+    Pass,
+    /// Every call answers ProvisionedThroughputExceededException.
+    Throttle,
+    /// Every call answers 503, as an unreachable endpoint behind a load balancer would.
+    Down,
+}
+
+pub struct Dynamo {
+    /// The proxy's URL: what workers use.
+    pub url: String,
+    pub mode: Arc<Mutex<DynamoMode>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Dynamo {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Clone)]
+struct Proxy {
+    upstream: String,
+    mode: Arc<Mutex<DynamoMode>>,
+    client: reqwest::Client,
+}
+
+async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
+    let mode = *proxy.mode.lock().unwrap();
+    match mode {
+        DynamoMode::Throttle => {
+            let body = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException","message":"injected"}"#;
+            return (StatusCode::BAD_REQUEST, [("content-type", "application/x-amz-json-1.0")], body).into_response();
+        }
+        DynamoMode::Down => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        DynamoMode::Pass => {}
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
+    let mut upstream = proxy.client.post(&proxy.upstream).body(bytes.to_vec());
+    for (name, value) in parts.headers.iter() {
+        if name != "host" && name != "content-length" {
+            upstream = upstream.header(name.as_str(), value.as_bytes());
+        }
+    }
+    match upstream.send().await {
+        Ok(answer) => {
+            let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
+            let content_type = answer.headers().get("content-type").cloned();
+            let body = answer.bytes().await.unwrap_or_default();
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            if let Some(ct) = content_type {
+                response.headers_mut().insert("content-type", ct.to_str().unwrap().parse().unwrap());
+            }
+            response
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+impl Dynamo {
+    pub async fn start() -> Dynamo {
+        let stop = CancellationToken::new();
+        let db = dynoxide::Database::memory().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("http://{}/", listener.local_addr().unwrap());
+        let until = stop.clone();
+        tokio::spawn(async move { dynoxide::server::serve_with_shutdown(listener, db, until.cancelled_owned()).await });
+
+        let mode = Arc::new(Mutex::new(DynamoMode::Pass));
+        let proxy = Proxy { upstream, mode: Arc::clone(&mode), client: reqwest::Client::new() };
+        let app = axum::Router::new().fallback(forward).with_state(proxy);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let until = stop.clone();
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until.cancelled_owned()).await });
+        Dynamo { url, mode, stop }
+    }
+
+    pub fn set(&self, mode: DynamoMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub fn table(&self, name: &str) -> LeaseTable {
+        let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config(&self.url)).endpoint_url(&self.url).build();
+        LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(config), name)
+    }
+
+    /// The leases of a table; none while it does not exist yet.
+    pub async fn leases(&self, table: &str) -> Vec<Lease> {
+        self.table(table).scan().await.unwrap_or_default()
+    }
+}
+
+/// A config using the lease table, for worker `id`.
+pub fn worker_toml(emulator: &Emulator, dynamo: &Dynamo, source: &str, pattern: &str, id: &str) -> String {
+    let dir = std::env::temp_dir();
+    let base = config_toml(&emulator.url, source, pattern, &dir.join("unused.json"), "");
+    let checkpoint = format!(
+        r#"[checkpoint]
+backend = "dynamodb"
+table_name = "leases"
+endpoint_url = "{}"
+failover_time = "3s"
+worker_id = "{id}"
+interval = "200ms"
+"#,
+        dynamo.url
+    );
+    let start = base.find("[checkpoint]").unwrap();
+    let end = base.find("[metrics]").unwrap();
+    format!("{}{checkpoint}\n{}", &base[..start], &base[end..])
+}
+
+/// A worker in a runtime of its own.
+pub struct Worker {
+    pub id: String,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    stop: CancellationToken,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Option<Result<(), String>>>>,
+}
+
+impl Worker {
+    pub fn start(id: &str, toml: &str, url: &str) -> Worker {
+        let settings = Settings::from_toml(toml).expect("worker config is valid");
+        let service = Service::new(settings, &sdk_config(url)).expect("admin port binds");
+        let (metrics, health) = (service.metrics(), service.health());
+        let stop = CancellationToken::new();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let token = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let running = runtime.spawn(service.run(token));
+            let outcome = runtime.block_on(async {
+                tokio::select! {
+                    done = running => Some(done.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))),
+                    _ = killed => None,
+                }
+            });
+            // Killed: every task of this worker is dropped where it stands, nothing is released.
+            runtime.shutdown_background();
+            outcome
+        });
+        Worker { id: id.to_string(), metrics, health, stop, kill: Some(kill), thread: Some(thread) }
+    }
+
+    pub fn accepted(&self, destination: &str) -> u64 {
+        self.metrics.records_written.with_label_values(&[destination, "ok"]).get()
+    }
+
+    pub fn records_read(&self) -> u64 {
+        self.health.records()
+    }
+
+    pub fn spans(&self) -> Vec<ReadingSpan> {
+        self.health.reading_spans()
+    }
+
+    /// Graceful stop (SIGTERM path): drain, checkpoint, release leases.
+    pub async fn stop(mut self) -> Result<(), String> {
+        self.stop.cancel();
+        let thread = self.thread.take().unwrap();
+        let joined = tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || thread.join())).await;
+        joined.expect("worker stops in time").unwrap().unwrap().expect("stopped, not killed")
+    }
+
+    /// No graceful path: the worker's runtime is dropped.
+    pub async fn kill(mut self) {
+        let _ = self.kill.take().unwrap().send(());
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join()).await.unwrap().unwrap();
+    }
+}
+
+/// Asserts that no two workers read the same shard at the same time.
+pub fn assert_single_reader(workers: &[(&str, Vec<ReadingSpan>)]) {
+    let mut by_shard: std::collections::BTreeMap<String, Vec<(Instant, Instant, &str)>> = Default::default();
+    for (id, spans) in workers {
+        for span in spans {
+            let end = span.stopped.unwrap_or_else(Instant::now);
+            by_shard.entry(span.shard.clone()).or_default().push((span.started, end, id));
+        }
+    }
+    for (shard, mut spans) in by_shard {
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1 || pair[0].2 == pair[1].2,
+                "{shard} was read by {} and {} at once: {spans:?}",
+                pair[0].2,
+                pair[1].2
+            );
+        }
+    }
+}
+
+/// Lease counts per owner.
+pub fn owners(leases: &[Lease]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for lease in leases.iter().filter(|l| l.checkpoint != kinesis_fanout::lease::Position::ShardEnd) {
+        if let Some(owner) = &lease.owner {
+            *counts.entry(owner.clone()).or_default() += 1;
+        }
+    }
+    counts
+}

@@ -1,0 +1,288 @@
+//! Many workers sharing a source through the DynamoDB lease table.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use kinesis_fanout::lease::{LeaseError, LeaseEvent, LeaseManager, Position};
+use kinesis_fanout::record::SequenceNumber;
+use kinesis_fanout::source::shards::ShardInfo;
+
+use crate::cluster::*;
+use crate::helpers::*;
+
+const DESTINATIONS: [&str; 3] = ["out-a", "out-b", "out-c"];
+
+async fn setup(shards: i32) -> (Emulator, Dynamo) {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", shards).await;
+    for name in DESTINATIONS {
+        create_stream(&client, name, 2).await;
+    }
+    (emulator, Dynamo::start().await)
+}
+
+fn start_workers(emulator: &Emulator, dynamo: &Dynamo, ids: &[&str]) -> Vec<Worker> {
+    ids.iter()
+        .map(|id| Worker::start(id, &worker_toml(emulator, dynamo, "in", "^out-.*$", id), &emulator.url))
+        .collect()
+}
+
+/// Waits until the table shows `counts` and every worker reads exactly the shards it holds (a
+/// stolen shard starts only after its previous owner stopped).
+async fn wait_settled(dynamo: &Dynamo, workers: &[Worker], mut counts: Vec<usize>) {
+    counts.sort();
+    wait_until(&format!("leases balanced {counts:?} and readers settled"), || async {
+        let owned = owners(&dynamo.leases("leases").await);
+        let mut seen: Vec<usize> = owned.values().copied().collect();
+        seen.sort();
+        seen == counts
+            && workers.iter().all(|w| {
+                let open = w.spans().iter().filter(|s| s.stopped.is_none()).count();
+                open == owned.get(&w.id).copied().unwrap_or(0)
+            })
+    })
+    .await;
+}
+
+/// Waits until every destination holds every record at least once; returns the duplicates seen.
+async fn wait_all_delivered(emulator: &Emulator, workers: &[&Worker], input: &[Rec]) -> usize {
+    let total = input.len() as u64;
+    wait_until("every destination accepted every record", || async {
+        DESTINATIONS.iter().all(|d| workers.iter().map(|w| w.accepted(d)).sum::<u64>() >= total)
+    })
+    .await;
+    let expected: BTreeSet<Rec> = input.iter().cloned().collect();
+    let client = emulator.client();
+    let mut duplicates = 0;
+    for name in DESTINATIONS {
+        let held = contents(&client, name).await;
+        let unique: BTreeSet<Rec> = held.iter().cloned().collect();
+        assert!(expected.is_subset(&unique), "{name} misses records");
+        duplicates = duplicates.max(held.len() - unique.len());
+    }
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_eight_shards_one_reader_per_shard() {
+    let (emulator, dynamo) = setup(8).await;
+    let workers = start_workers(&emulator, &dynamo, &["w1", "w2", "w3"]);
+    wait_settled(&dynamo, &workers, vec![3, 3, 2]).await;
+    let input = records(60, 20_000, 100);
+    put_all(&emulator.client(), "in", &input).await;
+    let refs: Vec<&Worker> = workers.iter().collect();
+    let duplicates = wait_all_delivered(&emulator, &refs, &input).await;
+    let spans: Vec<(String, Vec<_>)> = workers.iter().map(|w| (w.id.clone(), w.spans())).collect();
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+    let spans: Vec<(&str, Vec<_>)> = spans.iter().map(|(id, s)| (id.as_str(), s.clone())).collect();
+    assert_single_reader(&spans);
+    assert_eq!(duplicates, 0, "balancing finished before the records arrived: nothing is read twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_shards_move_within_two_failover_times() {
+    let (emulator, dynamo) = setup(4).await;
+    let mut workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
+    wait_settled(&dynamo, &workers, vec![2, 2]).await;
+    let first = records(61, 2_000, 64);
+    put_all(&emulator.client(), "in", &first).await;
+    let victim = workers.remove(0);
+    let read_by_victim = victim.records_read();
+    victim.kill().await;
+    let killed_at = Instant::now();
+    wait_until("w2 holds every lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&4) }).await;
+    let takeover = killed_at.elapsed();
+    assert!(takeover < Duration::from_secs(8), "failover_time is 3s; takeover took {takeover:?}");
+
+    let second = records(62, 2_000, 64);
+    put_all(&emulator.client(), "in", &second).await;
+    let all: Vec<Rec> = first.iter().chain(&second).cloned().collect();
+    let survivor = workers.remove(0);
+    // The survivor's own count plus what the victim had delivered covers everything.
+    let client = emulator.client();
+    wait_until("every record in every destination", || async {
+        let mut complete = true;
+        for name in DESTINATIONS {
+            let held: BTreeSet<Rec> = contents(&client, name).await.into_iter().collect();
+            complete &= all.iter().all(|r| held.contains(r));
+        }
+        complete
+    })
+    .await;
+    survivor.stop().await.unwrap();
+    for name in DESTINATIONS {
+        let held = contents(&client, name).await;
+        let unique: HashSet<&Rec> = held.iter().collect();
+        let duplicates = held.len() - unique.len();
+        assert!(
+            duplicates as u64 <= read_by_victim,
+            "{name}: {duplicates} duplicates, victim had read {read_by_victim}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_shards_over_without_waiting_for_expiry() {
+    let (emulator, dynamo) = setup(4).await;
+    let mut workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
+    wait_settled(&dynamo, &workers, vec![2, 2]).await;
+    let input = records(63, 1_000, 64);
+    put_all(&emulator.client(), "in", &input).await;
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_all_delivered(&emulator, &refs, &input).await;
+
+    let leaving = workers.remove(0);
+    leaving.stop().await.unwrap();
+    let stopped_at = Instant::now();
+    let released = dynamo.leases("leases").await;
+    assert!(released.iter().all(|l| l.owner.as_deref() != Some("w1")), "w1 released its leases: {released:?}");
+    wait_until("w2 holds every lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&4) }).await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "taken over before failover_time (3s) could expire anything"
+    );
+    let more = records(64, 500, 64);
+    put_all(&emulator.client(), "in", &more).await;
+    let all: Vec<Rec> = input.iter().chain(&more).cloned().collect();
+    let survivor = workers.remove(0);
+    let client = emulator.client();
+    wait_until("new records arrive through w2", || async {
+        let held: BTreeSet<Rec> = contents(&client, "out-a").await.into_iter().collect();
+        all.iter().all(|r| held.contains(r))
+    })
+    .await;
+    survivor.stop().await.unwrap();
+    let held = contents(&client, "out-a").await;
+    assert_eq!(held.len(), all.len(), "a graceful handover copies nothing twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_cannot_move_a_checkpoint_it_no_longer_owns() {
+    let dynamo = Dynamo::start().await;
+    let table = dynamo.table("zombie");
+    table.ensure(true).await.unwrap();
+    let shards: Vec<ShardInfo> = (0..2)
+        .map(|i| ShardInfo { id: format!("shard-{i}"), parents: vec![], closed: false, hash_range: None })
+        .collect();
+    let failover = Duration::from_secs(1);
+    let (zombie, mut zombie_events, _) = LeaseManager::new(dynamo.table("zombie"), "zombie".into(), failover);
+    zombie.sync(&shards, kinesis_fanout::config::InitialPosition::TrimHorizon).await.unwrap();
+    zombie.round().await;
+    assert_eq!(zombie.held().await.len(), 2);
+    let seq = |n: &str| Position::Sequence(SequenceNumber::parse(n).unwrap());
+    zombie.checkpoint("shard-0", &seq("100"), &[]).await.unwrap();
+
+    // The zombie pauses (no rounds); the other worker sees its counters stand still and takes over.
+    let (healthy, _events, _) = LeaseManager::new(dynamo.table("zombie"), "healthy".into(), failover);
+    let started = Instant::now();
+    while healthy.held().await.len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "takeover after expiry");
+        healthy.round().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The zombie wakes up and tries to checkpoint: refused, and it learns it lost the lease.
+    let refused = zombie.checkpoint("shard-0", &seq("999"), &[]).await;
+    assert!(matches!(refused, Err(LeaseError::Lost { .. })), "{refused:?}");
+    let stored = table.scan().await.unwrap().into_iter().find(|l| l.key == "shard-0").unwrap();
+    assert_eq!(stored.checkpoint, seq("100"), "the zombie moved nothing");
+    assert_eq!(stored.owner.as_deref(), Some("healthy"));
+    let mut lost = Vec::new();
+    while let Ok(event) = zombie_events.try_recv() {
+        if let LeaseEvent::Lost { shard } = event {
+            lost.push(shard);
+        }
+    }
+    assert_eq!(lost, vec!["shard-0".to_string()]);
+    // Its next round's renewal of the other lease fails too: that shard stops as well. (It may
+    // then take a lease again, like any worker, with a fresh counter.)
+    zombie.round().await;
+    let mut lost = Vec::new();
+    while let Ok(event) = zombie_events.try_recv() {
+        if let LeaseEvent::Lost { shard } = event {
+            lost.push(shard);
+        }
+    }
+    assert_eq!(lost, vec!["shard-1".to_string()], "the zombie's renewal fails and it stops that shard");
+
+    // Two workers racing for one lease: one wins.
+    let lease = table.scan().await.unwrap().into_iter().find(|l| l.key == "shard-1").unwrap();
+    let first = table.take("shard-1", lease.counter, "racer-1").await;
+    let second = table.take("shard-1", lease.counter, "racer-2").await;
+    assert!(first.is_ok() && matches!(second, Err(LeaseError::Lost { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_an_unreachable_table_never_leave_a_shard_unproven() {
+    let (emulator, dynamo) = setup(2).await;
+    let workers = start_workers(&emulator, &dynamo, &["w1"]);
+    let worker = &workers[0];
+    wait_until("w1 holds both leases", || async { owners(&dynamo.leases("leases").await).get("w1") == Some(&2) }).await;
+    let first = records(65, 500, 32);
+    put_all(&emulator.client(), "in", &first).await;
+    wait_until("first batch copied", || async { worker.accepted("out-a") >= 500 }).await;
+
+    // Throttling for a moment (shorter than the failover time) is retried and changes nothing.
+    dynamo.set(DynamoMode::Throttle);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dynamo.set(DynamoMode::Pass);
+    let reading = |w: &Worker| w.spans().iter().filter(|s| s.stopped.is_none()).count();
+    wait_until("still reading both shards", || async { reading(worker) == 2 }).await;
+
+    // The table is gone for longer than the failover time: the worker stops reading.
+    dynamo.set(DynamoMode::Down);
+    let down_at = Instant::now();
+    wait_until("shards stopped while their leases cannot be proven", || async { reading(worker) == 0 }).await;
+    assert!(down_at.elapsed() < Duration::from_secs(4), "stopped within the failover time");
+    dynamo.set(DynamoMode::Pass);
+    wait_until("reading again once the table is back", || async { reading(worker) == 2 }).await;
+    let second = records(66, 500, 32);
+    put_all(&emulator.client(), "in", &second).await;
+    let all: Vec<Rec> = first.iter().chain(&second).cloned().collect();
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_all_delivered(&emulator, &refs, &all).await;
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_keep_order_across_split_and_merge() {
+    let (emulator, dynamo) = setup(2).await;
+    let workers = start_workers(&emulator, &dynamo, &["w1", "w2", "w3"]);
+    let source = crate::resharding::produce_with_split_and_merge(&emulator).await;
+    let expected: BTreeSet<Vec<u8>> = source.values().flatten().cloned().collect();
+    let client = emulator.client();
+    wait_until("every record delivered", || async {
+        let mut complete = true;
+        for name in DESTINATIONS {
+            let held: BTreeSet<Vec<u8>> = read_all(&client, name).await.into_iter().map(|(_, _, d)| d).collect();
+            complete &= expected.is_subset(&held);
+        }
+        complete
+    })
+    .await;
+    let spans: Vec<(String, Vec<_>)> = workers.iter().map(|w| (w.id.clone(), w.spans())).collect();
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+    let spans: Vec<(&str, Vec<_>)> = spans.iter().map(|(id, s)| (id.as_str(), s.clone())).collect();
+    assert_single_reader(&spans);
+    for name in DESTINATIONS {
+        let copied = crate::resharding::per_key(&client, name).await;
+        // A shard handed over between workers can be read again from its checkpoint; the first
+        // copy of each record must still be in source order.
+        let first_copies: BTreeMap<String, Vec<Vec<u8>>> = copied
+            .into_iter()
+            .map(|(k, v)| {
+                let mut seen = HashSet::new();
+                (k, v.into_iter().filter(|d| seen.insert(d.clone())).collect())
+            })
+            .collect();
+        let wrong: Vec<&String> = source.keys().filter(|k| first_copies.get(*k) != source.get(*k)).collect();
+        assert!(wrong.is_empty(), "{name}: keys out of source order or incomplete: {wrong:?}");
+    }
+}
