@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::aws::{ErrorKind, classify};
-use crate::config::Settings;
+use crate::config::{KplMode, Settings};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::metrics::Metrics;
 use crate::sink::DestinationTask;
+use crate::sink::entries::ShardMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -80,11 +81,46 @@ pub async fn list_stream_names(
     Ok(names)
 }
 
-/// A running destination: its handle for the source, its shard count feed, its off switch.
+/// A running destination: its handle for the source, its shard feeds, its off switch.
 struct Running {
     handle: DestinationHandle,
     open_shards: watch::Sender<u32>,
+    shard_map: watch::Sender<Arc<ShardMap>>,
     removed: CancellationToken,
+    kpl: KplMode,
+}
+
+/// The open shards of a stream as hash key ranges (paginated ListShards).
+pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Option<ShardMap> {
+    let mut ranges = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        let request = match &next_token {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = match request.send().await {
+            Ok(page) => page,
+            Err(err) => {
+                tracing::warn!(stream, error = %crate::aws::chain(&err), "ListShards failed; keeping the last known shard map.");
+                return None;
+            }
+        };
+        for shard in page.shards() {
+            let open = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none();
+            let range = shard.hash_key_range().and_then(|r| {
+                Some((r.starting_hash_key().parse::<u128>().ok()?, r.ending_hash_key().parse::<u128>().ok()?))
+            });
+            if let (true, Some(range)) = (open, range) {
+                ranges.push(range);
+            }
+        }
+        match page.next_token() {
+            Some(token) => next_token = Some(token.to_string()),
+            None => break,
+        }
+    }
+    Some(ShardMap::new(ranges))
 }
 
 /// Keeps the set of destination writers in line with the streams that exist.
@@ -102,6 +138,8 @@ pub struct Discovery {
     describe_pace: DefaultDirectRateLimiter,
     /// This worker's share of the source, for fleet-wide rate limits.
     share: watch::Receiver<f64>,
+    /// Passthrough destinations already warned about a shard map mismatch.
+    passthrough_warned: HashSet<String>,
     /// Stops every destination writer (end of the grace period).
     writers_stop: CancellationToken,
     writers: TaskTracker,
@@ -133,6 +171,7 @@ impl Discovery {
             list_pace: per_second(1),
             describe_pace: per_second(5),
             share,
+            passthrough_warned: HashSet::new(),
             writers_stop,
             writers,
         };
@@ -179,7 +218,7 @@ impl Discovery {
                     let Some(summary) = out.stream_description_summary() else { continue };
                     let shards = summary.open_shard_count().max(0) as u32;
                     match summary.stream_status() {
-                        StreamStatus::Active | StreamStatus::Updating => self.upsert(candidate, shards),
+                        StreamStatus::Active | StreamStatus::Updating => self.upsert(candidate, shards).await,
                         StreamStatus::Deleting => self.remove(&candidate.name, "being deleted"),
                         _ => tracing::debug!(destination = %candidate.name, "Stream is not accepting writes yet."),
                     }
@@ -190,15 +229,49 @@ impl Discovery {
                 }
             }
         }
+        self.check_passthrough().await;
         Ok(())
     }
 
-    fn upsert(&mut self, candidate: &Candidate, open_shards: u32) {
-        if let Some(running) = self.running.get(&candidate.name) {
-            running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
+    /// Passing aggregates through is only right when a destination's shards split the hash space
+    /// like the source's: say so once per destination when they do not.
+    async fn check_passthrough(&mut self) {
+        let unchecked: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| r.kpl == KplMode::Passthrough && !self.passthrough_warned.contains(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if unchecked.is_empty() {
             return;
         }
+        let Some(source) = open_ranges(&self.client, &self.settings.source.stream_name).await else { return };
+        for name in unchecked {
+            let map = Arc::clone(&self.running[&name].shard_map.borrow());
+            if *map != source {
+                tracing::warn!(
+                    destination = %name,
+                    "kpl = \"passthrough\" but this destination's shards do not match the source's: aggregates land \
+                     where their outer key hashes, and KCL consumers drop sub-records outside their shard. Use \"reaggregate\"."
+                );
+                self.passthrough_warned.insert(name);
+            }
+        }
+    }
+
+    async fn upsert(&mut self, candidate: &Candidate, open_shards: u32) {
+        if let Some(running) = self.running.get(&candidate.name) {
+            let changed =
+                running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
+            if changed && let Some(map) = open_ranges(&self.client, &candidate.name).await {
+                running.shard_map.send_replace(Arc::new(map));
+            }
+            return;
+        }
+        let map = open_ranges(&self.client, &candidate.name).await.unwrap_or_default();
+        let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
         let group = Arc::new(self.settings.destinations[candidate.group].clone());
+        let kpl = group.kpl;
         let name: Arc<str> = candidate.name.as_str().into();
         let (handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
         let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
@@ -210,6 +283,7 @@ impl Discovery {
             group,
             queue,
             open_shards: open_shards_rx,
+            shard_map: shard_map_rx,
             share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),
@@ -218,7 +292,10 @@ impl Discovery {
         };
         self.writers.spawn(task.run());
         tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
-        self.running.insert(candidate.name.clone(), Running { handle, open_shards: open_shards_tx, removed });
+        self.running.insert(
+            candidate.name.clone(),
+            Running { handle, open_shards: open_shards_tx, shard_map: shard_map_tx, removed, kpl },
+        );
         self.publish_set();
     }
 

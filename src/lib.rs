@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod fanout;
 pub mod health;
 pub mod idle;
+pub mod kpl;
 pub mod lease;
 pub mod metrics;
 pub mod progress;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub active_subscriptions: IntGauge,
     pub resubscribes: IntCounterVec,
     pub replayed_records_dropped: IntCounterVec,
+    pub kpl_malformed_records: IntCounterVec,
     // Destinations.
     pub destinations: IntGauge,
     pub records_written: IntCounterVec,
@@ -138,6 +139,11 @@ impl Metrics {
             replayed_records_dropped: counter(
                 "source_replayed_records_dropped_total",
                 "Records delivered again by a resubscription and dropped before reaching destinations.",
+                &["shard"],
+            ),
+            kpl_malformed_records: counter(
+                "source_kpl_malformed_records_total",
+                "Records with the KPL magic bytes but a bad MD5 or protobuf, copied unchanged as plain records.",
                 &["shard"],
             ),
             destinations: gauge("destinations", "Destination streams currently written to."),

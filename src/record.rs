@@ -69,6 +69,9 @@ pub struct SourceRecord {
     pub data: Bytes,
     /// When Kinesis accepted the record into the source stream.
     pub arrival: Option<SystemTime>,
+    /// The user records of a KPL aggregate, decoded once for every destination; `None` for a
+    /// plain record (or a malformed aggregate, which travels as a plain record).
+    pub user_records: Option<crate::kpl::UserRecords>,
 }
 
 impl SourceRecord {

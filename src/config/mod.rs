@@ -33,6 +33,26 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
+/// What to do with KPL-aggregated records, per destination group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KplMode {
+    /// Regroup user records per destination shard into new aggregates routed into that shard.
+    Reaggregate,
+    /// Write every user record on its own, with its partition key and explicit hash key.
+    Deaggregate,
+    /// Copy aggregates unchanged (correct only when the shard maps match).
+    Passthrough,
+}
+
+fn parse_kpl(v: &str) -> Result<KplMode, String> {
+    match v {
+        "reaggregate" => Ok(KplMode::Reaggregate),
+        "deaggregate" => Ok(KplMode::Deaggregate),
+        "passthrough" => Ok(KplMode::Passthrough),
+        other => Err(format!("`{other}` is not a KPL mode; use \"reaggregate\", \"deaggregate\" or \"passthrough\"")),
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AwsSettings {
     /// Region; `None` falls back to the SDK's default chain.
@@ -69,6 +89,8 @@ pub struct DestinationGroup {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub dead_letter_stream: Option<String>,
+    /// `destinations[].kpl`, else `records.kpl`.
+    pub kpl: KplMode,
 }
 
 impl DestinationGroup {
@@ -226,7 +248,11 @@ impl Settings {
         let aws =
             root.section("aws", |s| AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") });
         let source = root.section("source", source_settings);
-        let destinations = root.array("destinations", destination_group);
+        let kpl = root
+            .section("records", |s| s.parsed("kpl", "reaggregate", parse_kpl))
+            .flatten()
+            .unwrap_or(KplMode::Reaggregate);
+        let destinations = root.array("destinations", |s| destination_group(s, kpl));
         let checkpoint = root.section("checkpoint", checkpoint_settings);
         let metrics = root.section("metrics", |s| MetricsSettings {
             listen: s
@@ -315,7 +341,7 @@ fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     SourceSettings { stream_name, consumer_name, initial_position }
 }
 
-fn destination_group(s: &mut Section<'_>) -> Option<DestinationGroup> {
+fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Option<DestinationGroup> {
     let pattern = s.required_regex("pattern");
     let exclude = s.regex_list("exclude");
     let refresh_interval = s.duration("refresh_interval", "30s");
@@ -332,6 +358,7 @@ fn destination_group(s: &mut Section<'_>) -> Option<DestinationGroup> {
     let initial_backoff = s.duration("initial_backoff", "100ms");
     let max_backoff = s.duration("max_backoff", "10s");
     let dead_letter_stream = s.string("dead_letter_stream");
+    let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
     if let (Some(min), Some(max)) = (initial_backoff, max_backoff)
         && min > max
     {
@@ -351,6 +378,7 @@ fn destination_group(s: &mut Section<'_>) -> Option<DestinationGroup> {
         initial_backoff: initial_backoff?,
         max_backoff: max_backoff?,
         dead_letter_stream,
+        kpl,
     })
 }
 

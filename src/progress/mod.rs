@@ -236,6 +236,7 @@ mod tests {
                 partition_key: "k".into(),
                 data: Bytes::from_static(b"x"),
                 arrival: None,
+                user_records: None,
             })
             .collect()
     }

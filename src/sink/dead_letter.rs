@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::Backoff;
 use crate::aws::{ErrorKind, classify};
-use crate::record::SourceRecord;
 
-/// A rejected record and why.
+/// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
 pub struct Rejected<'a> {
-    pub record: &'a SourceRecord,
+    /// The source record it comes from.
+    pub sequence_number: &'a str,
     pub shard_id: &'a str,
+    /// What was sent: the record, one of its user records, or a re-aggregated record.
+    pub partition_key: &'a str,
+    pub data: &'a bytes::Bytes,
     pub error_code: String,
     pub error_message: String,
 }
@@ -65,16 +68,16 @@ impl DeadLetter {
                 let envelope = Envelope {
                     source_stream,
                     shard_id: r.shard_id,
-                    sequence_number: r.record.sequence_number.as_str(),
+                    sequence_number: r.sequence_number,
                     destination,
                     error_code: &r.error_code,
                     error_message: &r.error_message,
-                    partition_key: &r.record.partition_key,
-                    data: base64::engine::general_purpose::STANDARD.encode(&r.record.data),
+                    partition_key: r.partition_key,
+                    data: base64::engine::general_purpose::STANDARD.encode(r.data),
                 };
                 PutRecordsRequestEntry::builder()
                     .data(Blob::new(serde_json::to_vec(&envelope).expect("envelope serialises")))
-                    .partition_key(r.record.partition_key.clone())
+                    .partition_key(r.partition_key)
                     .build()
                     .expect("data and partition key are set")
             })

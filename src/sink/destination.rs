@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits};
 use super::dead_letter::{DeadLetter, Rejected};
+use super::entries::{self, Payload, ShardMap};
 use super::limiter::Limiter;
 use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::{ErrorKind, classify};
@@ -47,6 +48,8 @@ pub struct DestinationTask {
     pub queue: mpsc::UnboundedReceiver<Delivery>,
     /// Open shard count, refreshed by discovery; `auto` rates follow it.
     pub open_shards: watch::Receiver<u32>,
+    /// The destination's shard hash ranges, for re-aggregation per shard.
+    pub shard_map: watch::Receiver<Arc<ShardMap>>,
     /// This worker's share of the source's shards (1 alone): N workers together stay within
     /// the destination's limits.
     pub share: watch::Receiver<f64>,
@@ -59,16 +62,66 @@ pub struct DestinationTask {
     pub gone: mpsc::UnboundedSender<Arc<str>>,
 }
 
+/// One PutRecords entry waiting to be written.
 struct Pending {
     chunk: Arc<Chunk>,
-    index: usize,
+    /// The source record it comes from (for origins in dead letters).
+    index: u32,
+    payload: Payload,
     queued_at: Instant,
     retry: bool,
 }
 
 impl Pending {
-    fn record(&self) -> &crate::record::SourceRecord {
-        &self.chunk.records[self.index]
+    fn source(&self) -> &crate::record::SourceRecord {
+        &self.chunk.records[self.index as usize]
+    }
+
+    fn user(&self, i: u32) -> &crate::kpl::UserRecord {
+        &self.source().user_records.as_ref().expect("user entries come from aggregates")[i as usize]
+    }
+
+    fn partition_key(&self) -> &str {
+        match &self.payload {
+            Payload::Source => &self.source().partition_key,
+            Payload::User(i) => &self.user(*i).partition_key,
+            Payload::Built { partition_key, .. } => partition_key,
+        }
+    }
+
+    fn explicit_hash_key(&self) -> Option<&str> {
+        match &self.payload {
+            Payload::Source => None,
+            Payload::User(i) => self.user(*i).explicit_hash_key.as_deref(),
+            Payload::Built { explicit_hash_key, .. } => explicit_hash_key.as_deref(),
+        }
+    }
+
+    fn data(&self) -> &bytes::Bytes {
+        match &self.payload {
+            Payload::Source => &self.source().data,
+            Payload::User(i) => &self.user(*i).data,
+            Payload::Built { data, .. } => data,
+        }
+    }
+
+    /// Bytes against Kinesis limits and buffers.
+    fn size(&self) -> usize {
+        self.data().len() + self.partition_key().len()
+    }
+
+    fn encoded_size(&self) -> usize {
+        let keys = self.partition_key().len() + self.explicit_hash_key().map_or(0, str::len);
+        batch::encoded_size(keys, self.data().len())
+    }
+
+    fn entry(&self) -> PutRecordsRequestEntry {
+        PutRecordsRequestEntry::builder()
+            .data(Blob::new(self.data().to_vec()))
+            .partition_key(self.partition_key())
+            .set_explicit_hash_key(self.explicit_hash_key().map(str::to_string))
+            .build()
+            .expect("data and partition key are set")
     }
 }
 
@@ -237,14 +290,24 @@ impl Writer {
     fn accept(&mut self, delivery: Delivery) {
         let Delivery { chunk, permit } = delivery;
         let now = Instant::now();
-        self.buffered_bytes += chunk.bytes;
-        self.pending.extend((0..chunk.records.len()).map(|index| Pending {
+        let map = Arc::clone(&self.task.shard_map.borrow());
+        let entries = entries::build(&chunk, self.task.group.kpl, &map);
+        if entries.is_empty() {
+            // Only empty aggregates: nothing to write, nothing owed.
+            self.complete(&chunk);
+            return;
+        }
+        let before = self.pending.len();
+        self.pending.extend(entries.into_iter().map(|(index, payload)| Pending {
             chunk: Arc::clone(&chunk),
             index,
+            payload,
             queued_at: now,
             retry: false,
         }));
-        self.tickets.insert(chunk.id, Ticket { remaining: chunk.records.len(), chunk, _permit: permit });
+        let added = self.pending.len() - before;
+        self.buffered_bytes += self.pending.iter().skip(before).map(Pending::size).sum::<usize>();
+        self.tickets.insert(chunk.id, Ticket { remaining: added, chunk, _permit: permit });
         self.update_gauges();
     }
 
@@ -252,8 +315,7 @@ impl Writer {
         let mut bytes = 0;
         let mut count = 0;
         for p in &self.pending {
-            let r = p.record();
-            bytes += batch::encoded_size(r.partition_key.len(), r.data.len());
+            bytes += p.encoded_size();
             count += 1;
             if batch::is_full(count, bytes, self.limits) {
                 return true;
@@ -268,30 +330,12 @@ impl Writer {
     }
 
     async fn send_batch(&mut self) -> Result<(), Interrupt> {
-        let count = batch::fits(
-            self.pending.iter().map(|p| {
-                let r = p.record();
-                batch::encoded_size(r.partition_key.len(), r.data.len())
-            }),
-            self.limits,
-        );
+        let count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
         if count == 0 {
             return Ok(());
         }
-        let bytes: usize = self.pending.iter().take(count).map(|p| p.record().size()).sum();
-        let entries: Vec<PutRecordsRequestEntry> = self
-            .pending
-            .iter()
-            .take(count)
-            .map(|p| {
-                let r = p.record();
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(r.data.to_vec()))
-                    .partition_key(r.partition_key.clone())
-                    .build()
-                    .expect("data and partition key are set")
-            })
-            .collect();
+        let bytes: usize = self.pending.iter().take(count).map(Pending::size).sum();
+        let entries: Vec<PutRecordsRequestEntry> = self.pending.iter().take(count).map(Pending::entry).collect();
 
         let waited = self.guard().run(self.limiter.acquire(count, bytes)).await?;
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
@@ -350,7 +394,7 @@ impl Writer {
         let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
         let (mut retried, mut retried_bytes) = (0u64, 0u64);
         for (mut p, outcome) in sent.into_iter().zip(outcomes) {
-            let size = p.record().size() as u64;
+            let size = p.size() as u64;
             match outcome {
                 EntryOutcome::Accepted => {
                     ok += 1;
@@ -417,7 +461,7 @@ impl Writer {
     /// Sends rejected records to the dead-letter stream. Returns false when there is none, after
     /// saying loudly that the destination stops advancing.
     async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
-        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.record().size() as u64).sum();
+        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.size() as u64).sum();
         let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
         let Some(dead_letter) = self.dead_letter.as_mut() else {
             self.set_stalled(true);
@@ -439,7 +483,9 @@ impl Writer {
         let entries: Vec<Rejected<'_>> = rejected
             .iter()
             .map(|(p, code, message)| Rejected {
-                record: p.record(),
+                sequence_number: p.source().sequence_number.as_str(),
+                partition_key: p.partition_key(),
+                data: p.data(),
                 shard_id: &p.chunk.shard.shard_id,
                 error_code: code.clone(),
                 error_message: message.clone(),
@@ -466,7 +512,7 @@ impl Writer {
 
     /// One record of a chunk is done for this destination.
     fn done_with(&mut self, p: &Pending) {
-        self.buffered_bytes = self.buffered_bytes.saturating_sub(p.record().size());
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(p.size());
         let id = p.chunk.id;
         let finished = match self.tickets.get_mut(&id) {
             Some(ticket) => {

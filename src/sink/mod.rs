@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod dead_letter;
 pub mod destination;
+pub mod entries;
 pub mod limiter;
 pub mod retry;
 

@@ -163,6 +163,7 @@ impl Source {
             fanout: self.fanout.clone(),
             metrics: Arc::clone(&self.metrics),
             health: Arc::clone(&self.health),
+            last_malformed_warning: None,
         }
     }
 

@@ -48,6 +48,7 @@ pub struct ShardReader {
     pub progress: Arc<ShardProgress>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<crate::health::Health>,
+    pub last_malformed_warning: Option<tokio::time::Instant>,
 }
 
 /// How a session ended.
@@ -227,6 +228,7 @@ impl ShardReader {
         let received = event.records.len();
         let mut records = Vec::with_capacity(received);
         let mut replayed = 0u64;
+        let mut malformed = 0u64;
         for record in event.records {
             let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
                 tracing::error!(shard, "Event carried a record with a malformed sequence number; resubscribing.");
@@ -241,16 +243,29 @@ impl ShardReader {
                 continue;
             }
             *last_handed = Some(seq.clone());
+            let data = Bytes::from(record.data.into_inner());
+            let user_records = match crate::kpl::decode(&data) {
+                Ok(decoded) => decoded.map(Into::into),
+                Err(err) => {
+                    malformed += 1;
+                    warn_malformed(&mut self.last_malformed_warning, shard, &seq, &err);
+                    None
+                }
+            };
             records.push(SourceRecord {
                 sequence_number: seq,
                 // Kinesis always sets one; if not, the destination's validation error sends the
                 // record to the dead-letter stream with its origin instead of losing it here.
                 partition_key: record.partition_key.unwrap_or_default(),
-                data: Bytes::from(record.data.into_inner()),
+                data,
+                user_records,
                 arrival: record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok()),
             });
         }
         self.health.event(shard, event.millis_behind_latest, records.len(), last_handed.as_ref());
+        if malformed > 0 {
+            self.metrics.kpl_malformed_records.with_label_values(&[shard]).inc_by(malformed);
+        }
         if replayed > 0 {
             self.metrics.replayed_records_dropped.with_label_values(&[shard]).inc_by(replayed);
         }
@@ -272,6 +287,20 @@ impl ShardReader {
         // Real Kinesis ends a shard with a null continuation; some emulators keep sending one but
         // announce the children on an empty event.
         Ok(continuation.is_empty() || (child_shards && received == 0))
+    }
+}
+
+/// At most one warning a minute per shard: a producer sending broken aggregates must not flood
+/// the logs (the metric counts every one).
+fn warn_malformed(
+    last: &mut Option<tokio::time::Instant>,
+    shard: &str,
+    seq: &SequenceNumber,
+    err: &crate::kpl::KplError,
+) {
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        *last = Some(tokio::time::Instant::now());
+        tracing::warn!(shard, sequence_number = %seq, error = %err, "A record has the KPL magic bytes but is not a valid aggregate; copying it unchanged as a plain record.");
     }
 }
 

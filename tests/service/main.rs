@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod destinations;
 mod faults;
+mod kpl;
 mod leases;
 mod operate;
 mod replication;

@@ -1,0 +1,182 @@
+//! What a destination actually writes for a chunk of source records, by KPL mode:
+//! the records as they are (passthrough), every user record on its own (deaggregate), or user
+//! records regrouped per destination shard into new aggregates routed into that shard
+//! (reaggregate). Plain records pass through unchanged in every mode.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::config::KplMode;
+use crate::kpl::{Aggregator, MAX_AGGREGATE_BYTES, Packed};
+use crate::progress::Chunk;
+
+/// A destination's open shards as sorted, disjoint hash key ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardMap(Vec<(u128, u128)>);
+
+impl ShardMap {
+    pub fn new(mut ranges: Vec<(u128, u128)>) -> Self {
+        ranges.sort();
+        ShardMap(ranges)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn ranges(&self) -> &[(u128, u128)] {
+        &self.0
+    }
+
+    /// The shard (index into `ranges`) whose range holds `hash`.
+    pub fn shard_of(&self, hash: u128) -> Option<usize> {
+        let index = self.0.partition_point(|(start, _)| *start <= hash).checked_sub(1)?;
+        (hash <= self.0[index].1).then_some(index)
+    }
+}
+
+/// One PutRecords entry, relative to the source record it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The source record as it is.
+    Source,
+    /// One user record (by index) of the source record's aggregate.
+    User(u32),
+    /// Bytes built here: a new aggregate, or a user record too large to aggregate.
+    Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes },
+}
+
+/// The entries to write for `chunk`: (index of the source record, payload), in order.
+pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap) -> Vec<(u32, Payload)> {
+    let mode = match mode {
+        KplMode::Reaggregate if shards.is_empty() => KplMode::Deaggregate,
+        other => other,
+    };
+    let mut out = Vec::with_capacity(chunk.records.len());
+    // Per destination shard: the aggregator and the first source record it holds (for origins).
+    let mut open: BTreeMap<usize, (Aggregator, u32)> = BTreeMap::new();
+    let flush = |open: &mut BTreeMap<usize, (Aggregator, u32)>, out: &mut Vec<(u32, Payload)>| {
+        for (shard, (mut aggregator, first)) in std::mem::take(open) {
+            if let Some(packed) = aggregator.finish() {
+                out.push((first, built(packed, shards, shard)));
+            }
+        }
+    };
+    for (index, record) in chunk.records.iter().enumerate() {
+        let index = index as u32;
+        let users = match (&record.user_records, mode) {
+            (Some(users), KplMode::Deaggregate | KplMode::Reaggregate) => users,
+            _ => {
+                // Keep plain records in order with the aggregates around them.
+                flush(&mut open, &mut out);
+                out.push((index, Payload::Source));
+                continue;
+            }
+        };
+        if mode == KplMode::Deaggregate {
+            out.extend((0..users.len() as u32).map(|i| (index, Payload::User(i))));
+            continue;
+        }
+        for user in users.iter() {
+            let shard = shards.shard_of(user.hash_key()).unwrap_or(0);
+            let (aggregator, _) = open.entry(shard).or_insert_with(|| (Aggregator::new(MAX_AGGREGATE_BYTES), index));
+            for packed in aggregator.add(user) {
+                out.push((index, built(packed, shards, shard)));
+            }
+        }
+    }
+    flush(&mut open, &mut out);
+    out
+}
+
+/// An aggregate is routed into its shard with an explicit hash key inside the shard's range.
+fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
+    match packed {
+        Packed::Aggregate { partition_key, data, .. } => Payload::Built {
+            partition_key,
+            explicit_hash_key: shards.ranges().get(shard).map(|(start, _)| start.to_string()),
+            data,
+        },
+        Packed::Single(user) => Payload::Built {
+            partition_key: user.partition_key,
+            explicit_hash_key: user.explicit_hash_key,
+            data: user.data,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kpl::{UserRecord, decode, partition_key_hash};
+    use crate::progress::Progress;
+    use crate::record::{SequenceNumber, SourceRecord};
+
+    fn chunk(records: Vec<SourceRecord>) -> std::sync::Arc<Chunk> {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        progress.begin(&shard, records, 1)
+    }
+
+    fn source(seq: u64, users: Option<Vec<UserRecord>>) -> SourceRecord {
+        SourceRecord {
+            sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
+            partition_key: "a".into(),
+            data: Bytes::from_static(b"outer"),
+            arrival: None,
+            user_records: users.map(Into::into),
+        }
+    }
+
+    fn users(n: usize) -> Vec<UserRecord> {
+        (0..n)
+            .map(|i| UserRecord {
+                partition_key: format!("key-{i}"),
+                explicit_hash_key: None,
+                data: Bytes::from(format!("data-{i}")),
+            })
+            .collect()
+    }
+
+    fn four_shards() -> ShardMap {
+        let quarter = u128::MAX / 4 + 1;
+        ShardMap::new(
+            (0..4u128).map(|i| (i * quarter, if i == 3 { u128::MAX } else { (i + 1) * quarter - 1 })).collect(),
+        )
+    }
+
+    #[test]
+    fn shard_lookup_covers_the_hash_space() {
+        let map = four_shards();
+        assert_eq!(map.shard_of(0), Some(0));
+        assert_eq!(map.shard_of(u128::MAX), Some(3));
+        assert_eq!(map.shard_of(u128::MAX / 4 + 1), Some(1));
+        assert_eq!(ShardMap::new(vec![(10, 20)]).shard_of(5), None);
+    }
+
+    #[test]
+    fn modes_build_the_expected_entries() {
+        let c = chunk(vec![source(1, Some(users(40))), source(2, None)]);
+        let pass = build(&c, KplMode::Passthrough, &four_shards());
+        assert_eq!(pass, vec![(0, Payload::Source), (1, Payload::Source)]);
+        let deagg = build(&c, KplMode::Deaggregate, &four_shards());
+        assert_eq!(deagg.len(), 41);
+        assert_eq!(deagg[40], (1, Payload::Source), "plain records pass through");
+
+        let map = four_shards();
+        let reagg = build(&c, KplMode::Reaggregate, &map);
+        assert!(reagg.len() <= 5, "at most one aggregate per shard plus the plain record");
+        let mut seen = 0;
+        for (_, payload) in &reagg {
+            let Payload::Built { explicit_hash_key: Some(ehk), data, .. } = payload else { continue };
+            let shard = map.shard_of(ehk.parse().unwrap()).unwrap();
+            for user in decode(data).unwrap().unwrap() {
+                assert_eq!(map.shard_of(partition_key_hash(&user.partition_key)), Some(shard));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 40, "every user record is in exactly one aggregate");
+        assert_eq!(reagg.last(), Some(&(1, Payload::Source)));
+    }
+}
