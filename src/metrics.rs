@@ -42,6 +42,7 @@ pub struct Metrics {
     pub checkpoint_writes: IntCounterVec,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
     pub end_to_end_seconds: Histogram,
+    pub delivery_seconds: Histogram,
     // Process.
     pub idle: IntGauge,
     pub build_info: IntGaugeVec,
@@ -95,6 +96,17 @@ impl Metrics {
         )
         .expect("valid metric");
         register(Box::new(end_to_end_seconds.clone()));
+        let delivery_seconds = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "delivery_latency_seconds",
+                "Time from reading a chunk of records from the source to its acceptance by every destination.",
+            ))
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        register(Box::new(delivery_seconds.clone()));
         let rate_limiter_wait_seconds = prometheus::CounterVec::new(
             opts("rate_limiter_wait_seconds_total", "Time spent waiting on a destination's rate limiter."),
             &["destination"],
@@ -181,6 +193,7 @@ impl Metrics {
             ),
             oldest_unacknowledged_age_seconds,
             end_to_end_seconds,
+            delivery_seconds,
             idle: gauge(
                 "idle",
                 "1 when every shard is caught up, every destination accepted everything read, and nothing new arrived for idle.after.",

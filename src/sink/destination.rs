@@ -527,10 +527,11 @@ impl Writer {
     }
 
     fn complete(&self, chunk: &Chunk) {
-        if chunk.acknowledge()
-            && let Some(arrival) = chunk.records.first().and_then(|r| r.arrival)
-            && let Ok(age) = arrival.elapsed()
-        {
+        if !chunk.acknowledge() {
+            return;
+        }
+        self.task.metrics.delivery_seconds.observe(chunk.read_at.elapsed().as_secs_f64());
+        if let Some(age) = chunk.records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
             self.task.metrics.end_to_end_seconds.observe(age.as_secs_f64());
         }
     }

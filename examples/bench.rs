@@ -1,0 +1,568 @@
+//! The benchmark: the real `kinesis-fanout` binary against the SDK's own floor, in one run.
+//!
+//! `cargo run --release --example bench -- [--scenario NAME] [--records N] [--record-size B]
+//! [--shards S] [--destinations D] [--smoke]`
+//!
+//! Starts a Kinesis emulator in this process (ferrokinesis; shard limits off), runs the service
+//! binary as a child process with a generated config, and reads the child's CPU time and peak RSS
+//! from /proc. Prints a table and one JSON line per scenario. `--smoke` runs every scenario with
+//! tiny sizes (CI checks that it runs and prints valid JSON, not its speed).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StartingPosition, StreamStatus, SubscribeToShardEventStream};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+struct Opts {
+    scenario: Option<String>,
+    records: usize,
+    record_size: usize,
+    shards: i32,
+    destinations: usize,
+    smoke: bool,
+}
+
+fn parse_opts() -> anyhow::Result<Opts> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    Ok(Opts {
+        scenario: value("--scenario"),
+        records: value("--records").map(|v| v.parse()).transpose()?.unwrap_or(if smoke { 2_000 } else { 200_000 }),
+        record_size: value("--record-size").map(|v| v.parse()).transpose()?.unwrap_or(1024),
+        shards: value("--shards").map(|v| v.parse()).transpose()?.unwrap_or(4),
+        destinations: value("--destinations").map(|v| v.parse()).transpose()?.unwrap_or(3),
+        smoke,
+    })
+}
+
+fn sdk(url: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new("bench", "bench", None, None, "bench")))
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .behavior_version(BehaviorVersion::latest())
+        .build()
+}
+
+/// The emulator, with a switch that makes PutRecords to one stream fail (the `stall` scenario).
+struct Emulator {
+    url: String,
+    reject: Arc<Mutex<Option<String>>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn reject_layer(State(reject): State<Arc<Mutex<Option<String>>>>, request: Request, next: Next) -> Response {
+    let put = request.headers().get("x-amz-target").is_some_and(|v| v.as_bytes().ends_with(b"PutRecords"));
+    let target = reject.lock().unwrap().clone();
+    match target {
+        Some(stream) if put => {
+            let (parts, body) = request.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+            if bytes.windows(stream.len()).any(|w| w == stream.as_bytes()) {
+                let body = r#"{"__type":"InternalFailure","message":"bench stall"}"#;
+                return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, body).into_response();
+            }
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+        }
+        _ => next.run(request).await,
+    }
+}
+
+async fn start_emulator() -> anyhow::Result<Emulator> {
+    let options = ferrokinesis::store::StoreOptions {
+        create_stream_ms: 10,
+        shard_limit: 1_000,
+        ..Default::default()
+    };
+    let (app, _store) = ferrokinesis::create_app(options);
+    let reject = Arc::new(Mutex::new(None));
+    let app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&reject), reject_layer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let until = stop.clone();
+    tokio::spawn(async move { ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await });
+    Ok(Emulator { url, reject, _stop: stop.drop_guard() })
+}
+
+async fn create(client: &Client, name: &str, shards: i32) -> anyhow::Result<()> {
+    client.create_stream().stream_name(name).shard_count(shards).send().await?;
+    loop {
+        let out = client.describe_stream_summary().stream_name(name).send().await?;
+        if out.stream_description_summary().is_some_and(|s| *s.stream_status() == StreamStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn record(i: usize, size: usize) -> PutRecordsRequestEntry {
+    let mut data = format!("{i:012}").into_bytes();
+    data.resize(size.max(12), b'x');
+    PutRecordsRequestEntry::builder()
+        .partition_key(format!("pk-{}", i.wrapping_mul(2_654_435_761) % 100_003))
+        .data(Blob::new(data))
+        .build()
+        .expect("complete")
+}
+
+/// Puts records `from..to`, 500 per request, 4 requests at a time.
+async fn produce(client: &Client, stream: &str, from: usize, to: usize, size: usize) -> anyhow::Result<()> {
+    let batches: Vec<Vec<PutRecordsRequestEntry>> =
+        (from..to).collect::<Vec<_>>().chunks(500).map(|c| c.iter().map(|i| record(*i, size)).collect()).collect();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(batches)
+        .map(|entries| async move {
+            let mut pending = entries;
+            while !pending.is_empty() {
+                let out = client.put_records().stream_name(stream).set_records(Some(pending.clone())).send().await?;
+                pending = pending.into_iter().zip(out.records()).filter(|(_, r)| r.error_code().is_some()).map(|(e, _)| e).collect();
+            }
+            Ok(())
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// The service binary next to this example (built when missing, in the same profile).
+fn service_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("unexpected example path"))?;
+    let bin = profile_dir.join("kinesis-fanout");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--bin", "kinesis-fanout"]);
+    if release {
+        build.arg("--release");
+    }
+    if !build.status()?.success() {
+        anyhow::bail!("building the service binary failed");
+    }
+    Ok(bin)
+}
+
+struct Service {
+    child: Child,
+    metrics: String,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_service(bin: &Path, dir: &Path, url: &str, max_in_flight: &str) -> anyhow::Result<Service> {
+    let port = free_port()?;
+    let config = format!(
+        r#"[aws]
+region = "us-east-1"
+endpoint_url = "{url}"
+[source]
+stream_name = "bench-in"
+consumer_name = "bench-service"
+[[destinations]]
+pattern = "^bench-out-.*$"
+refresh_interval = "5s"
+records_per_second = "100000000"
+bytes_per_second = "100GiB"
+max_in_flight_bytes = "{max_in_flight}"
+linger = "50ms"
+initial_backoff = "50ms"
+max_backoff = "1s"
+[checkpoint]
+path = "{checkpoint}"
+interval = "1s"
+[metrics]
+listen = "127.0.0.1:{port}"
+[log]
+level = "warn"
+"#,
+        checkpoint = dir.join("checkpoints.json").display()
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, config)?;
+    let child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("service.log"))?)
+        .spawn()?;
+    Ok(Service { child, metrics: format!("http://127.0.0.1:{port}/metrics") })
+}
+
+/// (CPU seconds, peak RSS MiB) of a running process, from /proc.
+fn usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the command name; 100 ticks/s.
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    (ticks / 100.0, hwm_kib / 1024.0)
+}
+
+async fn scrape(url: &str) -> String {
+    match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Sum of the samples of `name` whose labels contain `filter`.
+fn sum(page: &str, name: &str, filter: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A quantile of a Prometheus histogram, interpolated within its bucket, in milliseconds.
+fn quantile_ms(page: &str, name: &str, q: f64) -> f64 {
+    let bucket = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(&bucket))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, count.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    if total == 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return previous.0 * 1000.0;
+            }
+            let within = if count > previous.1 { (rank - previous.1) / (count - previous.1) } else { 1.0 };
+            return (previous.0 + (le - previous.0) * within) * 1000.0;
+        }
+        previous = (le, count);
+    }
+    previous.0 * 1000.0
+}
+
+fn delivered(page: &str, destination: &str) -> f64 {
+    sum(page, "kinesis_fanout_destination_records_total", &format!("destination=\"{destination}\",outcome=\"ok\""))
+}
+
+async fn wait_delivered(service: &Service, destinations: &[String], each: usize, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let page = scrape(&service.metrics).await;
+        if destinations.iter().all(|d| delivered(&page, d) >= each as f64) {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            anyhow::bail!("destinations did not receive {each} records each within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn stop(mut service: Service) {
+    let _ = Command::new("kill").args(["-TERM", &service.child.id().to_string()]).status();
+    let _ = service.child.wait();
+}
+
+type Report = BTreeMap<&'static str, serde_json::Value>;
+
+async fn setup(opts: &Opts, prefix: &str) -> anyhow::Result<(Emulator, Client, Vec<String>)> {
+    let emulator = start_emulator().await?;
+    let client = Client::new(&sdk(&emulator.url));
+    create(&client, "bench-in", opts.shards).await?;
+    let names: Vec<String> = (0..opts.destinations).map(|i| format!("{prefix}{i}")).collect();
+    for name in &names {
+        create(&client, name, 4).await?;
+    }
+    Ok((emulator, client, names))
+}
+
+async fn drain(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let (emulator, client, names) = setup(opts, "bench-out-").await?;
+    let floor_names: Vec<String> = (0..opts.destinations).map(|i| format!("floor-out-{i}")).collect();
+    for name in &floor_names {
+        create(&client, name, 4).await?;
+    }
+    produce(&client, "bench-in", 0, opts.records, opts.record_size).await?;
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let service = spawn_service(bin, dir.path(), &emulator.url, "32MiB")?;
+    wait_delivered(&service, &names, opts.records, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu, rss) = usage(service.child.id());
+    let page = scrape(&service.metrics).await;
+    stop(service);
+
+    // The floor: a bare SDK reader/writer, same batches and concurrency, in its own process.
+    let floor = Command::new(std::env::current_exe()?)
+        .args(["--floor-worker", &emulator.url, &opts.records.to_string(), &floor_names.join(",")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let floor_pid = floor.id();
+    let sampler = tokio::spawn(async move {
+        let mut last = (0.0, 0.0);
+        loop {
+            let now = usage(floor_pid);
+            if now.0 == 0.0 && now.1 == 0.0 {
+                return last;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let output = tokio::task::spawn_blocking(move || floor.wait_with_output()).await??;
+    let reported: f64 = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0.0);
+    let sampled = sampler.await?.0;
+    let floor_cpu = if reported > 0.0 { reported } else { sampled };
+
+    let gb = (opts.records * opts.record_size * opts.destinations) as f64 / 1e9;
+    let mut r = Report::new();
+    r.insert("records_per_s", json!(((opts.records * opts.destinations) as f64 / elapsed).round()));
+    r.insert("mb_per_s", json!(round2(gb * 1000.0 / elapsed)));
+    r.insert("cpu_s_per_gb", json!(round2(cpu / gb)));
+    r.insert("floor_cpu_s_per_gb", json!(round2(floor_cpu / gb)));
+    r.insert("ratio", json!(round2(if floor_cpu > 0.0 { cpu / floor_cpu } else { 0.0 })));
+    r.insert("peak_rss_mib", json!(round2(rss)));
+    r.insert("p50_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.5))));
+    r.insert("p99_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.99))));
+    Ok(r)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Produces `rate` records/s for `seconds`, from `offset`. Returns how many were put.
+async fn steady(client: &Client, rate: usize, seconds: u64, offset: usize, size: usize) -> anyhow::Result<usize> {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let per_tick = (rate / 10).max(1);
+    let mut put = 0;
+    for _ in 0..seconds * 10 {
+        tick.tick().await;
+        produce(client, "bench-in", offset + put, offset + put + per_tick, size).await?;
+        put += per_tick;
+    }
+    Ok(put)
+}
+
+async fn latency(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let (emulator, client, names) = setup(opts, "bench-out-").await?;
+    let dir = tempfile::tempdir()?;
+    let service = spawn_service(bin, dir.path(), &emulator.url, "32MiB")?;
+    let seconds = if opts.smoke { 2 } else { 30 };
+    let put = steady(&client, 2_000, seconds, 0, opts.record_size).await?;
+    wait_delivered(&service, &names, put, Duration::from_secs(60)).await?;
+    let (cpu, rss) = usage(service.child.id());
+    let page = scrape(&service.metrics).await;
+    stop(service);
+    let mut r = Report::new();
+    r.insert("records_per_s", json!(put as f64 / seconds as f64));
+    r.insert("cpu_s", json!(round2(cpu)));
+    r.insert("peak_rss_mib", json!(round2(rss)));
+    r.insert("p50_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.5))));
+    r.insert("p99_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.99))));
+    r.insert("max_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 1.0))));
+    r.insert("arrival_p99_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_end_to_end_latency_seconds", 0.99))));
+    Ok(r)
+}
+
+async fn stall(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let (emulator, client, names) = setup(opts, "bench-out-").await?;
+    let dir = tempfile::tempdir()?;
+    let budget_mib = 32.0;
+    let service = spawn_service(bin, dir.path(), &emulator.url, "32MiB")?;
+    let broken = names[names.len() - 1].clone();
+    *emulator.reject.lock().unwrap() = Some(broken.clone());
+    let seconds = if opts.smoke { 2 } else { 30 };
+    let put = steady(&client, 2_000, seconds, 0, opts.record_size).await?;
+    let page = scrape(&service.metrics).await;
+    let others_during: f64 = names[..names.len() - 1].iter().map(|d| delivered(&page, d)).sum::<f64>() / (names.len() - 1) as f64;
+    *emulator.reject.lock().unwrap() = None;
+    let healed = Instant::now();
+    wait_delivered(&service, &names, put, Duration::from_secs(120)).await?;
+    let recovery = healed.elapsed().as_secs_f64();
+    let (cpu, rss) = usage(service.child.id());
+    stop(service);
+    let mut r = Report::new();
+    r.insert("records_put", json!(put));
+    r.insert("others_delivered_during_stall", json!(others_during));
+    r.insert("recovery_s", json!(round2(recovery)));
+    r.insert("cpu_s", json!(round2(cpu)));
+    r.insert("peak_rss_mib", json!(round2(rss)));
+    r.insert("rss_limit_mib", json!(budget_mib * names.len() as f64 + 48.0));
+    Ok(r)
+}
+
+async fn wide(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let wide = Opts { shards: if opts.smoke { 8 } else { 64 }, destinations: if opts.smoke { 3 } else { 10 }, ..opts.clone() };
+    let (emulator, client, names) = setup(&wide, "bench-out-").await?;
+    let dir = tempfile::tempdir()?;
+    let service = spawn_service(bin, dir.path(), &emulator.url, "8MiB")?;
+    let seconds = if opts.smoke { 2 } else { 60 };
+    let rate = 50 * wide.shards as usize;
+    let put = steady(&client, rate, seconds, 0, opts.record_size).await?;
+    let stopped = Instant::now();
+    wait_delivered(&service, &names, put, Duration::from_secs(120)).await?;
+    let catch_up = stopped.elapsed().as_secs_f64();
+    let page = scrape(&service.metrics).await;
+    let (cpu, rss) = usage(service.child.id());
+    stop(service);
+    let mut r = Report::new();
+    r.insert("records_per_s", json!(rate));
+    r.insert("shards", json!(wide.shards));
+    r.insert("destinations", json!(wide.destinations));
+    r.insert("catch_up_after_stop_s", json!(round2(catch_up)));
+    r.insert("kept_up", json!(catch_up < 2.0));
+    r.insert("cpu_s", json!(round2(cpu)));
+    r.insert("peak_rss_mib", json!(round2(rss)));
+    r.insert("p99_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.99))));
+    Ok(r)
+}
+
+/// The floor: reads the source with SubscribeToShard and writes every record to each destination
+/// with PutRecords, 500 per request, one request in flight per destination, like the service.
+/// Prints its own CPU seconds when done.
+async fn floor_worker(url: &str, records: usize, destinations: Vec<String>) -> anyhow::Result<()> {
+    let client = Client::new(&sdk(url));
+    let stream = client.describe_stream_summary().stream_name("bench-in").send().await?;
+    let arn = stream.stream_description_summary().map(|s| s.stream_arn().to_string()).unwrap_or_default();
+    let consumer = client.register_stream_consumer().stream_arn(&arn).consumer_name("bench-floor").send().await?;
+    let consumer_arn = consumer.consumer().map(|c| c.consumer_arn().to_string()).unwrap_or_default();
+    loop {
+        let d = client.describe_stream_consumer().consumer_arn(&consumer_arn).send().await?;
+        if d.consumer_description().is_some_and(|c| c.consumer_status().as_str() == "ACTIVE") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shards = client.list_shards().stream_name("bench-in").send().await?;
+    let mut writers = Vec::new();
+    let mut senders = Vec::new();
+    for name in destinations {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<(String, bytes::Bytes)>>>(64);
+        senders.push(tx);
+        let client = client.clone();
+        writers.push(tokio::spawn(async move {
+            let mut written = 0;
+            while written < records {
+                let Some(batch) = rx.recv().await else { break };
+                for chunk in batch.chunks(500) {
+                    let entries: Vec<PutRecordsRequestEntry> = chunk
+                        .iter()
+                        .map(|(pk, data)| {
+                            PutRecordsRequestEntry::builder().partition_key(pk).data(Blob::new(data.to_vec())).build().expect("complete")
+                        })
+                        .collect();
+                    let _ = client.put_records().stream_name(&name).set_records(Some(entries)).send().await;
+                    written += chunk.len();
+                }
+            }
+        }));
+    }
+    for shard in shards.shards() {
+        let client = client.clone();
+        let consumer_arn = consumer_arn.clone();
+        let shard_id = shard.shard_id().to_string();
+        let senders = senders.clone();
+        tokio::spawn(async move {
+            let mut out = client
+                .subscribe_to_shard()
+                .consumer_arn(consumer_arn)
+                .shard_id(shard_id)
+                .starting_position(StartingPosition::builder().r#type(ShardIteratorType::TrimHorizon).build().expect("type"))
+                .send()
+                .await
+                .expect("subscribe");
+            while let Ok(Some(event)) = out.event_stream.recv().await {
+                if let SubscribeToShardEventStream::SubscribeToShardEvent(e) = event {
+                    if e.records.is_empty() {
+                        continue;
+                    }
+                    let batch: Arc<Vec<(String, bytes::Bytes)>> = Arc::new(
+                        e.records
+                            .into_iter()
+                            .map(|r| (r.partition_key.unwrap_or_default(), bytes::Bytes::from(r.data.into_inner())))
+                            .collect(),
+                    );
+                    for tx in &senders {
+                        let _ = tx.send(Arc::clone(&batch)).await;
+                    }
+                }
+            }
+        });
+    }
+    for writer in writers {
+        writer.await?;
+    }
+    println!("{}", usage(std::process::id()).0);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--floor-worker") {
+        let destinations = args[4].split(',').map(String::from).collect();
+        return floor_worker(&args[2], args[3].parse()?, destinations).await;
+    }
+    let opts = parse_opts()?;
+    let bin = service_binary()?;
+    let all = ["drain", "latency", "stall", "wide"];
+    let chosen: Vec<&str> = match &opts.scenario {
+        Some(name) if name == "floor" => vec!["drain"],
+        Some(name) => vec![all.iter().find(|s| **s == name).copied().ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?],
+        None => all.to_vec(),
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("kinesis-fanout benchmark on {cores} cores ({} records of {} bytes for drain)\n", opts.records, opts.record_size);
+    let mut lines = Vec::new();
+    for scenario in chosen {
+        let started = Instant::now();
+        let mut report = match scenario {
+            "drain" => drain(&opts, &bin).await?,
+            "latency" => latency(&opts, &bin).await?,
+            "stall" => stall(&opts, &bin).await?,
+            _ => wide(&opts, &bin).await?,
+        };
+        report.insert("wall_s", json!(round2(started.elapsed().as_secs_f64())));
+        println!("{scenario:<8} {}", report.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("  "));
+        let mut line = serde_json::Map::new();
+        line.insert("scenario".into(), json!(scenario));
+        line.insert("cores".into(), json!(cores));
+        line.extend(report.into_iter().map(|(k, v)| (k.to_string(), v)));
+        lines.push(serde_json::Value::Object(line));
+    }
+    println!();
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
