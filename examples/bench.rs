@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StartingPosition, StreamStatus, SubscribeToShardEventStream};
+use aws_sdk_kinesis::types::{
+    PutRecordsRequestEntry, ShardIteratorType, StartingPosition, StreamStatus, SubscribeToShardEventStream,
+};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -86,6 +88,9 @@ async fn start_emulator() -> anyhow::Result<Emulator> {
     let options = ferrokinesis::store::StoreOptions {
         create_stream_ms: 10,
         shard_limit: 1_000,
+        // AWS sends SubscribeToShard events of about a megabyte at most (a shard reads 2 MB/s);
+        // the emulator's default of 10,000 records per event would make every reader hold 10 MB.
+        subscribe_to_shard_event_record_limit: 1_000,
         ..Default::default()
     };
     let (app, _store) = ferrokinesis::create_app(options);
@@ -95,7 +100,9 @@ async fn start_emulator() -> anyhow::Result<Emulator> {
     let url = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
     let until = stop.clone();
-    tokio::spawn(async move { ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await });
+    tokio::spawn(
+        async move { ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await },
+    );
     Ok(Emulator { url, reject, _stop: stop.drop_guard() })
 }
 
@@ -129,7 +136,12 @@ async fn produce(client: &Client, stream: &str, from: usize, to: usize, size: us
             let mut pending = entries;
             while !pending.is_empty() {
                 let out = client.put_records().stream_name(stream).set_records(Some(pending.clone())).send().await?;
-                pending = pending.into_iter().zip(out.records()).filter(|(_, r)| r.error_code().is_some()).map(|(e, _)| e).collect();
+                pending = pending
+                    .into_iter()
+                    .zip(out.records())
+                    .filter(|(_, r)| r.error_code().is_some())
+                    .map(|(e, _)| e)
+                    .collect();
             }
             Ok(())
         })
@@ -139,8 +151,12 @@ async fn produce(client: &Client, stream: &str, from: usize, to: usize, size: us
     results.into_iter().collect()
 }
 
-/// The service binary next to this example (built when missing, in the same profile).
+/// The service binary: `KINESIS_FANOUT_BIN` when set (CI reuses the test build), else the one
+/// next to this example, built first in the same profile so it is never stale.
 fn service_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("KINESIS_FANOUT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("unexpected example path"))?;
     let bin = profile_dir.join("kinesis-fanout");
@@ -211,7 +227,8 @@ level = "warn"
 /// (CPU seconds, peak RSS MiB) of a running process, from /proc.
 fn usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the command name; 100 ticks/s.
     let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -272,7 +289,12 @@ fn delivered(page: &str, destination: &str) -> f64 {
     sum(page, "kinesis_fanout_destination_records_total", &format!("destination=\"{destination}\",outcome=\"ok\""))
 }
 
-async fn wait_delivered(service: &Service, destinations: &[String], each: usize, limit: Duration) -> anyhow::Result<()> {
+async fn wait_delivered(
+    service: &Service,
+    destinations: &[String],
+    each: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         let page = scrape(&service.metrics).await;
@@ -404,7 +426,8 @@ async fn stall(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     let seconds = if opts.smoke { 2 } else { 30 };
     let put = steady(&client, 2_000, seconds, 0, opts.record_size).await?;
     let page = scrape(&service.metrics).await;
-    let others_during: f64 = names[..names.len() - 1].iter().map(|d| delivered(&page, d)).sum::<f64>() / (names.len() - 1) as f64;
+    let others_during: f64 =
+        names[..names.len() - 1].iter().map(|d| delivered(&page, d)).sum::<f64>() / (names.len() - 1) as f64;
     *emulator.reject.lock().unwrap() = None;
     let healed = Instant::now();
     wait_delivered(&service, &names, put, Duration::from_secs(120)).await?;
@@ -422,7 +445,8 @@ async fn stall(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
 }
 
 async fn wide(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
-    let wide = Opts { shards: if opts.smoke { 8 } else { 64 }, destinations: if opts.smoke { 3 } else { 10 }, ..opts.clone() };
+    let wide =
+        Opts { shards: if opts.smoke { 8 } else { 64 }, destinations: if opts.smoke { 3 } else { 10 }, ..opts.clone() };
     let (emulator, client, names) = setup(&wide, "bench-out-").await?;
     let dir = tempfile::tempdir()?;
     let service = spawn_service(bin, dir.path(), &emulator.url, "8MiB")?;
@@ -478,7 +502,11 @@ async fn floor_worker(url: &str, records: usize, destinations: Vec<String>) -> a
                     let entries: Vec<PutRecordsRequestEntry> = chunk
                         .iter()
                         .map(|(pk, data)| {
-                            PutRecordsRequestEntry::builder().partition_key(pk).data(Blob::new(data.to_vec())).build().expect("complete")
+                            PutRecordsRequestEntry::builder()
+                                .partition_key(pk)
+                                .data(Blob::new(data.to_vec()))
+                                .build()
+                                .expect("complete")
                         })
                         .collect();
                     let _ = client.put_records().stream_name(&name).set_records(Some(entries)).send().await;
@@ -497,7 +525,9 @@ async fn floor_worker(url: &str, records: usize, destinations: Vec<String>) -> a
                 .subscribe_to_shard()
                 .consumer_arn(consumer_arn)
                 .shard_id(shard_id)
-                .starting_position(StartingPosition::builder().r#type(ShardIteratorType::TrimHorizon).build().expect("type"))
+                .starting_position(
+                    StartingPosition::builder().r#type(ShardIteratorType::TrimHorizon).build().expect("type"),
+                )
                 .send()
                 .await
                 .expect("subscribe");
@@ -538,11 +568,16 @@ async fn main() -> anyhow::Result<()> {
     let all = ["drain", "latency", "stall", "wide"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
-        Some(name) => vec![all.iter().find(|s| **s == name).copied().ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?],
+        Some(name) => {
+            vec![all.iter().find(|s| **s == name).copied().ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?]
+        }
         None => all.to_vec(),
     };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("kinesis-fanout benchmark on {cores} cores ({} records of {} bytes for drain)\n", opts.records, opts.record_size);
+    println!(
+        "kinesis-fanout benchmark on {cores} cores ({} records of {} bytes for drain)\n",
+        opts.records, opts.record_size
+    );
     let mut lines = Vec::new();
     for scenario in chosen {
         let started = Instant::now();

@@ -25,6 +25,10 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
         config: Option<PathBuf>,
+        /// File backend: move the checkpoint file aside (kept as `<path>.reset-<unix time>`) and
+        /// start from source.initial_position. For a corrupt file, and only on purpose.
+        #[arg(long)]
+        reset_checkpoints: bool,
     },
     /// Validates the configuration, resolves the source stream and prints the destinations the
     /// patterns match now.
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
     if let Command::Healthcheck { addr: Some(addr), .. } = &cli.command {
         return healthcheck(addr);
     }
-    let (Command::Run { config } | Command::Check { config } | Command::Healthcheck { config, .. }) = &cli.command;
+    let (Command::Run { config, .. } | Command::Check { config } | Command::Healthcheck { config, .. }) = &cli.command;
     let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -69,6 +73,12 @@ fn main() -> ExitCode {
         return healthcheck(&addr.to_string());
     }
     init_logging(&settings.log);
+    if let Command::Run { reset_checkpoints: true, .. } = cli.command
+        && let Err(err) = reset_checkpoints(&settings)
+    {
+        eprintln!("kinesis-fanout: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
@@ -86,6 +96,32 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("kinesis-fanout: {}", chain(&err));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Moves the checkpoint file aside, keeping it for inspection.
+fn reset_checkpoints(settings: &Settings) -> Result<(), String> {
+    match &settings.checkpoint.backend {
+        kinesis_fanout::config::CheckpointBackend::File { path } => {
+            if !path.exists() {
+                return Ok(());
+            }
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let kept = path.with_file_name(format!(
+                "{}.reset-{stamp}",
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
+            std::fs::rename(path, &kept)
+                .map_err(|e| format!("cannot move checkpoint file {} aside: {e}", path.display()))?;
+            tracing::warn!(old = %kept.display(), "Checkpoints reset: starting from source.initial_position.");
+            Ok(())
+        }
+        kinesis_fanout::config::CheckpointBackend::DynamoDb(_) => {
+            Err("--reset-checkpoints works with the file backend; reset a lease table by deleting its items".into())
         }
     }
 }

@@ -244,9 +244,20 @@ impl Settings {
     }
 
     fn from_tree(tree: &serde_json::Value, problems: &mut Vec<Problem>) -> Option<Settings> {
+        reject_access_keys(tree, "", problems);
         let mut root = Section::root(tree, problems);
-        let aws =
-            root.section("aws", |s| AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") });
+        let aws = root.section("aws", |s| {
+            for key in LITERAL_CREDENTIALS {
+                if s.string(key).is_some() {
+                    s.problem(
+                        key,
+                        "literal AWS credentials are not accepted in the configuration; the service uses the \
+                         SDK's credential chain (the task role on ECS, a profile or the environment elsewhere)",
+                    );
+                }
+            }
+            AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") }
+        });
         let source = root.section("source", source_settings);
         let kpl = root
             .section("records", |s| s.parsed("kpl", "reaggregate", parse_kpl))
@@ -419,6 +430,41 @@ fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
     CheckpointSettings { backend, interval: interval.unwrap_or(Duration::from_secs(5)) }
 }
 
+/// Keys people reach for when pasting credentials into a config file.
+const LITERAL_CREDENTIALS: [&str; 5] =
+    ["access_key_id", "secret_access_key", "session_token", "aws_access_key_id", "aws_secret_access_key"];
+
+/// Reports (without echoing it) any value that looks like an AWS access key id.
+fn reject_access_keys(value: &serde_json::Value, path: &str, problems: &mut Vec<Problem>) {
+    match value {
+        serde_json::Value::String(text) => {
+            let looks_like_key = text.len() == 20
+                && (text.starts_with("AKIA") || text.starts_with("ASIA"))
+                && text.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+            if looks_like_key {
+                problems.push(Problem {
+                    key: path.to_string(),
+                    message: "holds what looks like an AWS access key id; credentials come from the SDK's chain, \
+                              never from the configuration"
+                        .into(),
+                });
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (key, child) in map {
+                let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                reject_access_keys(child, &path, problems);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                reject_access_keys(child, &format!("{path}[{i}]"), problems);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `KINESIS_FANOUT__DESTINATIONS__0__PATTERN` → `destinations[0].pattern`.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
@@ -492,6 +538,18 @@ mod tests {
         ] {
             assert!(keys.contains(&expected), "{expected} not in {keys:?}");
         }
+    }
+
+    #[test]
+    fn literal_credentials_are_rejected_without_echoing_them() {
+        let err = Settings::from_toml(&format!(
+            "{MINIMAL}\n[aws]\nsecret_access_key = \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\"\nregion = \"AKIAIOSFODNN7EXAMPLE\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"aws.secret_access_key") && keys.contains(&"aws.region"), "{keys:?}");
+        let text = err.to_string();
+        assert!(!text.contains("wJalrXUtnFEMI") && !text.contains("AKIAIOSFODNN7EXAMPLE"), "{text}");
     }
 
     #[test]

@@ -126,3 +126,41 @@ async fn healthcheck_probes_the_admin_port() {
     let out = run_cli(&["healthcheck", "--addr", &addr], &[]).await;
     assert_eq!(out.status.code(), Some(1), "a stopped service fails the health check");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_file_is_refused_until_reset_explicitly() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    create_stream(&client, "out-x", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoints.json");
+    std::fs::write(&checkpoint, b"{\"version\":1,\"source_str").unwrap();
+    let path = write(dir.path(), "c.toml", &config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
+    let aws = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+
+    let out = run_cli(&["run", "--config", &path], &aws).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("checkpoints.json") && stderr.contains("corrupt"), "{stderr}");
+    assert!(checkpoint.exists(), "the corrupt file is left alone");
+
+    // The explicit escape hatch moves it aside and starts over.
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(["run", "--reset-checkpoints", "--config", &path]).env("RUST_LOG", "warn");
+    for (k, v) in aws {
+        command.env(k, v);
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id().unwrap();
+    wait_until("the corrupt file was moved aside", || async {
+        std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".reset-"))
+    })
+    .await;
+    put_all(&client, "in", &records(90, 10, 8)).await;
+    wait_until("copying again", || async { !read_all(&client, "out-x").await.is_empty() }).await;
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap().status;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status:?}");
+    assert!(std::fs::read_to_string(&checkpoint).unwrap().contains("shardId-"), "a fresh checkpoint was written");
+}

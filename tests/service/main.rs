@@ -4,6 +4,7 @@ mod helpers;
 
 mod cli;
 mod cluster;
+mod crash;
 mod destinations;
 mod faults;
 mod kpl;
