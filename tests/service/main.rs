@@ -9,6 +9,8 @@ mod destinations;
 mod faults;
 mod kpl;
 mod leases;
+mod network;
 mod operate;
 mod replication;
 mod resharding;
+mod soak;
