@@ -38,16 +38,21 @@ pub enum RunError {
     Lease(#[from] LeaseError),
 }
 
-/// One service instance: configuration, AWS clients and metrics.
+/// One service instance: the replication pipeline and its admin port.
 pub struct Service {
+    pipeline: Pipeline,
+    /// Bound at construction, so that a port conflict fails fast and tests learn the port.
+    admin: std::net::TcpListener,
+}
+
+/// Everything replication needs; shared state is also read by the admin port.
+struct Pipeline {
     settings: Arc<Settings>,
     clients: KinesisClients,
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
     health: Arc<Health>,
     sdk: aws_config::SdkConfig,
-    /// Bound at construction, so that a port conflict fails fast and tests learn the port.
-    admin: std::net::TcpListener,
 }
 
 impl Service {
@@ -59,32 +64,32 @@ impl Service {
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| RunError::Admin { addr, source })?;
-        Ok(Service {
+        let pipeline = Pipeline {
             settings: Arc::new(settings),
             clients,
             metrics: Arc::new(Metrics::new()),
             progress: Arc::new(Progress::default()),
             health: Arc::new(Health::default()),
             sdk: sdk.clone(),
-            admin,
-        })
+        };
+        Ok(Service { pipeline, admin })
     }
 
     pub fn health(&self) -> Arc<Health> {
-        Arc::clone(&self.health)
+        Arc::clone(&self.pipeline.health)
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub fn admin_addr(&self) -> std::net::SocketAddr {
-        self.admin.local_addr().unwrap_or(self.settings.metrics.listen)
+        self.admin.local_addr().unwrap_or(self.pipeline.settings.metrics.listen)
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
+        Arc::clone(&self.pipeline.metrics)
     }
 
     pub fn progress(&self) -> Arc<Progress> {
-        Arc::clone(&self.progress)
+        Arc::clone(&self.pipeline.progress)
     }
 
     /// Runs until `shutdown` fires (then drains within the grace period and exits cleanly) or a
@@ -95,38 +100,25 @@ impl Service {
         let listener =
             tokio::net::TcpListener::from_std(self.admin).map_err(|source| RunError::Admin { addr, source })?;
         tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
+        let pipeline = self.pipeline;
         let admin = tokio::spawn(crate::admin::serve(
             listener,
-            Arc::clone(&self.metrics),
-            Arc::clone(&self.health),
-            Arc::clone(&self.progress),
+            Arc::clone(&pipeline.metrics),
+            Arc::clone(&pipeline.health),
+            Arc::clone(&pipeline.progress),
             admin_stop.clone(),
         ));
         let _stop_admin = admin_stop.drop_guard();
-        let outcome = Self::replicate(
-            Arc::clone(&self.settings),
-            self.clients,
-            self.metrics,
-            self.progress,
-            self.health,
-            self.sdk,
-            shutdown,
-        )
-        .await;
+        let outcome = pipeline.replicate(shutdown).await;
         drop(_stop_admin);
         let _ = admin.await;
         outcome
     }
+}
 
-    async fn replicate(
-        settings: Arc<Settings>,
-        clients: KinesisClients,
-        metrics: Arc<Metrics>,
-        progress: Arc<Progress>,
-        health: Arc<Health>,
-        sdk: aws_config::SdkConfig,
-        shutdown: CancellationToken,
-    ) -> Result<(), RunError> {
+impl Pipeline {
+    async fn replicate(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let Pipeline { settings, clients, metrics, progress, health, sdk } = self;
         let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
         let consumer_arn =

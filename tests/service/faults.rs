@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use ferrokinesis::store::StoreOptions;
 use kinesis_fanout::fanout::MAX_CHUNK_BYTES;
 
@@ -5,6 +7,22 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoints() {
+    stuck_destination(Duration::ZERO, false).await;
+}
+
+/// The same, throttled for minutes (opt-in: `cargo test --test service throttled_for_minutes -- --ignored`,
+/// THROTTLE_SECONDS to change the length).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long; run on purpose"]
+async fn a_destination_throttled_for_minutes_bounds_memory_and_recovers() {
+    let seconds = std::env::var("THROTTLE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(180);
+    stuck_destination(Duration::from_secs(seconds), true).await;
+}
+
+/// One destination of two fails every write (500s, or throttling) for `hold` beyond what the
+/// checks need: memory stays within its buffer, the source pauses, nothing is checkpointed past
+/// its records, and everything arrives once it accepts again.
+async fn stuck_destination(hold: Duration, throttle: bool) {
     // Events of at most 200 records, as AWS keeps its events small.
     let emulator =
         Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
@@ -12,7 +30,11 @@ async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoin
     create_stream(&client, "in", 1).await;
     create_stream(&client, "out-healthy", 1).await;
     create_stream(&client, "out-broken", 1).await;
-    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    if throttle {
+        emulator.faults.lock().unwrap().throttle_puts_to = Some("out-broken".into());
+    } else {
+        emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    }
     let (_dir, checkpoint) = temp_checkpoint();
     let budget: u64 = 1 << 20;
     let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"max_in_flight_bytes = "1MiB""#);
@@ -21,8 +43,16 @@ async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoin
     // 6 MiB of records: far more than the broken destination's 1 MiB budget.
     let input = records(20, 6_000, 1_024);
     put_all(&client, "in", &input).await;
-    wait_until("broken destination retried many times", || async { service.counter("out-broken", "retried") > 2_000 })
-        .await;
+    wait_until("broken destination retried many times", || async {
+        service.counter("out-broken", "retried") + service.counter("out-broken", "throttled") > 2_000
+    })
+    .await;
+    let until = tokio::time::Instant::now() + hold;
+    while tokio::time::Instant::now() < until {
+        let buffered = service.metrics.buffered_bytes.with_label_values(&["out-broken"]).get() as u64;
+        assert!(buffered <= budget + MAX_CHUNK_BYTES as u64, "buffer bounded while stuck: {buffered} bytes");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     let buffered = service.metrics.buffered_bytes.with_label_values(&["out-broken"]).get() as u64;
     assert!(buffered <= budget + MAX_CHUNK_BYTES as u64, "buffer bounded: {buffered} bytes");
@@ -31,7 +61,11 @@ async fn a_destination_that_rejects_everything_bounds_memory_and_holds_checkpoin
     assert!(service.progress.checkpoints().is_empty(), "nothing is checkpointed past undelivered records");
     assert!(!checkpoint.exists() || !std::fs::read_to_string(&checkpoint).unwrap().contains("shardId"));
 
-    emulator.faults.lock().unwrap().reject_puts_to = None;
+    {
+        let mut faults = emulator.faults.lock().unwrap();
+        faults.reject_puts_to = None;
+        faults.throttle_puts_to = None;
+    }
     service.wait_accepted("out-broken", 6_000).await;
     service.wait_accepted("out-healthy", 6_000).await;
     service.stop().await.unwrap();

@@ -30,6 +30,8 @@ pub const WAIT: Duration = Duration::from_secs(90);
 pub struct Faults {
     /// PutRecords requests naming this stream get a 500 InternalFailure.
     pub reject_puts_to: Option<String>,
+    /// PutRecords requests naming this stream get a 400 ProvisionedThroughputExceededException.
+    pub throttle_puts_to: Option<String>,
     /// PutRecords requests naming this stream get a 400 AccessDeniedException (cannot succeed).
     pub deny_puts_to: Option<String>,
     /// The next N SubscribeToShard calls get 400 ResourceInUseException.
@@ -112,6 +114,12 @@ async fn inject_faults(State(faults): State<Arc<Mutex<Faults>>>, request: Reques
             && contains(&bytes, stream.as_bytes())
         {
             return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure");
+        }
+        if operation == "PutRecords"
+            && let Some(stream) = &faults.throttle_puts_to
+            && contains(&bytes, stream.as_bytes())
+        {
+            return error_response(StatusCode::BAD_REQUEST, "ProvisionedThroughputExceededException");
         }
         if operation == "PutRecords"
             && let Some(stream) = &faults.deny_puts_to
