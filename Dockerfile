@@ -20,8 +20,8 @@ COPY --from=builder /src/target/release/kinesis-fanout /usr/local/bin/kinesis-fa
 COPY config/kinesis-fanout.toml /etc/kinesis-fanout/config.toml
 # The only writable path (file checkpoint backend); mount a volume here with a read-only root.
 COPY --from=builder --chown=nonroot:nonroot /out/var/lib/kinesis-fanout /var/lib/kinesis-fanout
-# MALLOC_ARENA_MAX: glibc otherwise grows an arena per thread; the 10-minute soak's RSS grew 53% without it
-# and 9% with it.
+# MALLOC_ARENA_MAX=2: fewer glibc malloc arenas, the usual setting for a small multi-threaded service in a
+# container (see the README's soak figures: RSS over time is still under investigation).
 ENV KINESIS_FANOUT_CONFIG=/etc/kinesis-fanout/config.toml \
     KINESIS_FANOUT__METRICS__LISTEN=0.0.0.0:9090 \
     KINESIS_FANOUT__CHECKPOINT__PATH=/var/lib/kinesis-fanout/checkpoints.json \
