@@ -271,7 +271,7 @@ impl Backend {
                 };
                 tracing::info!(worker = %me, table = %lease.table_name, failover_ms = lease.failover_time.as_millis() as u64, "Sharing shards through the lease table.");
                 let (manager, events, share) = LeaseManager::new(table, me, lease.failover_time);
-                let shards = source::list_shards(&clients.control, stream).await?;
+                let shards = source::list_shards(&clients.control, &stream.name).await?;
                 manager.sync(&shards, settings.source.initial_position).await?;
                 Ok(Backend {
                     store: Arc::clone(&manager) as Arc<dyn CheckpointStore>,

@@ -90,36 +90,23 @@ struct Running {
     kpl: KplMode,
 }
 
-/// The open shards of a stream as hash key ranges (paginated ListShards).
+/// The open shards of a stream as hash key ranges.
 pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Option<ShardMap> {
-    let mut ranges = Vec::new();
-    let mut next_token: Option<String> = None;
-    loop {
-        let request = match &next_token {
-            Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
-        };
-        let page = match request.send().await {
-            Ok(page) => page,
-            Err(err) => {
-                tracing::warn!(stream, error = %crate::aws::chain(&err), "ListShards failed; keeping the last known shard map.");
-                return None;
-            }
-        };
-        for shard in page.shards() {
-            let open = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none();
-            let range = shard.hash_key_range().and_then(|r| {
-                Some((r.starting_hash_key().parse::<u128>().ok()?, r.ending_hash_key().parse::<u128>().ok()?))
-            });
-            if let (true, Some(range)) = (open, range) {
-                ranges.push(range);
-            }
+    let shards = match crate::source::list_shards(client, stream).await {
+        Ok(shards) => shards,
+        Err(err) => {
+            tracing::warn!(stream, error = %crate::aws::chain(&err), "ListShards failed; keeping the last known shard map.");
+            return None;
         }
-        match page.next_token() {
-            Some(token) => next_token = Some(token.to_string()),
-            None => break,
-        }
-    }
+    };
+    let ranges = shards
+        .into_iter()
+        .filter(|s| !s.closed)
+        .filter_map(|s| {
+            let (start, end) = s.hash_range?;
+            Some((start.parse::<u128>().ok()?, end.parse::<u128>().ok()?))
+        })
+        .collect();
     Some(ShardMap::new(ranges))
 }
 

@@ -82,22 +82,19 @@ pub enum SourceError {
     Cancelled,
 }
 
-/// Every shard of the stream (paginated ListShards).
-pub async fn list_shards(
-    client: &aws_sdk_kinesis::Client,
-    stream: &SourceStream,
-) -> Result<Vec<ShardInfo>, SourceError> {
+/// Every shard of a stream (paginated ListShards).
+pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<ShardInfo>, SourceError> {
     let mut shards = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
         let request = match &next_token {
             Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(&stream.name),
+            None => client.list_shards().stream_name(stream),
         };
         let page = request
             .send()
             .await
-            .map_err(|err| SourceError::ListShards { stream: stream.name.clone(), source: Box::new(err) })?;
+            .map_err(|err| SourceError::ListShards { stream: stream.to_string(), source: Box::new(err) })?;
         for shard in page.shards() {
             let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
                 .into_iter()
@@ -169,7 +166,7 @@ impl Source {
 
     /// Creates leases for shards that have none (new children included).
     async fn sync_leases(&self, manager: &LeaseManager) -> Option<Vec<ShardInfo>> {
-        let shards = match list_shards(&self.clients.control, &self.stream).await {
+        let shards = match list_shards(&self.clients.control, &self.stream.name).await {
             Ok(shards) => shards,
             Err(err) => {
                 tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
@@ -244,7 +241,7 @@ impl Source {
             }
             match exit {
                 ReaderExit::Ended => {
-                    let children: Vec<String> = match list_shards(&self.clients.control, &self.stream).await {
+                    let children: Vec<String> = match list_shards(&self.clients.control, &self.stream.name).await {
                         Ok(shards) => {
                             shards.iter().filter(|s| s.parents.contains(&shard)).map(|s| s.id.clone()).collect()
                         }
@@ -280,7 +277,7 @@ impl Source {
         let mut list_backoff =
             crate::sink::retry::Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL).expect("valid bounds");
         let result = loop {
-            let relist_after = match list_shards(&self.clients.control, &self.stream).await {
+            let relist_after = match list_shards(&self.clients.control, &self.stream.name).await {
                 Ok(shards) => {
                     list_backoff.reset();
                     for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &running) {

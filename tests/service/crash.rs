@@ -13,12 +13,15 @@ use crate::helpers::*;
 const BIN: &str = env!("CARGO_BIN_EXE_kinesis-fanout");
 const OUTPUTS: [&str; 3] = ["out-1", "out-2", "out-3"];
 
-struct Process {
-    child: tokio::process::Child,
+/// The real binary as a child process, with its metrics port.
+pub struct Process {
+    pub child: tokio::process::Child,
     metrics: String,
 }
 
-fn spawn(config: &str, dir: &Path, name: &str) -> Process {
+/// Starts the binary on `config` (its `metrics.listen` port 0 replaced by a free port), with test
+/// credentials and the allocator setting the Dockerfile and the ECS task use.
+pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
     let path = dir.join(format!("{name}.toml"));
@@ -30,6 +33,7 @@ fn spawn(config: &str, dir: &Path, name: &str) -> Process {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
         .env("RUST_LOG", "error")
+        .env("MALLOC_ARENA_MAX", "2")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -53,7 +57,8 @@ async fn kill(mut process: Process) -> u64 {
     read
 }
 
-async fn terminate(mut process: Process) {
+/// SIGTERM, and the process must drain and exit 0.
+pub async fn terminate(mut process: Process) {
     let pid = process.child.id().unwrap();
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     let status = tokio::time::timeout(WAIT, process.child.wait()).await.unwrap().unwrap();

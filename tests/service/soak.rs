@@ -12,8 +12,6 @@ use ferrokinesis::store::StoreOptions;
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kinesis-fanout");
-
 /// (resident KiB, open file descriptors, threads) of a process, once.
 fn sample(pid: u32) -> (u64, usize, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -54,24 +52,9 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
         create_stream(&client, name, 2).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), "")
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
-    let path = dir.path().join("soak.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("RUST_LOG", "warn")
-        // As the Dockerfile and the ECS task set it.
-        .env("MALLOC_ARENA_MAX", "2")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
+    let config = config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), "");
+    let process = crate::crash::spawn(&config, dir.path(), "soak");
+    let pid = process.child.id().unwrap();
 
     let started = Instant::now();
     let mut baseline = None;
@@ -89,9 +72,7 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
     let end = footprint(pid, usize::min).await;
     let baseline = baseline.expect("ran past the first minute");
     println!("soak end after {seconds}s: {end:?}");
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    let status = child.wait().await.unwrap();
-    assert!(status.success());
+    crate::crash::terminate(process).await;
     assert!(end.0 as f64 <= baseline.0 as f64 * 1.10, "RSS grew from {} KiB to {} KiB", baseline.0, end.0);
     assert!(end.1 <= baseline.1, "open file descriptors grew from {} to {}", baseline.1, end.1);
     assert!(end.2 <= baseline.2, "threads grew from {} to {}", baseline.2, end.2);
