@@ -11,6 +11,9 @@ use tokio::time::Instant;
 
 use crate::record::SequenceNumber;
 
+/// Reading spans kept for inspection (tests and debugging); older closed ones are forgotten.
+const MAX_SPANS: usize = 4096;
+
 /// A subscription that delivered nothing for this long does not count as established
 /// (Kinesis sends an event at least every 5 seconds).
 pub const SUBSCRIPTION_STALE: Duration = Duration::from_secs(15);
@@ -87,7 +90,15 @@ impl Health {
         status.last_event = None;
         drop(shards);
         let span = ReadingSpan { shard: shard.to_string(), started: Instant::now(), stopped: None };
-        self.spans.lock().unwrap_or_else(|p| p.into_inner()).push(span);
+        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        // A service runs for months and leases move: keep the recent history only, never an
+        // open span.
+        if spans.len() >= MAX_SPANS {
+            if let Some(oldest_closed) = spans.iter().position(|s| s.stopped.is_some()) {
+                spans.remove(oldest_closed);
+            }
+        }
+        spans.push(span);
     }
 
     /// Every reading of a shard so far (open ones have no `stopped`).
@@ -204,5 +215,18 @@ mod tests {
         assert!(health.caught_up());
         assert_eq!(health.records(), 5);
         assert_eq!(health.last_sequences().get("a").map(String::as_str), Some("9"));
+    }
+
+    #[test]
+    fn reading_history_is_bounded_and_keeps_open_spans() {
+        let health = Health::default();
+        health.reader_started("open");
+        for _ in 0..MAX_SPANS + 10 {
+            health.reader_started("moving");
+            health.reader_stopped("moving");
+        }
+        let spans = health.reading_spans();
+        assert_eq!(spans.len(), MAX_SPANS);
+        assert!(spans.iter().any(|s| s.shard == "open" && s.stopped.is_none()));
     }
 }

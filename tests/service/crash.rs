@@ -26,7 +26,17 @@ pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
     let config = config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    let child = tokio::process::Command::new(BIN)
+    // KINESIS_FANOUT_TEST_WRAPPER runs the binary under a profiler (`heaptrack`, say) for a
+    // manual investigation; the tests themselves never set it.
+    let mut command = match std::env::var("KINESIS_FANOUT_TEST_WRAPPER") {
+        Ok(wrapper) => {
+            let mut command = tokio::process::Command::new(wrapper);
+            command.arg(BIN);
+            command
+        }
+        Err(_) => tokio::process::Command::new(BIN),
+    };
+    let child = command
         .args(["run", "--config"])
         .arg(&path)
         .env("AWS_ACCESS_KEY_ID", "test")
@@ -40,14 +50,19 @@ pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
     Process { child, metrics: format!("http://127.0.0.1:{port}/metrics") }
 }
 
-/// Records the process has read so far (0 when it does not answer yet).
-async fn read_so_far(process: &Process) -> u64 {
+/// The sum of a metric's series in the process (0 when it does not answer yet).
+pub async fn metric_total(process: &Process, name: &str) -> u64 {
     let Ok(response) = reqwest::get(&process.metrics).await else { return 0 };
     let page = response.text().await.unwrap_or_default();
     page.lines()
-        .filter(|l| l.starts_with("kinesis_fanout_source_records_read_total{"))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// Records the process has read so far (0 when it does not answer yet).
+async fn read_so_far(process: &Process) -> u64 {
+    metric_total(process, "kinesis_fanout_source_records_read_total").await
 }
 
 async fn kill(mut process: Process) -> u64 {

@@ -36,6 +36,14 @@ pub struct Faults {
     pub deny_puts_to: Option<String>,
     /// The next N SubscribeToShard calls get 400 ResourceInUseException.
     pub subscribe_in_use: u32,
+    /// ferrokinesis 0.7 answers SubscribeToShard from the start of the shard whatever the
+    /// starting position: its request validation keeps only `StartingPosition.Type` (its rules
+    /// declare no other member), so `SequenceNumber` and `Timestamp` never reach the action, and
+    /// every resubscription replays the whole shard, which the service drops and counts. With this
+    /// on, the layer hands SubscribeToShard to the emulator's own action without that validation,
+    /// so it resumes where it is asked to, as Kinesis does. Off by default, so the tests of the
+    /// replay filter keep their replays.
+    pub honour_starting_position: bool,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
 }
@@ -68,9 +76,9 @@ impl Emulator {
     }
 
     pub async fn with_options(options: StoreOptions) -> Emulator {
-        let (app, _store) = ferrokinesis::create_app(options);
+        let (app, store) = ferrokinesis::create_app(options);
         let faults = Arc::new(Mutex::new(Faults::default()));
-        let app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&faults), inject_faults));
+        let app = app.layer(axum::middleware::from_fn_with_state((Arc::clone(&faults), store), inject_faults));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
@@ -96,7 +104,11 @@ fn error_response(status: StatusCode, kind: &str) -> Response {
     (status, [("content-type", "application/x-amz-json-1.1")], body).into_response()
 }
 
-async fn inject_faults(State(faults): State<Arc<Mutex<Faults>>>, request: Request, next: Next) -> Response {
+async fn inject_faults(
+    State((faults, store)): State<(Arc<Mutex<Faults>>, ferrokinesis::store::Store)>,
+    request: Request,
+    next: Next,
+) -> Response {
     let operation = request
         .headers()
         .get("x-amz-target")
@@ -106,6 +118,7 @@ async fn inject_faults(State(faults): State<Arc<Mutex<Faults>>>, request: Reques
         .to_string();
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let honour_position;
     {
         let mut faults = faults.lock().unwrap();
         *faults.calls.entry(operation.clone()).or_default() += 1;
@@ -131,6 +144,16 @@ async fn inject_faults(State(faults): State<Arc<Mutex<Faults>>>, request: Reques
             faults.subscribe_in_use -= 1;
             return error_response(StatusCode::BAD_REQUEST, "ResourceInUseException");
         }
+        honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
+    }
+    if honour_position
+        && parts.headers.get("content-type").is_some_and(|v| v == "application/x-amz-json-1.1")
+        && let Ok(data) = serde_json::from_slice(&bytes)
+        && let Ok(events) =
+            ferrokinesis::actions::subscribe_to_shard::execute_streaming(&store, data, "application/x-amz-json-1.1")
+                .await
+    {
+        return (StatusCode::OK, [("content-type", "application/vnd.amazon.eventstream")], events).into_response();
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
