@@ -26,17 +26,7 @@ pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
     let config = config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    // KINESIS_FANOUT_TEST_WRAPPER runs the binary under a profiler (`heaptrack`, say) for a
-    // manual investigation; the tests themselves never set it.
-    let mut command = match std::env::var("KINESIS_FANOUT_TEST_WRAPPER") {
-        Ok(wrapper) => {
-            let mut command = tokio::process::Command::new(wrapper);
-            command.arg(BIN);
-            command
-        }
-        Err(_) => tokio::process::Command::new(BIN),
-    };
-    let child = command
+    let child = tokio::process::Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
         .env("AWS_ACCESS_KEY_ID", "test")

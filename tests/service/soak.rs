@@ -4,7 +4,10 @@
 //!     cargo test --release --test service soak -- --ignored --nocapture
 //!
 //! Passes when resident memory at the end is within 10% of what it was after the first minute,
-//! and open file descriptors and threads did not grow.
+//! and open file descriptors and threads did not grow: the fewest seen during the last session
+//! are no more than the most seen in the first half of the run. The SDK's connection pools
+//! open and close a connection or two as load shifts (20 to 22 descriptors here); a leak would
+//! keep climbing.
 //!
 //! The load must stay steady for that to mean anything: ferrokinesis 0.7 answers every
 //! SubscribeToShard from the start of the shard whatever the starting position, so each
@@ -89,12 +92,16 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
 
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(60).min(Duration::from_secs(seconds / 3))).await;
-    let baseline = footprint(pid, usize::max).await;
+    let mut baseline = footprint(pid, usize::max).await;
     println!("soak baseline over the session after the first minute: {baseline:?} (RSS KiB, fds, threads)");
     let end_sampling = Duration::from_secs(seconds).saturating_sub(SESSION);
     while started.elapsed() < end_sampling {
         tokio::time::sleep(Duration::from_secs(30)).await;
-        println!("soak t={:>4}s {:?}", started.elapsed().as_secs(), sample(pid));
+        let now = sample(pid);
+        println!("soak t={:>4}s {now:?}", started.elapsed().as_secs());
+        if started.elapsed() < Duration::from_secs(seconds / 2) {
+            baseline = (baseline.0, baseline.1.max(now.1), baseline.2.max(now.2));
+        }
     }
     let end = footprint(pid, usize::min).await;
     println!("soak end over the last session, after {}s: {end:?}", started.elapsed().as_secs());
@@ -118,6 +125,6 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
     crate::crash::terminate(process).await;
 
     assert!(end.0 as f64 <= baseline.0 as f64 * 1.10, "RSS grew from {} KiB to {} KiB", baseline.0, end.0);
-    assert!(end.1 <= baseline.1, "open file descriptors grew from {} to {}", baseline.1, end.1);
-    assert!(end.2 <= baseline.2, "threads grew from {} to {}", baseline.2, end.2);
+    assert!(end.1 <= baseline.1, "open file descriptors grew from at most {} to at least {}", baseline.1, end.1);
+    assert!(end.2 <= baseline.2, "threads grew from at most {} to at least {}", baseline.2, end.2);
 }
