@@ -93,10 +93,10 @@ impl Health {
         let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         // A service runs for months and leases move: keep the recent history only, never an
         // open span.
-        if spans.len() >= MAX_SPANS {
-            if let Some(oldest_closed) = spans.iter().position(|s| s.stopped.is_some()) {
-                spans.remove(oldest_closed);
-            }
+        if spans.len() >= MAX_SPANS
+            && let Some(oldest_closed) = spans.iter().position(|s| s.stopped.is_some())
+        {
+            spans.remove(oldest_closed);
         }
         spans.push(span);
     }
