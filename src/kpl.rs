@@ -64,11 +64,6 @@ impl UserRecord {
             .and_then(|k| k.parse::<u128>().ok())
             .unwrap_or_else(|| partition_key_hash(&self.partition_key))
     }
-
-    /// Bytes the record costs against Kinesis limits once on its own.
-    pub fn size(&self) -> usize {
-        self.data.len() + self.partition_key.len()
-    }
 }
 
 /// MD5 of a partition key as a big-endian 128-bit number: the shard-routing hash of Kinesis.
@@ -212,10 +207,13 @@ impl Aggregator {
             out.push(Packed::Single(record.clone()));
             return out;
         }
-        if self.size + self.added_size(record) > self.max_bytes {
+        let mut added = self.added_size(record);
+        if self.size + added > self.max_bytes {
             out.extend(self.finish());
+            // Into an empty aggregate: its keys are new to the tables again.
+            added = self.added_size(record);
         }
-        self.size += self.added_size(record);
+        self.size += added;
         let partition_key_index = *self.keys.entry(record.partition_key.clone()).or_insert_with(|| {
             self.current.partition_key_table.push(record.partition_key.clone());
             self.current.partition_key_table.len() as u64 - 1

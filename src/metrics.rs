@@ -130,7 +130,7 @@ impl Metrics {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         );
 
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             records_read: counter("source_records_read_total", "Records read from the source, per shard.", &["shard"]),
             bytes_read: counter(
                 "source_bytes_read_total",
@@ -207,7 +207,6 @@ impl Metrics {
             names: Vec::new(),
             registry,
         };
-        let mut metrics = metrics;
         metrics.names = names.take();
         // Series that alerts use exist from the start, at zero.
         for outcome in ["ok", "error"] {

@@ -14,8 +14,14 @@ pub enum Take {
 }
 
 /// Whether every parent of a lease has been read to its end (a missing parent has aged out).
-pub fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>) -> bool {
+fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>) -> bool {
     lease.parents.iter().all(|p| by_key.get(p.as_str()).is_none_or(|parent| parent.checkpoint == Position::ShardEnd))
+}
+
+/// The leases someone should be reading now: not read to their end, and with every parent done.
+pub fn active(leases: &[Lease]) -> Vec<&Lease> {
+    let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+    leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key)).collect()
 }
 
 /// The owner of a lease unless it expired.
@@ -25,9 +31,7 @@ fn live_owner<'a>(lease: &'a Lease, expired: &HashSet<String>) -> Option<&'a str
 
 /// The leases this worker should try to take now.
 pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>) -> Vec<Take> {
-    let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
-    let active: Vec<&Lease> =
-        leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key)).collect();
+    let active = active(leases);
     if active.is_empty() {
         return Vec::new();
     }

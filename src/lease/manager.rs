@@ -81,10 +81,6 @@ impl LeaseManager {
         (Arc::new(manager), receiver, share_rx)
     }
 
-    pub fn worker_id(&self) -> &str {
-        &self.me
-    }
-
     pub fn renew_interval(&self) -> Duration {
         self.failover / 3
     }
@@ -129,8 +125,13 @@ impl LeaseManager {
         }
     }
 
-    fn lose(&self, state: &mut State, shard: &str, why: &str) {
+    /// Nothing more to confirm for this shard: it is no longer held.
+    fn unconfirm(&self, shard: &str) {
         self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
+    }
+
+    fn lose(&self, state: &mut State, shard: &str, why: &str) {
+        self.unconfirm(shard);
         let already_told = self.revoked.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
         if state.held.remove(shard).is_some() && !already_told {
             tracing::warn!(shard, worker = %self.me, reason = why, "Lease lost; stopping the shard.");
@@ -215,20 +216,10 @@ impl LeaseManager {
                 Err(err) => tracing::warn!(shard = %key, error = %err, "Taking a lease failed."),
             }
         }
-        let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
-        let active = leases
-            .iter()
-            .filter(|l| l.checkpoint != Position::ShardEnd && balance::parents_done(l, &by_key))
-            .count()
-            .max(1);
+        let active = balance::active(&leases).len().max(1);
         let share = (state.held.len() as f64 / active as f64).clamp(1.0 / active as f64, 1.0);
         self.share.send_if_modified(|s| std::mem::replace(s, share) != share);
         state.leases = leases;
-    }
-
-    /// Whether this worker holds the lease now.
-    pub async fn holds(&self, shard: &str) -> bool {
-        self.state.lock().await.held.contains_key(shard)
     }
 
     /// Shards held now.
@@ -248,7 +239,7 @@ impl LeaseManager {
                 if *position == Position::ShardEnd {
                     // Done: nothing more to renew; children are taken through the table.
                     state.held.remove(shard);
-                    self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
+                    self.unconfirm(shard);
                 } else if let Some(h) = state.held.get_mut(shard) {
                     h.counter = next;
                     self.confirm(shard, attempt);
@@ -302,7 +293,7 @@ impl LeaseManager {
                 Err(err) => tracing::warn!(shard, error = %err, "Releasing a lease failed; it will expire instead."),
             }
             state.held.remove(&shard);
-            self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+            self.unconfirm(&shard);
         }
     }
 }

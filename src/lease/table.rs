@@ -107,15 +107,13 @@ impl LeaseTable {
         E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug + 'static,
     {
-        let code = match &err {
-            aws_sdk_dynamodb::error::SdkError::ServiceError(e) => e.err().code().map(str::to_string),
-            _ => None,
-        };
-        let transient = match code.as_deref() {
-            Some("ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded")
-            | Some("InternalServerError")
-            | None => true,
-            Some(other) => crate::aws::classify_code(Some(other)) == ErrorKind::Transient,
+        let transient = match &err {
+            // Throttling and internal errors are transient there too.
+            aws_sdk_dynamodb::error::SdkError::ServiceError(e) => {
+                crate::aws::classify_code(e.err().code()) == ErrorKind::Transient
+            }
+            // Timeouts, connection failures, unreadable answers, and requests that could not be built.
+            _ => true,
         };
         LeaseError::DynamoDb { table: self.name.clone(), operation, message: crate::aws::chain(&err), transient }
     }

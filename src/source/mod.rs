@@ -241,11 +241,12 @@ impl Source {
             }
             match exit {
                 ReaderExit::Ended => {
-                    let children: Vec<String> = match list_shards(&self.clients.control, &self.stream.name).await {
-                        Ok(shards) => {
+                    // One listing serves both: leases for the children, and their names on the parent.
+                    let children: Vec<String> = match self.sync_leases(&manager).await {
+                        Some(shards) => {
                             shards.iter().filter(|s| s.parents.contains(&shard)).map(|s| s.id.clone()).collect()
                         }
-                        Err(_) => Vec::new(),
+                        None => Vec::new(),
                     };
                     match manager.checkpoint(&shard, &Position::ShardEnd, &children).await {
                         Ok(()) => {
@@ -257,7 +258,6 @@ impl Source {
                             tracing::warn!(shard = %shard, error = %err, "Could not record the end of the shard; whoever holds it next reads its tail again.");
                         }
                     }
-                    self.sync_leases(&manager).await;
                 }
                 ReaderExit::Stopped => {}
                 ReaderExit::Fatal(err) => break Err(err),
