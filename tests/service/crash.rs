@@ -1,7 +1,6 @@
 //! The real binary killed with SIGKILL at random moments while it copies: nothing is lost, and
 //! duplicates stay within what the killed processes had read.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -70,24 +69,12 @@ pub async fn terminate(mut process: Process) {
     assert!(status.success(), "a SIGTERM ends cleanly: {status:?}");
 }
 
-async fn everything_arrived(emulator: &Emulator, input: &[Rec]) -> bool {
-    let client = emulator.client();
-    for name in OUTPUTS {
-        let held: BTreeSet<Rec> = contents(&client, name).await.into_iter().collect();
-        if !input.iter().all(|r| held.contains(r)) {
-            return false;
-        }
-    }
-    true
-}
-
+/// The most copies too many that any output holds.
 async fn duplicates(emulator: &Emulator) -> usize {
     let client = emulator.client();
     let mut worst = 0;
     for name in OUTPUTS {
-        let held = contents(&client, name).await;
-        let unique: BTreeSet<&Rec> = held.iter().collect();
-        worst = worst.max(held.len() - unique.len());
+        worst = worst.max(duplicates_in(&client, name).await);
     }
     worst
 }
@@ -124,7 +111,8 @@ async fn killed_ten_times_loses_nothing_file_backend() {
     }
     producer.await.unwrap();
     let last = spawn(&config, dir.path(), "worker");
-    wait_until("every record in every destination", || everything_arrived(&emulator, &input)).await;
+    let client = emulator.client();
+    wait_until("every record in every destination", || all_hold(&client, &OUTPUTS, &input)).await;
     terminate(last).await;
     let duplicates = duplicates(&emulator).await;
     println!(
@@ -155,7 +143,8 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
     }
     producer.await.unwrap();
     let other = spawn(&configs[0], dir.path(), "w1");
-    wait_until("every record in every destination", || everything_arrived(&emulator, &input)).await;
+    let client = emulator.client();
+    wait_until("every record in every destination", || all_hold(&client, &OUTPUTS, &input)).await;
     terminate(other).await;
     terminate(steady).await;
     let duplicates = duplicates(&emulator).await;

@@ -1,7 +1,7 @@
 //! Test harness: an in-process ferrokinesis emulator on 127.0.0.1:0 behind a fault-injecting
 //! HTTP layer, SDK clients for it, and the service started in-process with its own config.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -273,6 +273,24 @@ pub async fn contents(client: &Client, stream: &str) -> Vec<Rec> {
     let mut all: Vec<Rec> = read_all(client, stream).await.into_iter().map(|(_, pk, data)| (pk, data)).collect();
     all.sort();
     all
+}
+
+/// Whether every one of `streams` holds every record of `expected` (duplicates allowed).
+pub async fn all_hold(client: &Client, streams: &[&str], expected: &[Rec]) -> bool {
+    for stream in streams {
+        let held: BTreeSet<Rec> = contents(client, stream).await.into_iter().collect();
+        if !expected.iter().all(|r| held.contains(r)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// How many records `stream` holds more than once.
+pub async fn duplicates_in(client: &Client, stream: &str) -> usize {
+    let held = contents(client, stream).await;
+    let unique: BTreeSet<&Rec> = held.iter().collect();
+    held.len() - unique.len()
 }
 
 pub fn sorted(records: &[Rec]) -> Vec<Rec> {

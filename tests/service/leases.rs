@@ -103,20 +103,10 @@ async fn a_killed_workers_shards_move_within_two_failover_times() {
     let survivor = workers.remove(0);
     // The survivor's own count plus what the victim had delivered covers everything.
     let client = emulator.client();
-    wait_until("every record in every destination", || async {
-        let mut complete = true;
-        for name in DESTINATIONS {
-            let held: BTreeSet<Rec> = contents(&client, name).await.into_iter().collect();
-            complete &= all.iter().all(|r| held.contains(r));
-        }
-        complete
-    })
-    .await;
+    wait_until("every record in every destination", || all_hold(&client, &DESTINATIONS, &all)).await;
     survivor.stop().await.unwrap();
     for name in DESTINATIONS {
-        let held = contents(&client, name).await;
-        let unique: HashSet<&Rec> = held.iter().collect();
-        let duplicates = held.len() - unique.len();
+        let duplicates = duplicates_in(&client, name).await;
         assert!(
             duplicates as u64 <= read_by_victim,
             "{name}: {duplicates} duplicates, victim had read {read_by_victim}"
@@ -149,11 +139,7 @@ async fn a_graceful_stop_hands_shards_over_without_waiting_for_expiry() {
     let all: Vec<Rec> = input.iter().chain(&more).cloned().collect();
     let survivor = workers.remove(0);
     let client = emulator.client();
-    wait_until("new records arrive through w2", || async {
-        let held: BTreeSet<Rec> = contents(&client, "out-a").await.into_iter().collect();
-        all.iter().all(|r| held.contains(r))
-    })
-    .await;
+    wait_until("new records arrive through w2", || all_hold(&client, &["out-a"], &all)).await;
     survivor.stop().await.unwrap();
     let held = contents(&client, "out-a").await;
     assert_eq!(held.len(), all.len(), "a graceful handover copies nothing twice");

@@ -2,7 +2,6 @@
 //! connections reset mid-subscription and mid-PutRecords, a 2 s stall, a 20 s black hole.
 //! The service recovers by itself, loses nothing, and /readyz reports the outage while it lasts.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,18 +85,7 @@ async fn resets_stalls_and_a_black_hole_lose_nothing() {
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
 
     let mut all: Vec<Rec> = Vec::new();
-    let delivered = |all: Vec<Rec>| {
-        let client = emulator.client();
-        async move {
-            for name in ["out-1", "out-2"] {
-                let held: BTreeSet<Rec> = contents(&client, name).await.into_iter().collect();
-                if !all.iter().all(|r| held.contains(r)) {
-                    return false;
-                }
-            }
-            true
-        }
-    };
+    let outputs = ["out-1", "out-2"];
 
     // Resets while subscriptions stream and PutRecords are in flight.
     for round in 0..5u64 {
@@ -107,7 +95,7 @@ async fn resets_stalls_and_a_black_hole_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(120)).await;
         proxy.reset();
     }
-    wait_until("everything after resets", || delivered(all.clone())).await;
+    wait_until("everything after resets", || all_hold(&client, &outputs, &all)).await;
 
     // A 2-second stall.
     proxy.hold(true);
@@ -116,7 +104,7 @@ async fn resets_stalls_and_a_black_hole_lose_nothing() {
     all.extend(batch);
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.hold(false);
-    wait_until("everything after a stall", || delivered(all.clone())).await;
+    wait_until("everything after a stall", || all_hold(&client, &outputs, &all)).await;
 
     // A 20-second black hole: readiness drops while it lasts, and comes back by itself.
     proxy.hold(true);
@@ -134,6 +122,6 @@ async fn resets_stalls_and_a_black_hole_lose_nothing() {
     let batch = records(830, 400, 64);
     put_all(&client, "in", &batch).await;
     all.extend(batch);
-    wait_until("everything after the black hole", || delivered(all.clone())).await;
+    wait_until("everything after the black hole", || all_hold(&client, &outputs, &all)).await;
     service.stop().await.unwrap();
 }
