@@ -115,12 +115,10 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
         crate::crash::metric_total(&process, read).await >= produced
     })
     .await;
+    let read = crate::crash::metric_total(&process, read).await;
     let replayed = crate::crash::metric_total(&process, "kinesis_fanout_source_replayed_records_dropped_total").await;
-    println!(
-        "soak produced {produced}, read {}, replayed and dropped {replayed}",
-        crate::crash::metric_total(&process, read).await
-    );
-    assert_eq!(crate::crash::metric_total(&process, read).await, produced, "each record read once");
+    println!("soak produced {produced}, read {read}, replayed and dropped {replayed}");
+    assert_eq!(read, produced, "each record read once");
     assert_eq!(replayed, 0, "resubscriptions resumed after the last record read");
     crate::crash::terminate(process).await;
 
