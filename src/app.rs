@@ -59,7 +59,7 @@ impl Service {
     /// Builds the service from validated settings and an SDK configuration (the default chain in
     /// the binary, static test credentials in tests).
     pub fn new(settings: Settings, sdk: &aws_config::SdkConfig) -> Result<Self, RunError> {
-        let clients = KinesisClients::new(sdk, &settings.aws);
+        let clients = KinesisClients::new(sdk, &settings.aws, settings.put_attempt_timeout());
         let addr = settings.metrics.listen;
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -192,7 +192,10 @@ impl Pipeline {
         }
 
         // Drain: destinations keep writing what was read until everything is acknowledged or
-        // the grace period runs out.
+        // the grace period runs out. Leases are renewed meanwhile, but none is taken.
+        if let Some(manager) = &backend.manager {
+            manager.drain();
+        }
         let grace = settings.shutdown.grace_period;
         let outstanding = progress.outstanding();
         tracing::info!(
@@ -215,8 +218,9 @@ impl Pipeline {
         checkpointer_stop.cancel();
         let _ = checkpointer.await;
 
+        let as_of = tokio::time::Instant::now();
         let last = progress.checkpoints();
-        let saved = save(&*store, &last, &metrics).await;
+        let saved = save(&*store, &last, as_of, &metrics).await;
         // Only now may the leases go: they were renewed through the drain.
         lease_stop.cancel();
         if let Some(lease_loop) = lease_loop {
@@ -312,9 +316,10 @@ fn dynamodb_client(
 async fn save(
     store: &dyn CheckpointStore,
     checkpoints: &Checkpoints,
+    as_of: tokio::time::Instant,
     metrics: &Metrics,
 ) -> Result<(), CheckpointError> {
-    match store.save(checkpoints).await {
+    match store.save(checkpoints, as_of).await {
         Ok(()) => {
             metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
             Ok(())
@@ -340,11 +345,12 @@ async fn checkpoint_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        let as_of = tokio::time::Instant::now();
         let current = progress.checkpoints();
         if current == last_written {
             continue;
         }
-        match save(&*store, &current, &metrics).await {
+        match save(&*store, &current, as_of, &metrics).await {
             Ok(()) => last_written = current,
             Err(err) => tracing::error!(error = %crate::aws::chain(&err), "Checkpoint write failed; will try again."),
         }

@@ -22,7 +22,8 @@ pub struct KinesisClients {
 
 impl KinesisClients {
     /// Builds the clients from an SDK config (from the default chain, or a test's own).
-    pub fn new(sdk: &aws_config::SdkConfig, settings: &AwsSettings) -> Self {
+    /// `put_attempt_timeout` bounds one PutRecords attempt (see `Settings::put_attempt_timeout`).
+    pub fn new(sdk: &aws_config::SdkConfig, settings: &AwsSettings, put_attempt_timeout: Duration) -> Self {
         let mut base = aws_sdk_kinesis::config::Builder::from(sdk);
         if let Some(region) = &settings.region {
             base = base.region(aws_sdk_kinesis::config::Region::new(region.clone()));
@@ -46,7 +47,7 @@ impl KinesisClients {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(20))
+                    .operation_attempt_timeout(put_attempt_timeout)
                     .build(),
             )
             .retry_config(RetryConfig::disabled())

@@ -104,10 +104,10 @@ pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Opti
         .filter(|s| !s.closed)
         .filter_map(|s| {
             let (start, end) = s.hash_range?;
-            Some((start.parse::<u128>().ok()?, end.parse::<u128>().ok()?))
+            Some((s.id, start.parse::<u128>().ok()?, end.parse::<u128>().ok()?))
         })
         .collect();
-    Some(ShardMap::new(ranges))
+    Some(ShardMap::with_ids(ranges))
 }
 
 /// Keeps the set of destination writers in line with the streams that exist.
@@ -121,6 +121,9 @@ pub struct Discovery {
     publish: watch::Sender<DestinationSet>,
     gone_tx: mpsc::UnboundedSender<Arc<str>>,
     gone_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    /// Writers whose records landed in other shards than their map says ask for a new map here.
+    remap_tx: mpsc::UnboundedSender<Arc<str>>,
+    remap_rx: mpsc::UnboundedReceiver<Arc<str>>,
     list_pace: DefaultDirectRateLimiter,
     describe_pace: DefaultDirectRateLimiter,
     /// This worker's share of the source, for fleet-wide rate limits.
@@ -144,6 +147,7 @@ impl Discovery {
     ) -> (Self, watch::Receiver<DestinationSet>) {
         let (publish, subscribe) = watch::channel(Arc::new(Vec::new()));
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        let (remap_tx, remap_rx) = mpsc::unbounded_channel();
         let per_second = |n: u32| RateLimiter::direct(Quota::per_second(NonZeroU32::new(n).expect("positive")));
         let discovery = Discovery {
             settings,
@@ -155,6 +159,8 @@ impl Discovery {
             publish,
             gone_tx,
             gone_rx,
+            remap_tx,
+            remap_rx,
             list_pace: per_second(1),
             describe_pace: per_second(5),
             share,
@@ -177,6 +183,7 @@ impl Discovery {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => self.refresh_logged().await,
                 Some(gone) = self.gone_rx.recv() => self.remove(&gone, "PutRecords found the stream deleted"),
+                Some(stale) = self.remap_rx.recv() => self.refresh_map(&stale).await,
             }
         }
     }
@@ -195,7 +202,11 @@ impl Discovery {
         let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
         let vanished: Vec<String> = self.running.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
         for name in vanished {
-            self.remove(&name, "no longer listed");
+            // One ListStreams answer is not proof (pagination, eventual consistency): removing a
+            // destination acknowledges what it still holds, so ask the stream itself first.
+            if self.confirm_gone(&name).await {
+                self.remove(&name, "no longer listed, and DescribeStreamSummary confirms it");
+            }
         }
         for candidate in &candidates {
             self.describe_pace.until_ready().await;
@@ -220,6 +231,27 @@ impl Discovery {
         Ok(())
     }
 
+    /// Whether a stream missing from ListStreams is really gone (deleted or being deleted); a
+    /// failed check keeps the destination until the next round.
+    async fn confirm_gone(&self, name: &str) -> bool {
+        self.describe_pace.until_ready().await;
+        match self.client.describe_stream_summary().stream_name(name).send().await {
+            Err(err) if classify(&err) == ErrorKind::NotFound => true,
+            Ok(out) => {
+                let deleting =
+                    out.stream_description_summary().is_some_and(|s| *s.stream_status() == StreamStatus::Deleting);
+                if !deleting {
+                    tracing::warn!(destination = %name, "ListStreams did not name this destination, but it exists; keeping it.");
+                }
+                deleting
+            }
+            Err(err) => {
+                tracing::warn!(destination = %name, error = %crate::aws::chain(&err), "ListStreams did not name this destination and DescribeStreamSummary failed; keeping it until the next round.");
+                false
+            }
+        }
+    }
+
     /// Passing aggregates through is only right when a destination's shards split the hash space
     /// like the source's: say so once per destination when they do not.
     async fn check_passthrough(&mut self) {
@@ -235,7 +267,7 @@ impl Discovery {
         let Some(source) = open_ranges(&self.client, &self.settings.source.stream_name).await else { return };
         for name in unchecked {
             let map = Arc::clone(&self.running[&name].shard_map.borrow());
-            if *map != source {
+            if map.ranges() != source.ranges() {
                 tracing::warn!(
                     destination = %name,
                     "kpl = \"passthrough\" but this destination's shards do not match the source's: aggregates land \
@@ -250,8 +282,10 @@ impl Discovery {
         if let Some(running) = self.running.get(&candidate.name) {
             let changed =
                 running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
-            if changed && let Some(map) = open_ranges(&self.client, &candidate.name).await {
-                running.shard_map.send_replace(Arc::new(map));
+            // A split and a merge keep the count but move the ranges: re-aggregation routes by
+            // the map, so it is read again every round (and retried next round when it fails).
+            if changed || running.kpl == KplMode::Reaggregate {
+                self.refresh_map(&candidate.name).await;
             }
             return;
         }
@@ -276,6 +310,7 @@ impl Discovery {
             removed: removed.clone(),
             stop: self.writers_stop.clone(),
             gone: self.gone_tx.clone(),
+            remap: self.remap_tx.clone(),
         };
         self.writers.spawn(task.run());
         tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
@@ -284,6 +319,23 @@ impl Discovery {
             Running { handle, open_shards: open_shards_tx, shard_map: shard_map_tx, removed, kpl },
         );
         self.publish_set();
+    }
+
+    /// Reads a destination's shard map again; publishes it when its shards changed.
+    async fn refresh_map(&self, name: &str) {
+        let Some(running) = self.running.get(name) else { return };
+        if let Some(map) = open_ranges(&self.client, name).await {
+            let changed = running.shard_map.send_if_modified(|current| {
+                let changed = **current != map;
+                if changed {
+                    *current = Arc::new(map);
+                }
+                changed
+            });
+            if changed {
+                tracing::info!(destination = %name, "Destination shard map changed; re-aggregation follows it.");
+            }
+        }
     }
 
     fn remove(&mut self, name: &str, why: &str) {

@@ -66,7 +66,7 @@ pub fn chunk_len(records: &[SourceRecord]) -> usize {
     count.max(usize::from(!records.is_empty()))
 }
 
-/// The destinations in force now.
+/// The destinations in force now, sorted by name (the order every reader takes budgets in).
 pub type DestinationSet = Arc<Vec<DestinationHandle>>;
 
 /// The source's entry into fan-out.
@@ -120,21 +120,28 @@ impl Fanout {
                 changed = self.destinations.changed() => if changed.is_err() { return Err(Cancelled) },
             }
         };
-        let chunk = self.progress.begin(shard, records, set.len());
-        let wanted = u32::try_from(chunk.bytes).unwrap_or(u32::MAX).max(1);
+        // Budget first, everywhere, and only then register and queue: a reader cancelled while it
+        // waits leaves no chunk that some destinations have and others never will (it would hold
+        // the drain for the whole grace period, and the checkpoint before records already written).
+        // Every reader takes budgets in the same order (by name), so readers holding one budget
+        // while waiting for the next cannot wait on each other.
+        let bytes: usize = records.iter().map(SourceRecord::size).sum();
+        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
+        let mut permits = Vec::with_capacity(set.len());
         for destination in set.iter() {
-            let permits = wanted.min(destination.max_permits);
             let acquired = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Cancelled),
-                permit = Arc::clone(&destination.budget).acquire_many_owned(permits) => permit,
+                permit = Arc::clone(&destination.budget).acquire_many_owned(wanted.min(destination.max_permits)) => permit,
             };
-            let delivered = match acquired {
-                Ok(permit) => destination.queue.send(Delivery { chunk: Arc::clone(&chunk), permit }).is_ok(),
-                Err(_closed) => false,
-            };
-            if !delivered {
-                // The destination went away while we waited: it owes nothing.
+            // A closed budget: the destination went away while we waited, and owes nothing.
+            if let Ok(permit) = acquired {
+                permits.push((destination, permit));
+            }
+        }
+        let chunk = self.progress.begin(shard, records, permits.len());
+        for (destination, permit) in permits {
+            if destination.queue.send(Delivery { chunk: Arc::clone(&chunk), permit }).is_err() {
                 chunk.acknowledge();
             }
         }

@@ -22,6 +22,8 @@ pub const SUBSCRIPTION_STALE: Duration = Duration::from_secs(15);
 struct ShardStatus {
     /// Reading now (a reader runs for it).
     reading: bool,
+    /// Waiting for buffer space in a destination (backpressure): no event is expected meanwhile.
+    paused: bool,
     last_event: Option<Instant>,
     millis_behind: i64,
     last_sequence: Option<SequenceNumber>,
@@ -117,6 +119,18 @@ impl Health {
         }
     }
 
+    /// The shard's reader waits for buffer space (`true`) or goes on (`false`): a paused shard
+    /// receives no event, and is healthy.
+    pub fn paused(&self, shard: &str, paused: bool) {
+        let mut shards = self.shards();
+        let status = shards.entry(shard.to_string()).or_default();
+        status.paused = paused;
+        if !paused {
+            // Waiting was not silence: the next event is due from now on.
+            status.last_event = Some(Instant::now());
+        }
+    }
+
     /// One SubscribeToShard event arrived (once per event, not per record).
     pub fn event(&self, shard: &str, millis_behind: i64, records: usize, last: Option<&SequenceNumber>) {
         let now = Instant::now();
@@ -151,7 +165,7 @@ impl Health {
         let reading: Vec<(&String, &ShardStatus)> = shards.iter().filter(|(_, s)| s.reading).collect();
         let stale: Vec<&str> = reading
             .iter()
-            .filter(|(_, s)| s.last_event.is_none_or(|t| t.elapsed() > SUBSCRIPTION_STALE))
+            .filter(|(_, s)| !s.paused && s.last_event.is_none_or(|t| t.elapsed() > SUBSCRIPTION_STALE))
             .map(|(id, _)| id.as_str())
             .collect();
         if !stale.is_empty() {
@@ -202,6 +216,19 @@ mod tests {
         assert!(health.readiness().unwrap_err().contains("shardId-1"));
         health.event("shardId-1", 0, 0, None);
         assert_eq!(health.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn a_shard_paused_by_backpressure_is_not_stale() {
+        let health = Health::default();
+        health.consumer_active();
+        health.set_destinations(1);
+        health.shards_assigned();
+        health.reader_started("s");
+        health.paused("s", true);
+        assert_eq!(health.readiness(), Ok(()), "waiting for buffer space is ordinary");
+        health.paused("s", false);
+        assert_eq!(health.readiness(), Ok(()), "the wait counts as activity");
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl UserRecord {
     }
 }
 
+impl UserRecord {
+    /// Whether Kinesis would take this record as an entry of its own.
+    pub fn validate(&self) -> Result<(), crate::record::InvalidEntry> {
+        crate::record::validate_entry(&self.partition_key, self.explicit_hash_key.as_deref(), self.data.len())
+    }
+}
+
 /// MD5 of a partition key as a big-endian 128-bit number: the shard-routing hash of Kinesis.
 pub fn partition_key_hash(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
@@ -125,8 +132,9 @@ pub fn decode(data: &Bytes) -> Result<Option<Vec<UserRecord>>, KplError> {
 }
 
 /// Largest aggregate this project writes: a Kinesis record is at most 1 MiB including its
-/// partition key, which for an aggregate is one of its user records' keys (at most 256 bytes).
-pub const MAX_AGGREGATE_BYTES: usize = (1 << 20) - 256;
+/// partition key, which for an aggregate is one of its user records' keys (at most 256
+/// characters, so up to 1,024 bytes of UTF-8).
+pub const MAX_AGGREGATE_BYTES: usize = (1 << 20) - 1024;
 
 /// Packs user records into aggregates of at most `max_bytes` (magic and digest included), in
 /// order. A record too large to share an aggregate is returned on its own, unaggregated.

@@ -214,7 +214,7 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
     let sdk = sdk_config().await;
-    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, &settings.aws);
+    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, &settings.aws, settings.put_attempt_timeout());
     let stream = kinesis_fanout::source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
     println!("source: {} ({} open shards)", stream.name, stream.open_shards);
     let names = kinesis_fanout::discovery::list_stream_names(&clients.control, None).await?;

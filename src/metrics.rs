@@ -9,13 +9,97 @@ use prometheus::{
 };
 
 /// Outcomes of records written to a destination (`outcome` label).
-pub mod outcome {
-    pub const OK: &str = "ok";
-    pub const RETRIED: &str = "retried";
-    pub const THROTTLED: &str = "throttled";
-    pub const DEAD_LETTERED: &str = "dead_lettered";
-    pub const REJECTED: &str = "rejected";
-    pub const DESTINATION_DELETED: &str = "destination_deleted";
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the destination.
+    Ok,
+    /// Failed with a transient error (InternalFailure, a whole request failing) and sent again.
+    Retried,
+    /// Throttled by the destination's shard and sent again.
+    Throttled,
+    /// Refused for good and written to the dead-letter stream.
+    DeadLettered,
+    /// Refused for good with no dead-letter stream: held (counted once per record).
+    Rejected,
+    /// Dropped because the destination was deleted.
+    DestinationDeleted,
+    /// Not sent because this worker lost the source shard's lease: the new owner sends it.
+    LeaseLost,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Ok,
+        Outcome::Retried,
+        Outcome::Throttled,
+        Outcome::DeadLettered,
+        Outcome::Rejected,
+        Outcome::DestinationDeleted,
+        Outcome::LeaseLost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Retried => "retried",
+            Outcome::Throttled => "throttled",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Rejected => "rejected",
+            Outcome::DestinationDeleted => "destination_deleted",
+            Outcome::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+/// Why a SubscribeToShard session was started again (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResubscribeReason {
+    /// The session ended normally (Kinesis ends every session within 5 minutes).
+    SessionEnd,
+    /// SubscribeToShard did not answer within a minute.
+    SubscribeTimeout,
+    /// The session delivered no event for a minute.
+    IdleTimeout,
+    /// Another session of this consumer was still open on the shard.
+    ResourceInUse,
+    /// The shard or consumer was not found (checked against the stream before giving up).
+    NotFound,
+    /// Too many SubscribeToShard calls.
+    LimitExceeded,
+    /// SubscribeToShard failed otherwise.
+    SubscribeError,
+    /// The event stream broke mid-session.
+    StreamError,
+    /// An event carried a record with a malformed sequence number.
+    MalformedEvent,
+}
+
+impl ResubscribeReason {
+    pub const ALL: [ResubscribeReason; 9] = [
+        ResubscribeReason::SessionEnd,
+        ResubscribeReason::SubscribeTimeout,
+        ResubscribeReason::IdleTimeout,
+        ResubscribeReason::ResourceInUse,
+        ResubscribeReason::NotFound,
+        ResubscribeReason::LimitExceeded,
+        ResubscribeReason::SubscribeError,
+        ResubscribeReason::StreamError,
+        ResubscribeReason::MalformedEvent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResubscribeReason::SessionEnd => "session_end",
+            ResubscribeReason::SubscribeTimeout => "subscribe_timeout",
+            ResubscribeReason::IdleTimeout => "idle_timeout",
+            ResubscribeReason::ResourceInUse => "resource_in_use",
+            ResubscribeReason::NotFound => "not_found",
+            ResubscribeReason::LimitExceeded => "limit_exceeded",
+            ResubscribeReason::SubscribeError => "subscribe_error",
+            ResubscribeReason::StreamError => "stream_error",
+            ResubscribeReason::MalformedEvent => "malformed_event",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +122,8 @@ pub struct Metrics {
     pub buffered_records: IntGaugeVec,
     pub buffered_bytes: IntGaugeVec,
     pub destination_stalled: IntGaugeVec,
+    pub dead_letters_unwrapped: IntCounterVec,
+    pub misrouted_records: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
@@ -161,7 +247,7 @@ impl Metrics {
             destinations: gauge("destinations", "Destination streams currently written to."),
             records_written: counter(
                 "destination_records_total",
-                "Records sent to a destination, by outcome (ok, retried, throttled, dead_lettered, rejected, destination_deleted).",
+                "Records sent to a destination, by outcome (see Outcome::ALL).",
                 &["destination", "outcome"],
             ),
             bytes_written: counter(
@@ -184,6 +270,16 @@ impl Metrics {
             destination_stalled: gauge_vec(
                 "destination_stalled",
                 "1 while a destination rejects records that cannot succeed and has no dead-letter stream.",
+                &["destination"],
+            ),
+            dead_letters_unwrapped: counter(
+                "dead_letter_unwrapped_records_total",
+                "Rejected records too large for a dead-letter envelope, written unchanged to the dead-letter stream with their origin (shard/sequence number) as partition key.",
+                &["destination"],
+            ),
+            misrouted_records: counter(
+                "destination_misrouted_records_total",
+                "Re-aggregated records that landed in another destination shard than they were built for (a stale shard map, read again at once).",
                 &["destination"],
             ),
             checkpoint_writes: counter(
@@ -212,10 +308,8 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             metrics.checkpoint_writes.with_label_values(&[outcome]);
         }
-        for reason in
-            ["session_end", "idle_timeout", "resource_in_use", "limit_exceeded", "subscribe_error", "stream_error"]
-        {
-            metrics.resubscribes.with_label_values(&[reason]);
+        for reason in ResubscribeReason::ALL {
+            metrics.resubscribes.with_label_values(&[reason.as_str()]);
         }
         metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("KINESIS_FANOUT_GIT_SHA")]).set(1);
         metrics
@@ -223,6 +317,8 @@ impl Metrics {
 
     /// Refreshes the gauges derived from acknowledgement state (called at scrape time).
     pub fn observe_progress(&self, progress: &crate::progress::Progress) {
+        // Shards no longer read here (lease lost, shard ended elsewhere) leave no stale series.
+        self.oldest_unacknowledged_age_seconds.reset();
         for shard in progress.all() {
             let age = shard
                 .oldest_unacknowledged_arrival()

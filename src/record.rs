@@ -81,6 +81,43 @@ impl SourceRecord {
     }
 }
 
+/// Why Kinesis would refuse an entry as it stands (PutRecords validates every entry of a request
+/// and refuses the whole request for one bad entry, so bad ones are caught before sending).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEntry {
+    #[error("partition key has {chars} characters; Kinesis takes 1 to 256")]
+    PartitionKeyLength { chars: usize },
+    #[error("explicit hash key `{shown}` is not a decimal number below 2^128 without leading zeros")]
+    ExplicitHashKey { shown: String },
+    #[error("data and partition key take {bytes} bytes; Kinesis takes at most 1 MiB")]
+    TooLarge { bytes: usize },
+}
+
+/// Kinesis's limits for one PutRecords entry: a partition key of 1 to 256 Unicode characters, an
+/// explicit hash key that is a decimal below 2^128 (as Kinesis writes it: no leading zeros),
+/// and at most 1 MiB of data plus partition key.
+pub fn validate_entry(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    data_len: usize,
+) -> Result<(), InvalidEntry> {
+    let chars = partition_key.chars().count();
+    if !(1..=256).contains(&chars) {
+        return Err(InvalidEntry::PartitionKeyLength { chars });
+    }
+    if let Some(key) = explicit_hash_key {
+        let canonical = key == "0" || (!key.starts_with('0') && key.bytes().all(|b| b.is_ascii_digit()));
+        if !canonical || key.parse::<u128>().is_err() {
+            return Err(InvalidEntry::ExplicitHashKey { shown: key.chars().take(48).collect() });
+        }
+    }
+    let bytes = data_len + partition_key.len();
+    if bytes > crate::sink::MAX_RECORD_BYTES {
+        return Err(InvalidEntry::TooLarge { bytes });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +140,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn entries_are_checked_against_kinesis_limits() {
+        assert!(validate_entry("k", None, 10).is_ok());
+        assert!(validate_entry(&"é".repeat(256), Some("340282366920938463463374607431768211455"), 0).is_ok());
+        assert_eq!(validate_entry("", None, 1), Err(InvalidEntry::PartitionKeyLength { chars: 0 }));
+        assert_eq!(validate_entry(&"k".repeat(257), None, 1), Err(InvalidEntry::PartitionKeyLength { chars: 257 }));
+        for bad in ["340282366920938463463374607431768211456", "01", "-1", "1e3", ""] {
+            assert!(matches!(validate_entry("k", Some(bad), 1), Err(InvalidEntry::ExplicitHashKey { .. })), "{bad}");
+        }
+        assert!(validate_entry("k", Some("0"), 1).is_ok());
+        assert_eq!(validate_entry("kk", None, (1 << 20) - 1), Err(InvalidEntry::TooLarge { bytes: (1 << 20) + 1 }));
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_entries_never_panic(pk in ".{0,300}", ehk in proptest::option::of(".{0,45}"), len in 0usize..2_000_000) {
+            let _ = validate_entry(&pk, ehk.as_deref(), len);
+        }
+
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,200}") {
             let _ = SequenceNumber::parse(&text);

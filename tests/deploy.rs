@@ -63,3 +63,14 @@ fn readme_documents_every_metric() {
         assert!(readme.contains(name.as_str()), "README.md does not document {name}");
     }
 }
+
+#[test]
+fn readme_documents_every_outcome_and_resubscribe_reason() {
+    let readme = read("README.md");
+    for outcome in kinesis_fanout::metrics::Outcome::ALL {
+        assert!(readme.contains(&format!("`{}`", outcome.as_str())), "README.md does not document outcome {outcome:?}");
+    }
+    for reason in kinesis_fanout::metrics::ResubscribeReason::ALL {
+        assert!(readme.contains(&format!("`{}`", reason.as_str())), "README.md does not document reason {reason:?}");
+    }
+}

@@ -202,6 +202,16 @@ impl ConfigError {
 }
 
 impl Settings {
+    /// The longest a PutRecords attempt may take. With a lease table, a shard's next owner
+    /// waits this long before it reads a shard taken from another worker, so that requests the
+    /// old owner still had in flight have settled: it follows `failover_time`, within 5 to 20 s.
+    pub fn put_attempt_timeout(&self) -> Duration {
+        match &self.checkpoint.backend {
+            CheckpointBackend::DynamoDb(lease) => crate::lease::settle_time(lease.failover_time),
+            CheckpointBackend::File { .. } => Duration::from_secs(20),
+        }
+    }
+
     /// Loads a file and applies overrides from the process environment.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         Self::load_with_env(path, std::env::vars())

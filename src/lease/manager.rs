@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::{StreamExt, stream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::balance::{self, Take};
 use super::table::{Lease, LeaseError, LeaseTable, Position};
 use crate::config::InitialPosition;
-use crate::progress::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints};
+use crate::progress::{CheckpointError, CheckpointStore, Checkpoints};
 use crate::source::shards::ShardInfo;
 
 /// What the source learns from the lease loop.
@@ -31,6 +32,8 @@ pub enum LeaseEvent {
 #[derive(Debug)]
 struct Held {
     counter: u64,
+    /// When this worker took the lease: snapshots taken before belong to an earlier reading.
+    since: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +61,9 @@ pub struct LeaseManager {
     confirmed: std::sync::Mutex<HashMap<String, Instant>>,
     /// Holds the watchdog gave up on; the next round forgets them.
     revoked: std::sync::Mutex<HashSet<String>>,
+    /// Set when the worker stops reading: it keeps renewing what it holds through the drain, and
+    /// takes nothing more (what it took it could not read, and others could).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseManager {
@@ -77,6 +83,7 @@ impl LeaseManager {
             share,
             confirmed: Default::default(),
             revoked: Default::default(),
+            draining: Default::default(),
         };
         (Arc::new(manager), receiver, share_rx)
     }
@@ -139,7 +146,26 @@ impl LeaseManager {
         }
     }
 
-    /// One round: renew, scan, take.
+    /// How long a taken lease waits before its shard is read. A lease given up gracefully was
+    /// drained first: no wait. One that expired or was stolen may still have PutRecords of its
+    /// previous owner in flight (the owner drops its queue as soon as it learns, but a request
+    /// sent lands within its attempt timeout, [`super::settle_time`]); a stolen one also gives its
+    /// owner one and a half renewal periods to learn.
+    fn takeover_delay(&self, stolen: bool, had_owner: bool) -> Duration {
+        let settle = super::settle_time(self.failover);
+        match (stolen, had_owner) {
+            (true, _) => self.renew_interval() + self.renew_interval() / 2 + settle,
+            (false, true) => settle,
+            (false, false) => Duration::ZERO,
+        }
+    }
+
+    /// Stops taking leases: the worker is draining what it read before it stops.
+    pub fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One round: renew, scan, take (take nothing while draining).
     pub async fn round(&self) {
         let mut state = self.state.lock().await;
         self.revoke_unconfirmed();
@@ -147,10 +173,20 @@ impl LeaseManager {
         for shard in revoked {
             self.lose(&mut state, &shard, "the lease table could not confirm it in time");
         }
+        // Renewed side by side (at most 32 at once): one after another, a worker holding many
+        // leases would take longer than the steal delay to prove the last of them.
         let held: Vec<(String, u64)> = state.held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
-        for (shard, counter) in held {
-            let attempt = Instant::now();
-            match self.table.renew(&shard, counter, &self.me).await {
+        let renewals: Vec<_> = stream::iter(held)
+            .map(|(shard, counter)| async move {
+                let attempt = Instant::now();
+                let renewed = self.table.renew(&shard, counter, &self.me).await;
+                (shard, attempt, renewed)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (shard, attempt, renewed) in renewals {
+            match renewed {
                 Ok(next) => {
                     if let Some(h) = state.held.get_mut(&shard) {
                         h.counter = next;
@@ -160,6 +196,9 @@ impl LeaseManager {
                 Err(LeaseError::Lost { .. }) => self.lose(&mut state, &shard, "renewal found another owner"),
                 Err(err) => tracing::warn!(shard, error = %err, "Lease renewal failed; will retry."),
             }
+        }
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
         }
         let leases = match self.table.scan().await {
             Ok(leases) => leases,
@@ -202,10 +241,10 @@ impl LeaseManager {
             match self.table.take(&key, lease.counter, &self.me).await {
                 Ok(next) => {
                     tracing::info!(shard = %key, worker = %self.me, previous_owner = ?lease.owner, stolen, "Lease taken.");
-                    state.held.insert(key.clone(), Held { counter: next });
+                    state.held.insert(key.clone(), Held { counter: next, since: Instant::now() });
                     self.confirm(&key, Instant::now());
                     state.observed.insert(key.clone(), (next, Instant::now()));
-                    let delay = if stolen { self.renew_interval() + self.renew_interval() / 2 } else { Duration::ZERO };
+                    let delay = self.takeover_delay(stolen, lease.owner.is_some());
                     let _ = self.events.send(LeaseEvent::Acquired {
                         shard: key,
                         position: lease.checkpoint.clone(),
@@ -229,8 +268,21 @@ impl LeaseManager {
 
     /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
     pub async fn checkpoint(&self, shard: &str, position: &Position, children: &[String]) -> Result<(), LeaseError> {
+        self.checkpoint_as_of(shard, position, children, None).await
+    }
+
+    /// As [`Self::checkpoint`], for a position taken at `as_of`: if the lease was taken again
+    /// since, the position belongs to an earlier reading and is not written.
+    async fn checkpoint_as_of(
+        &self,
+        shard: &str,
+        position: &Position,
+        children: &[String],
+        as_of: Option<Instant>,
+    ) -> Result<(), LeaseError> {
         let mut state = self.state.lock().await;
-        let Some(counter) = state.held.get(shard).map(|h| h.counter) else {
+        let Some(counter) = state.held.get(shard).filter(|h| as_of.is_none_or(|at| h.since <= at)).map(|h| h.counter)
+        else {
             return Err(LeaseError::Lost { shard: shard.to_string() });
         };
         let attempt = Instant::now();
@@ -277,7 +329,7 @@ impl LeaseManager {
                 ..Lease::default()
             };
             if self.table.create_if_absent(&lease).await? {
-                tracing::info!(shard = %shard.id, checkpoint = lease.checkpoint.as_str(), "Lease created.");
+                tracing::info!(shard = %shard.id, checkpoint = %lease.checkpoint, "Lease created.");
             }
         }
         Ok(())
@@ -304,17 +356,17 @@ impl CheckpointStore for LeaseManager {
         Box::pin(async { Ok(Checkpoints::new()) })
     }
 
-    /// Writes the checkpoints of the shards this worker holds; others are not its to write.
-    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>> {
+    /// Writes the checkpoints of the shards this worker holds and held when they were taken;
+    /// others are not its to write.
+    fn save<'a>(&'a self, checkpoints: &'a Checkpoints, as_of: Instant) -> BoxFuture<'a, Result<(), CheckpointError>> {
         Box::pin(async move {
-            let held: HashSet<String> = self.held().await.into_iter().collect();
+            let current: HashSet<String> = {
+                let state = self.state.lock().await;
+                state.held.iter().filter(|(_, h)| h.since <= as_of).map(|(k, _)| k.clone()).collect()
+            };
             let mut failure = None;
-            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| held.contains(*s)) {
-                let position = match checkpoint {
-                    Checkpoint::Sequence(seq) => Position::Sequence(seq.clone()),
-                    Checkpoint::ShardEnd => Position::ShardEnd,
-                };
-                match self.checkpoint(shard, &position, &[]).await {
+            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| current.contains(*s)) {
+                match self.checkpoint_as_of(shard, &Position::from(checkpoint), &[], Some(as_of)).await {
                     Ok(()) | Err(LeaseError::Lost { .. }) => {}
                     Err(err) => failure = Some(err),
                 }

@@ -13,3 +13,10 @@ pub mod table;
 
 pub use manager::{LeaseEvent, LeaseManager};
 pub use table::{Lease, LeaseError, LeaseTable, Position};
+
+/// How long requests that a worker sent before it learnt it lost a lease may still land: its
+/// PutRecords attempt timeout. A worker taking a lease that someone held waits this long (plus
+/// the victim's renewal period, for a steal) before it reads the shard.
+pub fn settle_time(failover: std::time::Duration) -> std::time::Duration {
+    failover.clamp(std::time::Duration::from_secs(5), std::time::Duration::from_secs(20))
+}

@@ -14,6 +14,7 @@ use aws_sdk_dynamodb::types::{
 };
 
 use crate::aws::{ErrorKind, classify};
+use crate::progress::Checkpoint;
 use crate::record::SequenceNumber;
 
 /// Where a lease's shard stands (the `checkpoint` attribute).
@@ -23,29 +24,44 @@ pub enum Position {
     TrimHorizon,
     Latest,
     AtTimestamp,
+    /// The place a LATEST or AT_TIMESTAMP reading started, before anything was acknowledged.
+    At(SequenceNumber),
     Sequence(SequenceNumber),
     ShardEnd,
 }
 
 impl Position {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Position::TrimHorizon => "TRIM_HORIZON",
-            Position::Latest => "LATEST",
-            Position::AtTimestamp => "AT_TIMESTAMP",
-            Position::Sequence(seq) => seq.as_str(),
-            Position::ShardEnd => "SHARD_END",
-        }
-    }
-
     pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
         Ok(match text {
             "TRIM_HORIZON" => Position::TrimHorizon,
             "LATEST" => Position::Latest,
             "AT_TIMESTAMP" => Position::AtTimestamp,
-            "SHARD_END" => Position::ShardEnd,
-            other => Position::Sequence(SequenceNumber::parse(other)?),
+            other => Position::from(&Checkpoint::parse(other)?),
         })
+    }
+}
+
+impl From<&Checkpoint> for Position {
+    fn from(checkpoint: &Checkpoint) -> Self {
+        match checkpoint {
+            Checkpoint::At(seq) => Position::At(seq.clone()),
+            Checkpoint::Sequence(seq) => Position::Sequence(seq.clone()),
+            Checkpoint::ShardEnd => Position::ShardEnd,
+        }
+    }
+}
+
+/// The `checkpoint` attribute's text (KCL's sentinels, a sequence number, or `AT_SEQUENCE_NUMBER:n`).
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::TrimHorizon => f.write_str("TRIM_HORIZON"),
+            Position::Latest => f.write_str("LATEST"),
+            Position::AtTimestamp => f.write_str("AT_TIMESTAMP"),
+            Position::At(seq) => Checkpoint::At(seq.clone()).fmt(f),
+            Position::Sequence(seq) => f.write_str(seq.as_str()),
+            Position::ShardEnd => Checkpoint::ShardEnd.fmt(f),
+        }
     }
 }
 
@@ -246,7 +262,7 @@ impl LeaseTable {
             .table_name(&self.name)
             .item("leaseKey", s(&lease.key))
             .item("leaseCounter", n(0))
-            .item("checkpoint", s(lease.checkpoint.as_str()))
+            .item("checkpoint", s(lease.checkpoint.to_string()))
             .item("checkpointSubSequenceNumber", n(0))
             .item("ownerSwitchesSinceCheckpoint", n(0))
             .condition_expression("attribute_not_exists(leaseKey)");
@@ -306,7 +322,7 @@ impl LeaseTable {
             (":next", n(next)),
             (":expected", n(counter)),
             (":me", s(me)),
-            (":cp", s(position.as_str())),
+            (":cp", s(position.to_string())),
             (":zero", n(0)),
         ];
         let mut update = "SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, \
@@ -369,8 +385,15 @@ mod tests {
 
     #[test]
     fn positions_round_trip() {
-        for text in ["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP", "SHARD_END", "4959033827149025660855969"] {
-            assert_eq!(Position::parse(text).unwrap().as_str(), text);
+        for text in [
+            "TRIM_HORIZON",
+            "LATEST",
+            "AT_TIMESTAMP",
+            "SHARD_END",
+            "4959033827149025660855969",
+            "AT_SEQUENCE_NUMBER:42",
+        ] {
+            assert_eq!(Position::parse(text).unwrap().to_string(), text);
         }
         assert!(Position::parse("garbage").is_err());
     }

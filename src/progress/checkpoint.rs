@@ -15,6 +15,11 @@ use crate::record::SequenceNumber;
 /// Where a shard stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Checkpoint {
+    /// Nothing was read before this position, and nothing from it on is acknowledged yet: a
+    /// shard started at LATEST or AT_TIMESTAMP keeps the place its first subscription event
+    /// gave (the first record, or the event's continuation), so that a restart resumes there and
+    /// not at a new LATEST.
+    At(SequenceNumber),
     /// Every record up to and including this one was accepted by every destination.
     Sequence(SequenceNumber),
     /// The shard was closed by a reshard and read to its end.
@@ -23,19 +28,26 @@ pub enum Checkpoint {
 
 impl Checkpoint {
     const SHARD_END: &'static str = "SHARD_END";
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            Checkpoint::Sequence(seq) => seq.as_str(),
-            Checkpoint::ShardEnd => Self::SHARD_END,
-        }
-    }
+    const AT: &'static str = "AT_SEQUENCE_NUMBER:";
 
     pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
         if text == Self::SHARD_END {
             Ok(Checkpoint::ShardEnd)
+        } else if let Some(at) = text.strip_prefix(Self::AT) {
+            SequenceNumber::parse(at).map(Checkpoint::At)
         } else {
             SequenceNumber::parse(text).map(Checkpoint::Sequence)
+        }
+    }
+}
+
+/// The stored form: the sequence number, `SHARD_END`, or `AT_SEQUENCE_NUMBER:` and the number.
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checkpoint::At(seq) => write!(f, "{}{seq}", Self::AT),
+            Checkpoint::Sequence(seq) => f.write_str(seq.as_str()),
+            Checkpoint::ShardEnd => f.write_str(Self::SHARD_END),
         }
     }
 }
@@ -72,8 +84,14 @@ pub enum CheckpointError {
 pub trait CheckpointStore: Send + Sync {
     /// Every checkpoint stored for the source stream.
     fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>>;
-    /// Stores the given checkpoints (shards not named keep what they had).
-    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>>;
+    /// Stores the given checkpoints (shards not named keep what they had). `as_of` is when they
+    /// were taken: a shard this worker took (again) after that is not theirs to move, since a
+    /// snapshot of an earlier reading could move it backwards.
+    fn save<'a>(
+        &'a self,
+        checkpoints: &'a Checkpoints,
+        as_of: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>>;
 }
 
 /// Checkpoints in one JSON file, for a single worker.
@@ -153,7 +171,7 @@ impl FileCheckpointStore {
         let file = FileFormat {
             version: FILE_VERSION,
             source_stream: self.stream_name.clone(),
-            shards: next.iter().map(|(k, v)| (k.clone(), v.as_str().to_string())).collect(),
+            shards: next.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("checkpoint map serialises");
         let path = self.path.clone();
@@ -172,7 +190,12 @@ impl CheckpointStore for FileCheckpointStore {
         Box::pin(self.load_file())
     }
 
-    fn save<'a>(&'a self, checkpoints: &'a Checkpoints) -> BoxFuture<'a, Result<(), CheckpointError>> {
+    /// One worker owns the whole file: every snapshot is its own.
+    fn save<'a>(
+        &'a self,
+        checkpoints: &'a Checkpoints,
+        _as_of: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
         Box::pin(self.save_file(checkpoints))
     }
 }
@@ -215,15 +238,17 @@ mod tests {
         let mut cps = Checkpoints::new();
         cps.insert("shardId-000000000000".into(), seq("123"));
         cps.insert("shardId-000000000001".into(), Checkpoint::ShardEnd);
-        store.save(&cps).await.unwrap();
+        cps.insert("shardId-000000000002".into(), Checkpoint::At(SequenceNumber::parse("77").unwrap()));
+        store.save(&cps, tokio::time::Instant::now()).await.unwrap();
         let mut more = Checkpoints::new();
         more.insert("shardId-000000000000".into(), seq("456"));
-        store.save(&more).await.unwrap();
+        store.save(&more, tokio::time::Instant::now()).await.unwrap();
 
         let reopened = FileCheckpointStore::new(&path, "app-input");
         let loaded = reopened.load().await.unwrap();
         assert_eq!(loaded.get("shardId-000000000000"), Some(&seq("456")));
         assert_eq!(loaded.get("shardId-000000000001"), Some(&Checkpoint::ShardEnd));
+        assert_eq!(loaded.get("shardId-000000000002"), Some(&Checkpoint::At(SequenceNumber::parse("77").unwrap())));
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }

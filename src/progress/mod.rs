@@ -9,7 +9,7 @@
 pub mod checkpoint;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -53,6 +53,12 @@ pub struct ShardProgress {
     state: Mutex<ShardState>,
     /// Wakes whoever waits for the shard to drain (shard end, shutdown).
     drained: Notify,
+    /// The lease of this reading was lost: its records are the new owner's to send, and
+    /// destinations drop what they still hold of it.
+    revoked: AtomicBool,
+    /// Revocations so far in the process (shared by every tracker), so a destination looks
+    /// through its queue only when something was revoked.
+    revocations: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +67,8 @@ struct ShardState {
     outstanding: VecDeque<Outstanding>,
     /// Highest sequence number below which every record is done.
     acknowledged: Option<SequenceNumber>,
+    /// Where a reading from LATEST or a timestamp began, kept until something is acknowledged.
+    anchor: Option<SequenceNumber>,
     /// The shard was read to its end and everything was acknowledged.
     ended: bool,
 }
@@ -75,8 +83,24 @@ struct Outstanding {
 }
 
 impl ShardProgress {
-    fn new(shard_id: Arc<str>) -> Self {
-        ShardProgress { shard_id, state: Mutex::new(ShardState::default()), drained: Notify::new() }
+    fn new(shard_id: Arc<str>, revocations: Arc<AtomicU64>) -> Self {
+        ShardProgress {
+            shard_id,
+            state: Mutex::new(ShardState::default()),
+            drained: Notify::new(),
+            revoked: AtomicBool::new(false),
+            revocations,
+        }
+    }
+
+    /// Whether this reading's lease was lost.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// How many readings were revoked in this process so far.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::Acquire)
     }
 
     fn state(&self) -> MutexGuard<'_, ShardState> {
@@ -141,11 +165,18 @@ impl ShardProgress {
     pub async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
-            if self.outstanding() == 0 {
+            // A revoked reading is nobody's to wait for any more.
+            if self.outstanding() == 0 || self.revoked() {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// Where a reading from LATEST or a timestamp began: the checkpoint until a record is
+    /// acknowledged.
+    pub fn anchor(&self, at: SequenceNumber) {
+        self.state().anchor = Some(at);
     }
 
     /// Marks the shard as read to its end, with everything acknowledged.
@@ -163,28 +194,52 @@ impl ShardProgress {
 pub struct Progress {
     shards: Mutex<HashMap<Arc<str>, Arc<ShardProgress>>>,
     next_chunk: AtomicU64,
+    revocations: Arc<AtomicU64>,
 }
 
 impl Progress {
+    fn shards(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<ShardProgress>>> {
+        self.shards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The tracker of a shard, created on first use.
     pub fn shard(&self, shard_id: &str) -> Arc<ShardProgress> {
-        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shards = self.shards();
         if let Some(existing) = shards.get(shard_id) {
             return Arc::clone(existing);
         }
         let id: Arc<str> = shard_id.into();
-        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id)));
+        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id), Arc::clone(&self.revocations)));
         shards.insert(id, Arc::clone(&tracker));
         tracker
     }
 
     /// A fresh tracker for a shard read again from its stored checkpoint (a lease taken anew):
-    /// chunks of an earlier reading no longer hold it back.
+    /// an earlier reading, if any, is revoked and no longer holds it back.
     pub fn restart(&self, shard_id: &str) -> Arc<ShardProgress> {
         let id: Arc<str> = shard_id.into();
-        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id)));
-        self.shards.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::clone(&tracker));
+        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id), Arc::clone(&self.revocations)));
+        let earlier = self.shards().insert(id, Arc::clone(&tracker));
+        if let Some(earlier) = earlier {
+            self.revoked(&earlier);
+        }
         tracker
+    }
+
+    /// The lease of a shard was lost: its reading is forgotten here (no checkpoint, no drain
+    /// waits for it), and destinations drop its records they have not sent yet.
+    pub fn revoke(&self, shard_id: &str) {
+        let earlier = self.shards().remove(shard_id);
+        if let Some(earlier) = earlier {
+            self.revoked(&earlier);
+        }
+    }
+
+    fn revoked(&self, tracker: &ShardProgress) {
+        if !tracker.revoked.swap(true, Ordering::AcqRel) {
+            self.revocations.fetch_add(1, Ordering::AcqRel);
+            tracker.drained.notify_waiters();
+        }
     }
 
     /// Registers a chunk of records of `shard`, owed by `destinations` destinations.
@@ -194,10 +249,11 @@ impl Progress {
     }
 
     pub fn all(&self) -> Vec<Arc<ShardProgress>> {
-        self.shards.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.shards().values().cloned().collect()
     }
 
-    /// What may be checkpointed now: every shard that acknowledged something or ended.
+    /// What may be checkpointed now: every shard that acknowledged something, ended, or has an
+    /// anchored starting point.
     pub fn checkpoints(&self) -> Checkpoints {
         let mut out = BTreeMap::new();
         for shard in self.all() {
@@ -206,6 +262,8 @@ impl Progress {
                 out.insert(shard.shard_id.to_string(), Checkpoint::ShardEnd);
             } else if let Some(seq) = &state.acknowledged {
                 out.insert(shard.shard_id.to_string(), Checkpoint::Sequence(seq.clone()));
+            } else if let Some(at) = &state.anchor {
+                out.insert(shard.shard_id.to_string(), Checkpoint::At(at.clone()));
             }
         }
         out

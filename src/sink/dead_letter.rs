@@ -9,6 +9,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
 use super::retry::Backoff;
 use crate::aws::{ErrorKind, classify};
 
@@ -49,48 +50,116 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;
 
+/// One record for the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Letter {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    /// The envelope would not fit in a Kinesis record: these are the rejected bytes unchanged,
+    /// with the origin in the partition key.
+    pub unwrapped: bool,
+}
+
+/// Where a rejected record came from, as `shard/sequence number`.
+fn origin(r: &Rejected<'_>) -> String {
+    format!("{}/{}", r.shard_id, r.sequence_number)
+}
+
+/// A partition key Kinesis takes, made from `text`: at most 256 characters and `room` bytes.
+fn key_within(text: &str, room: usize) -> String {
+    let mut key = String::new();
+    for c in text.chars().take(256) {
+        if key.len() + c.len_utf8() > room {
+            break;
+        }
+        key.push(c);
+    }
+    if key.is_empty() { "-".to_string() } else { key }
+}
+
+impl Letter {
+    /// The envelope for `r`; when it would not fit in one Kinesis record (a rejected record over
+    /// about 780 KB, once base64-encoded), the rejected bytes themselves, keyed by their origin.
+    pub fn new(source_stream: &str, destination: &str, r: &Rejected<'_>) -> Letter {
+        let envelope = Envelope {
+            source_stream,
+            shard_id: r.shard_id,
+            sequence_number: r.sequence_number,
+            destination,
+            error_code: &r.error_code,
+            error_message: &r.error_message,
+            partition_key: r.partition_key,
+            data: base64::engine::general_purpose::STANDARD.encode(r.data),
+        };
+        let data = serde_json::to_vec(&envelope).expect("envelope serialises");
+        // The record's own key when Kinesis surely takes it (it may be why the record was
+        // refused; 256 bytes also satisfies stores that count bytes, not characters).
+        let partition_key = match crate::record::validate_entry(r.partition_key, None, 0) {
+            Ok(()) if r.partition_key.len() <= 256 => r.partition_key.to_string(),
+            _ => key_within(&origin(r), 256),
+        };
+        if data.len() + partition_key.len() <= MAX_RECORD_BYTES {
+            return Letter { partition_key, data, unwrapped: false };
+        }
+        let room = MAX_RECORD_BYTES.saturating_sub(r.data.len()).max(1);
+        Letter { partition_key: key_within(&origin(r), room), data: r.data.to_vec(), unwrapped: true }
+    }
+
+    fn entry(&self) -> PutRecordsRequestEntry {
+        PutRecordsRequestEntry::builder()
+            .data(Blob::new(self.data.clone()))
+            .partition_key(&self.partition_key)
+            .build()
+            .expect("data and partition key are set")
+    }
+
+    fn encoded_size(&self) -> usize {
+        batch::encoded_size(self.partition_key.len(), self.data.len())
+    }
+}
+
 impl DeadLetter {
     pub fn new(stream: String, client: aws_sdk_kinesis::Client, backoff: Backoff) -> Self {
         DeadLetter { stream, client, backoff }
     }
 
-    /// Writes every rejected record, retrying until all are accepted or `stop` fires.
+    /// Writes every rejected record, in requests within Kinesis's limits (500 records, 5 MiB),
+    /// retrying until all are accepted or `stop` fires. Returns how many went unwrapped.
     pub async fn write(
         &mut self,
         source_stream: &str,
         destination: &str,
         rejected: &[Rejected<'_>],
         stop: &CancellationToken,
-    ) -> Result<(), Stopped> {
-        let mut entries: Vec<PutRecordsRequestEntry> = rejected
-            .iter()
-            .map(|r| {
-                let envelope = Envelope {
-                    source_stream,
-                    shard_id: r.shard_id,
-                    sequence_number: r.sequence_number,
+    ) -> Result<u64, Stopped> {
+        let mut letters: Vec<Letter> = rejected.iter().map(|r| Letter::new(source_stream, destination, r)).collect();
+        let mut unwrapped = 0;
+        for (letter, r) in letters.iter().zip(rejected) {
+            if letter.unwrapped {
+                unwrapped += 1;
+                tracing::warn!(
                     destination,
-                    error_code: &r.error_code,
-                    error_message: &r.error_message,
-                    partition_key: r.partition_key,
-                    data: base64::engine::general_purpose::STANDARD.encode(r.data),
-                };
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(serde_json::to_vec(&envelope).expect("envelope serialises")))
-                    .partition_key(r.partition_key)
-                    .build()
-                    .expect("data and partition key are set")
-            })
-            .collect();
-        while !entries.is_empty() {
-            // Envelopes are larger than the records: send at most 100 per request.
-            let take = entries.len().min(100);
-            let batch: Vec<_> = entries.drain(..take).collect();
+                    dead_letter_stream = %self.stream,
+                    origin = %origin(r),
+                    error_code = %r.error_code,
+                    bytes = r.data.len(),
+                    "A rejected record is too large for an envelope; writing its bytes unchanged to the dead-letter stream, keyed by its origin."
+                );
+            }
+        }
+        while !letters.is_empty() {
+            let take = batch::fits(letters.iter().map(Letter::encoded_size), BatchLimits::default());
+            let batch: Vec<Letter> = letters.drain(..take).collect();
+            let request = self
+                .client
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(batch.iter().map(Letter::entry).collect()));
             let result = tokio::select! {
                 _ = stop.cancelled() => return Err(Stopped),
-                r = self.client.put_records().stream_name(&self.stream).set_records(Some(batch.clone())).send() => r,
+                r = request.send() => r,
             };
-            let failed: Vec<PutRecordsRequestEntry> = match result {
+            let failed: Vec<Letter> = match result {
                 Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => {
                     self.backoff.reset();
                     continue;
@@ -112,13 +181,61 @@ impl DeadLetter {
                     batch
                 }
             };
-            entries.splice(0..0, failed);
+            letters.splice(0..0, failed);
             let delay = self.backoff.next_delay(&mut rand::rng()).max(Duration::from_millis(10));
             tokio::select! {
                 _ = stop.cancelled() => return Err(Stopped),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        Ok(())
+        Ok(unwrapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected<'a>(data: &'a bytes::Bytes, partition_key: &'a str) -> Rejected<'a> {
+        Rejected {
+            sequence_number: "49590338271490256608559692538361571095921575989136588898",
+            shard_id: "shardId-000000000003",
+            partition_key,
+            data,
+            error_code: "AccessDeniedException".into(),
+            error_message: "no".into(),
+        }
+    }
+
+    #[test]
+    fn small_records_travel_in_envelopes_under_their_own_key() {
+        let data = bytes::Bytes::from_static(b"hello");
+        let letter = Letter::new("in", "out", &rejected(&data, "pk-1"));
+        assert!(!letter.unwrapped);
+        assert_eq!(letter.partition_key, "pk-1");
+        let envelope: serde_json::Value = serde_json::from_slice(&letter.data).unwrap();
+        assert_eq!(envelope["destination"], "out");
+    }
+
+    #[test]
+    fn an_invalid_key_is_replaced_by_the_origin() {
+        let data = bytes::Bytes::from_static(b"hello");
+        let long = "k".repeat(300);
+        let letter = Letter::new("in", "out", &rejected(&data, &long));
+        assert!(letter.partition_key.starts_with("shardId-000000000003/4959"), "{}", letter.partition_key);
+        assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok());
+    }
+
+    #[test]
+    fn records_too_large_for_an_envelope_go_unchanged_keyed_by_origin() {
+        for size in [800_000, MAX_RECORD_BYTES - 1] {
+            let data = bytes::Bytes::from(vec![7u8; size]);
+            let letter = Letter::new("in", "out", &rejected(&data, "k"));
+            assert!(letter.unwrapped, "{size}");
+            assert_eq!(letter.data, data.to_vec());
+            let origin = "shardId-000000000003/49590338271490256608559692538361571095921575989136588898";
+            assert!(origin.starts_with(&letter.partition_key), "keyed by (as much as fits of) its origin");
+            assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok(), "{size}");
+        }
     }
 }

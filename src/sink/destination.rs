@@ -23,7 +23,7 @@ use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::{ErrorKind, classify};
 use crate::config::DestinationGroup;
 use crate::fanout::Delivery;
-use crate::metrics::{Metrics, outcome};
+use crate::metrics::{Metrics, Outcome};
 use crate::progress::Chunk;
 
 /// Per-shard write limits of Kinesis, the base of `auto` rates.
@@ -60,6 +60,9 @@ pub struct DestinationTask {
     pub stop: CancellationToken,
     /// Tells discovery that PutRecords found the stream gone.
     pub gone: mpsc::UnboundedSender<Arc<str>>,
+    /// Asks discovery for a new shard map: an aggregate landed in another shard than it was
+    /// built for.
+    pub remap: mpsc::UnboundedSender<Arc<str>>,
 }
 
 /// One PutRecords entry waiting to be written.
@@ -70,6 +73,10 @@ struct Pending {
     payload: Payload,
     queued_at: Instant,
     retry: bool,
+    /// Why Kinesis would refuse this entry: it is never sent, but refused on its own.
+    invalid: Option<crate::record::InvalidEntry>,
+    /// Already counted as `rejected` (held for want of a dead-letter stream): count it once.
+    held: bool,
 }
 
 impl Pending {
@@ -142,7 +149,24 @@ struct Writer {
     buffered_bytes: usize,
     stalled: bool,
     limits: BatchLimits,
+    /// Set while a request refused as a whole for validation is split to find its bad entries.
+    split: Option<Split>,
+    /// Source readings revoked so far, as last seen: the queue is searched for their records
+    /// only when this moves.
+    revocations: u64,
 }
+
+/// PutRecords refuses a whole request for one entry it finds invalid. The leading `suspect`
+/// entries are then sent in requests of at most `size`, halving on each refusal, until the
+/// entries at fault are alone and refused on their own: valid entries are never dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Split {
+    suspect: usize,
+    size: usize,
+}
+
+/// Request-level error codes that mean "something in this request is invalid".
+const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
 
 enum Interrupt {
     Stop,
@@ -186,6 +210,8 @@ impl DestinationTask {
             buffered_bytes: 0,
             stalled: false,
             limits: BatchLimits::default(),
+            split: None,
+            revocations: 0,
         };
         let name = Arc::clone(&writer.task.name);
         let exit = writer.run().await;
@@ -289,6 +315,10 @@ impl Writer {
 
     fn accept(&mut self, delivery: Delivery) {
         let Delivery { chunk, permit } = delivery;
+        if chunk.shard.revoked() {
+            self.count(Outcome::LeaseLost, chunk.records.len() as u64, chunk.bytes as u64);
+            return;
+        }
         let now = Instant::now();
         let map = Arc::clone(&self.task.shard_map.borrow());
         let entries = entries::build(&chunk, self.task.group.kpl, &map);
@@ -298,12 +328,23 @@ impl Writer {
             return;
         }
         let before = self.pending.len();
-        self.pending.extend(entries.into_iter().map(|(index, payload)| Pending {
-            chunk: Arc::clone(&chunk),
-            index,
-            payload,
-            queued_at: now,
-            retry: false,
+        self.pending.extend(entries.into_iter().map(|(index, payload)| {
+            let mut pending = Pending {
+                chunk: Arc::clone(&chunk),
+                index,
+                payload,
+                queued_at: now,
+                retry: false,
+                invalid: None,
+                held: false,
+            };
+            pending.invalid = crate::record::validate_entry(
+                pending.partition_key(),
+                pending.explicit_hash_key(),
+                pending.data().len(),
+            )
+            .err();
+            pending
         }));
         let added = self.pending.len() - before;
         self.buffered_bytes += self.pending.iter().skip(before).map(Pending::size).sum::<usize>();
@@ -329,15 +370,92 @@ impl Writer {
         Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone() }
     }
 
+    /// Drops the records of source readings whose lease this worker lost: the new owner reads
+    /// them again from the stored checkpoint and sends them. A request already in flight
+    /// settles within the PutRecords attempt timeout, which the new owner waits out.
+    fn drop_revoked(&mut self) {
+        let Some(front) = self.pending.front() else { return };
+        let revocations = front.chunk.shard.revocations();
+        if revocations == self.revocations {
+            return;
+        }
+        self.revocations = revocations;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        self.pending.retain(|p| {
+            let keep = !p.chunk.shard.revoked();
+            if !keep {
+                records += 1;
+                bytes += p.size() as u64;
+            }
+            keep
+        });
+        if records == 0 {
+            return;
+        }
+        // Their budgets go back to the source; nothing is acknowledged for them.
+        self.tickets.retain(|_, t| !t.chunk.shard.revoked());
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes as usize);
+        self.count(Outcome::LeaseLost, records, bytes);
+        self.update_gauges();
+        tracing::info!(destination = %self.task.name, records, "Dropped queued records of shards whose lease this worker lost; their new owner sends them.");
+    }
+
+    fn count(&self, outcome: Outcome, records: u64, bytes: u64) {
+        if records > 0 {
+            let labels = [&*self.task.name, outcome.as_str()];
+            self.task.metrics.records_written.with_label_values(&labels).inc_by(records);
+            self.task.metrics.bytes_written.with_label_values(&labels).inc_by(bytes);
+        }
+    }
+
     async fn send_batch(&mut self) -> Result<(), Interrupt> {
-        let count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
+        self.drop_revoked();
+        let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
+        if let Some(split) = self.split {
+            count = count.min(split.size).min(split.suspect);
+        }
         if count == 0 {
             return Ok(());
         }
-        let bytes: usize = self.pending.iter().take(count).map(Pending::size).sum();
-        let entries: Vec<PutRecordsRequestEntry> = self.pending.iter().take(count).map(Pending::entry).collect();
+        // `None`: refused as a whole for an invalid entry; sent again in smaller requests.
+        let Some(outcomes) = self.put(count).await? else { return Ok(()) };
+        self.settle(outcomes).await?;
+        if let Some(split) = &mut self.split {
+            split.suspect = split.suspect.saturating_sub(count);
+            if split.suspect == 0 {
+                self.split = None;
+            }
+        }
+        Ok(())
+    }
 
-        let waited = self.guard().run(self.limiter.acquire(count, bytes)).await?;
+    /// Sends the valid entries among the first `count` and returns every entry's outcome (invalid
+    /// ones refused without sending), or `None` when the request must be split first.
+    async fn put(&mut self, count: usize) -> Result<Option<Vec<EntryOutcome>>, Interrupt> {
+        let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
+        let refused = |p: &Pending| {
+            p.invalid.as_ref().map(|problem| EntryOutcome::Reject {
+                code: "ValidationException".into(),
+                message: format!("not sent: {problem}"),
+            })
+        };
+        let entries: Vec<PutRecordsRequestEntry> =
+            batch.iter().filter(|p| p.invalid.is_none()).map(|p| p.entry()).collect();
+        let sent = entries.len();
+        let bytes: usize = batch.iter().filter(|p| p.invalid.is_none()).map(|p| p.size()).sum();
+        if sent == 0 {
+            return Ok(Some(batch.into_iter().map(|p| refused(p).expect("invalid")).collect()));
+        }
+        // Outcomes of the sent entries, placed back among the refused ones.
+        let merge = |answers: Vec<EntryOutcome>, batch: &[&Pending]| -> Vec<EntryOutcome> {
+            let mut answers = answers.into_iter();
+            batch
+                .iter()
+                .map(|p| refused(p).unwrap_or_else(|| answers.next().expect("one answer per sent entry")))
+                .collect()
+        };
+
+        let waited = self.guard().run(self.limiter.acquire(sent, bytes)).await?;
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
 
         let started = Instant::now();
@@ -348,40 +466,68 @@ impl Writer {
             .put_records_seconds
             .with_label_values(&[self.name()])
             .observe(started.elapsed().as_secs_f64());
+        let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
 
-        match result {
+        let answers = match result {
             Ok(output) => {
                 let outcomes = classify_batch(output.records().iter().map(|e| (e.error_code(), e.error_message())));
-                if outcomes.len() != count {
-                    tracing::warn!(destination = %self.task.name, sent = count, answered = outcomes.len(), "PutRecords answered a different number of entries; retrying them all.");
-                    let all_retry = vec![EntryOutcome::Retry { code: "MismatchedResponse".into() }; count];
-                    return self.settle(all_retry).await;
+                self.check_routing(batch.iter().copied().filter(|p| p.invalid.is_none()), output.records());
+                if outcomes.len() != sent {
+                    tracing::warn!(destination = %self.task.name, sent, answered = outcomes.len(), "PutRecords answered a different number of entries; retrying them all.");
+                    vec![EntryOutcome::Retry { code: "MismatchedResponse".into() }; sent]
+                } else {
+                    outcomes
                 }
-                self.settle(outcomes).await
             }
             Err(err) => {
                 let kind = classify(&err);
                 let code = crate::aws::error_code(&err);
                 let cause = crate::aws::chain(&err);
                 match kind {
+                    ErrorKind::Permanent if sent > 1 && VALIDATION_CODES.contains(&code.as_str()) => {
+                        let suspect = self.split.map_or(count, |s| s.suspect);
+                        let size = (count / 2).max(1);
+                        tracing::warn!(destination = %self.task.name, records = sent, error = %cause, "PutRecords refused the request for an invalid entry; splitting it to find the entry at fault.");
+                        self.split = Some(Split { suspect, size });
+                        return Ok(None);
+                    }
                     ErrorKind::NotFound => {
                         if self.confirm_deleted().await? {
                             let _ = self.task.gone.send(Arc::clone(&self.task.name));
                             return Err(Interrupt::Removed);
                         }
                         tracing::warn!(destination = %self.task.name, error = %cause, "PutRecords said the stream was not found, but it exists; retrying.");
-                        self.settle(vec![EntryOutcome::Retry { code }; count]).await
+                        vec![EntryOutcome::Retry { code }; sent]
                     }
-                    ErrorKind::Permanent => {
-                        let message = cause.clone();
-                        self.settle(vec![EntryOutcome::Reject { code, message }; count]).await
-                    }
+                    ErrorKind::Permanent => vec![EntryOutcome::Reject { code, message: cause }; sent],
                     ErrorKind::Transient | ErrorKind::InUse => {
-                        tracing::warn!(destination = %self.task.name, records = count, error = %cause, "PutRecords failed as a whole; retrying with backoff.");
-                        self.settle(vec![EntryOutcome::Retry { code }; count]).await
+                        tracing::warn!(destination = %self.task.name, records = sent, error = %cause, "PutRecords failed as a whole; retrying with backoff.");
+                        vec![EntryOutcome::Retry { code }; sent]
                     }
                 }
             }
+        };
+        Ok(Some(merge(answers, &batch)))
+    }
+
+    /// Aggregates are built for one destination shard: one that landed elsewhere says the shard
+    /// map is stale. Counted, and a new map is asked for.
+    fn check_routing<'p>(
+        &self,
+        sent: impl Iterator<Item = &'p Pending>,
+        results: &[aws_sdk_kinesis::types::PutRecordsResultEntry],
+    ) {
+        let misrouted = sent
+            .zip(results)
+            .filter(|(p, r)| match (&p.payload, r.shard_id()) {
+                (Payload::Built { shard: Some(expected), .. }, Some(landed)) => **expected != *landed,
+                _ => false,
+            })
+            .count();
+        if misrouted > 0 {
+            self.task.metrics.misrouted_records.with_label_values(&[self.name()]).inc_by(misrouted as u64);
+            tracing::warn!(destination = %self.task.name, records = misrouted, "Aggregates landed in other shards than they were built for; reading the destination's shard map again.");
+            let _ = self.task.remap.send(Arc::clone(&self.task.name));
         }
     }
 
@@ -416,16 +562,9 @@ impl Writer {
                 EntryOutcome::Reject { code, message } => rejected.push((p, code, message)),
             }
         }
-        let metrics = Arc::clone(&self.task.metrics);
-        let count = |outcome: &str, records: u64, bytes: u64| {
-            if records > 0 {
-                metrics.records_written.with_label_values(&[&*self.task.name, outcome]).inc_by(records);
-                metrics.bytes_written.with_label_values(&[&*self.task.name, outcome]).inc_by(bytes);
-            }
-        };
-        count(outcome::OK, ok, ok_bytes);
-        count(outcome::THROTTLED, throttled, throttled_bytes);
-        count(outcome::RETRIED, retried, retried_bytes);
+        self.count(Outcome::Ok, ok, ok_bytes);
+        self.count(Outcome::Throttled, throttled, throttled_bytes);
+        self.count(Outcome::Retried, retried, retried_bytes);
 
         let mut held_rejected = false;
         if !rejected.is_empty() {
@@ -465,11 +604,12 @@ impl Writer {
         let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
         let Some(dead_letter) = self.dead_letter.as_mut() else {
             self.set_stalled(true);
+            let newly_held = rejected.iter_mut().filter(|(p, _, _)| !p.held).map(|(p, _, _)| p.held = true).count();
             self.task
                 .metrics
                 .records_written
-                .with_label_values(&[&*self.task.name, outcome::REJECTED])
-                .inc_by(rejected.len() as u64);
+                .with_label_values(&[&*self.task.name, Outcome::Rejected.as_str()])
+                .inc_by(newly_held as u64);
             tracing::error!(
                 destination = %self.task.name,
                 records = rejected.len(),
@@ -495,15 +635,22 @@ impl Writer {
         let stop = self.task.stop.clone();
         let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
         drop(entries);
-        if written.is_err() {
+        let Ok(unwrapped) = written else {
             return Err(Interrupt::Stop);
+        };
+        if unwrapped > 0 {
+            self.task.metrics.dead_letters_unwrapped.with_label_values(&[&*self.task.name]).inc_by(unwrapped);
         }
         self.task
             .metrics
             .records_written
-            .with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED])
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
             .inc_by(rejected.len() as u64);
-        self.task.metrics.bytes_written.with_label_values(&[&*self.task.name, outcome::DEAD_LETTERED]).inc_by(bytes);
+        self.task
+            .metrics
+            .bytes_written
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
+            .inc_by(bytes);
         for (p, _, _) in rejected.drain(..) {
             self.done_with(&p);
         }
@@ -555,7 +702,7 @@ impl Writer {
             self.task
                 .metrics
                 .records_written
-                .with_label_values(&[&*self.task.name, outcome::DESTINATION_DELETED])
+                .with_label_values(&[&*self.task.name, Outcome::DestinationDeleted.as_str()])
                 .inc_by(dropped);
         }
         self.buffered_bytes = 0;

@@ -4,6 +4,7 @@
 //! (reaggregate). Plain records pass through unchanged in every mode.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -11,28 +12,44 @@ use crate::config::KplMode;
 use crate::kpl::{Aggregator, MAX_AGGREGATE_BYTES, Packed};
 use crate::progress::Chunk;
 
-/// A destination's open shards as sorted, disjoint hash key ranges.
+/// A destination's open shards as sorted, disjoint hash key ranges, with their shard ids when
+/// known (PutRecords names the shard each record went to, so a stale map shows).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardMap(Vec<(u128, u128)>);
+pub struct ShardMap {
+    ranges: Vec<(u128, u128)>,
+    ids: Vec<Arc<str>>,
+}
 
 impl ShardMap {
     pub fn new(mut ranges: Vec<(u128, u128)>) -> Self {
         ranges.sort();
-        ShardMap(ranges)
+        ShardMap { ranges, ids: Vec::new() }
+    }
+
+    /// From `(shard id, start, end)` of each open shard.
+    pub fn with_ids(mut shards: Vec<(String, u128, u128)>) -> Self {
+        shards.sort_by_key(|s| (s.1, s.2));
+        let ids = shards.iter().map(|s| Arc::from(s.0.as_str())).collect();
+        ShardMap { ranges: shards.into_iter().map(|s| (s.1, s.2)).collect(), ids }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.ranges.is_empty()
     }
 
     pub fn ranges(&self) -> &[(u128, u128)] {
-        &self.0
+        &self.ranges
+    }
+
+    /// The id of the shard at `index` into `ranges`, when known.
+    pub fn id(&self, index: usize) -> Option<&Arc<str>> {
+        self.ids.get(index)
     }
 
     /// The shard (index into `ranges`) whose range holds `hash`.
     pub fn shard_of(&self, hash: u128) -> Option<usize> {
-        let index = self.0.partition_point(|(start, _)| *start <= hash).checked_sub(1)?;
-        (hash <= self.0[index].1).then_some(index)
+        let index = self.ranges.partition_point(|(start, _)| *start <= hash).checked_sub(1)?;
+        (hash <= self.ranges[index].1).then_some(index)
     }
 }
 
@@ -43,8 +60,9 @@ pub enum Payload {
     Source,
     /// One user record (by index) of the source record's aggregate.
     User(u32),
-    /// Bytes built here: a new aggregate, or a user record too large to aggregate.
-    Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes },
+    /// Bytes built here: a new aggregate, or a user record too large to aggregate. `shard` is the
+    /// destination shard an aggregate was built for, when the map knows its id.
+    Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes, shard: Option<Arc<str>> },
 }
 
 /// The entries to write for `chunk`: (index of the source record, payload), in order.
@@ -78,7 +96,14 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap) -> Vec<(u32, Paylo
             out.extend((0..users.len() as u32).map(|i| (index, Payload::User(i))));
             continue;
         }
-        for user in users.iter() {
+        for (i, user) in users.iter().enumerate() {
+            if user.validate().is_err() {
+                // Never inside an aggregate: it could lend the aggregate an invalid partition key,
+                // and a consumer would get a record Kinesis itself refuses. Alone, it is refused
+                // (dead-lettered or held) on its own.
+                out.push((index, Payload::User(i as u32)));
+                continue;
+            }
             let shard = shards.shard_of(user.hash_key()).unwrap_or(0);
             let (aggregator, _) = open.entry(shard).or_insert_with(|| (Aggregator::new(MAX_AGGREGATE_BYTES), index));
             for packed in aggregator.add(user) {
@@ -97,11 +122,13 @@ fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
             partition_key,
             explicit_hash_key: shards.ranges().get(shard).map(|(start, _)| start.to_string()),
             data,
+            shard: shards.id(shard).cloned(),
         },
         Packed::Single(user) => Payload::Built {
             partition_key: user.partition_key,
             explicit_hash_key: user.explicit_hash_key,
             data: user.data,
+            shard: None,
         },
     }
 }

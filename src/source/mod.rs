@@ -34,6 +34,7 @@ fn starting_point(position: &Position, initial: InitialPosition) -> Option<Start
             InitialPosition::AtTimestamp(at) => StartingPoint::AtTimestamp(at),
             _ => StartingPoint::TrimHorizon,
         },
+        Position::At(seq) => StartingPoint::At(seq.clone()),
         Position::Sequence(seq) => StartingPoint::After(seq.clone()),
         Position::ShardEnd => return None,
     })
@@ -161,6 +162,8 @@ impl Source {
             metrics: Arc::clone(&self.metrics),
             health: Arc::clone(&self.health),
             last_malformed_warning: None,
+            store: Arc::clone(&self.store),
+            started_at: tokio::time::Instant::now(),
         }
     }
 
@@ -226,6 +229,8 @@ impl Source {
                             if let Some((_, token)) = running.remove(&shard) {
                                 token.cancel();
                             }
+                            // What destinations still hold of it is the new owner's to send.
+                            self.progress.revoke(&shard);
                         }
                     }
                     continue;
@@ -272,7 +277,9 @@ impl Source {
     async fn run_all(mut self, stop: CancellationToken) -> Result<(), SourceError> {
         let readers_stop = stop.child_token();
         let mut readers: JoinSet<(String, ReaderExit)> = JoinSet::new();
-        let mut running: HashSet<String> = HashSet::new();
+        // Every shard started in this run, ended or not: none starts twice, and a child waits for
+        // a parent read here to end, whatever the initial position says about closed shards.
+        let mut started: HashSet<String> = HashSet::new();
         let mut announced_done = false;
         let mut list_backoff =
             crate::sink::retry::Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL).expect("valid bounds");
@@ -280,8 +287,8 @@ impl Source {
             let relist_after = match list_shards(&self.clients.control, &self.stream.name).await {
                 Ok(shards) => {
                     list_backoff.reset();
-                    for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &running) {
-                        running.insert(shard_id.clone());
+                    for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &started) {
+                        started.insert(shard_id.clone());
                         let reader = self.reader(&shard_id, start, self.progress.shard(&shard_id));
                         let token = readers_stop.clone();
                         readers.spawn(async move { (shard_id, reader.run(token).await) });
@@ -305,20 +312,17 @@ impl Source {
             };
             match joined {
                 Ok((shard_id, ReaderExit::Ended)) => {
-                    running.remove(&shard_id);
                     // Durable before any child starts: a restart must not read a child before its parent.
                     let mut end = Checkpoints::new();
                     end.insert(shard_id.clone(), Checkpoint::ShardEnd);
-                    if let Err(source) = self.store.save(&end).await {
+                    if let Err(source) = self.store.save(&end, tokio::time::Instant::now()).await {
                         break Err(SourceError::Checkpoint { shard: shard_id, source });
                     }
                     self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
                     self.checkpoints.insert(shard_id.clone(), Checkpoint::ShardEnd);
                     tracing::info!(shard = %shard_id, "Shard fully copied; starting its children.");
                 }
-                Ok((shard_id, ReaderExit::Stopped)) => {
-                    running.remove(&shard_id);
-                }
+                Ok((_, ReaderExit::Stopped)) => {}
                 Ok((_, ReaderExit::Fatal(err))) => break Err(err),
                 Err(join_error) => break Err(SourceError::Reader(join_error.to_string())),
             }

@@ -16,8 +16,8 @@ use super::SourceError;
 use super::shards::StartingPoint;
 use crate::aws::{ErrorKind, classify};
 use crate::fanout::Fanout;
-use crate::metrics::Metrics;
-use crate::progress::ShardProgress;
+use crate::metrics::{Metrics, ResubscribeReason};
+use crate::progress::{Checkpoint, CheckpointStore, Checkpoints, ShardProgress};
 use crate::record::{SequenceNumber, SourceRecord};
 use crate::sink::retry::Backoff;
 
@@ -49,14 +49,66 @@ pub struct ShardReader {
     pub metrics: Arc<Metrics>,
     pub health: Arc<crate::health::Health>,
     pub last_malformed_warning: Option<tokio::time::Instant>,
+    /// Where a reading started at LATEST or AT_TIMESTAMP keeps its place as soon as it has one.
+    pub store: Arc<dyn CheckpointStore>,
+    /// When this reading was set up: what it stores belongs to this reading only.
+    pub started_at: tokio::time::Instant,
+}
+
+/// Where a reading stands: where the next session starts, and which records are new.
+#[derive(Debug)]
+struct Cursor {
+    position: StartingPoint,
+    /// The last record handed on: a resubscription resumes after it and drops anything not newer.
+    last_handed: Option<SequenceNumber>,
+    /// Nothing handed on yet, but the reading is anchored here (a stored or just-taken starting
+    /// point): records below it were written before the reading began and are not new.
+    floor: Option<SequenceNumber>,
+}
+
+impl Cursor {
+    fn new(start: &StartingPoint) -> Self {
+        let (last_handed, floor) = match start {
+            StartingPoint::After(seq) => (Some(seq.clone()), None),
+            StartingPoint::At(seq) => (None, Some(seq.clone())),
+            _ => (None, None),
+        };
+        Cursor { position: start.clone(), last_handed, floor }
+    }
+
+    /// A start that moves with time (LATEST, a timestamp) has no place of its own yet.
+    fn unanchored(&self) -> bool {
+        matches!(self.position, StartingPoint::Latest | StartingPoint::AtTimestamp(_))
+    }
+
+    fn anchor(&mut self, at: SequenceNumber) {
+        self.position = StartingPoint::At(at.clone());
+        self.floor = Some(at);
+    }
+
+    /// Whether a record was not handed on before (a replay after a resubscription is not).
+    fn is_new(&self, seq: &SequenceNumber) -> bool {
+        match (&self.last_handed, &self.floor) {
+            (Some(last), _) => seq > last,
+            (None, Some(floor)) => seq >= floor,
+            (None, None) => true,
+        }
+    }
+
+    /// Where the next session starts: after the last record handed on, else where it was.
+    fn resume(&mut self) {
+        if let Some(seq) = &self.last_handed {
+            self.position = StartingPoint::After(seq.clone());
+        }
+    }
 }
 
 /// How a session ended.
 enum SessionEnd {
     Stop,
     ShardEnd,
-    Resubscribe(&'static str),
-    Failed(&'static str, ErrorKind, String),
+    Resubscribe(ResubscribeReason),
+    Failed(ResubscribeReason, ErrorKind, String),
 }
 
 /// Counts an open subscription for as long as it lives.
@@ -84,23 +136,12 @@ impl ShardReader {
     }
 
     async fn read(&mut self, stop: &CancellationToken) -> ReaderExit {
-        let mut last_handed: Option<SequenceNumber> = match &self.start {
-            StartingPoint::After(seq) => Some(seq.clone()),
-            _ => None,
-        };
-        let mut position = self.start.clone();
+        let mut cursor = Cursor::new(&self.start);
         let mut backoff = Backoff::try_new(Duration::from_millis(200), Duration::from_secs(10)).expect("valid bounds");
-        let mut first = true;
-        tracing::info!(shard = %self.shard_id, start = ?position, "Reading shard.");
+        tracing::info!(shard = %self.shard_id, start = ?cursor.position, "Reading shard.");
         loop {
-            if !first {
-                // Where the next session starts: after the last record handed on.
-                if let Some(seq) = &last_handed {
-                    position = StartingPoint::After(seq.clone());
-                }
-            }
-            first = false;
-            let end = self.session(&mut position, &mut last_handed, &mut backoff, stop).await;
+            let end = self.session(&mut cursor, &mut backoff, stop).await;
+            cursor.resume();
             let (reason, delay) = match end {
                 SessionEnd::Stop => return ReaderExit::Stopped,
                 SessionEnd::ShardEnd => {
@@ -123,11 +164,11 @@ impl ShardReader {
                     if kind == ErrorKind::InUse {
                         delay = delay.max(IN_USE_MIN_WAIT);
                     }
-                    tracing::warn!(shard = %self.shard_id, reason, error = %cause, delay_ms = delay.as_millis() as u64, "Subscription failed; resubscribing after a backoff.");
+                    tracing::warn!(shard = %self.shard_id, reason = reason.as_str(), error = %cause, delay_ms = delay.as_millis() as u64, "Subscription failed; resubscribing after a backoff.");
                     (reason, delay)
                 }
             };
-            self.metrics.resubscribes.with_label_values(&[reason]).inc();
+            self.metrics.resubscribes.with_label_values(&[reason.as_str()]).inc();
             if !delay.is_zero() {
                 tokio::select! {
                     _ = stop.cancelled() => return ReaderExit::Stopped,
@@ -157,19 +198,13 @@ impl ShardReader {
         }
     }
 
-    async fn session(
-        &mut self,
-        position: &mut StartingPoint,
-        last_handed: &mut Option<SequenceNumber>,
-        backoff: &mut Backoff,
-        stop: &CancellationToken,
-    ) -> SessionEnd {
+    async fn session(&mut self, cursor: &mut Cursor, backoff: &mut Backoff, stop: &CancellationToken) -> SessionEnd {
         let request = self
             .subscriber
             .subscribe_to_shard()
             .consumer_arn(&self.consumer_arn)
             .shard_id(&self.shard_id)
-            .starting_position(starting_position(position))
+            .starting_position(starting_position(&cursor.position))
             .send();
         let output = tokio::select! {
             biased;
@@ -177,14 +212,14 @@ impl ShardReader {
             r = tokio::time::timeout(IDLE_TIMEOUT, request) => r,
         };
         let mut events = match output {
-            Err(_elapsed) => return SessionEnd::Resubscribe("subscribe_timeout"),
+            Err(_elapsed) => return SessionEnd::Resubscribe(ResubscribeReason::SubscribeTimeout),
             Ok(Err(err)) => {
                 let kind = classify(&err);
                 let reason = match kind {
-                    ErrorKind::InUse => "resource_in_use",
-                    ErrorKind::NotFound => "not_found",
-                    _ if crate::aws::error_code(&err) == "LimitExceededException" => "limit_exceeded",
-                    _ => "subscribe_error",
+                    ErrorKind::InUse => ResubscribeReason::ResourceInUse,
+                    ErrorKind::NotFound => ResubscribeReason::NotFound,
+                    _ if crate::aws::error_code(&err) == "LimitExceededException" => ResubscribeReason::LimitExceeded,
+                    _ => ResubscribeReason::SubscribeError,
                 };
                 return SessionEnd::Failed(reason, kind, crate::aws::chain(&err));
             }
@@ -198,14 +233,16 @@ impl ShardReader {
                 next = tokio::time::timeout(IDLE_TIMEOUT, events.recv()) => next,
             };
             let event = match next {
-                Err(_elapsed) => return SessionEnd::Resubscribe("idle_timeout"),
-                Ok(Ok(None)) => return SessionEnd::Resubscribe("session_end"),
-                Ok(Err(err)) => return SessionEnd::Failed("stream_error", classify(&err), crate::aws::chain(&err)),
+                Err(_elapsed) => return SessionEnd::Resubscribe(ResubscribeReason::IdleTimeout),
+                Ok(Ok(None)) => return SessionEnd::Resubscribe(ResubscribeReason::SessionEnd),
+                Ok(Err(err)) => {
+                    return SessionEnd::Failed(ResubscribeReason::StreamError, classify(&err), crate::aws::chain(&err));
+                }
                 Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => event,
                 Ok(Ok(Some(_))) => continue,
             };
             backoff.reset();
-            match self.handle(event, position, last_handed, stop).await {
+            match self.handle(event, cursor, stop).await {
                 Ok(false) => {}
                 Ok(true) => return SessionEnd::ShardEnd,
                 Err(end) => return end,
@@ -217,10 +254,21 @@ impl ShardReader {
     async fn handle(
         &mut self,
         event: SubscribeToShardEvent,
-        position: &mut StartingPoint,
-        last_handed: &mut Option<SequenceNumber>,
+        cursor: &mut Cursor,
         stop: &CancellationToken,
     ) -> Result<bool, SessionEnd> {
+        if cursor.unanchored() {
+            // The first event of a reading from LATEST or a timestamp says where it stands: the
+            // first record it holds, else its continuation. Kept before anything is handed on,
+            // so that a restart copies everything written after the first start.
+            let first = event.records.first().map(|r| r.sequence_number.as_str()).unwrap_or_default();
+            let anchor =
+                SequenceNumber::parse(first).or_else(|_| SequenceNumber::parse(&event.continuation_sequence_number));
+            if let Ok(at) = anchor {
+                self.keep_starting_point(&at).await;
+                cursor.anchor(at);
+            }
+        }
         let shard = self.shard_id.as_str();
         self.metrics.millis_behind_latest.with_label_values(&[shard]).set(event.millis_behind_latest);
         let continuation = event.continuation_sequence_number;
@@ -233,16 +281,16 @@ impl ShardReader {
             let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
                 tracing::error!(shard, "Event carried a record with a malformed sequence number; resubscribing.");
                 return Err(SessionEnd::Failed(
-                    "malformed_event",
+                    ResubscribeReason::MalformedEvent,
                     ErrorKind::Transient,
                     "malformed sequence number".into(),
                 ));
             };
-            if last_handed.as_ref().is_some_and(|last| seq <= *last) {
+            if !cursor.is_new(&seq) {
                 replayed += 1;
                 continue;
             }
-            *last_handed = Some(seq.clone());
+            cursor.last_handed = Some(seq.clone());
             let data = Bytes::from(record.data.into_inner());
             let user_records = match crate::kpl::decode(&data) {
                 Ok(decoded) => decoded.map(Into::into),
@@ -262,7 +310,7 @@ impl ShardReader {
                 arrival: record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok()),
             });
         }
-        self.health.event(shard, event.millis_behind_latest, records.len(), last_handed.as_ref());
+        self.health.event(shard, event.millis_behind_latest, records.len(), cursor.last_handed.as_ref());
         if malformed > 0 {
             self.metrics.kpl_malformed_records.with_label_values(&[shard]).inc_by(malformed);
         }
@@ -273,20 +321,37 @@ impl ShardReader {
             let bytes: usize = records.iter().map(SourceRecord::size).sum();
             self.metrics.records_read.with_label_values(&[shard]).inc_by(records.len() as u64);
             self.metrics.bytes_read.with_label_values(&[shard]).inc_by(bytes as u64);
-            if self.fanout.deliver(&self.progress, records, stop).await.is_err() {
+            self.health.paused(shard, true);
+            let delivered = self.fanout.deliver(&self.progress, records, stop).await;
+            self.health.paused(shard, false);
+            if delivered.is_err() {
                 return Err(SessionEnd::Stop);
             }
-        }
-        if last_handed.is_none()
-            && let Ok(seq) = SequenceNumber::parse(&continuation)
-        {
-            // Nothing read yet: remember where the stream stands, so the next session does not
-            // start again from LATEST or a timestamp and skip what arrives in between.
-            *position = StartingPoint::At(seq);
         }
         // Real Kinesis ends a shard with a null continuation; some emulators keep sending one but
         // announce the children on an empty event.
         Ok(continuation.is_empty() || (child_shards && received == 0))
+    }
+}
+
+impl ShardReader {
+    /// Records where this reading starts, in progress (so periodic checkpoints keep it until a
+    /// record is acknowledged) and at once in the store. A failed write is retried by the
+    /// checkpoint loop.
+    async fn keep_starting_point(&self, at: &SequenceNumber) {
+        self.progress.anchor(at.clone());
+        let mut start = Checkpoints::new();
+        start.insert(self.shard_id.clone(), Checkpoint::At(at.clone()));
+        match self.store.save(&start, self.started_at).await {
+            Ok(()) => {
+                self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
+                tracing::info!(shard = %self.shard_id, sequence_number = %at, "Starting point stored: a restart resumes here.");
+            }
+            Err(err) => {
+                self.metrics.checkpoint_writes.with_label_values(&["error"]).inc();
+                tracing::warn!(shard = %self.shard_id, error = %crate::aws::chain(&err), "Could not store the starting point yet; the checkpoint loop tries again.");
+            }
+        }
     }
 }
 

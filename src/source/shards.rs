@@ -31,31 +31,39 @@ pub enum StartingPoint {
     At(SequenceNumber),
 }
 
-/// Shards to start now, given what is running already, with their starting points.
+/// Shards to start now, with their starting points. `started` holds every shard read in this
+/// run (running or finished): none of them starts again, and none of them counts as history to
+/// skip at LATEST, so a child waits for a parent read here to reach SHARD_END and then reads
+/// from its beginning.
 pub fn plan(
     shards: &[ShardInfo],
     checkpoints: &Checkpoints,
     initial: InitialPosition,
-    running: &HashSet<String>,
+    started: &HashSet<String>,
 ) -> Vec<(String, StartingPoint)> {
     let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.id.as_str(), s)).collect();
     let done = |id: &str| -> bool {
         match checkpoints.get(id) {
             Some(Checkpoint::ShardEnd) => true,
-            Some(Checkpoint::Sequence(_)) => false,
+            Some(Checkpoint::Sequence(_) | Checkpoint::At(_)) => false,
             // Starting at LATEST, history is not wanted: closed shards never read are skipped.
-            None => initial == InitialPosition::Latest && by_id.get(id).is_some_and(|s| s.closed),
+            None => {
+                initial == InitialPosition::Latest && !started.contains(id) && by_id.get(id).is_some_and(|s| s.closed)
+            }
         }
     };
     shards
         .iter()
-        .filter(|s| !running.contains(&s.id) && !done(&s.id))
+        .filter(|s| !started.contains(&s.id) && !done(&s.id))
         // A parent the stream no longer lists has aged out of retention: nothing left to wait for.
         .filter(|s| s.parents.iter().all(|p| !by_id.contains_key(p.as_str()) || done(p)))
         .map(|s| {
             let start = match checkpoints.get(&s.id) {
                 Some(Checkpoint::Sequence(seq)) => StartingPoint::After(seq.clone()),
-                _ if s.parents.iter().any(|p| checkpoints.contains_key(p)) => StartingPoint::TrimHorizon,
+                Some(Checkpoint::At(seq)) => StartingPoint::At(seq.clone()),
+                _ if s.parents.iter().any(|p| checkpoints.contains_key(p) || started.contains(p)) => {
+                    StartingPoint::TrimHorizon
+                }
                 _ => match initial {
                     InitialPosition::TrimHorizon => StartingPoint::TrimHorizon,
                     InitialPosition::Latest => StartingPoint::Latest,
@@ -124,6 +132,31 @@ mod tests {
     fn latest_skips_closed_history() {
         let next = plan(&graph(), &Checkpoints::new(), InitialPosition::Latest, &HashSet::new());
         assert_eq!(next, vec![("s3".to_string(), StartingPoint::Latest), ("s4".to_string(), StartingPoint::Latest)]);
+    }
+
+    #[test]
+    fn at_latest_a_parent_read_in_this_run_holds_its_children_until_it_ends() {
+        // s0 was open when the run started at LATEST and is being read; a split closed it.
+        let started: HashSet<String> = ["s0".to_string(), "s4".to_string()].into();
+        let shards = vec![shard("s0", &[], true), shard("s1", &["s0"], false), shard("s4", &[], false)];
+        let mut cps = Checkpoints::new();
+        assert!(plan(&shards, &cps, InitialPosition::Latest, &started).is_empty(), "s1 waits for s0's end");
+        cps.insert("s0".into(), Checkpoint::ShardEnd);
+        let next = plan(&shards, &cps, InitialPosition::Latest, &started);
+        assert_eq!(next, vec![("s1".to_string(), StartingPoint::TrimHorizon)], "from its beginning, not LATEST");
+        // Read in this run but stopped before its end (no checkpoint): still not history.
+        let cps = Checkpoints::new();
+        let started: HashSet<String> = ["s0".to_string()].into();
+        assert!(plan(&shards, &cps, InitialPosition::Latest, &started).iter().all(|(id, _)| id != "s1"));
+    }
+
+    #[test]
+    fn a_stored_starting_point_resumes_at_it() {
+        let mut cps = Checkpoints::new();
+        let seq = SequenceNumber::parse("42").unwrap();
+        cps.insert("s4".into(), Checkpoint::At(seq.clone()));
+        let next = plan(&graph(), &cps, InitialPosition::Latest, &HashSet::new());
+        assert!(next.contains(&("s4".to_string(), StartingPoint::At(seq))), "{next:?}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Faults {
     /// so it resumes where it is asked to, as Kinesis does. Off by default, so the tests of the
     /// replay filter keep their replays.
     pub honour_starting_position: bool,
+    /// ListStreams answers leave this stream out (as a page boundary or a lagging index could).
+    pub hide_from_list_streams: Option<String>,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
 }
@@ -77,6 +79,8 @@ impl Emulator {
 
     pub async fn with_options(options: StoreOptions) -> Emulator {
         let (app, store) = ferrokinesis::create_app(options);
+        // As the emulator's own binary does (7 MiB): a 5 MiB PutRecords takes more once encoded.
+        let app = app.layer(axum::extract::DefaultBodyLimit::max(7 << 20));
         let faults = Arc::new(Mutex::new(Faults::default()));
         let app = app.layer(axum::middleware::from_fn_with_state((Arc::clone(&faults), store), inject_faults));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -119,6 +123,7 @@ async fn inject_faults(
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let honour_position;
+    let hidden;
     {
         let mut faults = faults.lock().unwrap();
         *faults.calls.entry(operation.clone()).or_default() += 1;
@@ -145,6 +150,11 @@ async fn inject_faults(
             return error_response(StatusCode::BAD_REQUEST, "ResourceInUseException");
         }
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
+        hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
+    }
+    if let Some(hidden) = hidden {
+        let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+        return without_stream(answer, &hidden).await;
     }
     if honour_position
         && parts.headers.get("content-type").is_some_and(|v| v == "application/x-amz-json-1.1")
@@ -156,6 +166,24 @@ async fn inject_faults(
         return (StatusCode::OK, [("content-type", "application/vnd.amazon.eventstream")], events).into_response();
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// A ListStreams answer with one stream left out.
+async fn without_stream(answer: Response, hidden: &str) -> Response {
+    let (parts, body) = answer.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    if let Some(names) = json.get_mut("StreamNames").and_then(|v| v.as_array_mut()) {
+        names.retain(|n| n.as_str() != Some(hidden));
+    }
+    if let Some(summaries) = json.get_mut("StreamSummaries").and_then(|v| v.as_array_mut()) {
+        summaries.retain(|s| s.get("StreamName").and_then(|n| n.as_str()) != Some(hidden));
+    }
+    let mut parts = parts;
+    parts.headers.remove("content-length");
+    Response::from_parts(parts, Body::from(serde_json::to_vec(&json).unwrap()))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -355,6 +383,7 @@ pub struct Running {
     /// Address of /metrics, /healthz, /readyz.
     pub admin: std::net::SocketAddr,
     pub progress: Arc<kinesis_fanout::progress::Progress>,
+    pub health: Arc<kinesis_fanout::health::Health>,
     stop: CancellationToken,
     handle: JoinHandle<Result<(), kinesis_fanout::RunError>>,
 }
@@ -374,9 +403,10 @@ impl Running {
         let admin = service.admin_addr();
         let metrics = service.metrics();
         let progress = service.progress();
+        let health = service.health();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(service.run(stop.clone()));
-        Running { metrics, progress, admin, stop, handle }
+        Running { metrics, progress, health, admin, stop, handle }
     }
 
     /// GET an admin path: (status, body).
