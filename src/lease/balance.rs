@@ -24,6 +24,23 @@ pub fn active(leases: &[Lease]) -> Vec<&Lease> {
     leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key)).collect()
 }
 
+/// Leases read to their end whose every child has started (checkpointed past its start): no
+/// worker needs them any more (the KCL's lease cleanup). A child's missing parent counts as done.
+pub fn finished(leases: &[Lease]) -> Vec<&str> {
+    leases
+        .iter()
+        .filter(|l| l.checkpoint == Position::ShardEnd)
+        .filter(|parent| {
+            let children: Vec<&Lease> = leases.iter().filter(|c| c.parents.contains(&parent.key)).collect();
+            let named_ones_present = parent.children.iter().all(|k| children.iter().any(|c| &c.key == k));
+            !children.is_empty()
+                && named_ones_present
+                && children.iter().all(|c| matches!(c.checkpoint, Position::Sequence(_) | Position::ShardEnd))
+        })
+        .map(|l| l.key.as_str())
+        .collect()
+}
+
 /// The owner of a lease unless it expired.
 fn live_owner<'a>(lease: &'a Lease, expired: &HashSet<String>) -> Option<&'a str> {
     lease.owner.as_deref().filter(|_| !expired.contains(&lease.key))
@@ -119,6 +136,24 @@ mod tests {
         assert_eq!(choose(&leases, "me", &expired).len(), 4);
         let steals = choose(&leases, "me", &HashSet::new());
         assert_eq!(steals, vec![Take::Steal("s3".into())]);
+    }
+
+    #[test]
+    fn a_finished_lease_goes_once_every_child_has_started() {
+        let mut parent = lease("p", None);
+        parent.checkpoint = Position::ShardEnd;
+        parent.children = vec!["c1".into(), "c2".into()];
+        let mut c1 = lease("c1", Some("w"));
+        c1.parents = vec!["p".into()];
+        let mut c2 = c1.clone();
+        c2.key = "c2".into();
+        assert!(finished(&[parent.clone(), c1.clone(), c2.clone()]).is_empty(), "children not started");
+        c1.checkpoint = Position::Sequence(crate::record::SequenceNumber::parse("5").unwrap());
+        assert!(finished(&[parent.clone(), c1.clone(), c2.clone()]).is_empty(), "c2 not started");
+        assert!(finished(&[parent.clone(), c1.clone()]).is_empty(), "c2 has no lease yet");
+        c2.checkpoint = Position::ShardEnd;
+        assert_eq!(finished(&[parent.clone(), c1, c2]), vec!["p"]);
+        assert!(finished(&[parent]).is_empty(), "no child lease at all");
     }
 
     #[test]

@@ -347,6 +347,25 @@ impl LeaseTable {
         .await
     }
 
+    /// Deletes a lease read to its end (conditional on `SHARD_END`, so nothing else is ever
+    /// deleted). Returns false when it was gone or changed already.
+    pub async fn delete_finished(&self, key: &str) -> Result<bool, LeaseError> {
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(key))
+            .condition_expression("checkpoint = :end")
+            .expression_attribute_values(":end", s(Position::ShardEnd.to_string()))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(true),
+            Err(err) if is_condition_failure(&err) => Ok(false),
+            Err(err) => Err(self.failed("DeleteItem", err)),
+        }
+    }
+
     async fn conditional(
         &self,
         key: &str,

@@ -620,3 +620,45 @@ async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
     );
     w1.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_lease_is_deleted_once_its_children_started_and_never_read_again() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    create_stream(&client, "out-1", 1).await;
+    let dynamo = Dynamo::start().await;
+    let toml = worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1");
+    let worker = Worker::start("w1", &toml, &emulator.url);
+    let before = records(2100, 200, 32);
+    put_all(&client, "in", &before).await;
+    wait_until("the parent copied", || async { all_hold(&client, &["out-1"], &before).await }).await;
+    split_in_half(&client, "in", "shardId-000000000000").await;
+    let after = records(2101, 400, 32);
+    put_all(&client, "in", &after).await;
+    wait_until("the parent's lease is gone once both children have checkpoints", || async {
+        let leases = dynamo.leases("leases").await;
+        let children_started = leases
+            .iter()
+            .filter(|l| l.parents.contains(&"shardId-000000000000".to_string()))
+            .filter(|l| matches!(l.checkpoint, kinesis_fanout::lease::Position::Sequence(_)))
+            .count();
+        !leases.iter().any(|l| l.key == "shardId-000000000000") && children_started == 2
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    // A restart lists the parent again (it is within retention): it must not get a new lease
+    // and be read from its beginning.
+    let worker = Worker::start("w1", &toml, &emulator.url);
+    let more = records(2102, 100, 32);
+    put_all(&client, "in", &more).await;
+    let mut all = before.clone();
+    all.extend(after);
+    all.extend(more);
+    wait_until("every record copied", || async { all_hold(&client, &["out-1"], &all).await }).await;
+    let leases = dynamo.leases("leases").await;
+    worker.stop().await.unwrap();
+    assert!(!leases.iter().any(|l| l.key == "shardId-000000000000"), "the finished lease was not created again");
+    assert_eq!(duplicates_in(&client, "out-1").await, 0, "the parent was not read again");
+}
