@@ -64,6 +64,9 @@ struct Cursor {
     /// Nothing handed on yet, but the reading is anchored here (a stored or just-taken starting
     /// point): records below it were written before the reading began and are not new.
     floor: Option<SequenceNumber>,
+    /// A reading started at a timestamp hands on nothing that arrived before it (Kinesis never
+    /// sends such records; an emulator asked for a timestamp past its last record may).
+    not_before: Option<SystemTime>,
 }
 
 impl Cursor {
@@ -73,7 +76,11 @@ impl Cursor {
             StartingPoint::At(seq) => (None, Some(seq.clone())),
             _ => (None, None),
         };
-        Cursor { position: start.clone(), last_handed, floor }
+        let not_before = match start {
+            StartingPoint::AtTimestamp(at) => Some(*at),
+            _ => None,
+        };
+        Cursor { position: start.clone(), last_handed, floor, not_before }
     }
 
     /// A start that moves with time (LATEST, a timestamp) has no place of its own yet.
@@ -93,6 +100,11 @@ impl Cursor {
             (None, Some(floor)) => seq >= floor,
             (None, None) => true,
         }
+    }
+
+    /// Whether a record arrived before the timestamp this reading started at.
+    fn before_start(&self, arrival: Option<SystemTime>) -> bool {
+        matches!((self.not_before, arrival), (Some(start), Some(arrived)) if arrived < start)
     }
 
     /// Where the next session starts: after the last record handed on, else where it was.
@@ -257,18 +269,6 @@ impl ShardReader {
         cursor: &mut Cursor,
         stop: &CancellationToken,
     ) -> Result<bool, SessionEnd> {
-        if cursor.unanchored() {
-            // The first event of a reading from LATEST or a timestamp says where it stands: the
-            // first record it holds, else its continuation. Kept before anything is handed on,
-            // so that a restart copies everything written after the first start.
-            let first = event.records.first().map(|r| r.sequence_number.as_str()).unwrap_or_default();
-            let anchor =
-                SequenceNumber::parse(first).or_else(|_| SequenceNumber::parse(&event.continuation_sequence_number));
-            if let Ok(at) = anchor {
-                self.keep_starting_point(&at).await;
-                cursor.anchor(at);
-            }
-        }
         let shard = self.shard_id.as_str();
         self.metrics.millis_behind_latest.with_label_values(&[shard]).set(event.millis_behind_latest);
         let continuation = event.continuation_sequence_number;
@@ -286,7 +286,8 @@ impl ShardReader {
                     "malformed sequence number".into(),
                 ));
             };
-            if !cursor.is_new(&seq) {
+            let arrival = record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok());
+            if !cursor.is_new(&seq) || cursor.before_start(arrival) {
                 replayed += 1;
                 continue;
             }
@@ -307,8 +308,18 @@ impl ShardReader {
                 partition_key: record.partition_key.unwrap_or_default(),
                 data,
                 user_records,
-                arrival: record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok()),
+                arrival,
             });
+        }
+        if cursor.unanchored() {
+            // The first event of a reading from LATEST or a timestamp says where it stands: the
+            // first record it hands on, else its continuation. Kept before anything is handed
+            // on, so that a restart copies everything written after the first start.
+            let first = records.first().map(|r| r.sequence_number.clone());
+            if let Some(at) = first.or_else(|| SequenceNumber::parse(&continuation).ok()) {
+                self.keep_starting_point(&at).await;
+                cursor.anchor(at);
+            }
         }
         self.health.event(shard, event.millis_behind_latest, records.len(), cursor.last_handed.as_ref());
         if malformed > 0 {

@@ -662,3 +662,42 @@ async fn a_finished_lease_is_deleted_once_its_children_started_and_never_read_ag
     assert!(!leases.iter().any(|l| l.key == "shardId-000000000000"), "the finished lease was not created again");
     assert_eq!(duplicates_in(&client, "out-1").await, 0, "the parent was not read again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_started_at_a_timestamp_keeps_its_place_across_a_restart() {
+    let emulator = Emulator::start().await;
+    emulator.faults.lock().unwrap().honour_starting_position = true;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    create_stream(&client, "out-1", 1).await;
+    let history = records(2200, 30, 32);
+    put_all(&client, "in", &history).await;
+    // Arrival times have whole-second resolution here: start two seconds after the history.
+    let at = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "").replace(
+        "consumer_name = \"fanout-test\"",
+        &format!(
+            "consumer_name = \"fanout-test\"\ninitial_position = \"at_timestamp\"\ninitial_timestamp = \"{}\"",
+            humantime::format_rfc3339_seconds(at)
+        ),
+    );
+    wait_until("the start time has passed", || async { std::time::SystemTime::now() > at }).await;
+    let first = Instance::start(&toml, &emulator.url);
+    first.wait_reading(1).await;
+    wait_until("the starting point is stored", || async {
+        std::fs::read_to_string(&checkpoint).is_ok_and(|t| t.contains("AT_SEQUENCE_NUMBER:"))
+    })
+    .await;
+    first.stop().await;
+
+    let later = records(2201, 100, 32);
+    put_all(&client, "in", &later).await;
+    let second = Instance::start(&toml, &emulator.url);
+    wait_until("out-1 holds what was written after the start", || async {
+        all_hold(&client, &["out-1"], &later).await
+    })
+    .await;
+    second.stop().await;
+    assert_eq!(contents(&client, "out-1").await, sorted(&later), "nothing from before the timestamp, nothing twice");
+}
