@@ -80,6 +80,15 @@ struct Pending {
 }
 
 impl Pending {
+    /// An entry to write, checked against Kinesis's limits once, here.
+    fn new(chunk: Arc<Chunk>, index: u32, payload: Payload, queued_at: Instant) -> Self {
+        let mut pending = Pending { chunk, index, payload, queued_at, retry: false, invalid: None, held: false };
+        pending.invalid =
+            crate::record::validate_entry(pending.partition_key(), pending.explicit_hash_key(), pending.data().len())
+                .err();
+        pending
+    }
+
     fn source(&self) -> &crate::record::SourceRecord {
         &self.chunk.records[self.index as usize]
     }
@@ -328,24 +337,8 @@ impl Writer {
             return;
         }
         let before = self.pending.len();
-        self.pending.extend(entries.into_iter().map(|(index, payload)| {
-            let mut pending = Pending {
-                chunk: Arc::clone(&chunk),
-                index,
-                payload,
-                queued_at: now,
-                retry: false,
-                invalid: None,
-                held: false,
-            };
-            pending.invalid = crate::record::validate_entry(
-                pending.partition_key(),
-                pending.explicit_hash_key(),
-                pending.data().len(),
-            )
-            .err();
-            pending
-        }));
+        self.pending
+            .extend(entries.into_iter().map(|(index, payload)| Pending::new(Arc::clone(&chunk), index, payload, now)));
         let added = self.pending.len() - before;
         self.buffered_bytes += self.pending.iter().skip(before).map(Pending::size).sum::<usize>();
         self.tickets.insert(chunk.id, Ticket { remaining: added, chunk, _permit: permit });

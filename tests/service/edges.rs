@@ -68,10 +68,7 @@ async fn latest_survives_a_restart(emulator: &Emulator, toml: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_started_at_latest_copies_everything_written_after_the_first_start() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = starting_at_latest(config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
     latest_survives_a_restart(&emulator, &toml).await;
@@ -81,10 +78,7 @@ async fn a_shard_started_at_latest_copies_everything_written_after_the_first_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_started_at_latest_copies_everything_written_after_the_first_start_with_the_lease_table() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
     let toml = starting_at_latest(worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1"));
     latest_survives_a_restart(&emulator, &toml).await;
@@ -157,11 +151,7 @@ fn aggregate_with(bad: &[kinesis_fanout::kpl::UserRecord], valid: usize) -> (Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_invalid_user_record_is_dead_lettered_alone_and_the_rest_arrive() {
     use kinesis_fanout::kpl::UserRecord;
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-kpl", "dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-kpl", 1), ("dlq", 1)]).await;
     let bad = |pk: String, ehk: Option<&str>, data: &str| UserRecord {
         partition_key: pk,
         explicit_hash_key: ehk.map(String::from),
@@ -209,11 +199,7 @@ async fn one_invalid_user_record_is_dead_lettered_alone_and_the_rest_arrive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_respect_kinesis_limits_and_oversized_ones_go_unwrapped() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-denied", "dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1), ("dlq", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "dead_letter_stream = \"dlq\"");
@@ -280,10 +266,7 @@ async fn split_in_half(client: &aws_sdk_kinesis::Client, stream: &str, shard: &s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_latest_a_split_while_running_reads_children_only_after_their_parent() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = starting_at_latest(config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
     let service = Running::start(&toml, &emulator.url);
@@ -339,11 +322,7 @@ async fn at_latest_a_split_while_running_reads_children_only_after_their_parent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_missing_from_one_list_streams_answer_is_kept_while_it_exists() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a", "out-b"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
     let first = records(1500, 100, 32);
@@ -365,10 +344,7 @@ async fn a_destination_missing_from_one_list_streams_answer_is_kept_while_it_exi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_worker_takes_no_lease() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 4).await;
-    create_stream(&client, "out-a", 1).await;
+    let (emulator, client) = with_streams(&[("in", 4), ("out-a", 1)]).await;
     let dynamo = Dynamo::start().await;
     let w1 = Worker::start("w1", &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1"), &emulator.url);
     let w2 = Worker::start("w2", &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w2"), &emulator.url);
@@ -397,10 +373,7 @@ async fn a_draining_worker_takes_no_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_paused_by_backpressure_stays_ready() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "max_in_flight_bytes = \"1MiB\"");
     let service = Running::start(&toml, &emulator.url);
@@ -427,11 +400,7 @@ async fn a_reader_paused_by_backpressure_stays_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_record_is_counted_rejected_once() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-denied"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
@@ -469,10 +438,7 @@ fn wave(seed: u64) -> (Rec, Vec<Rec>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaggregation_follows_a_reshard_that_keeps_the_shard_count() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-kpl", 2).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-kpl", 2)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // Discovery rounds are far apart: only the PutRecords answers can tell the map is stale.
     let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "kpl = \"reaggregate\"")
@@ -582,10 +548,7 @@ async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
     // A slow destination: most of what is read waits in the queue.
     let toml = worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1")
@@ -623,10 +586,7 @@ async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_lease_is_deleted_once_its_children_started_and_never_read_again() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
     let toml = worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1");
     let worker = Worker::start("w1", &toml, &emulator.url);

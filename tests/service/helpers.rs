@@ -219,6 +219,16 @@ pub async fn create_stream(client: &Client, name: &str, shards: i32) {
     wait_active(client, name).await;
 }
 
+/// A fresh emulator holding `streams` (name, shard count), and a client for it.
+pub async fn with_streams(streams: &[(&str, i32)]) -> (Emulator, Client) {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for (name, shards) in streams {
+        create_stream(&client, name, *shards).await;
+    }
+    (emulator, client)
+}
+
 pub async fn wait_active(client: &Client, name: &str) {
     wait_until(&format!("stream {name} ACTIVE"), || async {
         let out = client.describe_stream_summary().stream_name(name).send().await;
