@@ -300,7 +300,7 @@ impl Discovery {
         let task = DestinationTask {
             name: Arc::clone(&name),
             source_stream: self.settings.source.stream_name.as_str().into(),
-            client: self.writer_client.clone(),
+            edge: Arc::new(self.writer_client.clone()),
             group,
             queue,
             open_shards: open_shards_rx,

@@ -91,6 +91,9 @@ pub enum InvalidEntry {
     ExplicitHashKey { shown: String },
     #[error("data and partition key take {bytes} bytes; Kinesis takes at most 1 MiB")]
     TooLarge { bytes: usize },
+    /// Kinesis refused the entry when it was sent alone.
+    #[error("Kinesis refused it on its own ({code}): {message}")]
+    Refused { code: String, message: String },
 }
 
 /// Kinesis's limits for one PutRecords entry: a partition key of 1 to 256 Unicode characters, an

@@ -1,6 +1,7 @@
 //! The dead-letter stream: where records go that a destination can never accept (access denied,
 //! KMS, validation), with their origin, so that nothing is dropped silently.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -10,8 +11,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
+use super::put::{PutEdge, RequestFailure};
 use super::retry::Backoff;
-use crate::aws::{ErrorKind, classify};
+use crate::aws::ErrorKind;
 
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -43,7 +45,7 @@ pub struct Envelope<'a> {
 #[derive(Debug)]
 pub struct DeadLetter {
     pub stream: String,
-    client: aws_sdk_kinesis::Client,
+    edge: Arc<dyn PutEdge>,
     backoff: Backoff,
 }
 
@@ -119,8 +121,8 @@ impl Letter {
 }
 
 impl DeadLetter {
-    pub fn new(stream: String, client: aws_sdk_kinesis::Client, backoff: Backoff) -> Self {
-        DeadLetter { stream, client, backoff }
+    pub fn new(stream: String, edge: Arc<dyn PutEdge>, backoff: Backoff) -> Self {
+        DeadLetter { stream, edge, backoff }
     }
 
     /// Writes every rejected record, in requests within Kinesis's limits (500 records, 5 MiB),
@@ -150,29 +152,21 @@ impl DeadLetter {
         while !letters.is_empty() {
             let take = batch::fits(letters.iter().map(Letter::encoded_size), BatchLimits::default());
             let batch: Vec<Letter> = letters.drain(..take).collect();
-            let request = self
-                .client
-                .put_records()
-                .stream_name(&self.stream)
-                .set_records(Some(batch.iter().map(Letter::entry).collect()));
+            let request = self.edge.put_records(&self.stream, batch.iter().map(Letter::entry).collect());
             let result = tokio::select! {
                 _ = stop.cancelled() => return Err(Stopped),
-                r = request.send() => r,
+                r = request => r,
             };
             let failed: Vec<Letter> = match result {
-                Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => {
+                Ok(answers) if answers.iter().all(|a| a.error_code.is_none()) => {
                     self.backoff.reset();
                     continue;
                 }
-                Ok(out) => batch
-                    .into_iter()
-                    .zip(out.records())
-                    .filter(|(_, r)| r.error_code().is_some())
-                    .map(|(e, _)| e)
-                    .collect(),
-                Err(err) => {
-                    let permanent = classify(&err) != ErrorKind::Transient;
-                    let cause = crate::aws::chain(&err);
+                Ok(answers) => {
+                    batch.into_iter().zip(answers).filter(|(_, a)| a.error_code.is_some()).map(|(e, _)| e).collect()
+                }
+                Err(RequestFailure { kind, cause, .. }) => {
+                    let permanent = kind != ErrorKind::Transient;
                     if permanent {
                         tracing::error!(stream = %self.stream, error = %cause, "The dead-letter stream rejects writes; rejected records are held until it accepts them.");
                     } else {

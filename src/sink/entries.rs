@@ -6,7 +6,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::batch;
 
 use crate::config::KplMode;
 use crate::kpl::{Aggregator, MAX_AGGREGATE_BYTES, Packed};
@@ -130,6 +135,83 @@ fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
             data: user.data,
             shard: None,
         },
+    }
+}
+
+/// One PutRecords entry waiting to be written.
+pub struct Pending {
+    pub chunk: Arc<Chunk>,
+    /// The source record it comes from (for origins in dead letters).
+    pub index: u32,
+    pub payload: Payload,
+    pub queued_at: Instant,
+    /// Sent before and failed: send again without lingering.
+    pub retry: bool,
+    /// Why Kinesis would refuse this entry: it is never sent, but refused on its own.
+    pub invalid: Option<crate::record::InvalidEntry>,
+    /// Already counted as `rejected` (held for want of a dead-letter stream): count it once.
+    pub held: bool,
+}
+
+impl Pending {
+    /// An entry to write, checked against Kinesis's limits once, here.
+    pub fn new(chunk: Arc<Chunk>, index: u32, payload: Payload, queued_at: Instant) -> Self {
+        let mut pending = Pending { chunk, index, payload, queued_at, retry: false, invalid: None, held: false };
+        pending.invalid =
+            crate::record::validate_entry(pending.partition_key(), pending.explicit_hash_key(), pending.data().len())
+                .err();
+        pending
+    }
+
+    pub fn source(&self) -> &crate::record::SourceRecord {
+        &self.chunk.records[self.index as usize]
+    }
+
+    pub fn user(&self, i: u32) -> &crate::kpl::UserRecord {
+        &self.source().user_records.as_ref().expect("user entries come from aggregates")[i as usize]
+    }
+
+    pub fn partition_key(&self) -> &str {
+        match &self.payload {
+            Payload::Source => &self.source().partition_key,
+            Payload::User(i) => &self.user(*i).partition_key,
+            Payload::Built { partition_key, .. } => partition_key,
+        }
+    }
+
+    pub fn explicit_hash_key(&self) -> Option<&str> {
+        match &self.payload {
+            Payload::Source => None,
+            Payload::User(i) => self.user(*i).explicit_hash_key.as_deref(),
+            Payload::Built { explicit_hash_key, .. } => explicit_hash_key.as_deref(),
+        }
+    }
+
+    pub fn data(&self) -> &bytes::Bytes {
+        match &self.payload {
+            Payload::Source => &self.source().data,
+            Payload::User(i) => &self.user(*i).data,
+            Payload::Built { data, .. } => data,
+        }
+    }
+
+    /// Bytes against Kinesis limits and buffers.
+    pub fn size(&self) -> usize {
+        self.data().len() + self.partition_key().len()
+    }
+
+    pub fn encoded_size(&self) -> usize {
+        let keys = self.partition_key().len() + self.explicit_hash_key().map_or(0, str::len);
+        batch::encoded_size(keys, self.data().len())
+    }
+
+    pub fn entry(&self) -> PutRecordsRequestEntry {
+        PutRecordsRequestEntry::builder()
+            .data(Blob::new(self.data().to_vec()))
+            .partition_key(self.partition_key())
+            .set_explicit_hash_key(self.explicit_hash_key().map(str::to_string))
+            .build()
+            .expect("data and partition key are set")
     }
 }
 

@@ -5,8 +5,11 @@ pub mod batch;
 pub mod dead_letter;
 pub mod destination;
 pub mod entries;
+pub mod ledger;
 pub mod limiter;
+pub mod put;
 pub mod retry;
+pub mod writer;
 
 pub use batch::MAX_RECORD_BYTES;
 pub use destination::{DestinationTask, Exit};

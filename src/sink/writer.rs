@@ -1,0 +1,727 @@
+//! The send loop of one destination: fill a batch (linger until full), wait for the rate
+//! limiter, PutRecords through the put edge, settle each entry (accepted, retried in front of
+//! newer ones, or refused: dead-lettered or held), and split requests refused as invalid.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{self, BatchLimits};
+use super::dead_letter::{DeadLetter, Rejected};
+use super::destination::{DestinationTask, Exit, limiter_for};
+use super::entries::{self, Payload, Pending};
+use super::ledger::Ledger;
+use super::limiter::Limiter;
+use super::put::{EntryAnswer, RequestFailure};
+use super::retry::{Backoff, EntryOutcome, classify_batch};
+use crate::aws::ErrorKind;
+use crate::fanout::Delivery;
+use crate::metrics::Outcome;
+use crate::record::InvalidEntry;
+
+pub(super) struct Writer {
+    pub(super) task: DestinationTask,
+    /// Entries to send, oldest first; failed ones go back to the front.
+    pub(super) pending: VecDeque<Pending>,
+    /// What this destination owes each chunk, and the budget each holds.
+    pub(super) ledger: Ledger,
+    pub(super) limiter: Limiter,
+    pub(super) backoff: Backoff,
+    pub(super) dead_letter: Option<DeadLetter>,
+    pub(super) stalled: bool,
+    pub(super) limits: BatchLimits,
+    /// Set while a request refused as a whole for validation is split to find its bad entries.
+    pub(super) split: Option<Split>,
+    /// Source readings revoked so far, as last seen: the queue is searched for their records
+    /// only when this moves.
+    pub(super) revocations: u64,
+}
+
+/// PutRecords refuses a whole request for one entry it finds invalid. The leading `suspect`
+/// entries are then sent in requests of at most `size`, halving on each refusal, until the
+/// entries at fault are alone and refused on their own: valid entries are never dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Split {
+    suspect: usize,
+    size: usize,
+}
+
+/// Request-level error codes that mean "something in this request is invalid".
+const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
+
+enum Interrupt {
+    Stop,
+    Removed,
+}
+
+struct Guard {
+    stop: CancellationToken,
+    removed: CancellationToken,
+}
+
+impl Guard {
+    async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.removed.cancelled() => Err(Interrupt::Removed),
+            out = work => Ok(out),
+        }
+    }
+}
+
+impl Writer {
+    pub(super) async fn run(&mut self) -> Exit {
+        loop {
+            if let Err(interrupt) = self.fill().await {
+                return self.interrupted(interrupt);
+            }
+            if let Err(interrupt) = self.send_batch().await {
+                return self.interrupted(interrupt);
+            }
+        }
+    }
+
+    fn interrupted(&mut self, interrupt: Interrupt) -> Exit {
+        match interrupt {
+            Interrupt::Stop => Exit::Stopped,
+            Interrupt::Removed => {
+                self.release_everything();
+                Exit::Deleted
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.task.name
+    }
+
+    /// Waits until there is something to send and the batch is full or has lingered long enough.
+    async fn fill(&mut self) -> Result<(), Interrupt> {
+        let shards_changed = self.task.open_shards.has_changed().unwrap_or(false);
+        let share_changed = self.task.share.has_changed().unwrap_or(false);
+        if shards_changed || share_changed {
+            let shards = *self.task.open_shards.borrow_and_update();
+            let share = *self.task.share.borrow_and_update();
+            self.limiter = limiter_for(&self.task.group, shards, share);
+            tracing::info!(destination = %self.task.name, open_shards = shards, share, rates = ?self.limiter.rates(), "Destination rate limits follow its shard count and this worker's share.");
+        }
+        while self.pending.is_empty() {
+            let delivery = self.next_delivery(None).await?;
+            if let Some(delivery) = delivery {
+                self.accept(delivery);
+            }
+        }
+        let front = self.pending.front().expect("not empty");
+        let deadline = if front.retry { Instant::now() } else { front.queued_at + self.task.group.linger };
+        loop {
+            while let Ok(delivery) = self.task.queue.try_recv() {
+                self.accept(delivery);
+            }
+            if self.batch_full() || Instant::now() >= deadline {
+                return Ok(());
+            }
+            match self.next_delivery(Some(deadline)).await? {
+                Some(delivery) => self.accept(delivery),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next delivery, or `None` at the deadline.
+    async fn next_delivery(&mut self, deadline: Option<Instant>) -> Result<Option<Delivery>, Interrupt> {
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.task.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.task.removed.cancelled() => Err(Interrupt::Removed),
+            delivery = self.task.queue.recv() => match delivery {
+                Some(d) => Ok(Some(d)),
+                None => Err(Interrupt::Stop),
+            },
+            _ = sleep => Ok(None),
+        }
+    }
+
+    fn accept(&mut self, delivery: Delivery) {
+        let Delivery { chunk, permit } = delivery;
+        if chunk.shard.revoked() {
+            self.count(Outcome::LeaseLost, chunk.records.len() as u64, chunk.bytes as u64);
+            return;
+        }
+        let now = Instant::now();
+        let map = Arc::clone(&self.task.shard_map.borrow());
+        let entries = entries::build(&chunk, self.task.group.kpl, &map);
+        let before = self.pending.len();
+        self.pending
+            .extend(entries.into_iter().map(|(index, payload)| Pending::new(Arc::clone(&chunk), index, payload, now)));
+        let added = self.pending.len() - before;
+        let bytes = self.pending.iter().skip(before).map(Pending::size).sum();
+        self.ledger.open(chunk, permit, added, bytes);
+        self.update_gauges();
+    }
+
+    fn batch_full(&self) -> bool {
+        let mut bytes = 0;
+        let mut count = 0;
+        for p in &self.pending {
+            bytes += p.encoded_size();
+            count += 1;
+            if batch::is_full(count, bytes, self.limits) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The signals that cut a wait short, owned so the wait may borrow the writer.
+    fn guard(&self) -> Guard {
+        Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone() }
+    }
+
+    /// Drops the records of source readings whose lease this worker lost: the new owner reads
+    /// them again from the stored checkpoint and sends them. A request already in flight
+    /// settles within the PutRecords attempt timeout, which the new owner waits out.
+    fn drop_revoked(&mut self) {
+        let Some(front) = self.pending.front() else { return };
+        let revocations = front.chunk.shard.revocations();
+        if revocations == self.revocations {
+            return;
+        }
+        self.revocations = revocations;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        self.pending.retain(|p| {
+            let keep = !p.chunk.shard.revoked();
+            if !keep {
+                records += 1;
+                bytes += p.size() as u64;
+            }
+            keep
+        });
+        if records == 0 {
+            return;
+        }
+        self.ledger.forget_revoked(bytes as usize);
+        self.count(Outcome::LeaseLost, records, bytes);
+        self.update_gauges();
+        tracing::info!(destination = %self.task.name, records, "Dropped queued records of shards whose lease this worker lost; their new owner sends them.");
+    }
+
+    fn count(&self, outcome: Outcome, records: u64, bytes: u64) {
+        if records > 0 {
+            let labels = [&*self.task.name, outcome.as_str()];
+            self.task.metrics.records_written.with_label_values(&labels).inc_by(records);
+            self.task.metrics.bytes_written.with_label_values(&labels).inc_by(bytes);
+        }
+    }
+
+    async fn send_batch(&mut self) -> Result<(), Interrupt> {
+        self.drop_revoked();
+        let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
+        if let Some(split) = self.split {
+            count = count.min(split.size).min(split.suspect);
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        // `None`: refused as a whole for an invalid entry; sent again in smaller requests.
+        let Some(outcomes) = self.put(count).await? else { return Ok(()) };
+        self.settle(outcomes).await?;
+        if let Some(split) = &mut self.split {
+            split.suspect = split.suspect.saturating_sub(count);
+            if split.suspect == 0 {
+                self.split = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the valid entries among the first `count` and returns every entry's outcome (invalid
+    /// ones refused without sending), or `None` when the request must be split first.
+    async fn put(&mut self, count: usize) -> Result<Option<Vec<EntryOutcome>>, Interrupt> {
+        let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
+        let refused = |p: &Pending| {
+            p.invalid.as_ref().map(|problem| EntryOutcome::Reject {
+                code: "ValidationException".into(),
+                message: problem.to_string(),
+            })
+        };
+        let entries: Vec<PutRecordsRequestEntry> =
+            batch.iter().filter(|p| p.invalid.is_none()).map(|p| p.entry()).collect();
+        let sent = entries.len();
+        let bytes: usize = batch.iter().filter(|p| p.invalid.is_none()).map(|p| p.size()).sum();
+        if sent == 0 {
+            return Ok(Some(batch.into_iter().map(|p| refused(p).expect("invalid")).collect()));
+        }
+        // Outcomes of the sent entries, placed back among the refused ones.
+        let merge = |answers: Vec<EntryOutcome>, batch: &[&Pending]| -> Vec<EntryOutcome> {
+            let mut answers = answers.into_iter();
+            batch
+                .iter()
+                .map(|p| refused(p).unwrap_or_else(|| answers.next().expect("one answer per sent entry")))
+                .collect()
+        };
+
+        let waited = self.guard().run(self.limiter.acquire(sent, bytes)).await?;
+        self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
+
+        let started = Instant::now();
+        let request = self.task.edge.put_records(&self.task.name, entries);
+        let result = self.guard().run(request).await?;
+        self.task
+            .metrics
+            .put_records_seconds
+            .with_label_values(&[self.name()])
+            .observe(started.elapsed().as_secs_f64());
+        let answers = match result {
+            Ok(answers) => {
+                let outcomes =
+                    classify_batch(answers.iter().map(|e| (e.error_code.as_deref(), e.error_message.as_deref())));
+                self.check_routing(self.pending.iter().take(count).filter(|p| p.invalid.is_none()), &answers);
+                if outcomes.len() != sent {
+                    tracing::warn!(destination = %self.task.name, sent, answered = outcomes.len(), "PutRecords answered a different number of entries; retrying them all.");
+                    vec![EntryOutcome::Retry { code: "MismatchedResponse".into() }; sent]
+                } else {
+                    outcomes
+                }
+            }
+            Err(RequestFailure { kind, code, cause }) => match kind {
+                ErrorKind::Permanent if sent > 1 && VALIDATION_CODES.contains(&code.as_str()) => {
+                    let suspect = self.split.map_or(count, |s| s.suspect);
+                    let size = (count / 2).max(1);
+                    tracing::warn!(destination = %self.task.name, records = sent, error = %cause, "PutRecords refused the request for an invalid entry; splitting it to find the entry at fault.");
+                    self.split = Some(Split { suspect, size });
+                    return Ok(None);
+                }
+                ErrorKind::NotFound => {
+                    if self.confirm_deleted().await? {
+                        let _ = self.task.gone.send(Arc::clone(&self.task.name));
+                        return Err(Interrupt::Removed);
+                    }
+                    tracing::warn!(destination = %self.task.name, error = %cause, "PutRecords said the stream was not found, but it exists; retrying.");
+                    vec![EntryOutcome::Retry { code }; sent]
+                }
+                ErrorKind::Permanent => vec![EntryOutcome::Reject { code, message: cause }; sent],
+                ErrorKind::Transient | ErrorKind::InUse => {
+                    tracing::warn!(destination = %self.task.name, records = sent, error = %cause, "PutRecords failed as a whole; retrying with backoff.");
+                    vec![EntryOutcome::Retry { code }; sent]
+                }
+            },
+        };
+        let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
+        Ok(Some(merge(answers, &batch)))
+    }
+
+    /// Aggregates are built for one destination shard: one that landed elsewhere says the shard
+    /// map is stale. Counted, and a new map is asked for.
+    fn check_routing<'p>(&self, sent: impl Iterator<Item = &'p Pending>, results: &[EntryAnswer]) {
+        let misrouted = sent
+            .zip(results)
+            .filter(|(p, r)| match (&p.payload, r.shard_id.as_deref()) {
+                (Payload::Built { shard: Some(expected), .. }, Some(landed)) => **expected != *landed,
+                _ => false,
+            })
+            .count();
+        if misrouted > 0 {
+            self.task.metrics.misrouted_records.with_label_values(&[self.name()]).inc_by(misrouted as u64);
+            tracing::warn!(destination = %self.task.name, records = misrouted, "Aggregates landed in other shards than they were built for; reading the destination's shard map again.");
+            let _ = self.task.remap.send(Arc::clone(&self.task.name));
+        }
+    }
+
+    /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
+    async fn settle(&mut self, outcomes: Vec<EntryOutcome>) -> Result<(), Interrupt> {
+        let sent: Vec<Pending> = self.pending.drain(..outcomes.len()).collect();
+        let mut again: Vec<Pending> = Vec::new();
+        let mut rejected: Vec<(Pending, String, String)> = Vec::new();
+        let (mut ok, mut ok_bytes) = (0u64, 0u64);
+        let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
+        let (mut retried, mut retried_bytes) = (0u64, 0u64);
+        for (mut p, outcome) in sent.into_iter().zip(outcomes) {
+            let size = p.size() as u64;
+            match outcome {
+                EntryOutcome::Accepted => {
+                    ok += 1;
+                    ok_bytes += size;
+                    self.done_with(&p);
+                }
+                EntryOutcome::Throttled => {
+                    throttled += 1;
+                    throttled_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Retry { .. } => {
+                    retried += 1;
+                    retried_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Reject { code, message } => {
+                    if p.invalid.is_none() && VALIDATION_CODES.contains(&code.as_str()) {
+                        // Refused as invalid on its own: it is never sent again, so while it is
+                        // held it cannot hold up the entries behind it.
+                        p.invalid = Some(InvalidEntry::Refused { code: code.clone(), message: message.clone() });
+                    }
+                    rejected.push((p, code, message))
+                }
+            }
+        }
+        self.count(Outcome::Ok, ok, ok_bytes);
+        self.count(Outcome::Throttled, throttled, throttled_bytes);
+        self.count(Outcome::Retried, retried, retried_bytes);
+
+        let mut held_rejected = false;
+        if !rejected.is_empty() {
+            held_rejected = !self.dead_letter_or_hold(&mut rejected).await?;
+            if held_rejected {
+                again.extend(rejected.into_iter().map(|(mut p, _, _)| {
+                    p.retry = true;
+                    p
+                }));
+                // Keep the original order: retried and held records interleave as they were sent.
+                again.sort_by_key(|p| (p.chunk.id, p.index));
+            }
+        }
+
+        if throttled > 0 {
+            self.limiter.penalize(throttled as usize, throttled_bytes as usize);
+        }
+        if again.is_empty() {
+            self.backoff.reset();
+            self.set_stalled(false);
+            self.update_gauges();
+            return Ok(());
+        }
+        for p in again.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+        self.update_gauges();
+        let delay = if held_rejected { self.backoff.max() } else { self.backoff.next_delay(&mut rand::rng()) };
+        tracing::debug!(destination = %self.task.name, throttled, retried, delay_ms = delay.as_millis() as u64, "Retrying failed records after a backoff.");
+        self.guard().run(tokio::time::sleep(delay)).await
+    }
+
+    /// Sends rejected records to the dead-letter stream. Returns false when there is none, after
+    /// saying loudly that the destination stops advancing.
+    async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
+        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.size() as u64).sum();
+        let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
+        let Some(dead_letter) = self.dead_letter.as_mut() else {
+            self.set_stalled(true);
+            let newly_held = rejected.iter_mut().filter(|(p, _, _)| !p.held).map(|(p, _, _)| p.held = true).count();
+            self.task
+                .metrics
+                .records_written
+                .with_label_values(&[&*self.task.name, Outcome::Rejected.as_str()])
+                .inc_by(newly_held as u64);
+            tracing::error!(
+                destination = %self.task.name,
+                records = rejected.len(),
+                error_code = %code,
+                error = %message,
+                "Destination rejects records with an error that retrying cannot fix, and no dead_letter_stream is configured: \
+                 it stops advancing (and holds back checkpoints) until the cause is fixed."
+            );
+            return Ok(false);
+        };
+        let entries: Vec<Rejected<'_>> = rejected
+            .iter()
+            .map(|(p, code, message)| Rejected {
+                sequence_number: p.source().sequence_number.as_str(),
+                partition_key: p.partition_key(),
+                data: p.data(),
+                shard_id: &p.chunk.shard.shard_id,
+                error_code: code.clone(),
+                error_message: message.clone(),
+            })
+            .collect();
+        tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
+        let stop = self.task.stop.clone();
+        let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
+        drop(entries);
+        let Ok(unwrapped) = written else {
+            return Err(Interrupt::Stop);
+        };
+        if unwrapped > 0 {
+            self.task.metrics.dead_letters_unwrapped.with_label_values(&[&*self.task.name]).inc_by(unwrapped);
+        }
+        self.task
+            .metrics
+            .records_written
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
+            .inc_by(rejected.len() as u64);
+        self.task
+            .metrics
+            .bytes_written
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
+            .inc_by(bytes);
+        for (p, _, _) in rejected.drain(..) {
+            self.done_with(&p);
+        }
+        Ok(true)
+    }
+
+    /// One record of a chunk is done for this destination.
+    fn done_with(&mut self, p: &Pending) {
+        self.ledger.done(p.chunk.id, p.size());
+    }
+
+    /// The stream is gone: nothing it holds may hold back progress any more.
+    fn release_everything(&mut self) {
+        let released = self.pending.len();
+        self.pending.clear();
+        self.ledger.release_all();
+        self.task.queue.close();
+        let mut late = 0usize;
+        while let Ok(delivery) = self.task.queue.try_recv() {
+            late += delivery.chunk.records.len();
+            delivery.chunk.acknowledge();
+        }
+        let dropped = (released + late) as u64;
+        if dropped > 0 {
+            self.task
+                .metrics
+                .records_written
+                .with_label_values(&[&*self.task.name, Outcome::DestinationDeleted.as_str()])
+                .inc_by(dropped);
+        }
+    }
+
+    async fn confirm_deleted(&self) -> Result<bool, Interrupt> {
+        self.guard().run(self.task.edge.deleted(&self.task.name)).await
+    }
+
+    fn set_stalled(&mut self, stalled: bool) {
+        if self.stalled != stalled {
+            self.stalled = stalled;
+            self.task.metrics.destination_stalled.with_label_values(&[&*self.task.name]).set(i64::from(stalled));
+            if !stalled {
+                tracing::info!(destination = %self.task.name, "Destination accepts records again.");
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.task.metrics;
+        m.buffered_records.with_label_values(&[&*self.task.name]).set(self.pending.len() as i64);
+        m.buffered_bytes.with_label_values(&[&*self.task.name]).set(self.ledger.buffered_bytes() as i64);
+    }
+
+    pub(super) fn clear_gauges(&self) {
+        let m = &self.task.metrics;
+        let label = [&*self.task.name];
+        let _ = m.buffered_records.remove_label_values(&label);
+        let _ = m.buffered_bytes.remove_label_values(&label);
+        let _ = m.destination_stalled.remove_label_values(&label);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures::future::BoxFuture;
+    use tokio::sync::{Semaphore, mpsc, watch};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::progress::Progress;
+    use crate::record::{SequenceNumber, SourceRecord};
+    use crate::sink::entries::ShardMap;
+    use crate::sink::put::PutEdge;
+
+    type Respond = dyn Fn(&[String]) -> Result<Vec<EntryAnswer>, RequestFailure> + Send + Sync;
+
+    /// A put edge that answers by the partition keys of each request, and remembers them.
+    struct Fake {
+        respond: Box<Respond>,
+        requests: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl std::fmt::Debug for Fake {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Fake")
+        }
+    }
+
+    impl PutEdge for Fake {
+        fn put_records<'a>(
+            &'a self,
+            _stream: &'a str,
+            entries: Vec<PutRecordsRequestEntry>,
+        ) -> BoxFuture<'a, Result<Vec<EntryAnswer>, RequestFailure>> {
+            let keys: Vec<String> = entries.iter().map(|e| e.partition_key().unwrap_or_default().to_string()).collect();
+            self.requests.lock().unwrap().push(keys.clone());
+            let answer = (self.respond)(&keys);
+            Box::pin(async move { answer })
+        }
+
+        fn deleted<'a>(&'a self, _stream: &'a str) -> BoxFuture<'a, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    struct Harness {
+        fake: Arc<Fake>,
+        metrics: Arc<Metrics>,
+        progress: Arc<Progress>,
+        stop: CancellationToken,
+        writer: tokio::task::JoinHandle<Exit>,
+    }
+
+    /// A writer for "out" fed one chunk of records with the given partition keys.
+    fn start(keys: &[&str], respond: Box<Respond>) -> Harness {
+        let settings = crate::Settings::from_toml(
+            r#"
+            [source]
+            stream_name = "in"
+            [[destinations]]
+            pattern = "^out$"
+            linger = "1ms"
+            initial_backoff = "1ms"
+            max_backoff = "5ms"
+            records_per_second = "100000"
+            "#,
+        )
+        .unwrap();
+        let fake = Arc::new(Fake { respond, requests: Mutex::new(Vec::new()) });
+        let metrics = Arc::new(Metrics::new());
+        let (queue_tx, queue) = mpsc::unbounded_channel();
+        let (gone, _) = mpsc::unbounded_channel();
+        let (remap, _) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = DestinationTask {
+            name: "out".into(),
+            source_stream: "in".into(),
+            edge: Arc::clone(&fake) as Arc<dyn PutEdge>,
+            group: Arc::new(settings.destinations[0].clone()),
+            queue,
+            open_shards: watch::channel(1).1,
+            shard_map: watch::channel(Arc::new(ShardMap::default())).1,
+            share: watch::channel(1.0).1,
+            metrics: Arc::clone(&metrics),
+            removed: CancellationToken::new(),
+            stop: stop.clone(),
+            gone,
+            remap,
+        };
+        let progress = Arc::new(Progress::default());
+        let shard = progress.shard("shardId-0");
+        let records = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| SourceRecord {
+                sequence_number: SequenceNumber::parse(&(i + 1).to_string()).unwrap(),
+                partition_key: k.to_string(),
+                data: Bytes::from_static(b"data"),
+                arrival: None,
+                user_records: None,
+            })
+            .collect();
+        let chunk = progress.begin(&shard, records, 1);
+        let permit = Arc::new(Semaphore::new(1 << 20)).try_acquire_many_owned(1).unwrap();
+        queue_tx.send(Delivery { chunk, permit }).unwrap();
+        // The queue stays open: the writer waits for more instead of stopping.
+        std::mem::forget(queue_tx);
+        let writer = tokio::spawn(task.run());
+        Harness { fake, metrics, progress, stop, writer }
+    }
+
+    impl Harness {
+        fn count(&self, outcome: Outcome) -> u64 {
+            self.metrics.records_written.with_label_values(&["out", outcome.as_str()]).get()
+        }
+
+        async fn until(&self, what: &str, done: impl Fn(&Harness) -> bool) {
+            let waited = tokio::time::timeout(Duration::from_secs(10), async {
+                while !done(self) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(
+                waited.is_ok(),
+                "timed out waiting for: {what}; ok {} rejected {} requests {:?}",
+                self.count(Outcome::Ok),
+                self.count(Outcome::Rejected),
+                self.fake.requests.lock().unwrap().iter().take(12).collect::<Vec<_>>()
+            );
+        }
+
+        async fn stop(self) -> Vec<Vec<String>> {
+            self.stop.cancel();
+            assert_eq!(self.writer.await.unwrap(), Exit::Stopped);
+            self.fake.requests.lock().unwrap().clone()
+        }
+    }
+
+    fn answer(error_code: Option<&str>) -> EntryAnswer {
+        EntryAnswer { error_code: error_code.map(str::to_string), ..EntryAnswer::default() }
+    }
+
+    #[tokio::test]
+    async fn only_the_failed_entries_are_sent_again() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let respond = Box::new(move |keys: &[String]| {
+            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            Ok(keys
+                .iter()
+                .map(|k| match (first, k.as_str()) {
+                    (true, "k1") => answer(Some("ProvisionedThroughputExceededException")),
+                    (true, "k3") => answer(Some("InternalFailure")),
+                    _ => answer(None),
+                })
+                .collect())
+        });
+        let h = start(&["k0", "k1", "k2", "k3", "k4"], respond);
+        h.until("every record accepted", |h| h.count(Outcome::Ok) == 5).await;
+        assert_eq!(h.progress.outstanding(), 0, "the chunk is acknowledged");
+        assert_eq!((h.count(Outcome::Throttled), h.count(Outcome::Retried)), (1, 1));
+        let requests = h.stop().await;
+        assert_eq!(requests, vec![vec!["k0", "k1", "k2", "k3", "k4"], vec!["k1", "k3"]]);
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_as_invalid_is_split_until_the_bad_entry_is_alone() {
+        let respond = Box::new(|keys: &[String]| {
+            if keys.len() > 1 && keys.iter().any(|k| k == "bad") {
+                return Err(RequestFailure {
+                    kind: ErrorKind::Permanent,
+                    code: "ValidationException".into(),
+                    cause: "1 validation error detected".into(),
+                });
+            }
+            Ok(keys.iter().map(|k| answer((k == "bad").then_some("ValidationException"))).collect())
+        });
+        let keys = ["a", "b", "c", "d", "e", "bad", "f", "g"];
+        let h = start(&keys, respond);
+        h.until("the valid ones accepted and the bad one held", |h| {
+            h.count(Outcome::Ok) == 7 && h.count(Outcome::Rejected) == 1
+        })
+        .await;
+        assert_eq!(h.count(Outcome::DeadLettered), 0);
+        let requests = h.stop().await;
+        assert_eq!(requests[0].len(), 8, "the first request holds everything");
+        assert!(requests.iter().any(|r| r == &vec!["bad".to_string()]), "the bad entry ends up alone: {requests:?}");
+        let accepted_twice = keys.iter().filter(|k| **k != "bad").any(|k| {
+            requests
+                .iter()
+                .filter(|r| r.len() == 1 || !r.contains(&"bad".to_string()))
+                .filter(|r| r.contains(&k.to_string()))
+                .count()
+                > 1
+        });
+        assert!(!accepted_twice, "a valid entry is sent in one accepted request only: {requests:?}");
+    }
+}
