@@ -267,7 +267,8 @@ impl Backend {
                 })
             }
             CheckpointBackend::DynamoDb(lease) => {
-                let table = LeaseTable::new(dynamodb_client(sdk, settings, lease), lease.table_name.clone());
+                let table =
+                    LeaseTable::new(crate::aws::dynamodb_client(sdk, &settings.aws, lease), lease.table_name.clone());
                 table.ensure(lease.create_table).await?;
                 let me = match &lease.worker_id {
                     Some(id) => id.clone(),
@@ -287,30 +288,6 @@ impl Backend {
             }
         }
     }
-}
-
-fn dynamodb_client(
-    sdk: &aws_config::SdkConfig,
-    settings: &Settings,
-    lease: &crate::config::LeaseSettings,
-) -> aws_sdk_dynamodb::Client {
-    use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
-    // A call must not outlast a renewal period: a stuck table is noticed while leases can still
-    // be proven, and the watchdog stops shards whose leases cannot.
-    let budget = (lease.failover_time / 3).clamp(Duration::from_millis(300), Duration::from_secs(5));
-    let mut config = aws_sdk_dynamodb::config::Builder::from(sdk).timeout_config(
-        TimeoutConfig::builder()
-            .connect_timeout(budget.min(Duration::from_secs(2)))
-            .operation_attempt_timeout(budget / 2)
-            .operation_timeout(budget)
-            .build(),
-    );
-    if let Some(region) = &settings.aws.region {
-        config = config.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
-    }
-    // The Kinesis endpoint override must not leak into DynamoDB: it has its own.
-    config.set_endpoint_url(lease.endpoint_url.clone());
-    aws_sdk_dynamodb::Client::from_conf(config.build())
 }
 
 async fn save(

@@ -10,13 +10,12 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_kinesis::types::StreamStatus;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::aws::{ErrorKind, classify};
+use crate::aws::kinesis;
 use crate::config::{KplMode, Settings};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::metrics::Metrics;
@@ -26,7 +25,7 @@ use crate::sink::entries::ShardMap;
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("ListStreams failed")]
-    ListStreams(#[source] aws_sdk_kinesis::error::SdkError<aws_sdk_kinesis::operation::list_streams::ListStreamsError>),
+    ListStreams(#[source] crate::aws::CallError),
 }
 
 /// A stream that matches a destination group.
@@ -53,32 +52,12 @@ pub fn select(settings: &Settings, names: impl IntoIterator<Item = String>) -> V
         .collect()
 }
 
-/// Every stream name in the account and region (paginated ListStreams).
+/// Every stream name in the account and region, each page after `pace` allows it.
 pub async fn list_stream_names(
     client: &aws_sdk_kinesis::Client,
     pace: Option<&DefaultDirectRateLimiter>,
 ) -> Result<Vec<String>, DiscoveryError> {
-    let mut names: Vec<String> = Vec::new();
-    let mut next_token: Option<String> = None;
-    loop {
-        if let Some(pace) = pace {
-            pace.until_ready().await;
-        }
-        let request = match (&next_token, names.last()) {
-            (Some(token), _) => client.list_streams().next_token(token),
-            // Older endpoints page by the last name seen instead of a token.
-            (None, Some(last)) => client.list_streams().exclusive_start_stream_name(last),
-            (None, None) => client.list_streams().limit(1000),
-        };
-        let page = request.send().await.map_err(DiscoveryError::ListStreams)?;
-        let before = names.len();
-        names.extend(page.stream_names().iter().cloned());
-        if !page.has_more_streams() || (page.next_token().is_none() && names.len() == before) {
-            break;
-        }
-        next_token = page.next_token().map(str::to_string);
-    }
-    Ok(names)
+    kinesis::list_stream_names(client, pace).await.map_err(DiscoveryError::ListStreams)
 }
 
 /// A running destination: its handle for the source, its shard feeds, its off switch.
@@ -210,20 +189,13 @@ impl Discovery {
         }
         for candidate in &candidates {
             self.describe_pace.until_ready().await;
-            let described = self.client.describe_stream_summary().stream_name(&candidate.name).send().await;
-            match described {
-                Ok(out) => {
-                    let Some(summary) = out.stream_description_summary() else { continue };
-                    let shards = summary.open_shard_count().max(0) as u32;
-                    match summary.stream_status() {
-                        StreamStatus::Active | StreamStatus::Updating => self.upsert(candidate, shards).await,
-                        StreamStatus::Deleting => self.remove(&candidate.name, "being deleted"),
-                        _ => tracing::debug!(destination = %candidate.name, "Stream is not accepting writes yet."),
-                    }
-                }
-                Err(err) if classify(&err) == ErrorKind::NotFound => self.remove(&candidate.name, "deleted"),
+            match kinesis::describe_stream(&self.client, &candidate.name).await {
+                Ok(Some(summary)) if summary.writable => self.upsert(candidate, summary.open_shards).await,
+                Ok(Some(summary)) if summary.deleting => self.remove(&candidate.name, "being deleted"),
+                Ok(Some(_)) => tracing::debug!(destination = %candidate.name, "Stream is not accepting writes yet."),
+                Ok(None) => self.remove(&candidate.name, "deleted"),
                 Err(err) => {
-                    tracing::warn!(destination = %candidate.name, error = %crate::aws::chain(&err), "DescribeStreamSummary failed; will try again next round.")
+                    tracing::warn!(destination = %candidate.name, error = %err, "DescribeStreamSummary failed; will try again next round.")
                 }
             }
         }
@@ -235,18 +207,14 @@ impl Discovery {
     /// failed check keeps the destination until the next round.
     async fn confirm_gone(&self, name: &str) -> bool {
         self.describe_pace.until_ready().await;
-        match self.client.describe_stream_summary().stream_name(name).send().await {
-            Err(err) if classify(&err) == ErrorKind::NotFound => true,
-            Ok(out) => {
-                let deleting =
-                    out.stream_description_summary().is_some_and(|s| *s.stream_status() == StreamStatus::Deleting);
-                if !deleting {
-                    tracing::warn!(destination = %name, "ListStreams did not name this destination, but it exists; keeping it.");
-                }
-                deleting
+        match kinesis::stream_gone(&self.client, name).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(destination = %name, "ListStreams did not name this destination, but it exists; keeping it.");
+                false
             }
             Err(err) => {
-                tracing::warn!(destination = %name, error = %crate::aws::chain(&err), "ListStreams did not name this destination and DescribeStreamSummary failed; keeping it until the next round.");
+                tracing::warn!(destination = %name, error = %err, "ListStreams did not name this destination and DescribeStreamSummary failed; keeping it until the next round.");
                 false
             }
         }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
-use super::put::{PutEdge, RequestFailure};
+use super::put::{CallError, PutEdge};
 use super::retry::Backoff;
 use crate::aws::ErrorKind;
 
@@ -165,7 +165,7 @@ impl DeadLetter {
                 Ok(answers) => {
                     batch.into_iter().zip(answers).filter(|(_, a)| a.error_code.is_some()).map(|(e, _)| e).collect()
                 }
-                Err(RequestFailure { kind, cause, .. }) => {
+                Err(CallError { kind, cause, .. }) => {
                     let permanent = kind != ErrorKind::Transient;
                     if permanent {
                         tracing::error!(stream = %self.stream, error = %cause, "The dead-letter stream rejects writes; rejected records are held until it accepts them.");

@@ -15,7 +15,7 @@ use super::destination::{DestinationTask, Exit, limiter_for};
 use super::entries::{self, Payload, Pending};
 use super::ledger::Ledger;
 use super::limiter::Limiter;
-use super::put::{EntryAnswer, RequestFailure};
+use super::put::{CallError, EntryAnswer};
 use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::ErrorKind;
 use crate::fanout::Delivery;
@@ -293,7 +293,7 @@ impl Writer {
                     outcomes
                 }
             }
-            Err(RequestFailure { kind, code, cause }) => match kind {
+            Err(CallError { kind, code, cause }) => match kind {
                 ErrorKind::Permanent if sent > 1 && VALIDATION_CODES.contains(&code.as_str()) => {
                     let suspect = self.split.map_or(count, |s| s.suspect);
                     let size = (count / 2).max(1);
@@ -541,7 +541,7 @@ mod tests {
     use crate::sink::entries::ShardMap;
     use crate::sink::put::PutEdge;
 
-    type Respond = dyn Fn(&[String]) -> Result<Vec<EntryAnswer>, RequestFailure> + Send + Sync;
+    type Respond = dyn Fn(&[String]) -> Result<Vec<EntryAnswer>, CallError> + Send + Sync;
 
     /// A put edge that answers by the partition keys of each request, and remembers them.
     struct Fake {
@@ -560,7 +560,7 @@ mod tests {
             &'a self,
             _stream: &'a str,
             entries: Vec<PutRecordsRequestEntry>,
-        ) -> BoxFuture<'a, Result<Vec<EntryAnswer>, RequestFailure>> {
+        ) -> BoxFuture<'a, Result<Vec<EntryAnswer>, CallError>> {
             let keys: Vec<String> = entries.iter().map(|e| e.partition_key().unwrap_or_default().to_string()).collect();
             self.requests.lock().unwrap().push(keys.clone());
             let answer = (self.respond)(&keys);
@@ -696,7 +696,7 @@ mod tests {
     async fn a_request_refused_as_invalid_is_split_until_the_bad_entry_is_alone() {
         let respond = Box::new(|keys: &[String]| {
             if keys.len() > 1 && keys.iter().any(|k| k == "bad") {
-                return Err(RequestFailure {
+                return Err(CallError {
                     kind: ErrorKind::Permanent,
                     code: "ValidationException".into(),
                     cause: "1 validation error detected".into(),

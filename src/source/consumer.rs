@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use aws_sdk_kinesis::types::{ConsumerStatus, StreamStatus};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
-use crate::aws::{ErrorKind, classify};
+use crate::aws::{ErrorKind, kinesis};
 
 /// The resolved source stream.
 #[derive(Debug, Clone)]
@@ -20,25 +19,14 @@ pub struct SourceStream {
 
 /// Looks the source stream up; a missing stream is a clear error.
 pub async fn resolve_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Result<SourceStream, SourceError> {
-    let out = client.describe_stream_summary().stream_name(name).send().await.map_err(|err| {
-        if classify(&err) == ErrorKind::NotFound {
-            SourceError::StreamNotFound { stream: name.to_string() }
-        } else {
-            SourceError::Describe { stream: name.to_string(), source: Box::new(err) }
-        }
-    })?;
-    let summary = out.stream_description_summary().ok_or_else(|| SourceError::Describe {
-        stream: name.to_string(),
-        source: "DescribeStreamSummary returned no summary".into(),
-    })?;
-    if *summary.stream_status() == StreamStatus::Deleting {
+    let summary = kinesis::describe_stream(client, name)
+        .await
+        .map_err(|err| SourceError::Describe { stream: name.to_string(), source: Box::new(err) })?
+        .ok_or_else(|| SourceError::StreamNotFound { stream: name.to_string() })?;
+    if summary.deleting {
         return Err(SourceError::StreamDeleted { stream: name.to_string() });
     }
-    Ok(SourceStream {
-        name: name.to_string(),
-        arn: summary.stream_arn().to_string(),
-        open_shards: summary.open_shard_count().max(0) as u32,
-    })
+    Ok(SourceStream { name: name.to_string(), arn: summary.arn, open_shards: summary.open_shards })
 }
 
 /// How long registration may take before we give up (AWS usually needs a few seconds).
@@ -60,45 +48,31 @@ pub async fn ensure_consumer(
     };
     let mut announced = false;
     loop {
-        let described =
-            client.describe_stream_consumer().stream_arn(&stream.arn).consumer_name(consumer_name).send().await;
-        match described {
-            Ok(out) => {
-                if let Some(consumer) = out.consumer_description() {
-                    match consumer.consumer_status() {
-                        ConsumerStatus::Active => {
-                            tracing::info!(consumer = consumer_name, stream = %stream.name, "Enhanced Fan-Out consumer is ACTIVE.");
-                            return Ok(consumer.consumer_arn().to_string());
-                        }
-                        status => {
-                            if !announced {
-                                tracing::info!(consumer = consumer_name, status = %status.as_str(), "Waiting for the Enhanced Fan-Out consumer to become ACTIVE.");
-                                announced = true;
-                            }
-                        }
-                    }
+        match kinesis::describe_consumer(client, &stream.arn, consumer_name).await {
+            Ok(Some(consumer)) if consumer.active => {
+                tracing::info!(consumer = consumer_name, stream = %stream.name, "Enhanced Fan-Out consumer is ACTIVE.");
+                return Ok(consumer.arn);
+            }
+            Ok(Some(consumer)) => {
+                if !announced {
+                    tracing::info!(consumer = consumer_name, status = %consumer.status, "Waiting for the Enhanced Fan-Out consumer to become ACTIVE.");
+                    announced = true;
                 }
             }
-            Err(err) if classify(&err) == ErrorKind::NotFound => {
+            Ok(None) => {
                 tracing::info!(consumer = consumer_name, stream = %stream.name, "Registering the Enhanced Fan-Out consumer.");
-                match client
-                    .register_stream_consumer()
-                    .stream_arn(&stream.arn)
-                    .consumer_name(consumer_name)
-                    .send()
-                    .await
-                {
-                    Ok(_) => {}
+                match kinesis::register_consumer(client, &stream.arn, consumer_name).await {
+                    Ok(()) => {}
                     // Another worker registered it first, or it is still being deleted: poll on.
-                    Err(err) if classify(&err) == ErrorKind::InUse => {}
-                    Err(err) if classify(&err) == ErrorKind::Transient => {
-                        tracing::warn!(error = %crate::aws::chain(&err), "RegisterStreamConsumer failed; retrying.");
+                    Err(err) if err.kind == ErrorKind::InUse => {}
+                    Err(err) if err.kind == ErrorKind::Transient => {
+                        tracing::warn!(error = %err, "RegisterStreamConsumer failed; retrying.");
                     }
                     Err(err) => return Err(failed(Box::new(err))),
                 }
             }
-            Err(err) if classify(&err) == ErrorKind::Transient => {
-                tracing::warn!(error = %crate::aws::chain(&err), "DescribeStreamConsumer failed; retrying.");
+            Err(err) if err.kind == ErrorKind::Transient => {
+                tracing::warn!(error = %err, "DescribeStreamConsumer failed; retrying.");
             }
             Err(err) => return Err(failed(Box::new(err))),
         }

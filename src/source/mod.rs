@@ -83,36 +83,11 @@ pub enum SourceError {
     Cancelled,
 }
 
-/// Every shard of a stream (paginated ListShards).
+/// Every shard of a stream.
 pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<ShardInfo>, SourceError> {
-    let mut shards = Vec::new();
-    let mut next_token: Option<String> = None;
-    loop {
-        let request = match &next_token {
-            Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
-        };
-        let page = request
-            .send()
-            .await
-            .map_err(|err| SourceError::ListShards { stream: stream.to_string(), source: Box::new(err) })?;
-        for shard in page.shards() {
-            let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
-                .into_iter()
-                .flatten()
-                .map(str::to_string)
-                .collect();
-            let closed = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some();
-            let hash_range =
-                shard.hash_key_range().map(|r| (r.starting_hash_key().to_string(), r.ending_hash_key().to_string()));
-            shards.push(ShardInfo { id: shard.shard_id().to_string(), parents, closed, hash_range });
-        }
-        match page.next_token() {
-            Some(token) => next_token = Some(token.to_string()),
-            None => break,
-        }
-    }
-    Ok(shards)
+    crate::aws::kinesis::list_shards(client, stream)
+        .await
+        .map_err(|err| SourceError::ListShards { stream: stream.to_string(), source: Box::new(err) })
 }
 
 /// Everything the coordinator needs.

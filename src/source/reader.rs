@@ -7,14 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEvent, SubscribeToShardEventStream};
+use aws_sdk_kinesis::types::SubscribeToShardEvent;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
 use super::shards::StartingPoint;
-use crate::aws::{ErrorKind, classify};
+use crate::aws::{ErrorKind, kinesis};
 use crate::fanout::Fanout;
 use crate::metrics::{Metrics, ResubscribeReason};
 use crate::progress::{Checkpoint, CheckpointStore, Checkpoints, ShardProgress};
@@ -192,17 +191,8 @@ impl ShardReader {
 
     /// Decides whether a NotFound/permanent error means the source is gone for good.
     async fn source_gone(&self, kind: ErrorKind, cause: &str) -> Option<SourceError> {
-        match self.control.describe_stream_summary().stream_name(&self.stream_name).send().await {
-            Err(err) if classify(&err) == ErrorKind::NotFound => {
-                Some(SourceError::StreamDeleted { stream: self.stream_name.clone() })
-            }
-            Ok(out)
-                if out
-                    .stream_description_summary()
-                    .is_some_and(|s| *s.stream_status() == aws_sdk_kinesis::types::StreamStatus::Deleting) =>
-            {
-                Some(SourceError::StreamDeleted { stream: self.stream_name.clone() })
-            }
+        match kinesis::stream_gone(&self.control, &self.stream_name).await {
+            Ok(true) => Some(SourceError::StreamDeleted { stream: self.stream_name.clone() }),
             _ if kind == ErrorKind::Permanent => {
                 Some(SourceError::Subscribe { shard: self.shard_id.clone(), message: cause.to_string() })
             }
@@ -211,13 +201,7 @@ impl ShardReader {
     }
 
     async fn session(&mut self, cursor: &mut Cursor, backoff: &mut Backoff, stop: &CancellationToken) -> SessionEnd {
-        let request = self
-            .subscriber
-            .subscribe_to_shard()
-            .consumer_arn(&self.consumer_arn)
-            .shard_id(&self.shard_id)
-            .starting_position(starting_position(&cursor.position))
-            .send();
+        let request = kinesis::subscribe(&self.subscriber, &self.consumer_arn, &self.shard_id, &cursor.position);
         let output = tokio::select! {
             biased;
             _ = stop.cancelled() => return SessionEnd::Stop,
@@ -226,32 +210,28 @@ impl ShardReader {
         let mut events = match output {
             Err(_elapsed) => return SessionEnd::Resubscribe(ResubscribeReason::SubscribeTimeout),
             Ok(Err(err)) => {
-                let kind = classify(&err);
-                let reason = match kind {
+                let reason = match err.kind {
                     ErrorKind::InUse => ResubscribeReason::ResourceInUse,
                     ErrorKind::NotFound => ResubscribeReason::NotFound,
-                    _ if crate::aws::error_code(&err) == "LimitExceededException" => ResubscribeReason::LimitExceeded,
+                    _ if err.code == "LimitExceededException" => ResubscribeReason::LimitExceeded,
                     _ => ResubscribeReason::SubscribeError,
                 };
-                return SessionEnd::Failed(reason, kind, crate::aws::chain(&err));
+                return SessionEnd::Failed(reason, err.kind, err.cause);
             }
-            Ok(Ok(output)) => output.event_stream,
+            Ok(Ok(subscription)) => subscription,
         };
         let _active = Active::new(&self.metrics.active_subscriptions);
         loop {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return SessionEnd::Stop,
-                next = tokio::time::timeout(IDLE_TIMEOUT, events.recv()) => next,
+                next = tokio::time::timeout(IDLE_TIMEOUT, events.next()) => next,
             };
             let event = match next {
                 Err(_elapsed) => return SessionEnd::Resubscribe(ResubscribeReason::IdleTimeout),
                 Ok(Ok(None)) => return SessionEnd::Resubscribe(ResubscribeReason::SessionEnd),
-                Ok(Err(err)) => {
-                    return SessionEnd::Failed(ResubscribeReason::StreamError, classify(&err), crate::aws::chain(&err));
-                }
-                Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => event,
-                Ok(Ok(Some(_))) => continue,
+                Ok(Err(err)) => return SessionEnd::Failed(ResubscribeReason::StreamError, err.kind, err.cause),
+                Ok(Ok(Some(event))) => event,
             };
             backoff.reset();
             match self.handle(event, cursor, stop).await {
@@ -378,18 +358,4 @@ fn warn_malformed(
         *last = Some(tokio::time::Instant::now());
         tracing::warn!(shard, sequence_number = %seq, error = %err, "A record has the KPL magic bytes but is not a valid aggregate; copying it unchanged as a plain record.");
     }
-}
-
-fn starting_position(point: &StartingPoint) -> StartingPosition {
-    let builder = StartingPosition::builder();
-    let builder = match point {
-        StartingPoint::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
-        StartingPoint::Latest => builder.r#type(ShardIteratorType::Latest),
-        StartingPoint::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
-        StartingPoint::After(seq) => {
-            builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str())
-        }
-        StartingPoint::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
-    };
-    builder.build().expect("type is always set")
 }

@@ -1,5 +1,8 @@
-//! The AWS edge: SDK clients for the roles the service plays, and one place that decides what an
-//! SDK error means (retry later, gone, or never going to work).
+//! The AWS edge: SDK clients for the roles the service plays, built here only; one place that
+//! decides what an SDK error means (retry later, gone, or never going to work); and every Kinesis
+//! call in [`kinesis`]. DynamoDB calls live with the lease table (`lease::table`).
+
+pub mod kinesis;
 
 use std::time::Duration;
 
@@ -62,6 +65,49 @@ impl KinesisClients {
             subscriber: aws_sdk_kinesis::Client::from_conf(subscriber),
         }
     }
+}
+
+/// A call that failed: what it means, its error code, and its whole cause chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{cause}")]
+pub struct CallError {
+    pub kind: ErrorKind,
+    /// The service's error code (or `Timeout`, `Dispatch`, ...), for metrics labels and logs.
+    pub code: String,
+    pub cause: String,
+}
+
+impl CallError {
+    pub fn from_sdk<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
+        err: &SdkError<E, R>,
+    ) -> Self {
+        CallError { kind: classify(err), code: error_code(err), cause: chain(err) }
+    }
+}
+
+/// The DynamoDB client of the lease table. A call must not outlast a renewal period: a stuck
+/// table is noticed while leases can still be proven, and the watchdog stops shards whose leases
+/// cannot.
+pub fn dynamodb_client(
+    sdk: &aws_config::SdkConfig,
+    aws: &AwsSettings,
+    lease: &crate::config::LeaseSettings,
+) -> aws_sdk_dynamodb::Client {
+    use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+    let budget = (lease.failover_time / 3).clamp(Duration::from_millis(300), Duration::from_secs(5));
+    let mut config = aws_sdk_dynamodb::config::Builder::from(sdk).timeout_config(
+        TimeoutConfig::builder()
+            .connect_timeout(budget.min(Duration::from_secs(2)))
+            .operation_attempt_timeout(budget / 2)
+            .operation_timeout(budget)
+            .build(),
+    );
+    if let Some(region) = &aws.region {
+        config = config.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
+    }
+    // The Kinesis endpoint override must not leak into DynamoDB: it has its own.
+    config.set_endpoint_url(lease.endpoint_url.clone());
+    aws_sdk_dynamodb::Client::from_conf(config.build())
 }
 
 /// What an error means for the caller.

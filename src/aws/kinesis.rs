@@ -1,0 +1,215 @@
+//! Every Kinesis call the service makes, each answering in the service's own terms: stream
+//! summaries, shard lists, stream names, subscriptions, consumers, PutRecords (see
+//! [`crate::sink::put`] for the trait the writers use). Errors come back as [`CallError`].
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{
+    ConsumerStatus, PutRecordsRequestEntry, ShardIteratorType, StartingPosition, StreamStatus, SubscribeToShardEvent,
+    SubscribeToShardEventStream,
+};
+
+use super::{CallError, ErrorKind};
+use crate::sink::put::EntryAnswer;
+use crate::source::shards::{ShardInfo, StartingPoint};
+
+/// What DescribeStreamSummary says of a stream that exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub arn: String,
+    pub open_shards: u32,
+    /// ACTIVE or UPDATING: it takes writes and reads.
+    pub writable: bool,
+    pub deleting: bool,
+}
+
+/// DescribeStreamSummary; `None` when the stream does not exist.
+pub async fn describe_stream(client: &Client, name: &str) -> Result<Option<StreamSummary>, CallError> {
+    let out = match client.describe_stream_summary().stream_name(name).send().await {
+        Ok(out) => out,
+        Err(err) if super::classify(&err) == ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(CallError::from_sdk(&err)),
+    };
+    let summary = out.stream_description_summary().ok_or_else(|| CallError {
+        kind: ErrorKind::Transient,
+        code: "BadResponse".into(),
+        cause: "DescribeStreamSummary returned no summary".into(),
+    })?;
+    let status = summary.stream_status();
+    Ok(Some(StreamSummary {
+        arn: summary.stream_arn().to_string(),
+        open_shards: summary.open_shard_count().max(0) as u32,
+        writable: matches!(status, StreamStatus::Active | StreamStatus::Updating),
+        deleting: *status == StreamStatus::Deleting,
+    }))
+}
+
+/// Whether a stream was deleted or is being deleted.
+pub async fn stream_gone(client: &Client, name: &str) -> Result<bool, CallError> {
+    Ok(describe_stream(client, name).await?.is_none_or(|s| s.deleting))
+}
+
+/// Every shard of a stream (paginated ListShards).
+pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>, CallError> {
+    let mut shards = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        let request = match &next_token {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = request.send().await.map_err(|err| CallError::from_sdk(&err))?;
+        for shard in page.shards() {
+            let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+                .collect();
+            let closed = shard.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some();
+            let hash_range =
+                shard.hash_key_range().map(|r| (r.starting_hash_key().to_string(), r.ending_hash_key().to_string()));
+            shards.push(ShardInfo { id: shard.shard_id().to_string(), parents, closed, hash_range });
+        }
+        match page.next_token() {
+            Some(token) => next_token = Some(token.to_string()),
+            None => break,
+        }
+    }
+    Ok(shards)
+}
+
+/// Every stream name in the account and region (paginated ListStreams), each page after
+/// `pace` allows it.
+pub async fn list_stream_names(
+    client: &Client,
+    pace: Option<&governor::DefaultDirectRateLimiter>,
+) -> Result<Vec<String>, CallError> {
+    let mut names: Vec<String> = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        if let Some(pace) = pace {
+            pace.until_ready().await;
+        }
+        let request = match (&next_token, names.last()) {
+            (Some(token), _) => client.list_streams().next_token(token),
+            // Older endpoints page by the last name seen instead of a token.
+            (None, Some(last)) => client.list_streams().exclusive_start_stream_name(last),
+            (None, None) => client.list_streams().limit(1000),
+        };
+        let page = request.send().await.map_err(|err| CallError::from_sdk(&err))?;
+        let before = names.len();
+        names.extend(page.stream_names().iter().cloned());
+        if !page.has_more_streams() || (page.next_token().is_none() && names.len() == before) {
+            break;
+        }
+        next_token = page.next_token().map(str::to_string);
+    }
+    Ok(names)
+}
+
+/// An open SubscribeToShard session.
+pub struct Subscription(
+    aws_sdk_kinesis::primitives::event_stream::EventReceiver<
+        SubscribeToShardEventStream,
+        aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError,
+    >,
+);
+
+impl Subscription {
+    /// The next event; `None` when the session ended.
+    pub async fn next(&mut self) -> Result<Option<SubscribeToShardEvent>, CallError> {
+        loop {
+            match self.0.recv().await {
+                Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event))) => return Ok(Some(event)),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(None),
+                Err(err) => return Err(CallError::from_sdk(&err)),
+            }
+        }
+    }
+}
+
+/// SubscribeToShard from `start`.
+pub async fn subscribe(
+    client: &Client,
+    consumer_arn: &str,
+    shard_id: &str,
+    start: &StartingPoint,
+) -> Result<Subscription, CallError> {
+    let output = client
+        .subscribe_to_shard()
+        .consumer_arn(consumer_arn)
+        .shard_id(shard_id)
+        .starting_position(starting_position(start))
+        .send()
+        .await
+        .map_err(|err| CallError::from_sdk(&err))?;
+    Ok(Subscription(output.event_stream))
+}
+
+fn starting_position(point: &StartingPoint) -> StartingPosition {
+    let builder = StartingPosition::builder();
+    let builder = match point {
+        StartingPoint::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
+        StartingPoint::Latest => builder.r#type(ShardIteratorType::Latest),
+        StartingPoint::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
+        StartingPoint::After(seq) => {
+            builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str())
+        }
+        StartingPoint::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
+    };
+    builder.build().expect("type is always set")
+}
+
+/// An Enhanced Fan-Out consumer as DescribeStreamConsumer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer {
+    pub arn: String,
+    pub active: bool,
+    pub status: String,
+}
+
+/// DescribeStreamConsumer; `None` when no consumer of that name is registered.
+pub async fn describe_consumer(client: &Client, stream_arn: &str, name: &str) -> Result<Option<Consumer>, CallError> {
+    match client.describe_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await {
+        Ok(out) => Ok(out.consumer_description().map(|c| Consumer {
+            arn: c.consumer_arn().to_string(),
+            active: *c.consumer_status() == ConsumerStatus::Active,
+            status: c.consumer_status().as_str().to_string(),
+        })),
+        Err(err) if super::classify(&err) == ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(CallError::from_sdk(&err)),
+    }
+}
+
+/// RegisterStreamConsumer.
+pub async fn register_consumer(client: &Client, stream_arn: &str, name: &str) -> Result<(), CallError> {
+    match client.register_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(CallError::from_sdk(&err)),
+    }
+}
+
+/// One PutRecords call: an answer per entry, in order.
+pub async fn put_records(
+    client: &Client,
+    stream: &str,
+    entries: Vec<PutRecordsRequestEntry>,
+) -> Result<Vec<EntryAnswer>, CallError> {
+    let output = client
+        .put_records()
+        .stream_name(stream)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .map_err(|err| CallError::from_sdk(&err))?;
+    Ok(output
+        .records()
+        .iter()
+        .map(|e| EntryAnswer {
+            error_code: e.error_code().map(str::to_string),
+            error_message: e.error_message().map(str::to_string),
+            shard_id: e.shard_id().map(str::to_string),
+        })
+        .collect())
+}
