@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::aws::KinesisClients;
 use crate::config::{CheckpointBackend, Settings};
@@ -20,6 +19,7 @@ use crate::lease::{LeaseError, LeaseEvent, LeaseManager, LeaseTable};
 use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Progress};
+use crate::shutdown::{Task, TaskGroup};
 use crate::source::{self, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,23 +95,17 @@ impl Service {
     /// Runs until `shutdown` fires (then drains within the grace period and exits cleanly) or a
     /// fatal error (source deleted, checkpoint store broken).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let admin_stop = CancellationToken::new();
         let addr = self.admin_addr();
         let listener =
             tokio::net::TcpListener::from_std(self.admin).map_err(|source| RunError::Admin { addr, source })?;
         tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
         let pipeline = self.pipeline;
-        let admin = tokio::spawn(crate::admin::serve(
-            listener,
-            Arc::clone(&pipeline.metrics),
-            Arc::clone(&pipeline.health),
-            Arc::clone(&pipeline.progress),
-            admin_stop.clone(),
-        ));
-        let _stop_admin = admin_stop.drop_guard();
+        let (metrics, health, progress) =
+            (Arc::clone(&pipeline.metrics), Arc::clone(&pipeline.health), Arc::clone(&pipeline.progress));
+        let admin = Task::spawn("admin", move |stop| crate::admin::serve(listener, metrics, health, progress, stop));
         let outcome = pipeline.replicate(shutdown).await;
-        drop(_stop_admin);
-        let _ = admin.await;
+        // Last: the admin port answers until everything else has stopped.
+        admin.stop().await;
         outcome
     }
 }
@@ -133,44 +127,44 @@ impl Pipeline {
         let store = Arc::clone(&backend.store);
         let checkpoints = store.load().await?;
         tracing::info!(shards = checkpoints.len(), "Checkpoints loaded.");
-        let lease_stop = CancellationToken::new();
-        let lease_loop = backend.manager.clone().map(|m| tokio::spawn(m.run(lease_stop.clone())));
+        let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
-        let writers_stop = CancellationToken::new();
-        let writers = TaskTracker::new();
+        let writers = TaskGroup::default();
         let (mut discovery, destinations) = Discovery::new(
             Arc::clone(&settings),
             &clients,
             Arc::clone(&metrics),
             Arc::clone(&health),
             backend.share.clone(),
-            writers_stop.clone(),
             writers.clone(),
         );
         discovery.refresh_logged().await;
         tracing::info!(destinations = ?discovery.current(), "Destinations discovered.");
-        let idle_stop = CancellationToken::new();
-        let idle = tokio::spawn(
-            crate::idle::IdleMonitor {
-                settings: settings.idle.clone(),
-                source_stream: settings.source.stream_name.clone(),
-                health: Arc::clone(&health),
-                progress: Arc::clone(&progress),
-                metrics: Arc::clone(&metrics),
-                destinations: destinations.clone(),
+        let idle_monitor = crate::idle::IdleMonitor {
+            settings: settings.idle.clone(),
+            source_stream: settings.source.stream_name.clone(),
+            health: Arc::clone(&health),
+            progress: Arc::clone(&progress),
+            metrics: Arc::clone(&metrics),
+            destinations: destinations.clone(),
+        };
+        let idle = Task::spawn("idle", move |stop| idle_monitor.run(stop));
+        // Discovery ends with the shutdown signal (no destination comes or goes during the drain),
+        // or at teardown after a fatal error.
+        let discovery = Task::spawn("discovery", {
+            let shutdown = shutdown.clone();
+            move |stop| async move {
+                tokio::select! {
+                    _ = discovery.run(shutdown) => {}
+                    _ = stop.cancelled() => {}
+                }
             }
-            .run(idle_stop.clone()),
-        );
-        let discovery_task = tokio::spawn(discovery.run(shutdown.clone()));
-
-        let checkpointer_stop = CancellationToken::new();
-        let checkpointer = tokio::spawn(checkpoint_loop(
-            Arc::clone(&store),
-            Arc::clone(&progress),
-            Arc::clone(&metrics),
-            settings.checkpoint.interval,
-            checkpointer_stop.clone(),
-        ));
+        });
+        let checkpointer = Task::spawn("checkpointer", {
+            let (store, progress, metrics) = (Arc::clone(&store), Arc::clone(&progress), Arc::clone(&metrics));
+            let interval = settings.checkpoint.interval;
+            move |stop| checkpoint_loop(store, progress, metrics, interval, stop)
+        });
 
         let reading = shutdown.child_token();
         let source = Source {
@@ -191,40 +185,25 @@ impl Pipeline {
             tracing::error!(error = %crate::aws::chain(err), "The source cannot be read any more; stopping.");
         }
 
-        // Drain: destinations keep writing what was read until everything is acknowledged or
-        // the grace period runs out. Leases are renewed meanwhile, but none is taken.
+        // Teardown, in order. Reading has stopped.
+        // 1. Drain: destinations keep writing what was read until everything is acknowledged or
+        //    the grace period runs out. Leases are renewed meanwhile, but none is taken.
         if let Some(manager) = &backend.manager {
             manager.drain();
         }
-        let grace = settings.shutdown.grace_period;
-        let outstanding = progress.outstanding();
-        tracing::info!(
-            outstanding_chunks = outstanding,
-            grace_ms = grace.as_millis() as u64,
-            "Reading stopped; flushing records in flight."
-        );
-        if tokio::time::timeout(grace, progress.drained()).await.is_err() {
-            tracing::warn!(
-                outstanding_chunks = progress.outstanding(),
-                "Grace period ran out before every destination accepted every record; those records will be read again after restart."
-            );
-        }
-        writers_stop.cancel();
-        writers.close();
-        writers.wait().await;
-        discovery_task.abort();
-        idle_stop.cancel();
-        let _ = idle.await;
-        checkpointer_stop.cancel();
-        let _ = checkpointer.await;
-
+        drain(&progress, settings.shutdown.grace_period).await;
+        // 2. Stop what writes and what watches.
+        writers.stop().await;
+        discovery.stop().await;
+        idle.stop().await;
+        checkpointer.stop().await;
+        // 3. The final checkpoint.
         let as_of = tokio::time::Instant::now();
         let last = progress.checkpoints();
         let saved = save(&*store, &last, as_of, &metrics).await;
-        // Only now may the leases go: they were renewed through the drain.
-        lease_stop.cancel();
+        // 4. Only now may the leases go: they were renewed through the drain.
         if let Some(lease_loop) = lease_loop {
-            let _ = lease_loop.await;
+            lease_loop.stop().await;
         }
         if let Some(manager) = &backend.manager {
             manager.release_all().await;
@@ -287,6 +266,21 @@ impl Backend {
                 })
             }
         }
+    }
+}
+
+/// Waits until every destination accepted everything read, or the grace period ran out.
+async fn drain(progress: &Progress, grace: Duration) {
+    tracing::info!(
+        outstanding_chunks = progress.outstanding(),
+        grace_ms = grace.as_millis() as u64,
+        "Reading stopped; flushing records in flight."
+    );
+    if tokio::time::timeout(grace, progress.drained()).await.is_err() {
+        tracing::warn!(
+            outstanding_chunks = progress.outstanding(),
+            "Grace period ran out before every destination accepted every record; those records will be read again after restart."
+        );
     }
 }
 

@@ -13,12 +13,12 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::aws::kinesis;
 use crate::config::{KplMode, Settings};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::metrics::Metrics;
+use crate::shutdown::TaskGroup;
 use crate::sink::DestinationTask;
 use crate::sink::entries::ShardMap;
 
@@ -110,8 +110,7 @@ pub struct Discovery {
     /// Passthrough destinations already warned about a shard map mismatch.
     passthrough_warned: HashSet<String>,
     /// Stops every destination writer (end of the grace period).
-    writers_stop: CancellationToken,
-    writers: TaskTracker,
+    writers: TaskGroup,
 }
 
 impl Discovery {
@@ -121,8 +120,7 @@ impl Discovery {
         metrics: Arc<Metrics>,
         health: Arc<crate::health::Health>,
         share: watch::Receiver<f64>,
-        writers_stop: CancellationToken,
-        writers: TaskTracker,
+        writers: TaskGroup,
     ) -> (Self, watch::Receiver<DestinationSet>) {
         let (publish, subscribe) = watch::channel(Arc::new(Vec::new()));
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
@@ -144,7 +142,6 @@ impl Discovery {
             describe_pace: per_second(5),
             share,
             passthrough_warned: HashSet::new(),
-            writers_stop,
             writers,
         };
         (discovery, subscribe)
@@ -276,11 +273,13 @@ impl Discovery {
             share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),
-            stop: self.writers_stop.clone(),
+            stop: self.writers.stop_signal(),
             gone: self.gone_tx.clone(),
             remap: self.remap_tx.clone(),
         };
-        self.writers.spawn(task.run());
+        self.writers.spawn(async move {
+            task.run().await;
+        });
         tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
         self.running.insert(
             candidate.name.clone(),

@@ -10,8 +10,8 @@
 //! - [`progress`]: a chunk is done when every destination accepted it; checkpoints follow.
 //!
 //! Around it: [`discovery`] of destination streams, [`config`], [`metrics`] and the [`admin`]
-//! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], and [`app`], which wires
-//! it all and owns shutdown.
+//! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], [`shutdown`] handles, and
+//! [`app`], which wires it all and tears it down in order.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +28,7 @@ pub mod lease;
 pub mod metrics;
 pub mod progress;
 pub mod record;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 
