@@ -170,7 +170,7 @@ impl Pipeline {
         let source = Source {
             stream,
             consumer_arn,
-            initial_position: settings.source.initial_position,
+            initial_position: settings.source.initial_position.clone(),
             clients: clients.clone(),
             fanout: Fanout::new(destinations, Arc::clone(&progress)),
             progress: Arc::clone(&progress),
@@ -256,7 +256,7 @@ impl Backend {
                 tracing::info!(worker = %me, table = %lease.table_name, failover_ms = lease.failover_time.as_millis() as u64, "Sharing shards through the lease table.");
                 let (manager, events, share) = LeaseManager::new(table, me, lease.failover_time);
                 let shards = source::list_shards(&clients.control, &stream.name).await?;
-                manager.sync(&shards, settings.source.initial_position).await?;
+                manager.sync(&shards, &settings.source.initial_position).await?;
                 Ok(Backend {
                     store: Arc::clone(&manager) as Arc<dyn CheckpointStore>,
                     manager: Some(manager),

@@ -26,6 +26,7 @@ pub mod idle;
 pub mod kpl;
 pub mod lease;
 pub mod metrics;
+pub mod position;
 pub mod progress;
 pub mod record;
 pub mod shutdown;

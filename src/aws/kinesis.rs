@@ -10,8 +10,9 @@ use aws_sdk_kinesis::types::{
 };
 
 use super::{CallError, ErrorKind};
+use crate::position::Position;
 use crate::sink::put::EntryAnswer;
-use crate::source::shards::{ShardInfo, StartingPoint};
+use crate::source::shards::ShardInfo;
 
 /// What DescribeStreamSummary says of a stream that exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +135,7 @@ pub async fn subscribe(
     client: &Client,
     consumer_arn: &str,
     shard_id: &str,
-    start: &StartingPoint,
+    start: &Position,
 ) -> Result<Subscription, CallError> {
     let output = client
         .subscribe_to_shard()
@@ -147,16 +148,16 @@ pub async fn subscribe(
     Ok(Subscription(output.event_stream))
 }
 
-fn starting_position(point: &StartingPoint) -> StartingPosition {
+fn starting_position(point: &Position) -> StartingPosition {
     let builder = StartingPosition::builder();
     let builder = match point {
-        StartingPoint::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
-        StartingPoint::Latest => builder.r#type(ShardIteratorType::Latest),
-        StartingPoint::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
-        StartingPoint::After(seq) => {
-            builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str())
-        }
-        StartingPoint::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
+        Position::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
+        Position::Latest => builder.r#type(ShardIteratorType::Latest),
+        Position::AtTimestamp(at) => builder.r#type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*at)),
+        Position::Sequence(seq) => builder.r#type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq.as_str()),
+        Position::At(seq) => builder.r#type(ShardIteratorType::AtSequenceNumber).sequence_number(seq.as_str()),
+        // Never asked for (a shard read to its end is not read again); LATEST gives only the end.
+        Position::ShardEnd => builder.r#type(ShardIteratorType::Latest),
     };
     builder.build().expect("type is always set")
 }

@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use regex::Regex;
 
+pub use crate::position::Position;
+
 use reader::Section;
 pub use units::Rate;
 
@@ -65,15 +67,9 @@ pub struct AwsSettings {
 pub struct SourceSettings {
     pub stream_name: String,
     pub consumer_name: String,
-    pub initial_position: InitialPosition,
-}
-
-/// Where to start a shard that has no checkpoint and no parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InitialPosition {
-    TrimHorizon,
-    Latest,
-    AtTimestamp(SystemTime),
+    /// Where to start a shard that has no checkpoint and no parent: `TrimHorizon`, `Latest` or
+    /// `AtTimestamp`.
+    pub initial_position: Position,
 }
 
 /// One `[[destinations]]` group: the streams whose names match `pattern` and none of `exclude`.
@@ -342,22 +338,22 @@ fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     });
     let position = s.parsed("initial_position", "trim_horizon", |v| match v {
         "trim_horizon" => Ok(None),
-        "latest" => Ok(Some(InitialPosition::Latest)),
-        "at_timestamp" => Ok(Some(InitialPosition::AtTimestamp(SystemTime::UNIX_EPOCH))),
+        "latest" => Ok(Some(Position::Latest)),
+        "at_timestamp" => Ok(Some(Position::AtTimestamp(SystemTime::UNIX_EPOCH))),
         other => Err(format!("`{other}` is not one of trim_horizon, latest, at_timestamp")),
     });
     let initial_position = match (position, timestamp) {
-        (Some(Some(InitialPosition::AtTimestamp(_))), Some(at)) => InitialPosition::AtTimestamp(at),
-        (Some(Some(InitialPosition::AtTimestamp(_))), None) => {
+        (Some(Some(Position::AtTimestamp(_))), Some(at)) => Position::AtTimestamp(at),
+        (Some(Some(Position::AtTimestamp(_))), None) => {
             s.problem("initial_timestamp", "required when initial_position = \"at_timestamp\"");
-            InitialPosition::TrimHorizon
+            Position::TrimHorizon
         }
         (Some(other), Some(_)) => {
             s.problem("initial_timestamp", "only allowed with initial_position = \"at_timestamp\"");
-            other.unwrap_or(InitialPosition::TrimHorizon)
+            other.unwrap_or(Position::TrimHorizon)
         }
-        (Some(other), None) => other.unwrap_or(InitialPosition::TrimHorizon),
-        (None, _) => InitialPosition::TrimHorizon,
+        (Some(other), None) => other.unwrap_or(Position::TrimHorizon),
+        (None, _) => Position::TrimHorizon,
     };
     SourceSettings { stream_name, consumer_name, initial_position }
 }
@@ -510,7 +506,7 @@ mod tests {
     fn minimal_file_gets_documented_defaults() {
         let s = Settings::from_toml(MINIMAL).unwrap();
         assert_eq!(s.source.consumer_name, "kinesis-fanout");
-        assert_eq!(s.source.initial_position, InitialPosition::TrimHorizon);
+        assert_eq!(s.source.initial_position, Position::TrimHorizon);
         let g = &s.destinations[0];
         assert_eq!(g.refresh_interval, Duration::from_secs(30));
         assert_eq!(g.records_per_second, Rate::Auto);

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::{self, Take};
 use super::table::{Lease, LeaseError, LeaseTable, Position};
-use crate::config::InitialPosition;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpoints};
 use crate::source::shards::ShardInfo;
 
@@ -331,7 +330,7 @@ impl LeaseManager {
     /// Creates leases for shards that have none: roots at the initial position (closed roots are
     /// skipped at LATEST), children at their beginning. A closed shard with a descendant that has
     /// a lease gets none: it was read to its end and its lease deleted.
-    pub async fn sync(&self, shards: &[ShardInfo], initial: InitialPosition) -> Result<(), LeaseError> {
+    pub async fn sync(&self, shards: &[ShardInfo], initial: &Position) -> Result<(), LeaseError> {
         let known: HashSet<String> = self.table.scan().await?.into_iter().map(|l| l.key).collect();
         let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
         let descended = leased_descendants(shards, &known);
@@ -339,10 +338,9 @@ impl LeaseManager {
             let has_parent = shard.parents.iter().any(|p| listed.contains(p.as_str()) || known.contains(p));
             let checkpoint = match initial {
                 _ if has_parent => Position::TrimHorizon,
-                InitialPosition::Latest if shard.closed => Position::ShardEnd,
-                InitialPosition::Latest => Position::Latest,
-                InitialPosition::TrimHorizon => Position::TrimHorizon,
-                InitialPosition::AtTimestamp(_) => Position::AtTimestamp,
+                Position::Latest if shard.closed => Position::ShardEnd,
+                // The configured start: trim horizon, latest or a timestamp.
+                configured => configured.clone(),
             };
             let lease = Lease {
                 key: shard.id.clone(),
@@ -390,7 +388,7 @@ impl CheckpointStore for LeaseManager {
             };
             let mut failure = None;
             for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| current.contains(*s)) {
-                match self.checkpoint_as_of(shard, &Position::from(checkpoint), &[], Some(as_of)).await {
+                match self.checkpoint_as_of(shard, checkpoint, &[], Some(as_of)).await {
                     Ok(()) | Err(LeaseError::Lost { .. }) => {}
                     Err(err) => failure = Some(err),
                 }

@@ -14,56 +14,8 @@ use aws_sdk_dynamodb::types::{
 };
 
 use crate::aws::{ErrorKind, classify};
-use crate::progress::Checkpoint;
-use crate::record::SequenceNumber;
 
-/// Where a lease's shard stands (the `checkpoint` attribute).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Position {
-    #[default]
-    TrimHorizon,
-    Latest,
-    AtTimestamp,
-    /// The place a LATEST or AT_TIMESTAMP reading started, before anything was acknowledged.
-    At(SequenceNumber),
-    Sequence(SequenceNumber),
-    ShardEnd,
-}
-
-impl Position {
-    pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
-        Ok(match text {
-            "TRIM_HORIZON" => Position::TrimHorizon,
-            "LATEST" => Position::Latest,
-            "AT_TIMESTAMP" => Position::AtTimestamp,
-            other => Position::from(&Checkpoint::parse(other)?),
-        })
-    }
-}
-
-impl From<&Checkpoint> for Position {
-    fn from(checkpoint: &Checkpoint) -> Self {
-        match checkpoint {
-            Checkpoint::At(seq) => Position::At(seq.clone()),
-            Checkpoint::Sequence(seq) => Position::Sequence(seq.clone()),
-            Checkpoint::ShardEnd => Position::ShardEnd,
-        }
-    }
-}
-
-/// The `checkpoint` attribute's text (KCL's sentinels, a sequence number, or `AT_SEQUENCE_NUMBER:n`).
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Position::TrimHorizon => f.write_str("TRIM_HORIZON"),
-            Position::Latest => f.write_str("LATEST"),
-            Position::AtTimestamp => f.write_str("AT_TIMESTAMP"),
-            Position::At(seq) => Checkpoint::At(seq.clone()).fmt(f),
-            Position::Sequence(seq) => f.write_str(seq.as_str()),
-            Position::ShardEnd => Checkpoint::ShardEnd.fmt(f),
-        }
-    }
-}
+pub use crate::position::Position;
 
 /// One lease item.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -401,21 +353,6 @@ fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn positions_round_trip() {
-        for text in [
-            "TRIM_HORIZON",
-            "LATEST",
-            "AT_TIMESTAMP",
-            "SHARD_END",
-            "4959033827149025660855969",
-            "AT_SEQUENCE_NUMBER:42",
-        ] {
-            assert_eq!(Position::parse(text).unwrap().to_string(), text);
-        }
-        assert!(Position::parse("garbage").is_err());
-    }
 
     proptest! {
         #[test]

@@ -10,50 +10,10 @@ use std::path::{Path, PathBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::record::SequenceNumber;
-
-/// Where a shard stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Checkpoint {
-    /// Nothing was read before this position, and nothing from it on is acknowledged yet: a
-    /// shard started at LATEST or AT_TIMESTAMP keeps the place its first subscription event
-    /// gave (the first record, or the event's continuation), so that a restart resumes there and
-    /// not at a new LATEST.
-    At(SequenceNumber),
-    /// Every record up to and including this one was accepted by every destination.
-    Sequence(SequenceNumber),
-    /// The shard was closed by a reshard and read to its end.
-    ShardEnd,
-}
-
-impl Checkpoint {
-    const SHARD_END: &'static str = "SHARD_END";
-    const AT: &'static str = "AT_SEQUENCE_NUMBER:";
-
-    pub fn parse(text: &str) -> Result<Self, crate::record::BadSequenceNumber> {
-        if text == Self::SHARD_END {
-            Ok(Checkpoint::ShardEnd)
-        } else if let Some(at) = text.strip_prefix(Self::AT) {
-            SequenceNumber::parse(at).map(Checkpoint::At)
-        } else {
-            SequenceNumber::parse(text).map(Checkpoint::Sequence)
-        }
-    }
-}
-
-/// The stored form: the sequence number, `SHARD_END`, or `AT_SEQUENCE_NUMBER:` and the number.
-impl std::fmt::Display for Checkpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Checkpoint::At(seq) => write!(f, "{}{seq}", Self::AT),
-            Checkpoint::Sequence(seq) => f.write_str(seq.as_str()),
-            Checkpoint::ShardEnd => f.write_str(Self::SHARD_END),
-        }
-    }
-}
+pub use crate::position::Position;
 
 /// Checkpoints by shard id.
-pub type Checkpoints = BTreeMap<String, Checkpoint>;
+pub type Checkpoints = BTreeMap<String, Position>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -143,9 +103,7 @@ impl FileCheckpointStore {
         file.shards
             .into_iter()
             .map(|(shard, value)| {
-                Checkpoint::parse(&value)
-                    .map(|c| (shard.clone(), c))
-                    .map_err(|e| corrupt(format!("shard {shard}: {e}")))
+                Position::parse(&value).map(|c| (shard.clone(), c)).map_err(|e| corrupt(format!("shard {shard}: {e}")))
             })
             .collect()
     }
@@ -223,10 +181,11 @@ fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::SequenceNumber;
     use proptest::prelude::*;
 
-    fn seq(n: &str) -> Checkpoint {
-        Checkpoint::Sequence(SequenceNumber::parse(n).unwrap())
+    fn seq(n: &str) -> Position {
+        Position::Sequence(SequenceNumber::parse(n).unwrap())
     }
 
     #[tokio::test]
@@ -237,8 +196,8 @@ mod tests {
         assert!(store.load().await.unwrap().is_empty());
         let mut cps = Checkpoints::new();
         cps.insert("shardId-000000000000".into(), seq("123"));
-        cps.insert("shardId-000000000001".into(), Checkpoint::ShardEnd);
-        cps.insert("shardId-000000000002".into(), Checkpoint::At(SequenceNumber::parse("77").unwrap()));
+        cps.insert("shardId-000000000001".into(), Position::ShardEnd);
+        cps.insert("shardId-000000000002".into(), Position::At(SequenceNumber::parse("77").unwrap()));
         store.save(&cps, tokio::time::Instant::now()).await.unwrap();
         let mut more = Checkpoints::new();
         more.insert("shardId-000000000000".into(), seq("456"));
@@ -247,8 +206,8 @@ mod tests {
         let reopened = FileCheckpointStore::new(&path, "app-input");
         let loaded = reopened.load().await.unwrap();
         assert_eq!(loaded.get("shardId-000000000000"), Some(&seq("456")));
-        assert_eq!(loaded.get("shardId-000000000001"), Some(&Checkpoint::ShardEnd));
-        assert_eq!(loaded.get("shardId-000000000002"), Some(&Checkpoint::At(SequenceNumber::parse("77").unwrap())));
+        assert_eq!(loaded.get("shardId-000000000001"), Some(&Position::ShardEnd));
+        assert_eq!(loaded.get("shardId-000000000002"), Some(&Position::At(SequenceNumber::parse("77").unwrap())));
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }

@@ -15,8 +15,9 @@ use std::time::{Instant, SystemTime};
 
 use tokio::sync::Notify;
 
+pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints};
+pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints};
 
 /// A run of records read from one shard, shared by every destination it is copied to.
 #[derive(Debug)]
@@ -259,11 +260,11 @@ impl Progress {
         for shard in self.all() {
             let state = shard.state();
             if state.ended {
-                out.insert(shard.shard_id.to_string(), Checkpoint::ShardEnd);
+                out.insert(shard.shard_id.to_string(), Position::ShardEnd);
             } else if let Some(seq) = &state.acknowledged {
-                out.insert(shard.shard_id.to_string(), Checkpoint::Sequence(seq.clone()));
+                out.insert(shard.shard_id.to_string(), Position::Sequence(seq.clone()));
             } else if let Some(at) = &state.anchor {
-                out.insert(shard.shard_id.to_string(), Checkpoint::At(at.clone()));
+                out.insert(shard.shard_id.to_string(), Position::At(at.clone()));
             }
         }
         out
@@ -325,7 +326,7 @@ mod tests {
         let b = progress.shard("b");
         let _pending = progress.begin(&b, records(&[9]), 1);
         let checkpoints = progress.checkpoints();
-        assert_eq!(checkpoints.get("a"), Some(&Checkpoint::ShardEnd));
+        assert_eq!(checkpoints.get("a"), Some(&Position::ShardEnd));
         assert_eq!(checkpoints.get("b"), None);
     }
 

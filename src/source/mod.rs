@@ -16,28 +16,26 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::InitialPosition;
 use crate::fanout::Fanout;
-use crate::lease::{LeaseEvent, LeaseManager, Position};
+use crate::lease::{LeaseEvent, LeaseManager};
 use crate::metrics::Metrics;
-use crate::progress::{Checkpoint, CheckpointError, CheckpointStore, Checkpoints, Progress};
+use crate::position::Position;
+use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Progress};
 pub use consumer::{SourceStream, ensure_consumer, resolve_stream};
 use reader::{ReaderExit, ShardReader};
-use shards::{ShardInfo, StartingPoint};
+use shards::ShardInfo;
 
-/// Where a leased shard starts reading; `None` for a shard already read to its end.
-fn starting_point(position: &Position, initial: InitialPosition) -> Option<StartingPoint> {
-    Some(match position {
-        Position::TrimHorizon => StartingPoint::TrimHorizon,
-        Position::Latest => StartingPoint::Latest,
-        Position::AtTimestamp => match initial {
-            InitialPosition::AtTimestamp(at) => StartingPoint::AtTimestamp(at),
-            _ => StartingPoint::TrimHorizon,
-        },
-        Position::At(seq) => StartingPoint::At(seq.clone()),
-        Position::Sequence(seq) => StartingPoint::After(seq.clone()),
-        Position::ShardEnd => return None,
-    })
+/// Where a leased shard starts reading; `None` for a shard already read to its end. The KCL's
+/// bare `AT_TIMESTAMP` sentinel (read as the epoch) takes the configured time.
+fn starting_point(position: &Position, initial: &Position) -> Option<Position> {
+    match position {
+        Position::ShardEnd => None,
+        Position::AtTimestamp(at) if *at == std::time::UNIX_EPOCH => Some(match initial {
+            Position::AtTimestamp(_) => initial.clone(),
+            _ => Position::TrimHorizon,
+        }),
+        other => Some(other.clone()),
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,7 +92,7 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Resu
 pub struct Source {
     pub stream: SourceStream,
     pub consumer_arn: String,
-    pub initial_position: InitialPosition,
+    pub initial_position: Position,
     pub clients: crate::aws::KinesisClients,
     pub fanout: Fanout,
     pub progress: Arc<Progress>,
@@ -119,12 +117,7 @@ impl Source {
         }
     }
 
-    fn reader(
-        &self,
-        shard_id: &str,
-        start: StartingPoint,
-        progress: Arc<crate::progress::ShardProgress>,
-    ) -> ShardReader {
+    fn reader(&self, shard_id: &str, start: Position, progress: Arc<crate::progress::ShardProgress>) -> ShardReader {
         ShardReader {
             stream_name: self.stream.name.clone(),
             consumer_arn: self.consumer_arn.clone(),
@@ -151,7 +144,7 @@ impl Source {
                 return None;
             }
         };
-        if let Err(err) = manager.sync(&shards, self.initial_position).await {
+        if let Err(err) = manager.sync(&shards, &self.initial_position).await {
             tracing::warn!(error = %err, "Creating leases failed; trying again later.");
         }
         Some(shards)
@@ -181,7 +174,7 @@ impl Source {
                 Some(event) = events.recv() => {
                     match event {
                         LeaseEvent::Acquired { shard, position, delay } => {
-                            let Some(start) = starting_point(&position, self.initial_position) else { continue };
+                            let Some(start) = starting_point(&position, &self.initial_position) else { continue };
                             if let Some((_, old)) = running.remove(&shard) {
                                 old.cancel();
                             }
@@ -262,7 +255,8 @@ impl Source {
             let relist_after = match list_shards(&self.clients.control, &self.stream.name).await {
                 Ok(shards) => {
                     list_backoff.reset();
-                    for (shard_id, start) in shards::plan(&shards, &self.checkpoints, self.initial_position, &started) {
+                    for (shard_id, start) in shards::plan(&shards, &self.checkpoints, &self.initial_position, &started)
+                    {
                         started.insert(shard_id.clone());
                         let reader = self.reader(&shard_id, start, self.progress.shard(&shard_id));
                         let token = readers_stop.clone();
@@ -289,12 +283,12 @@ impl Source {
                 Ok((shard_id, ReaderExit::Ended)) => {
                     // Durable before any child starts: a restart must not read a child before its parent.
                     let mut end = Checkpoints::new();
-                    end.insert(shard_id.clone(), Checkpoint::ShardEnd);
+                    end.insert(shard_id.clone(), Position::ShardEnd);
                     if let Err(source) = self.store.save(&end, tokio::time::Instant::now()).await {
                         break Err(SourceError::Checkpoint { shard: shard_id, source });
                     }
                     self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
-                    self.checkpoints.insert(shard_id.clone(), Checkpoint::ShardEnd);
+                    self.checkpoints.insert(shard_id.clone(), Position::ShardEnd);
                     tracing::info!(shard = %shard_id, "Shard fully copied; starting its children.");
                 }
                 Ok((_, ReaderExit::Stopped)) => {}

@@ -12,11 +12,11 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
-use super::shards::StartingPoint;
 use crate::aws::{ErrorKind, kinesis};
 use crate::fanout::Fanout;
 use crate::metrics::{Metrics, ResubscribeReason};
-use crate::progress::{Checkpoint, CheckpointStore, Checkpoints, ShardProgress};
+use crate::position::Position;
+use crate::progress::{CheckpointStore, Checkpoints, ShardProgress};
 use crate::record::{SequenceNumber, SourceRecord};
 use crate::sink::retry::Backoff;
 
@@ -40,7 +40,7 @@ pub struct ShardReader {
     pub stream_name: String,
     pub consumer_arn: String,
     pub shard_id: String,
-    pub start: StartingPoint,
+    pub start: Position,
     pub subscriber: aws_sdk_kinesis::Client,
     pub control: aws_sdk_kinesis::Client,
     pub fanout: Fanout,
@@ -57,7 +57,7 @@ pub struct ShardReader {
 /// Where a reading stands: where the next session starts, and which records are new.
 #[derive(Debug)]
 struct Cursor {
-    position: StartingPoint,
+    position: Position,
     /// The last record handed on: a resubscription resumes after it and drops anything not newer.
     last_handed: Option<SequenceNumber>,
     /// Nothing handed on yet, but the reading is anchored here (a stored or just-taken starting
@@ -69,14 +69,14 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn new(start: &StartingPoint) -> Self {
+    fn new(start: &Position) -> Self {
         let (last_handed, floor) = match start {
-            StartingPoint::After(seq) => (Some(seq.clone()), None),
-            StartingPoint::At(seq) => (None, Some(seq.clone())),
+            Position::Sequence(seq) => (Some(seq.clone()), None),
+            Position::At(seq) => (None, Some(seq.clone())),
             _ => (None, None),
         };
         let not_before = match start {
-            StartingPoint::AtTimestamp(at) => Some(*at),
+            Position::AtTimestamp(at) => Some(*at),
             _ => None,
         };
         Cursor { position: start.clone(), last_handed, floor, not_before }
@@ -84,11 +84,11 @@ impl Cursor {
 
     /// A start that moves with time (LATEST, a timestamp) has no place of its own yet.
     fn unanchored(&self) -> bool {
-        matches!(self.position, StartingPoint::Latest | StartingPoint::AtTimestamp(_))
+        matches!(self.position, Position::Latest | Position::AtTimestamp(_))
     }
 
     fn anchor(&mut self, at: SequenceNumber) {
-        self.position = StartingPoint::At(at.clone());
+        self.position = Position::At(at.clone());
         self.floor = Some(at);
     }
 
@@ -109,7 +109,7 @@ impl Cursor {
     /// Where the next session starts: after the last record handed on, else where it was.
     fn resume(&mut self) {
         if let Some(seq) = &self.last_handed {
-            self.position = StartingPoint::After(seq.clone());
+            self.position = Position::Sequence(seq.clone());
         }
     }
 }
@@ -332,7 +332,7 @@ impl ShardReader {
     async fn keep_starting_point(&self, at: &SequenceNumber) {
         self.progress.anchor(at.clone());
         let mut start = Checkpoints::new();
-        start.insert(self.shard_id.clone(), Checkpoint::At(at.clone()));
+        start.insert(self.shard_id.clone(), Position::At(at.clone()));
         match self.store.save(&start, self.started_at).await {
             Ok(()) => {
                 self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();

@@ -6,9 +6,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::config::InitialPosition;
-use crate::progress::{Checkpoint, Checkpoints};
-use crate::record::SequenceNumber;
+use crate::position::Position;
+use crate::progress::Checkpoints;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardInfo {
@@ -21,16 +20,6 @@ pub struct ShardInfo {
     pub hash_range: Option<(String, String)>,
 }
 
-/// Where a shard's subscription starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StartingPoint {
-    TrimHorizon,
-    Latest,
-    AtTimestamp(std::time::SystemTime),
-    After(SequenceNumber),
-    At(SequenceNumber),
-}
-
 /// Shards to start now, with their starting points. `started` holds every shard read in this
 /// run (running or finished): none of them starts again, and none of them counts as history to
 /// skip at LATEST, so a child waits for a parent read here to reach SHARD_END and then reads
@@ -38,18 +27,16 @@ pub enum StartingPoint {
 pub fn plan(
     shards: &[ShardInfo],
     checkpoints: &Checkpoints,
-    initial: InitialPosition,
+    initial: &Position,
     started: &HashSet<String>,
-) -> Vec<(String, StartingPoint)> {
+) -> Vec<(String, Position)> {
     let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.id.as_str(), s)).collect();
     let done = |id: &str| -> bool {
         match checkpoints.get(id) {
-            Some(Checkpoint::ShardEnd) => true,
-            Some(Checkpoint::Sequence(_) | Checkpoint::At(_)) => false,
+            Some(Position::ShardEnd) => true,
+            Some(_) => false,
             // Starting at LATEST, history is not wanted: closed shards never read are skipped.
-            None => {
-                initial == InitialPosition::Latest && !started.contains(id) && by_id.get(id).is_some_and(|s| s.closed)
-            }
+            None => *initial == Position::Latest && !started.contains(id) && by_id.get(id).is_some_and(|s| s.closed),
         }
     };
     shards
@@ -59,16 +46,11 @@ pub fn plan(
         .filter(|s| s.parents.iter().all(|p| !by_id.contains_key(p.as_str()) || done(p)))
         .map(|s| {
             let start = match checkpoints.get(&s.id) {
-                Some(Checkpoint::Sequence(seq)) => StartingPoint::After(seq.clone()),
-                Some(Checkpoint::At(seq)) => StartingPoint::At(seq.clone()),
-                _ if s.parents.iter().any(|p| checkpoints.contains_key(p) || started.contains(p)) => {
-                    StartingPoint::TrimHorizon
+                Some(stored) => stored.clone(),
+                None if s.parents.iter().any(|p| checkpoints.contains_key(p) || started.contains(p)) => {
+                    Position::TrimHorizon
                 }
-                _ => match initial {
-                    InitialPosition::TrimHorizon => StartingPoint::TrimHorizon,
-                    InitialPosition::Latest => StartingPoint::Latest,
-                    InitialPosition::AtTimestamp(at) => StartingPoint::AtTimestamp(at),
-                },
+                None => initial.clone(),
             };
             (s.id.clone(), start)
         })
@@ -77,18 +59,19 @@ pub fn plan(
 
 /// Whether every listed shard is closed and done: the stream holds nothing more to read.
 pub fn all_done(shards: &[ShardInfo], checkpoints: &Checkpoints) -> bool {
-    !shards.is_empty() && shards.iter().all(|s| checkpoints.get(&s.id) == Some(&Checkpoint::ShardEnd))
+    !shards.is_empty() && shards.iter().all(|s| checkpoints.get(&s.id) == Some(&Position::ShardEnd))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::SequenceNumber;
 
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
         ShardInfo { id: id.into(), parents: parents.iter().map(|p| p.to_string()).collect(), closed, hash_range: None }
     }
 
-    fn ids(plan: &[(String, StartingPoint)]) -> Vec<&str> {
+    fn ids(plan: &[(String, Position)]) -> Vec<&str> {
         plan.iter().map(|(id, _)| id.as_str()).collect()
     }
 
@@ -107,31 +90,31 @@ mod tests {
     fn children_wait_for_every_parent() {
         let none = HashSet::new();
         let mut cps = Checkpoints::new();
-        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s0", "s4"]);
-        cps.insert("s0".into(), Checkpoint::ShardEnd);
-        let next = plan(&graph(), &cps, InitialPosition::TrimHorizon, &none);
+        assert_eq!(ids(&plan(&graph(), &cps, &Position::TrimHorizon, &none)), vec!["s0", "s4"]);
+        cps.insert("s0".into(), Position::ShardEnd);
+        let next = plan(&graph(), &cps, &Position::TrimHorizon, &none);
         assert_eq!(ids(&next), vec!["s1", "s2", "s4"]);
-        assert_eq!(next[0].1, StartingPoint::TrimHorizon);
-        cps.insert("s1".into(), Checkpoint::ShardEnd);
-        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s2", "s4"]);
-        cps.insert("s2".into(), Checkpoint::ShardEnd);
-        assert_eq!(ids(&plan(&graph(), &cps, InitialPosition::TrimHorizon, &none)), vec!["s3", "s4"]);
+        assert_eq!(next[0].1, Position::TrimHorizon);
+        cps.insert("s1".into(), Position::ShardEnd);
+        assert_eq!(ids(&plan(&graph(), &cps, &Position::TrimHorizon, &none)), vec!["s2", "s4"]);
+        cps.insert("s2".into(), Position::ShardEnd);
+        assert_eq!(ids(&plan(&graph(), &cps, &Position::TrimHorizon, &none)), vec!["s3", "s4"]);
     }
 
     #[test]
     fn checkpoints_resume_after_the_sequence_and_running_shards_are_skipped() {
         let mut cps = Checkpoints::new();
         let seq = SequenceNumber::parse("42").unwrap();
-        cps.insert("s4".into(), Checkpoint::Sequence(seq.clone()));
+        cps.insert("s4".into(), Position::Sequence(seq.clone()));
         let running: HashSet<String> = ["s0".to_string()].into();
-        let next = plan(&graph(), &cps, InitialPosition::TrimHorizon, &running);
-        assert_eq!(next, vec![("s4".to_string(), StartingPoint::After(seq))]);
+        let next = plan(&graph(), &cps, &Position::TrimHorizon, &running);
+        assert_eq!(next, vec![("s4".to_string(), Position::Sequence(seq))]);
     }
 
     #[test]
     fn latest_skips_closed_history() {
-        let next = plan(&graph(), &Checkpoints::new(), InitialPosition::Latest, &HashSet::new());
-        assert_eq!(next, vec![("s3".to_string(), StartingPoint::Latest), ("s4".to_string(), StartingPoint::Latest)]);
+        let next = plan(&graph(), &Checkpoints::new(), &Position::Latest, &HashSet::new());
+        assert_eq!(next, vec![("s3".to_string(), Position::Latest), ("s4".to_string(), Position::Latest)]);
     }
 
     #[test]
@@ -140,23 +123,23 @@ mod tests {
         let started: HashSet<String> = ["s0".to_string(), "s4".to_string()].into();
         let shards = vec![shard("s0", &[], true), shard("s1", &["s0"], false), shard("s4", &[], false)];
         let mut cps = Checkpoints::new();
-        assert!(plan(&shards, &cps, InitialPosition::Latest, &started).is_empty(), "s1 waits for s0's end");
-        cps.insert("s0".into(), Checkpoint::ShardEnd);
-        let next = plan(&shards, &cps, InitialPosition::Latest, &started);
-        assert_eq!(next, vec![("s1".to_string(), StartingPoint::TrimHorizon)], "from its beginning, not LATEST");
+        assert!(plan(&shards, &cps, &Position::Latest, &started).is_empty(), "s1 waits for s0's end");
+        cps.insert("s0".into(), Position::ShardEnd);
+        let next = plan(&shards, &cps, &Position::Latest, &started);
+        assert_eq!(next, vec![("s1".to_string(), Position::TrimHorizon)], "from its beginning, not LATEST");
         // Read in this run but stopped before its end (no checkpoint): still not history.
         let cps = Checkpoints::new();
         let started: HashSet<String> = ["s0".to_string()].into();
-        assert!(plan(&shards, &cps, InitialPosition::Latest, &started).iter().all(|(id, _)| id != "s1"));
+        assert!(plan(&shards, &cps, &Position::Latest, &started).iter().all(|(id, _)| id != "s1"));
     }
 
     #[test]
     fn a_stored_starting_point_resumes_at_it() {
         let mut cps = Checkpoints::new();
         let seq = SequenceNumber::parse("42").unwrap();
-        cps.insert("s4".into(), Checkpoint::At(seq.clone()));
-        let next = plan(&graph(), &cps, InitialPosition::Latest, &HashSet::new());
-        assert!(next.contains(&("s4".to_string(), StartingPoint::At(seq))), "{next:?}");
+        cps.insert("s4".into(), Position::At(seq.clone()));
+        let next = plan(&graph(), &cps, &Position::Latest, &HashSet::new());
+        assert!(next.contains(&("s4".to_string(), Position::At(seq))), "{next:?}");
     }
 
     #[test]
@@ -164,7 +147,7 @@ mod tests {
         let shards = vec![shard("a", &[], true)];
         let mut cps = Checkpoints::new();
         assert!(!all_done(&shards, &cps));
-        cps.insert("a".into(), Checkpoint::ShardEnd);
+        cps.insert("a".into(), Position::ShardEnd);
         assert!(all_done(&shards, &cps));
     }
 }

@@ -513,7 +513,7 @@ async fn reaggregation_follows_a_reshard_that_keeps_the_shard_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing() {
     use kinesis_fanout::lease::{LeaseManager, Position};
-    use kinesis_fanout::progress::{Checkpoint, CheckpointStore, Checkpoints};
+    use kinesis_fanout::progress::{CheckpointStore, Checkpoints};
     use kinesis_fanout::record::SequenceNumber;
     use kinesis_fanout::source::shards::ShardInfo;
     let dynamo = Dynamo::start().await;
@@ -521,7 +521,7 @@ async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing()
     table.ensure(true).await.unwrap();
     let shards = vec![ShardInfo { id: "shard-0".into(), parents: vec![], closed: false, hash_range: None }];
     let (me, _events, _) = LeaseManager::new(dynamo.table("handover"), "me".into(), std::time::Duration::from_secs(3));
-    me.sync(&shards, kinesis_fanout::config::InitialPosition::TrimHorizon).await.unwrap();
+    me.sync(&shards, &kinesis_fanout::position::Position::TrimHorizon).await.unwrap();
     me.round().await;
     assert_eq!(me.held().await, vec!["shard-0".to_string()]);
 
@@ -529,7 +529,7 @@ async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing()
     let seq = |n: &str| SequenceNumber::parse(n).unwrap();
     let as_of = tokio::time::Instant::now();
     let mut snapshot = Checkpoints::new();
-    snapshot.insert("shard-0".into(), Checkpoint::Sequence(seq("100")));
+    snapshot.insert("shard-0".into(), Position::Sequence(seq("100")));
     // ...meanwhile the lease goes to another worker, which moves the checkpoint on and gives
     // the lease back, and this worker takes it again (a new reading, from 200).
     let lease = table.scan().await.unwrap().remove(0);

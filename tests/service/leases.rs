@@ -155,7 +155,7 @@ async fn a_zombie_cannot_move_a_checkpoint_it_no_longer_owns() {
         .collect();
     let failover = Duration::from_secs(1);
     let (zombie, mut zombie_events, _) = LeaseManager::new(dynamo.table("zombie"), "zombie".into(), failover);
-    zombie.sync(&shards, kinesis_fanout::config::InitialPosition::TrimHorizon).await.unwrap();
+    zombie.sync(&shards, &kinesis_fanout::position::Position::TrimHorizon).await.unwrap();
     zombie.round().await;
     assert_eq!(zombie.held().await.len(), 2);
     let seq = |n: &str| Position::Sequence(SequenceNumber::parse(n).unwrap());
