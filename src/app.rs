@@ -15,11 +15,13 @@ use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
-use crate::lease::{LeaseError, LeaseEvent, LeaseManager, LeaseTable};
+use crate::lease::{LeaseError, LeaseManager, LeaseTable};
 use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
-use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Progress};
+use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress};
 use crate::shutdown::{Task, TaskGroup};
+use crate::sink::supervisor::Supervisor;
+use crate::source::assign::{Assignment, Leases, Listing, Plan};
 use crate::source::{self, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +126,13 @@ impl Pipeline {
             };
         health.consumer_active();
         let backend = Backend::open(&settings, &sdk, &clients, &stream).await?;
-        let store = Arc::clone(&backend.store);
-        let checkpoints = store.load().await?;
+        let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
+        let checkpoints = checkpointer.load().await?;
         tracing::info!(shards = checkpoints.len(), "Checkpoints loaded.");
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
         let writers = TaskGroup::default();
-        let (mut discovery, destinations) = Discovery::new(
+        let (mut supervisor, destinations) = Supervisor::new(
             Arc::clone(&settings),
             &clients,
             Arc::clone(&metrics),
@@ -138,8 +140,9 @@ impl Pipeline {
             backend.share.clone(),
             writers.clone(),
         );
-        discovery.refresh_logged().await;
-        tracing::info!(destinations = ?discovery.current(), "Destinations discovered.");
+        let discovery = Discovery::new(Arc::clone(&settings), clients.control.clone());
+        supervisor.follow(&discovery).await;
+        tracing::info!(destinations = ?supervisor.current(), "Destinations discovered.");
         let idle_monitor = crate::idle::IdleMonitor {
             settings: settings.idle.clone(),
             source_stream: settings.source.stream_name.clone(),
@@ -149,38 +152,46 @@ impl Pipeline {
             destinations: destinations.clone(),
         };
         let idle = Task::spawn("idle", move |stop| idle_monitor.run(stop));
-        // Discovery ends with the shutdown signal (no destination comes or goes during the drain),
-        // or at teardown after a fatal error.
-        let discovery = Task::spawn("discovery", {
+        // Destinations stop coming and going with the shutdown signal (none comes or goes during
+        // the drain), or at teardown after a fatal error.
+        let supervisor = Task::spawn("destinations", {
             let shutdown = shutdown.clone();
             move |stop| async move {
                 tokio::select! {
-                    _ = discovery.run(shutdown) => {}
+                    _ = supervisor.run(discovery, shutdown) => {}
                     _ = stop.cancelled() => {}
                 }
             }
         });
-        let checkpointer = Task::spawn("checkpointer", {
-            let (store, progress, metrics) = (Arc::clone(&store), Arc::clone(&progress), Arc::clone(&metrics));
+        let periodic = Task::spawn("checkpointer", {
+            let (checkpointer, progress) = (checkpointer.clone(), Arc::clone(&progress));
             let interval = settings.checkpoint.interval;
-            move |stop| checkpoint_loop(store, progress, metrics, interval, stop)
+            move |stop| checkpointer.run(progress, interval, stop)
         });
 
         let reading = shutdown.child_token();
         let source = Source {
             stream,
             consumer_arn,
-            initial_position: settings.source.initial_position.clone(),
             clients: clients.clone(),
             fanout: Fanout::new(destinations, Arc::clone(&progress)),
             progress: Arc::clone(&progress),
             metrics: Arc::clone(&metrics),
             health: Arc::clone(&health),
-            store: Arc::clone(&store),
-            checkpoints,
-            leases: backend.manager.clone().zip(backend.events),
+            checkpointer: checkpointer.clone(),
         };
-        let outcome = source.run(reading).await;
+        let listing = Listing {
+            control: clients.control.clone(),
+            stream: settings.source.stream_name.clone(),
+            initial: settings.source.initial_position.clone(),
+        };
+        let outcome = match (backend.manager.clone(), backend.events) {
+            (Some(manager), Some(events)) => {
+                let leases = Leases::new(listing, manager, events, checkpointer.clone(), &health);
+                source.run(leases, reading).await
+            }
+            _ => source.run(Plan::new(listing, checkpoints, checkpointer.clone(), Arc::clone(&health)), reading).await,
+        };
         if let Err(err) = &outcome {
             tracing::error!(error = %crate::aws::chain(err), "The source cannot be read any more; stopping.");
         }
@@ -194,13 +205,13 @@ impl Pipeline {
         drain(&progress, settings.shutdown.grace_period).await;
         // 2. Stop what writes and what watches.
         writers.stop().await;
-        discovery.stop().await;
+        supervisor.stop().await;
         idle.stop().await;
-        checkpointer.stop().await;
+        periodic.stop().await;
         // 3. The final checkpoint.
         let as_of = tokio::time::Instant::now();
         let last = progress.checkpoints();
-        let saved = save(&*store, &last, as_of, &metrics).await;
+        let saved = checkpointer.save(&last, as_of).await;
         // 4. Only now may the leases go: they were renewed through the drain.
         if let Some(lease_loop) = lease_loop {
             lease_loop.stop().await;
@@ -221,7 +232,7 @@ impl Pipeline {
 struct Backend {
     store: Arc<dyn CheckpointStore>,
     manager: Option<Arc<LeaseManager>>,
-    events: Option<mpsc::UnboundedReceiver<LeaseEvent>>,
+    events: Option<mpsc::UnboundedReceiver<Assignment>>,
     share: watch::Receiver<f64>,
     /// Keeps the share of a single worker (always 1) alive.
     _alone: Option<watch::Sender<f64>>,
@@ -251,7 +262,7 @@ impl Backend {
                 table.ensure(lease.create_table).await?;
                 let me = match &lease.worker_id {
                     Some(id) => id.clone(),
-                    None => crate::lease::manager::default_worker_id().await,
+                    None => crate::lease::default_worker_id().await,
                 };
                 tracing::info!(worker = %me, table = %lease.table_name, failover_ms = lease.failover_time.as_millis() as u64, "Sharing shards through the lease table.");
                 let (manager, events, share) = LeaseManager::new(table, me, lease.failover_time);
@@ -281,49 +292,5 @@ async fn drain(progress: &Progress, grace: Duration) {
             outstanding_chunks = progress.outstanding(),
             "Grace period ran out before every destination accepted every record; those records will be read again after restart."
         );
-    }
-}
-
-async fn save(
-    store: &dyn CheckpointStore,
-    checkpoints: &Checkpoints,
-    as_of: tokio::time::Instant,
-    metrics: &Metrics,
-) -> Result<(), CheckpointError> {
-    match store.save(checkpoints, as_of).await {
-        Ok(()) => {
-            metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
-            Ok(())
-        }
-        Err(err) => {
-            metrics.checkpoint_writes.with_label_values(&["error"]).inc();
-            Err(err)
-        }
-    }
-}
-
-/// Writes what every destination has accepted, every `interval`.
-async fn checkpoint_loop(
-    store: Arc<dyn CheckpointStore>,
-    progress: Arc<Progress>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut last_written = Checkpoints::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let as_of = tokio::time::Instant::now();
-        let current = progress.checkpoints();
-        if current == last_written {
-            continue;
-        }
-        match save(&*store, &current, as_of, &metrics).await {
-            Ok(()) => last_written = current,
-            Err(err) => tracing::error!(error = %crate::aws::chain(&err), "Checkpoint write failed; will try again."),
-        }
     }
 }

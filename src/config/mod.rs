@@ -6,17 +6,21 @@
 //! key it concerns, so a user fixes a bad file in one round instead of one error at a time.
 
 mod reader;
+mod sections;
 pub mod units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use regex::Regex;
 
 pub use crate::position::Position;
 
 use reader::Section;
+use sections::{
+    LITERAL_CREDENTIALS, checkpoint_settings, destination_group, parse_kpl, reject_access_keys, source_settings,
+};
 pub use units::Rate;
 
 /// Environment variables starting with this prefix override keys of the file.
@@ -44,15 +48,6 @@ pub enum KplMode {
     Deaggregate,
     /// Copy aggregates unchanged (correct only when the shard maps match).
     Passthrough,
-}
-
-fn parse_kpl(v: &str) -> Result<KplMode, String> {
-    match v {
-        "reaggregate" => Ok(KplMode::Reaggregate),
-        "deaggregate" => Ok(KplMode::Deaggregate),
-        "passthrough" => Ok(KplMode::Passthrough),
-        other => Err(format!("`{other}` is not a KPL mode; use \"reaggregate\", \"deaggregate\" or \"passthrough\"")),
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -326,148 +321,6 @@ impl Settings {
     /// The destination group a stream belongs to (the first that matches), if any.
     pub fn group_for(&self, stream_name: &str) -> Option<usize> {
         self.destinations.iter().position(|g| g.matches(stream_name))
-    }
-}
-
-fn source_settings(s: &mut Section<'_>) -> SourceSettings {
-    let stream_name = s.required_string("stream_name").unwrap_or_default();
-    let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
-    let timestamp = s.parsed_opt("initial_timestamp", |v| {
-        humantime::parse_rfc3339_weak(v)
-            .map_err(|e| format!("`{v}` is not an RFC 3339 timestamp like 2026-11-01T00:00:00Z ({e})"))
-    });
-    let position = s.parsed("initial_position", "trim_horizon", |v| match v {
-        "trim_horizon" => Ok(None),
-        "latest" => Ok(Some(Position::Latest)),
-        "at_timestamp" => Ok(Some(Position::AtTimestamp(SystemTime::UNIX_EPOCH))),
-        other => Err(format!("`{other}` is not one of trim_horizon, latest, at_timestamp")),
-    });
-    let initial_position = match (position, timestamp) {
-        (Some(Some(Position::AtTimestamp(_))), Some(at)) => Position::AtTimestamp(at),
-        (Some(Some(Position::AtTimestamp(_))), None) => {
-            s.problem("initial_timestamp", "required when initial_position = \"at_timestamp\"");
-            Position::TrimHorizon
-        }
-        (Some(other), Some(_)) => {
-            s.problem("initial_timestamp", "only allowed with initial_position = \"at_timestamp\"");
-            other.unwrap_or(Position::TrimHorizon)
-        }
-        (Some(other), None) => other.unwrap_or(Position::TrimHorizon),
-        (None, _) => Position::TrimHorizon,
-    };
-    SourceSettings { stream_name, consumer_name, initial_position }
-}
-
-fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Option<DestinationGroup> {
-    let pattern = s.required_regex("pattern");
-    let exclude = s.regex_list("exclude");
-    let refresh_interval = s.duration("refresh_interval", "30s");
-    let records_per_second = s.parsed("records_per_second", "auto", units::parse_record_rate);
-    let bytes_per_second = s.parsed("bytes_per_second", "auto", units::parse_byte_rate);
-    let max_in_flight_bytes = s.parsed("max_in_flight_bytes", "32MiB", |v| {
-        let n = units::parse_bytes(v)?;
-        if n < crate::sink::MAX_RECORD_BYTES as u64 {
-            return Err(format!("`{v}` is below 1MiB: the buffer must hold at least one record of the maximum size"));
-        }
-        Ok(n)
-    });
-    let linger = s.duration("linger", "50ms");
-    let initial_backoff = s.duration("initial_backoff", "100ms");
-    let max_backoff = s.duration("max_backoff", "10s");
-    let dead_letter_stream = s.string("dead_letter_stream");
-    let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
-    if let (Some(min), Some(max)) = (initial_backoff, max_backoff)
-        && min > max
-    {
-        s.problem("initial_backoff", "must not exceed max_backoff");
-    }
-    if refresh_interval.is_some_and(|d| d < Duration::from_secs(1)) {
-        s.problem("refresh_interval", "must be at least 1s: ListStreams allows 5 calls per second per account");
-    }
-    Some(DestinationGroup {
-        pattern: pattern?,
-        exclude: exclude?,
-        refresh_interval: refresh_interval?,
-        records_per_second: records_per_second?,
-        bytes_per_second: bytes_per_second?,
-        max_in_flight_bytes: max_in_flight_bytes?,
-        linger: linger?,
-        initial_backoff: initial_backoff?,
-        max_backoff: max_backoff?,
-        dead_letter_stream,
-        kpl,
-    })
-}
-
-fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
-    let dynamodb = s.parsed("backend", "file", |v| match v {
-        "file" => Ok(false),
-        "dynamodb" => Ok(true),
-        other => Err(format!("`{other}` is not a checkpoint backend; use \"file\" or \"dynamodb\"")),
-    });
-    let path = s.string("path").unwrap_or_else(|| "./data/checkpoints.json".into());
-    let interval = s.duration("interval", "5s");
-    if interval.is_some_and(|d| d.is_zero()) {
-        s.problem("interval", "must be more than zero");
-    }
-    let table_name = s.string("table_name");
-    let endpoint_url = s.string("endpoint_url");
-    let create_table =
-        s.parsed("create_table", "true", |v| v.parse::<bool>().map_err(|_| format!("`{v}` is not true or false")));
-    let failover_time = s.duration("failover_time", "10s");
-    if failover_time.is_some_and(|d| d < Duration::from_secs(1)) {
-        s.problem("failover_time", "must be at least 1s");
-    }
-    let worker_id = s.string("worker_id");
-    let backend = if dynamodb == Some(true) {
-        if table_name.is_none() {
-            s.problem("table_name", "is required with backend = \"dynamodb\"");
-        }
-        CheckpointBackend::DynamoDb(LeaseSettings {
-            table_name: table_name.unwrap_or_default(),
-            endpoint_url,
-            create_table: create_table.unwrap_or(true),
-            failover_time: failover_time.unwrap_or(Duration::from_secs(10)),
-            worker_id,
-        })
-    } else {
-        CheckpointBackend::File { path: PathBuf::from(path) }
-    };
-    CheckpointSettings { backend, interval: interval.unwrap_or(Duration::from_secs(5)) }
-}
-
-/// Keys people reach for when pasting credentials into a config file.
-const LITERAL_CREDENTIALS: [&str; 5] =
-    ["access_key_id", "secret_access_key", "session_token", "aws_access_key_id", "aws_secret_access_key"];
-
-/// Reports (without echoing it) any value that looks like an AWS access key id.
-fn reject_access_keys(value: &serde_json::Value, path: &str, problems: &mut Vec<Problem>) {
-    match value {
-        serde_json::Value::String(text) => {
-            let looks_like_key = text.len() == 20
-                && (text.starts_with("AKIA") || text.starts_with("ASIA"))
-                && text.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
-            if looks_like_key {
-                problems.push(Problem {
-                    key: path.to_string(),
-                    message: "holds what looks like an AWS access key id; credentials come from the SDK's chain, \
-                              never from the configuration"
-                        .into(),
-                });
-            }
-        }
-        serde_json::Value::Object(map) => {
-            for (key, child) in map {
-                let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-                reject_access_keys(child, &path, problems);
-            }
-        }
-        serde_json::Value::Array(items) => {
-            for (i, child) in items.iter().enumerate() {
-                reject_access_keys(child, &format!("{path}[{i}]"), problems);
-            }
-        }
-        _ => {}
     }
 }
 

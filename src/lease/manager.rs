@@ -1,43 +1,31 @@
 //! The lease loop of one worker: every `failover_time / 3` it renews what it holds, reads the
 //! table, notes whose counters stopped moving (as seen by this worker: no clock is compared across
 //! machines), and takes free, expired or (one per round) stolen leases. Shards come and go as
-//! [`LeaseEvent`]s; checkpoints are written through the lease, conditional on its counter.
+//! [`Assignment`]s; checkpoints are written through the lease, conditional on its counter.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use futures::{StreamExt, stream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::{self, Take};
-use super::table::{Lease, LeaseError, LeaseTable, Position};
-use crate::progress::{CheckpointError, CheckpointStore, Checkpoints};
-use crate::source::shards::ShardInfo;
-
-/// What the source learns from the lease loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseEvent {
-    /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
-    /// renewal period to notice and stop, so that two workers do not read it at once).
-    Acquired { shard: String, position: Position, delay: Duration },
-    /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
-    Lost { shard: String },
-}
+use super::table::{Lease, LeaseError, LeaseTable};
+use crate::source::assign::Assignment;
 
 #[derive(Debug)]
-struct Held {
-    counter: u64,
+pub(super) struct Held {
+    pub(super) counter: u64,
     /// When this worker took the lease: snapshots taken before belong to an earlier reading.
-    since: Instant,
+    pub(super) since: Instant,
 }
 
 #[derive(Debug, Default)]
-struct State {
-    held: BTreeMap<String, Held>,
+pub(super) struct State {
+    pub(super) held: BTreeMap<String, Held>,
     /// Per lease, the counter last seen and when it was first seen at that value.
     observed: HashMap<String, (u64, Instant)>,
     /// The table as of the last scan.
@@ -46,13 +34,13 @@ struct State {
 
 /// One worker's side of the lease table.
 pub struct LeaseManager {
-    table: LeaseTable,
-    me: String,
+    pub(super) table: LeaseTable,
+    pub(super) me: String,
     failover: Duration,
     /// Serialises this worker's writes: renewals and checkpoints of one lease must not race on
     /// its counter.
-    state: tokio::sync::Mutex<State>,
-    events: mpsc::UnboundedSender<LeaseEvent>,
+    pub(super) state: tokio::sync::Mutex<State>,
+    events: mpsc::UnboundedSender<Assignment>,
     /// This worker's share of the source's active shards, for fleet-wide rate limits.
     share: watch::Sender<f64>,
     /// When the table last confirmed each hold, outside `state` so that the watchdog can read it
@@ -70,7 +58,7 @@ impl LeaseManager {
         table: LeaseTable,
         me: String,
         failover: Duration,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<LeaseEvent>, watch::Receiver<f64>) {
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Assignment>, watch::Receiver<f64>) {
         let (events, receiver) = mpsc::unbounded_channel();
         let (share, share_rx) = watch::channel(0.0);
         let manager = LeaseManager {
@@ -120,28 +108,28 @@ impl LeaseManager {
         for (shard, at) in confirmed.iter() {
             if at.elapsed() + self.renew_interval() > self.failover && revoked.insert(shard.clone()) {
                 tracing::warn!(shard = %shard, worker = %self.me, "The lease table has not confirmed this lease in time; stopping the shard.");
-                let _ = self.events.send(LeaseEvent::Lost { shard: shard.clone() });
+                let _ = self.events.send(Assignment::Lost { shard: shard.clone() });
             }
         }
     }
 
-    fn confirm(&self, shard: &str, at: Instant) {
+    pub(super) fn confirm(&self, shard: &str, at: Instant) {
         if !self.revoked.lock().unwrap_or_else(|p| p.into_inner()).contains(shard) {
             self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).insert(shard.to_string(), at);
         }
     }
 
     /// Nothing more to confirm for this shard: it is no longer held.
-    fn unconfirm(&self, shard: &str) {
+    pub(super) fn unconfirm(&self, shard: &str) {
         self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
     }
 
-    fn lose(&self, state: &mut State, shard: &str, why: &str) {
+    pub(super) fn lose(&self, state: &mut State, shard: &str, why: &str) {
         self.unconfirm(shard);
         let already_told = self.revoked.lock().unwrap_or_else(|p| p.into_inner()).remove(shard);
         if state.held.remove(shard).is_some() && !already_told {
             tracing::warn!(shard, worker = %self.me, reason = why, "Lease lost; stopping the shard.");
-            let _ = self.events.send(LeaseEvent::Lost { shard: shard.to_string() });
+            let _ = self.events.send(Assignment::Lost { shard: shard.to_string() });
         }
     }
 
@@ -244,7 +232,7 @@ impl LeaseManager {
                     self.confirm(&key, Instant::now());
                     state.observed.insert(key.clone(), (next, Instant::now()));
                     let delay = self.takeover_delay(stolen, lease.owner.is_some());
-                    let _ = self.events.send(LeaseEvent::Acquired {
+                    let _ = self.events.send(Assignment::Acquired {
                         shard: key,
                         position: lease.checkpoint.clone(),
                         delay,
@@ -266,97 +254,6 @@ impl LeaseManager {
         self.state.lock().await.held.keys().cloned().collect()
     }
 
-    /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
-    pub async fn checkpoint(&self, shard: &str, position: &Position, children: &[String]) -> Result<(), LeaseError> {
-        self.checkpoint_as_of(shard, position, children, None).await
-    }
-
-    /// As [`Self::checkpoint`], for a position taken at `as_of`: if the lease was taken again
-    /// since, the position belongs to an earlier reading and is not written.
-    async fn checkpoint_as_of(
-        &self,
-        shard: &str,
-        position: &Position,
-        children: &[String],
-        as_of: Option<Instant>,
-    ) -> Result<(), LeaseError> {
-        let mut state = self.state.lock().await;
-        let Some(counter) = state.held.get(shard).filter(|h| as_of.is_none_or(|at| h.since <= at)).map(|h| h.counter)
-        else {
-            return Err(LeaseError::Lost { shard: shard.to_string() });
-        };
-        let attempt = Instant::now();
-        match self.table.checkpoint(shard, counter, &self.me, position, children).await {
-            Ok(next) => {
-                if *position == Position::ShardEnd {
-                    // Done: nothing more to renew; children are taken through the table.
-                    state.held.remove(shard);
-                    self.unconfirm(shard);
-                } else if let Some(h) = state.held.get_mut(shard) {
-                    h.counter = next;
-                    self.confirm(shard, attempt);
-                }
-                Ok(())
-            }
-            Err(err @ LeaseError::Lost { .. }) => {
-                self.lose(&mut state, shard, "checkpoint found another owner");
-                Err(err)
-            }
-            Err(err) => Err(err),
-        }
-    }
-
-    /// Deletes the leases no worker needs any more (read to their end, every child started), so
-    /// that the table, and every round's scan of it, holds the live shards and not the history.
-    /// Returns the leases that remain.
-    async fn clean_up(&self, mut leases: Vec<Lease>) -> Vec<Lease> {
-        let finished: Vec<String> = balance::finished(&leases).into_iter().map(str::to_string).collect();
-        for key in finished {
-            match self.table.delete_finished(&key).await {
-                Ok(true) => {
-                    tracing::info!(shard = %key, "Lease of a shard read to its end deleted: every child has started.")
-                }
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::warn!(shard = %key, error = %err, "Deleting a finished lease failed; will try again.");
-                    continue;
-                }
-            }
-            leases.retain(|l| l.key != key);
-        }
-        leases
-    }
-
-    /// Creates leases for shards that have none: roots at the initial position (closed roots are
-    /// skipped at LATEST), children at their beginning. A closed shard with a descendant that has
-    /// a lease gets none: it was read to its end and its lease deleted.
-    pub async fn sync(&self, shards: &[ShardInfo], initial: &Position) -> Result<(), LeaseError> {
-        let known: HashSet<String> = self.table.scan().await?.into_iter().map(|l| l.key).collect();
-        let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
-        let descended = leased_descendants(shards, &known);
-        for shard in shards.iter().filter(|s| !known.contains(&s.id) && !descended.contains(s.id.as_str())) {
-            let has_parent = shard.parents.iter().any(|p| listed.contains(p.as_str()) || known.contains(p));
-            let checkpoint = match initial {
-                _ if has_parent => Position::TrimHorizon,
-                Position::Latest if shard.closed => Position::ShardEnd,
-                // The configured start: trim horizon, latest or a timestamp.
-                configured => configured.clone(),
-            };
-            let lease = Lease {
-                key: shard.id.clone(),
-                checkpoint,
-                parents: shard.parents.clone(),
-                starting_hash_key: shard.hash_range.as_ref().map(|r| r.0.clone()),
-                ending_hash_key: shard.hash_range.as_ref().map(|r| r.1.clone()),
-                ..Lease::default()
-            };
-            if self.table.create_if_absent(&lease).await? {
-                tracing::info!(shard = %shard.id, checkpoint = %lease.checkpoint, "Lease created.");
-            }
-        }
-        Ok(())
-    }
-
     /// Gives every held lease up (graceful shutdown), so other workers take them at once.
     pub async fn release_all(&self) {
         let mut state = self.state.lock().await;
@@ -369,104 +266,5 @@ impl LeaseManager {
             state.held.remove(&shard);
             self.unconfirm(&shard);
         }
-    }
-}
-
-impl CheckpointStore for LeaseManager {
-    /// Positions come with the leases themselves.
-    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
-        Box::pin(async { Ok(Checkpoints::new()) })
-    }
-
-    /// Writes the checkpoints of the shards this worker holds and held when they were taken;
-    /// others are not its to write.
-    fn save<'a>(&'a self, checkpoints: &'a Checkpoints, as_of: Instant) -> BoxFuture<'a, Result<(), CheckpointError>> {
-        Box::pin(async move {
-            let current: HashSet<String> = {
-                let state = self.state.lock().await;
-                state.held.iter().filter(|(_, h)| h.since <= as_of).map(|(k, _)| k.clone()).collect()
-            };
-            let mut failure = None;
-            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| current.contains(*s)) {
-                match self.checkpoint_as_of(shard, checkpoint, &[], Some(as_of)).await {
-                    Ok(()) | Err(LeaseError::Lost { .. }) => {}
-                    Err(err) => failure = Some(err),
-                }
-            }
-            match failure {
-                None => Ok(()),
-                Some(err) => {
-                    Err(CheckpointError::Lease { table: self.table.name().to_string(), message: err.to_string() })
-                }
-            }
-        })
-    }
-}
-
-/// Listed shards with a descendant (child, grandchild...) that has a lease.
-fn leased_descendants<'a>(shards: &'a [ShardInfo], known: &HashSet<String>) -> HashSet<&'a str> {
-    // Walk up from every leased shard: each ancestor is covered (and visited once).
-    let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.id.as_str(), s)).collect();
-    let mut covered: HashSet<&str> = HashSet::new();
-    let mut stack: Vec<&ShardInfo> = shards.iter().filter(|s| known.contains(&s.id)).collect();
-    while let Some(shard) = stack.pop() {
-        for parent in &shard.parents {
-            if let Some(listed) = by_id.get(parent.as_str())
-                && covered.insert(listed.id.as_str())
-            {
-                stack.push(listed);
-            }
-        }
-    }
-    covered
-}
-
-/// This worker's name: the ECS task id when running on ECS, else hostname plus a random suffix.
-pub async fn default_worker_id() -> String {
-    if let Ok(uri) = std::env::var("ECS_CONTAINER_METADATA_URI_V4") {
-        let task = async {
-            let body: serde_json::Value = reqwest::get(format!("{uri}/task")).await.ok()?.json().await.ok()?;
-            body.get("TaskARN")?.as_str()?.rsplit('/').next().map(str::to_string)
-        };
-        if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(2), task).await {
-            return id;
-        }
-    }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
-    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn shard(id: &str, parents: &[&str]) -> ShardInfo {
-        ShardInfo {
-            id: id.into(),
-            parents: parents.iter().map(|p| p.to_string()).collect(),
-            closed: false,
-            hash_range: None,
-        }
-    }
-
-    #[test]
-    fn ancestors_of_leased_shards_get_no_lease_again() {
-        // 0 split into 1 and 2; 2 split into 3 and 4; 5 is unrelated. Only 3 and 4 still have leases.
-        let shards = vec![
-            shard("0", &[]),
-            shard("1", &["0"]),
-            shard("2", &["0"]),
-            shard("3", &["2"]),
-            shard("4", &["2"]),
-            shard("5", &[]),
-        ];
-        let known: HashSet<String> = ["3".to_string(), "4".to_string()].into();
-        let covered = leased_descendants(&shards, &known);
-        assert_eq!(covered, ["0", "2"].into_iter().collect::<HashSet<&str>>(), "1 and 5 are not ancestors of a lease");
     }
 }

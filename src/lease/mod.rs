@@ -5,13 +5,17 @@
 //! - [`table`]: the DynamoDB items (KCL attribute names) and conditional writes on `leaseCounter`,
 //!   the fencing token: a write succeeds only for the worker that holds the counter it read.
 //! - [`balance`]: which leases to take or steal this round (pure, unit-tested).
-//! - [`manager`]: the renew/take loop, checkpoints through the lease, graceful release.
+//! - [`manager`]: the renew/take loop and graceful release.
+//! - [`checkpoint`]: checkpoints through the lease, conditional on its counter.
+//! - [`lifecycle`]: leases created for new shards and deleted for finished ones.
 
 pub mod balance;
+pub mod checkpoint;
+pub mod lifecycle;
 pub mod manager;
 pub mod table;
 
-pub use manager::{LeaseEvent, LeaseManager};
+pub use manager::LeaseManager;
 pub use table::{Lease, LeaseError, LeaseTable, Position};
 
 /// How long requests that a worker sent before it learnt it lost a lease may still land: its
@@ -19,4 +23,24 @@ pub use table::{Lease, LeaseError, LeaseTable, Position};
 /// the victim's renewal period, for a steal) before it reads the shard.
 pub fn settle_time(failover: std::time::Duration) -> std::time::Duration {
     failover.clamp(std::time::Duration::from_secs(5), std::time::Duration::from_secs(20))
+}
+
+/// This worker's name: the ECS task id when running on ECS, else hostname plus a random suffix.
+pub async fn default_worker_id() -> String {
+    if let Ok(uri) = std::env::var("ECS_CONTAINER_METADATA_URI_V4") {
+        let task = async {
+            let body: serde_json::Value = reqwest::get(format!("{uri}/task")).await.ok()?.json().await.ok()?;
+            body.get("TaskARN")?.as_str()?.rsplit('/').next().map(str::to_string)
+        };
+        if let Ok(Some(id)) = tokio::time::timeout(std::time::Duration::from_secs(2), task).await {
+            return id;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }

@@ -52,6 +52,9 @@ pub trait CheckpointStore: Send + Sync {
         checkpoints: &'a Checkpoints,
         as_of: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<(), CheckpointError>>;
+    /// Records that `shard` was read to its end, naming its `children`: from then on they may be
+    /// read, here or by another worker.
+    fn finish<'a>(&'a self, shard: &'a str, children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>>;
 }
 
 /// Checkpoints in one JSON file, for a single worker.
@@ -155,6 +158,14 @@ impl CheckpointStore for FileCheckpointStore {
         _as_of: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<(), CheckpointError>> {
         Box::pin(self.save_file(checkpoints))
+    }
+
+    /// The file keeps no shard graph: the plan reads it from ListShards.
+    fn finish<'a>(&'a self, shard: &'a str, _children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
+            let end = Checkpoints::from([(shard.to_string(), Position::ShardEnd)]);
+            self.save_file(&end).await
+        })
     }
 }
 

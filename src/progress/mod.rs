@@ -7,6 +7,7 @@
 //! checkpointed.
 
 pub mod checkpoint;
+pub mod checkpointer;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
 pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints};
+pub use checkpointer::Checkpointer;
 
 /// A run of records read from one shard, shared by every destination it is copied to.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
 //! The write side: one task per destination stream that batches, rate-limits, writes with
-//! PutRecords, retries exactly the failed records, and dead-letters what can never succeed.
+//! PutRecords, retries exactly the failed records, and dead-letters what can never succeed; and
+//! the [`supervisor`] that starts and stops those tasks as destinations come and go.
 
 pub mod batch;
 pub mod dead_letter;
@@ -9,6 +10,8 @@ pub mod ledger;
 pub mod limiter;
 pub mod put;
 pub mod retry;
+pub mod settle;
+pub mod supervisor;
 pub mod writer;
 
 pub use batch::MAX_RECORD_BYTES;

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits};
-use super::dead_letter::{DeadLetter, Rejected};
+use super::dead_letter::DeadLetter;
 use super::destination::{DestinationTask, Exit, limiter_for};
 use super::entries::{self, Payload, Pending};
 use super::ledger::Ledger;
@@ -20,7 +20,6 @@ use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::ErrorKind;
 use crate::fanout::Delivery;
 use crate::metrics::Outcome;
-use crate::record::InvalidEntry;
 
 pub(super) struct Writer {
     pub(super) task: DestinationTask,
@@ -50,20 +49,20 @@ pub(super) struct Split {
 }
 
 /// Request-level error codes that mean "something in this request is invalid".
-const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
+pub(super) const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
 
-enum Interrupt {
+pub(super) enum Interrupt {
     Stop,
     Removed,
 }
 
-struct Guard {
+pub(super) struct Guard {
     stop: CancellationToken,
     removed: CancellationToken,
 }
 
 impl Guard {
-    async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
+    pub(super) async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
         tokio::select! {
             biased;
             _ = self.stop.cancelled() => Err(Interrupt::Stop),
@@ -183,7 +182,7 @@ impl Writer {
     }
 
     /// The signals that cut a wait short, owned so the wait may borrow the writer.
-    fn guard(&self) -> Guard {
+    pub(super) fn guard(&self) -> Guard {
         Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone() }
     }
 
@@ -215,7 +214,7 @@ impl Writer {
         tracing::info!(destination = %self.task.name, records, "Dropped queued records of shards whose lease this worker lost; their new owner sends them.");
     }
 
-    fn count(&self, outcome: Outcome, records: u64, bytes: u64) {
+    pub(super) fn count(&self, outcome: Outcome, records: u64, bytes: u64) {
         if records > 0 {
             let labels = [&*self.task.name, outcome.as_str()];
             self.task.metrics.records_written.with_label_values(&labels).inc_by(records);
@@ -337,144 +336,6 @@ impl Writer {
         }
     }
 
-    /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
-    async fn settle(&mut self, outcomes: Vec<EntryOutcome>) -> Result<(), Interrupt> {
-        let sent: Vec<Pending> = self.pending.drain(..outcomes.len()).collect();
-        let mut again: Vec<Pending> = Vec::new();
-        let mut rejected: Vec<(Pending, String, String)> = Vec::new();
-        let (mut ok, mut ok_bytes) = (0u64, 0u64);
-        let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
-        let (mut retried, mut retried_bytes) = (0u64, 0u64);
-        for (mut p, outcome) in sent.into_iter().zip(outcomes) {
-            let size = p.size() as u64;
-            match outcome {
-                EntryOutcome::Accepted => {
-                    ok += 1;
-                    ok_bytes += size;
-                    self.done_with(&p);
-                }
-                EntryOutcome::Throttled => {
-                    throttled += 1;
-                    throttled_bytes += size;
-                    p.retry = true;
-                    again.push(p);
-                }
-                EntryOutcome::Retry { .. } => {
-                    retried += 1;
-                    retried_bytes += size;
-                    p.retry = true;
-                    again.push(p);
-                }
-                EntryOutcome::Reject { code, message } => {
-                    if p.invalid.is_none() && VALIDATION_CODES.contains(&code.as_str()) {
-                        // Refused as invalid on its own: it is never sent again, so while it is
-                        // held it cannot hold up the entries behind it.
-                        p.invalid = Some(InvalidEntry::Refused { code: code.clone(), message: message.clone() });
-                    }
-                    rejected.push((p, code, message))
-                }
-            }
-        }
-        self.count(Outcome::Ok, ok, ok_bytes);
-        self.count(Outcome::Throttled, throttled, throttled_bytes);
-        self.count(Outcome::Retried, retried, retried_bytes);
-
-        let mut held_rejected = false;
-        if !rejected.is_empty() {
-            held_rejected = !self.dead_letter_or_hold(&mut rejected).await?;
-            if held_rejected {
-                again.extend(rejected.into_iter().map(|(mut p, _, _)| {
-                    p.retry = true;
-                    p
-                }));
-                // Keep the original order: retried and held records interleave as they were sent.
-                again.sort_by_key(|p| (p.chunk.id, p.index));
-            }
-        }
-
-        if throttled > 0 {
-            self.limiter.penalize(throttled as usize, throttled_bytes as usize);
-        }
-        if again.is_empty() {
-            self.backoff.reset();
-            self.set_stalled(false);
-            self.update_gauges();
-            return Ok(());
-        }
-        for p in again.into_iter().rev() {
-            self.pending.push_front(p);
-        }
-        self.update_gauges();
-        let delay = if held_rejected { self.backoff.max() } else { self.backoff.next_delay(&mut rand::rng()) };
-        tracing::debug!(destination = %self.task.name, throttled, retried, delay_ms = delay.as_millis() as u64, "Retrying failed records after a backoff.");
-        self.guard().run(tokio::time::sleep(delay)).await
-    }
-
-    /// Sends rejected records to the dead-letter stream. Returns false when there is none, after
-    /// saying loudly that the destination stops advancing.
-    async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
-        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.size() as u64).sum();
-        let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
-        let Some(dead_letter) = self.dead_letter.as_mut() else {
-            self.set_stalled(true);
-            let newly_held = rejected.iter_mut().filter(|(p, _, _)| !p.held).map(|(p, _, _)| p.held = true).count();
-            self.task
-                .metrics
-                .records_written
-                .with_label_values(&[&*self.task.name, Outcome::Rejected.as_str()])
-                .inc_by(newly_held as u64);
-            tracing::error!(
-                destination = %self.task.name,
-                records = rejected.len(),
-                error_code = %code,
-                error = %message,
-                "Destination rejects records with an error that retrying cannot fix, and no dead_letter_stream is configured: \
-                 it stops advancing (and holds back checkpoints) until the cause is fixed."
-            );
-            return Ok(false);
-        };
-        let entries: Vec<Rejected<'_>> = rejected
-            .iter()
-            .map(|(p, code, message)| Rejected {
-                sequence_number: p.source().sequence_number.as_str(),
-                partition_key: p.partition_key(),
-                data: p.data(),
-                shard_id: &p.chunk.shard.shard_id,
-                error_code: code.clone(),
-                error_message: message.clone(),
-            })
-            .collect();
-        tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
-        let stop = self.task.stop.clone();
-        let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
-        drop(entries);
-        let Ok(unwrapped) = written else {
-            return Err(Interrupt::Stop);
-        };
-        if unwrapped > 0 {
-            self.task.metrics.dead_letters_unwrapped.with_label_values(&[&*self.task.name]).inc_by(unwrapped);
-        }
-        self.task
-            .metrics
-            .records_written
-            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
-            .inc_by(rejected.len() as u64);
-        self.task
-            .metrics
-            .bytes_written
-            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
-            .inc_by(bytes);
-        for (p, _, _) in rejected.drain(..) {
-            self.done_with(&p);
-        }
-        Ok(true)
-    }
-
-    /// One record of a chunk is done for this destination.
-    fn done_with(&mut self, p: &Pending) {
-        self.ledger.done(p.chunk.id, p.size());
-    }
-
     /// The stream is gone: nothing it holds may hold back progress any more.
     fn release_everything(&mut self) {
         let released = self.pending.len();
@@ -500,17 +361,7 @@ impl Writer {
         self.guard().run(self.task.edge.deleted(&self.task.name)).await
     }
 
-    fn set_stalled(&mut self, stalled: bool) {
-        if self.stalled != stalled {
-            self.stalled = stalled;
-            self.task.metrics.destination_stalled.with_label_values(&[&*self.task.name]).set(i64::from(stalled));
-            if !stalled {
-                tracing::info!(destination = %self.task.name, "Destination accepts records again.");
-            }
-        }
-    }
-
-    fn update_gauges(&self) {
+    pub(super) fn update_gauges(&self) {
         let m = &self.task.metrics;
         m.buffered_records.with_label_values(&[&*self.task.name]).set(self.pending.len() as i64);
         m.buffered_bytes.with_label_values(&[&*self.task.name]).set(self.ledger.buffered_bytes() as i64);

@@ -16,7 +16,7 @@ use crate::aws::{ErrorKind, kinesis};
 use crate::fanout::Fanout;
 use crate::metrics::{Metrics, ResubscribeReason};
 use crate::position::Position;
-use crate::progress::{CheckpointStore, Checkpoints, ShardProgress};
+use crate::progress::{Checkpointer, Checkpoints, ShardProgress};
 use crate::record::{SequenceNumber, SourceRecord};
 use crate::sink::retry::Backoff;
 
@@ -49,7 +49,7 @@ pub struct ShardReader {
     pub health: Arc<crate::health::Health>,
     pub last_malformed_warning: Option<tokio::time::Instant>,
     /// Where a reading started at LATEST or AT_TIMESTAMP keeps its place as soon as it has one.
-    pub store: Arc<dyn CheckpointStore>,
+    pub checkpointer: Checkpointer,
     /// When this reading was set up: what it stores belongs to this reading only.
     pub started_at: tokio::time::Instant,
 }
@@ -333,13 +333,11 @@ impl ShardReader {
         self.progress.anchor(at.clone());
         let mut start = Checkpoints::new();
         start.insert(self.shard_id.clone(), Position::At(at.clone()));
-        match self.store.save(&start, self.started_at).await {
+        match self.checkpointer.save(&start, self.started_at).await {
             Ok(()) => {
-                self.metrics.checkpoint_writes.with_label_values(&["ok"]).inc();
                 tracing::info!(shard = %self.shard_id, sequence_number = %at, "Starting point stored: a restart resumes here.");
             }
             Err(err) => {
-                self.metrics.checkpoint_writes.with_label_values(&["error"]).inc();
                 tracing::warn!(shard = %self.shard_id, error = %crate::aws::chain(&err), "Could not store the starting point yet; the checkpoint loop tries again.");
             }
         }

@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use kinesis_fanout::lease::{LeaseError, LeaseEvent, LeaseManager, Position};
+use kinesis_fanout::lease::{LeaseError, LeaseManager, Position};
 use kinesis_fanout::record::SequenceNumber;
+use kinesis_fanout::source::assign::Assignment;
 use kinesis_fanout::source::shards::ShardInfo;
 
 use crate::cluster::*;
@@ -178,7 +179,7 @@ async fn a_zombie_cannot_move_a_checkpoint_it_no_longer_owns() {
     assert_eq!(stored.owner.as_deref(), Some("healthy"));
     let mut lost = Vec::new();
     while let Ok(event) = zombie_events.try_recv() {
-        if let LeaseEvent::Lost { shard } = event {
+        if let Assignment::Lost { shard } = event {
             lost.push(shard);
         }
     }
@@ -188,7 +189,7 @@ async fn a_zombie_cannot_move_a_checkpoint_it_no_longer_owns() {
     zombie.round().await;
     let mut lost = Vec::new();
     while let Ok(event) = zombie_events.try_recv() {
-        if let LeaseEvent::Lost { shard } = event {
+        if let Assignment::Lost { shard } = event {
             lost.push(shard);
         }
     }

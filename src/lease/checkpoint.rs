@@ -1,0 +1,100 @@
+//! Checkpoints through the lease: every write is conditional on the lease counter this worker
+//! holds, so a worker that lost a lease (and may not know it yet) can never move its checkpoint.
+//! This is the lease table's [`CheckpointStore`].
+
+use std::collections::HashSet;
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+
+use super::manager::LeaseManager;
+use super::table::{LeaseError, Position};
+use crate::progress::{CheckpointError, CheckpointStore, Checkpoints};
+
+impl LeaseManager {
+    /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
+    pub async fn checkpoint(&self, shard: &str, position: &Position, children: &[String]) -> Result<(), LeaseError> {
+        self.checkpoint_as_of(shard, position, children, None).await
+    }
+
+    /// As [`Self::checkpoint`], for a position taken at `as_of`: if the lease was taken again
+    /// since, the position belongs to an earlier reading and is not written.
+    async fn checkpoint_as_of(
+        &self,
+        shard: &str,
+        position: &Position,
+        children: &[String],
+        as_of: Option<Instant>,
+    ) -> Result<(), LeaseError> {
+        let mut state = self.state.lock().await;
+        let Some(counter) = state.held.get(shard).filter(|h| as_of.is_none_or(|at| h.since <= at)).map(|h| h.counter)
+        else {
+            return Err(LeaseError::Lost { shard: shard.to_string() });
+        };
+        let attempt = Instant::now();
+        match self.table.checkpoint(shard, counter, &self.me, position, children).await {
+            Ok(next) => {
+                if *position == Position::ShardEnd {
+                    // Done: nothing more to renew; children are taken through the table.
+                    state.held.remove(shard);
+                    self.unconfirm(shard);
+                } else if let Some(h) = state.held.get_mut(shard) {
+                    h.counter = next;
+                    self.confirm(shard, attempt);
+                }
+                Ok(())
+            }
+            Err(err @ LeaseError::Lost { .. }) => {
+                self.lose(&mut state, shard, "checkpoint found another owner");
+                Err(err)
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+impl CheckpointStore for LeaseManager {
+    /// Every lease's checkpoint, as the table holds it now. Which shards this worker reads, and
+    /// from where, comes with each lease it takes.
+    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+        Box::pin(async {
+            let leases = self.table.scan().await.map_err(|err| self.store_error(err))?;
+            Ok(leases.into_iter().map(|l| (l.key, l.checkpoint)).collect())
+        })
+    }
+
+    /// Through the lease, naming the children, so that any worker may take them.
+    fn finish<'a>(&'a self, shard: &'a str, children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
+            self.checkpoint(shard, &Position::ShardEnd, children).await.map_err(|err| self.store_error(err))
+        })
+    }
+
+    /// Writes the checkpoints of the shards this worker holds and held when they were taken;
+    /// others are not its to write.
+    fn save<'a>(&'a self, checkpoints: &'a Checkpoints, as_of: Instant) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
+            let current: HashSet<String> = {
+                let state = self.state.lock().await;
+                state.held.iter().filter(|(_, h)| h.since <= as_of).map(|(k, _)| k.clone()).collect()
+            };
+            let mut failure = None;
+            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| current.contains(*s)) {
+                match self.checkpoint_as_of(shard, checkpoint, &[], Some(as_of)).await {
+                    Ok(()) | Err(LeaseError::Lost { .. }) => {}
+                    Err(err) => failure = Some(err),
+                }
+            }
+            match failure {
+                None => Ok(()),
+                Some(err) => Err(self.store_error(err)),
+            }
+        })
+    }
+}
+
+impl LeaseManager {
+    fn store_error(&self, err: LeaseError) -> CheckpointError {
+        CheckpointError::Lease { table: self.table.name().to_string(), message: err.to_string() }
+    }
+}

@@ -1,0 +1,161 @@
+//! Settling a PutRecords answer, entry by entry: accepted records are done for their chunk,
+//! throttled and failed ones go back to the front of the queue (in their original order) after a
+//! backoff with jitter, and refused ones are dead-lettered, or held when there is no dead-letter
+//! stream (the destination then stops advancing, loudly, until the cause is fixed).
+
+use super::dead_letter::Rejected;
+use super::entries::Pending;
+use super::retry::EntryOutcome;
+use super::writer::{Interrupt, VALIDATION_CODES, Writer};
+use crate::metrics::Outcome;
+use crate::record::InvalidEntry;
+
+impl Writer {
+    /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
+    pub(super) async fn settle(&mut self, outcomes: Vec<EntryOutcome>) -> Result<(), Interrupt> {
+        let sent: Vec<Pending> = self.pending.drain(..outcomes.len()).collect();
+        let mut again: Vec<Pending> = Vec::new();
+        let mut rejected: Vec<(Pending, String, String)> = Vec::new();
+        let (mut ok, mut ok_bytes) = (0u64, 0u64);
+        let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
+        let (mut retried, mut retried_bytes) = (0u64, 0u64);
+        for (mut p, outcome) in sent.into_iter().zip(outcomes) {
+            let size = p.size() as u64;
+            match outcome {
+                EntryOutcome::Accepted => {
+                    ok += 1;
+                    ok_bytes += size;
+                    self.done_with(&p);
+                }
+                EntryOutcome::Throttled => {
+                    throttled += 1;
+                    throttled_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Retry { .. } => {
+                    retried += 1;
+                    retried_bytes += size;
+                    p.retry = true;
+                    again.push(p);
+                }
+                EntryOutcome::Reject { code, message } => {
+                    if p.invalid.is_none() && VALIDATION_CODES.contains(&code.as_str()) {
+                        // Refused as invalid on its own: it is never sent again, so while it is
+                        // held it cannot hold up the entries behind it.
+                        p.invalid = Some(InvalidEntry::Refused { code: code.clone(), message: message.clone() });
+                    }
+                    rejected.push((p, code, message))
+                }
+            }
+        }
+        self.count(Outcome::Ok, ok, ok_bytes);
+        self.count(Outcome::Throttled, throttled, throttled_bytes);
+        self.count(Outcome::Retried, retried, retried_bytes);
+
+        let mut held_rejected = false;
+        if !rejected.is_empty() {
+            held_rejected = !self.dead_letter_or_hold(&mut rejected).await?;
+            if held_rejected {
+                again.extend(rejected.into_iter().map(|(mut p, _, _)| {
+                    p.retry = true;
+                    p
+                }));
+                // Keep the original order: retried and held records interleave as they were sent.
+                again.sort_by_key(|p| (p.chunk.id, p.index));
+            }
+        }
+
+        if throttled > 0 {
+            self.limiter.penalize(throttled as usize, throttled_bytes as usize);
+        }
+        if again.is_empty() {
+            self.backoff.reset();
+            self.set_stalled(false);
+            self.update_gauges();
+            return Ok(());
+        }
+        for p in again.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+        self.update_gauges();
+        let delay = if held_rejected { self.backoff.max() } else { self.backoff.next_delay(&mut rand::rng()) };
+        tracing::debug!(destination = %self.task.name, throttled, retried, delay_ms = delay.as_millis() as u64, "Retrying failed records after a backoff.");
+        self.guard().run(tokio::time::sleep(delay)).await
+    }
+
+    /// Sends rejected records to the dead-letter stream. Returns false when there is none, after
+    /// saying loudly that the destination stops advancing.
+    async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
+        let bytes: u64 = rejected.iter().map(|(p, _, _)| p.size() as u64).sum();
+        let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
+        let Some(dead_letter) = self.dead_letter.as_mut() else {
+            self.set_stalled(true);
+            let newly_held = rejected.iter_mut().filter(|(p, _, _)| !p.held).map(|(p, _, _)| p.held = true).count();
+            self.task
+                .metrics
+                .records_written
+                .with_label_values(&[&*self.task.name, Outcome::Rejected.as_str()])
+                .inc_by(newly_held as u64);
+            tracing::error!(
+                destination = %self.task.name,
+                records = rejected.len(),
+                error_code = %code,
+                error = %message,
+                "Destination rejects records with an error that retrying cannot fix, and no dead_letter_stream is configured: \
+                 it stops advancing (and holds back checkpoints) until the cause is fixed."
+            );
+            return Ok(false);
+        };
+        let entries: Vec<Rejected<'_>> = rejected
+            .iter()
+            .map(|(p, code, message)| Rejected {
+                sequence_number: p.source().sequence_number.as_str(),
+                partition_key: p.partition_key(),
+                data: p.data(),
+                shard_id: &p.chunk.shard.shard_id,
+                error_code: code.clone(),
+                error_message: message.clone(),
+            })
+            .collect();
+        tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
+        let stop = self.task.stop.clone();
+        let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
+        drop(entries);
+        let Ok(unwrapped) = written else {
+            return Err(Interrupt::Stop);
+        };
+        if unwrapped > 0 {
+            self.task.metrics.dead_letters_unwrapped.with_label_values(&[&*self.task.name]).inc_by(unwrapped);
+        }
+        self.task
+            .metrics
+            .records_written
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
+            .inc_by(rejected.len() as u64);
+        self.task
+            .metrics
+            .bytes_written
+            .with_label_values(&[&*self.task.name, Outcome::DeadLettered.as_str()])
+            .inc_by(bytes);
+        for (p, _, _) in rejected.drain(..) {
+            self.done_with(&p);
+        }
+        Ok(true)
+    }
+
+    /// One record of a chunk is done for this destination.
+    fn done_with(&mut self, p: &Pending) {
+        self.ledger.done(p.chunk.id, p.size());
+    }
+
+    fn set_stalled(&mut self, stalled: bool) {
+        if self.stalled != stalled {
+            self.stalled = stalled;
+            self.task.metrics.destination_stalled.with_label_values(&[&*self.task.name]).set(i64::from(stalled));
+            if !stalled {
+                tracing::info!(destination = %self.task.name, "Destination accepts records again.");
+            }
+        }
+    }
+}

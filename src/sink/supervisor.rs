@@ -1,0 +1,252 @@
+//! The destinations supervisor: one writer task per destination stream, started, resized,
+//! re-mapped and stopped as discovery's changes (and the writers' own reports) say.
+//!
+//! The set of destinations is published to the fan-out through a watch channel: a destination
+//! receives every record read after it appeared, and one removed no longer holds anything back.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::DestinationTask;
+use super::entries::ShardMap;
+use super::put::PutEdge;
+use crate::config::{KplMode, Settings};
+use crate::discovery::{Candidate, Change, Discovery};
+use crate::fanout::{DestinationHandle, DestinationSet};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::shutdown::TaskGroup;
+
+/// A running destination: its handle for the source, its shard feeds, its off switch.
+struct Running {
+    handle: DestinationHandle,
+    open_shards: watch::Sender<u32>,
+    shard_map: watch::Sender<Arc<ShardMap>>,
+    removed: CancellationToken,
+    kpl: KplMode,
+}
+
+/// The open shards of a stream as hash key ranges.
+pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Option<ShardMap> {
+    let shards = match crate::source::list_shards(client, stream).await {
+        Ok(shards) => shards,
+        Err(err) => {
+            tracing::warn!(stream, error = %crate::aws::chain(&err), "ListShards failed; keeping the last known shard map.");
+            return None;
+        }
+    };
+    let ranges = shards
+        .into_iter()
+        .filter(|s| !s.closed)
+        .filter_map(|s| {
+            let (start, end) = s.hash_range?;
+            Some((s.id, start.parse::<u128>().ok()?, end.parse::<u128>().ok()?))
+        })
+        .collect();
+    Some(ShardMap::with_ids(ranges))
+}
+
+/// Keeps one writer per destination stream that exists.
+pub struct Supervisor {
+    settings: Arc<Settings>,
+    /// For shard maps (ListShards).
+    control: aws_sdk_kinesis::Client,
+    /// Where the writers' PutRecords go.
+    edge: Arc<dyn PutEdge>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    running: BTreeMap<String, Running>,
+    publish: watch::Sender<DestinationSet>,
+    /// Writers whose PutRecords found their stream deleted.
+    gone_tx: mpsc::UnboundedSender<Arc<str>>,
+    gone_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    /// Writers whose records landed in other shards than their map says ask for a new map here.
+    remap_tx: mpsc::UnboundedSender<Arc<str>>,
+    remap_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    /// This worker's share of the source, for fleet-wide rate limits.
+    share: watch::Receiver<f64>,
+    /// Passthrough destinations already warned about a shard map mismatch.
+    passthrough_warned: HashSet<String>,
+    /// Every writer; stopped together at the end of the grace period.
+    writers: TaskGroup,
+}
+
+impl Supervisor {
+    pub fn new(
+        settings: Arc<Settings>,
+        clients: &crate::aws::KinesisClients,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        share: watch::Receiver<f64>,
+        writers: TaskGroup,
+    ) -> (Self, watch::Receiver<DestinationSet>) {
+        let (publish, subscribe) = watch::channel(Arc::new(Vec::new()));
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        let (remap_tx, remap_rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            settings,
+            control: clients.control.clone(),
+            edge: Arc::new(clients.writer.clone()),
+            metrics,
+            health,
+            running: BTreeMap::new(),
+            publish,
+            gone_tx,
+            gone_rx,
+            remap_tx,
+            remap_rx,
+            share,
+            passthrough_warned: HashSet::new(),
+            writers,
+        };
+        (supervisor, subscribe)
+    }
+
+    /// Follows discovery every refresh interval, and the writers' reports, until `shutdown`.
+    pub async fn run(mut self, discovery: Discovery, shutdown: CancellationToken) {
+        let interval = discovery.interval();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => self.follow(&discovery).await,
+                Some(gone) = self.gone_rx.recv() => self.remove(&gone, "PutRecords found the stream deleted"),
+                Some(stale) = self.remap_rx.recv() => self.refresh_map(&stale).await,
+            }
+        }
+    }
+
+    /// One discovery round, applied. A failed round keeps the destinations known so far.
+    pub async fn follow(&mut self, discovery: &Discovery) {
+        let current: BTreeSet<String> = self.running.keys().cloned().collect();
+        match discovery.changes(&current).await {
+            Ok(changes) => {
+                for change in changes {
+                    match change {
+                        Change::Writable { candidate, open_shards } => self.upsert(&candidate, open_shards).await,
+                        Change::Gone { name, why } => self.remove(&name, why),
+                    }
+                }
+                self.check_passthrough().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %crate::aws::chain(&err), "Destination discovery failed; keeping the destinations known so far.")
+            }
+        }
+    }
+
+    /// Passing aggregates through is only right when a destination's shards split the hash space
+    /// like the source's: say so once per destination when they do not.
+    async fn check_passthrough(&mut self) {
+        let unchecked: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| r.kpl == KplMode::Passthrough && !self.passthrough_warned.contains(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if unchecked.is_empty() {
+            return;
+        }
+        let Some(source) = open_ranges(&self.control, &self.settings.source.stream_name).await else { return };
+        for name in unchecked {
+            let map = Arc::clone(&self.running[&name].shard_map.borrow());
+            if map.ranges() != source.ranges() {
+                tracing::warn!(
+                    destination = %name,
+                    "kpl = \"passthrough\" but this destination's shards do not match the source's: aggregates land \
+                     where their outer key hashes, and KCL consumers drop sub-records outside their shard. Use \"reaggregate\"."
+                );
+                self.passthrough_warned.insert(name);
+            }
+        }
+    }
+
+    async fn upsert(&mut self, candidate: &Candidate, open_shards: u32) {
+        if let Some(running) = self.running.get(&candidate.name) {
+            let changed =
+                running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
+            // A split and a merge keep the count but move the ranges: re-aggregation routes by
+            // the map, so it is read again every round (and retried next round when it fails).
+            if changed || running.kpl == KplMode::Reaggregate {
+                self.refresh_map(&candidate.name).await;
+            }
+            return;
+        }
+        self.start(candidate, open_shards).await;
+    }
+
+    async fn start(&mut self, candidate: &Candidate, open_shards: u32) {
+        let map = open_ranges(&self.control, &candidate.name).await.unwrap_or_default();
+        let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
+        let group = Arc::new(self.settings.destinations[candidate.group].clone());
+        let kpl = group.kpl;
+        let name: Arc<str> = candidate.name.as_str().into();
+        let (handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
+        let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
+        let removed = CancellationToken::new();
+        let task = DestinationTask {
+            name: Arc::clone(&name),
+            source_stream: self.settings.source.stream_name.as_str().into(),
+            edge: Arc::clone(&self.edge),
+            group,
+            queue,
+            open_shards: open_shards_rx,
+            shard_map: shard_map_rx,
+            share: self.share.clone(),
+            metrics: Arc::clone(&self.metrics),
+            removed: removed.clone(),
+            stop: self.writers.stop_signal(),
+            gone: self.gone_tx.clone(),
+            remap: self.remap_tx.clone(),
+        };
+        self.writers.spawn(async move {
+            task.run().await;
+        });
+        tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
+        self.running.insert(
+            candidate.name.clone(),
+            Running { handle, open_shards: open_shards_tx, shard_map: shard_map_tx, removed, kpl },
+        );
+        self.publish_set();
+    }
+
+    /// Reads a destination's shard map again; publishes it when its shards changed.
+    async fn refresh_map(&self, name: &str) {
+        let Some(running) = self.running.get(name) else { return };
+        if let Some(map) = open_ranges(&self.control, name).await {
+            let changed = running.shard_map.send_if_modified(|current| {
+                let changed = **current != map;
+                if changed {
+                    *current = Arc::new(map);
+                }
+                changed
+            });
+            if changed {
+                tracing::info!(destination = %name, "Destination shard map changed; re-aggregation follows it.");
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str, why: &str) {
+        if let Some(running) = self.running.remove(name) {
+            tracing::info!(destination = %name, reason = why, "Destination removed; the others carry on.");
+            running.handle.close();
+            running.removed.cancel();
+            self.publish_set();
+        }
+    }
+
+    fn publish_set(&self) {
+        let set: Vec<DestinationHandle> = self.running.values().map(|r| r.handle.clone()).collect();
+        self.metrics.destinations.set(set.len() as i64);
+        self.health.set_destinations(set.len());
+        self.publish.send_replace(Arc::new(set));
+    }
+
+    /// Names of the destinations written to now.
+    pub fn current(&self) -> Vec<String> {
+        self.running.keys().cloned().collect()
+    }
+}

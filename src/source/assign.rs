@@ -1,0 +1,221 @@
+//! Which shards this worker reads, and from where.
+//!
+//! An [`Assignments`] source tells the coordinator "shard acquired at position P" and "shard lost",
+//! and records the end of a shard so that its children may follow. There are two:
+//! - [`Plan`], a single worker with the file backend: every shard, parents before children;
+//! - [`Leases`], the lease table, which shares the shards among the workers of a fleet.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::shards::{self, ShardInfo};
+use super::{SourceError, list_shards};
+use crate::health::Health;
+use crate::lease::LeaseManager;
+use crate::position::Position;
+use crate::progress::{Checkpointer, Checkpoints};
+use crate::sink::retry::Backoff;
+
+/// How often the shard list is read again even when no shard ended (a fallback for missed
+/// ChildShards announcements).
+const RELIST_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A change in what this worker reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
+    /// renewal period to notice and stop, so that two workers do not read it at once).
+    Acquired { shard: String, position: Position, delay: Duration },
+    /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
+    Lost { shard: String },
+}
+
+/// Where assignments come from.
+pub trait Assignments: Send {
+    /// Waits for the next change. Cancel-safe: dropping the future loses no change.
+    fn next(&mut self) -> impl Future<Output = Result<Assignment, SourceError>> + Send;
+
+    /// `shard` was read to its end and every record of it acknowledged: record that durably, so
+    /// that its children may be read.
+    fn finished(&mut self, shard: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Where the source's shards are listed, and what the shard list is read for.
+pub struct Listing {
+    pub control: aws_sdk_kinesis::Client,
+    pub stream: String,
+    /// `source.initial_position`: where shards without a checkpoint start.
+    pub initial: Position,
+}
+
+/// A single worker reads every shard, in the order [`shards::plan`] allows.
+pub struct Plan {
+    listing: Listing,
+    checkpoints: Checkpoints,
+    checkpointer: Checkpointer,
+    health: Arc<Health>,
+    /// Every shard started in this run, ended or not: none starts twice, and a child waits for a
+    /// parent read here to end, whatever the initial position says about closed shards.
+    started: HashSet<String>,
+    ready: VecDeque<Assignment>,
+    next_list: Instant,
+    list_backoff: Backoff,
+    announced_done: bool,
+}
+
+impl Plan {
+    pub fn new(listing: Listing, checkpoints: Checkpoints, checkpointer: Checkpointer, health: Arc<Health>) -> Self {
+        Plan {
+            listing,
+            checkpoints,
+            checkpointer,
+            health,
+            started: HashSet::new(),
+            ready: VecDeque::new(),
+            next_list: Instant::now(),
+            list_backoff: Backoff::try_new(Duration::from_millis(500), RELIST_INTERVAL).expect("valid bounds"),
+            announced_done: false,
+        }
+    }
+
+    async fn list(&mut self) {
+        match list_shards(&self.listing.control, &self.listing.stream).await {
+            Ok(shards) => {
+                self.list_backoff.reset();
+                let plan = shards::plan(&shards, &self.checkpoints, &self.listing.initial, &self.started);
+                for (shard, position) in plan {
+                    self.started.insert(shard.clone());
+                    self.ready.push_back(Assignment::Acquired { shard, position, delay: Duration::ZERO });
+                }
+                self.health.shards_assigned();
+                if shards::all_done(&shards, &self.checkpoints) && !self.announced_done {
+                    tracing::warn!(stream = %self.listing.stream, "Every shard of the source is closed and fully copied; nothing more to read.");
+                    self.announced_done = true;
+                }
+                self.next_list = Instant::now() + RELIST_INTERVAL;
+            }
+            Err(err) => {
+                tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again shortly.");
+                self.next_list = Instant::now() + self.list_backoff.next_delay(&mut rand::rng());
+            }
+        }
+    }
+}
+
+impl Assignments for Plan {
+    async fn next(&mut self) -> Result<Assignment, SourceError> {
+        loop {
+            if let Some(assignment) = self.ready.pop_front() {
+                return Ok(assignment);
+            }
+            tokio::time::sleep_until(self.next_list).await;
+            self.list().await;
+        }
+    }
+
+    /// Durable before any child starts: a restart must not read a child before its parent.
+    async fn finished(&mut self, shard: &str) -> Result<(), SourceError> {
+        self.checkpointer
+            .finish(shard, &[])
+            .await
+            .map_err(|source| SourceError::Checkpoint { shard: shard.to_string(), source })?;
+        self.checkpoints.insert(shard.to_string(), Position::ShardEnd);
+        tracing::info!(shard = %shard, "Shard fully copied; starting its children.");
+        self.next_list = Instant::now();
+        Ok(())
+    }
+}
+
+/// The lease table decides: shards come and go as this worker's leases do.
+pub struct Leases {
+    listing: Listing,
+    manager: Arc<LeaseManager>,
+    events: mpsc::UnboundedReceiver<Assignment>,
+    checkpointer: Checkpointer,
+    next_list: Instant,
+}
+
+impl Leases {
+    pub fn new(
+        listing: Listing,
+        manager: Arc<LeaseManager>,
+        events: mpsc::UnboundedReceiver<Assignment>,
+        checkpointer: Checkpointer,
+        health: &Health,
+    ) -> Self {
+        health.shards_assigned();
+        Leases { listing, manager, events, checkpointer, next_list: Instant::now() + RELIST_INTERVAL }
+    }
+
+    /// Creates leases for shards that have none (new children included); returns the shards.
+    async fn sync(&self) -> Option<Vec<ShardInfo>> {
+        let shards = match list_shards(&self.listing.control, &self.listing.stream).await {
+            Ok(shards) => shards,
+            Err(err) => {
+                tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
+                return None;
+            }
+        };
+        if let Err(err) = self.manager.sync(&shards, &self.listing.initial).await {
+            tracing::warn!(error = %err, "Creating leases failed; trying again later.");
+        }
+        Some(shards)
+    }
+}
+
+impl Assignments for Leases {
+    async fn next(&mut self) -> Result<Assignment, SourceError> {
+        loop {
+            tokio::select! {
+                event = self.events.recv() => match event {
+                    Some(Assignment::Acquired { shard, position, delay }) => {
+                        if let Some(position) = starting_point(&position, &self.listing.initial) {
+                            return Ok(Assignment::Acquired { shard, position, delay });
+                        }
+                    }
+                    Some(lost) => return Ok(lost),
+                    None => return Err(SourceError::Reader("the lease loop is gone".into())),
+                },
+                _ = tokio::time::sleep_until(self.next_list) => {
+                    self.next_list = Instant::now() + RELIST_INTERVAL;
+                    self.sync().await;
+                }
+            }
+        }
+    }
+
+    /// Through the lease, naming the children, so that any worker may take them. A failure is not
+    /// fatal: whoever holds the lease next reads the shard's tail again.
+    async fn finished(&mut self, shard: &str) -> Result<(), SourceError> {
+        // One listing serves both: leases for the children, and their names on the parent.
+        let children: Vec<String> = match self.sync().await {
+            Some(shards) => shards.into_iter().filter(|s| s.parents.iter().any(|p| p == shard)).map(|s| s.id).collect(),
+            None => Vec::new(),
+        };
+        match self.checkpointer.finish(shard, &children).await {
+            Ok(()) => tracing::info!(shard = %shard, ?children, "Shard fully copied; its children may start."),
+            Err(err) => {
+                tracing::warn!(shard = %shard, error = %err, "Could not record the end of the shard; whoever holds it next reads its tail again.")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a leased shard starts reading; `None` for a shard already read to its end. The KCL's
+/// bare `AT_TIMESTAMP` sentinel (read as the epoch) takes the configured time.
+fn starting_point(position: &Position, initial: &Position) -> Option<Position> {
+    match position {
+        Position::ShardEnd => None,
+        Position::AtTimestamp(at) if *at == std::time::UNIX_EPOCH => Some(match initial {
+            Position::AtTimestamp(_) => initial.clone(),
+            _ => Position::TrimHorizon,
+        }),
+        other => Some(other.clone()),
+    }
+}
