@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::progress::{Chunk, Progress, ShardProgress};
 use crate::record::SourceRecord;
+use crate::shutdown::Stopped;
 
 /// A chunk queued for one destination, with the share of that destination's budget it holds.
 #[derive(Debug)]
@@ -76,10 +77,6 @@ pub struct Fanout {
     progress: Arc<Progress>,
 }
 
-/// The wait was cut short by shutdown; what was not queued everywhere stays unacknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cancelled;
-
 impl Fanout {
     pub fn new(destinations: watch::Receiver<DestinationSet>, progress: Arc<Progress>) -> Self {
         Fanout { destinations, progress }
@@ -93,7 +90,7 @@ impl Fanout {
         shard: &Arc<ShardProgress>,
         mut records: Vec<SourceRecord>,
         cancel: &CancellationToken,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<(), Stopped> {
         while !records.is_empty() {
             let take = chunk_len(&records);
             let rest = records.split_off(take);
@@ -108,7 +105,7 @@ impl Fanout {
         shard: &Arc<ShardProgress>,
         records: Vec<SourceRecord>,
         cancel: &CancellationToken,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<(), Stopped> {
         let set = loop {
             let set = self.destinations.borrow_and_update().clone();
             if !set.is_empty() {
@@ -116,8 +113,8 @@ impl Fanout {
             }
             tracing::warn!(shard = %shard.shard_id, "No destination stream matches the pattern yet; reading is paused.");
             tokio::select! {
-                _ = cancel.cancelled() => return Err(Cancelled),
-                changed = self.destinations.changed() => if changed.is_err() { return Err(Cancelled) },
+                _ = cancel.cancelled() => return Err(Stopped),
+                changed = self.destinations.changed() => if changed.is_err() { return Err(Stopped) },
             }
         };
         // Budget first, everywhere, and only then register and queue: a reader cancelled while it
@@ -131,7 +128,7 @@ impl Fanout {
         for destination in set.iter() {
             let acquired = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Err(Cancelled),
+                _ = cancel.cancelled() => return Err(Stopped),
                 permit = Arc::clone(&destination.budget).acquire_many_owned(wanted.min(destination.max_permits)) => permit,
             };
             // A closed budget: the destination went away while we waited, and owes nothing.

@@ -8,6 +8,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// A wait cut short by the stop signal: what was not done stays undone, and unacknowledged, so
+/// it is read again after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
 /// A spawned task with a stop signal of its own.
 pub struct Task {
     name: &'static str,

@@ -14,6 +14,7 @@ use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
 use super::put::{CallError, PutEdge};
 use super::retry::Backoff;
 use crate::aws::ErrorKind;
+use crate::shutdown::Stopped;
 
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -48,9 +49,6 @@ pub struct DeadLetter {
     edge: Arc<dyn PutEdge>,
     backoff: Backoff,
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped;
 
 /// One record for the dead-letter stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
