@@ -22,6 +22,7 @@ use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress};
 use crate::shutdown::{Task, TaskGroup};
 use crate::sink::supervisor::Supervisor;
 use crate::source::assign::{Assignment, Leases, Listing, Plan};
+use crate::source::catchup::CatchUps;
 use crate::source::{self, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +175,13 @@ impl Pipeline {
             stream,
             consumer_arn,
             clients: clients.clone(),
-            fanout: Fanout::new(destinations, Arc::clone(&progress)),
+            fanout: Fanout::new(destinations, Arc::clone(&progress)).with_catch_up(Arc::new(CatchUps {
+                client: clients.control.clone(),
+                stream: settings.source.stream_name.clone(),
+                progress: Arc::clone(&progress),
+                metrics: Arc::clone(&metrics),
+                stop: reading.clone(),
+            })),
             progress: Arc::clone(&progress),
             metrics: Arc::clone(&metrics),
             health: Arc::clone(&health),

@@ -5,10 +5,12 @@
 //! pauses the source instead of growing memory: backpressure without a second buffer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::position::Position;
 use crate::progress::{Chunk, Progress, ShardProgress};
 use crate::record::SourceRecord;
 use crate::shutdown::Stopped;
@@ -30,7 +32,14 @@ pub struct DestinationHandle {
     /// that a source waiting on it moves on.
     budget: Arc<Semaphore>,
     max_permits: u32,
+    /// How long a shard's live feed waits for this destination's budget before it detaches it
+    /// (`None`: it waits as long as it takes).
+    pub detach_after: Option<Duration>,
 }
+
+/// The destination went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
 
 impl DestinationHandle {
     /// A handle and the receiving end of its queue.
@@ -40,13 +49,45 @@ impl DestinationHandle {
             .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         let (queue, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(max_permits as usize));
-        (DestinationHandle { name, queue, budget, max_permits }, rx)
+        (DestinationHandle { name, queue, budget, max_permits, detach_after: None }, rx)
     }
 
     /// Stops accepting chunks: waiting sources give up on this destination.
     pub fn close(&self) {
         self.budget.close();
     }
+
+    /// Waits for `bytes` of budget (at most the whole budget).
+    pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
+        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
+        Arc::clone(&self.budget).acquire_many_owned(wanted).await.map_err(|_| Closed)
+    }
+
+    /// Budget for a chunk that must go now (a destination joining the live feed again): what is
+    /// free of `bytes`, possibly nothing.
+    fn reserve_now(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
+        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
+        let free = u32::try_from(self.budget.available_permits()).unwrap_or(u32::MAX);
+        Arc::clone(&self.budget).try_acquire_many_owned(wanted.min(free)).map_err(|_| Closed)
+    }
+
+    /// Whether at least half the budget is free: a catch-up joins the live feed only then.
+    pub fn has_room(&self) -> bool {
+        self.budget.available_permits() as u64 * 2 >= u64::from(self.max_permits)
+    }
+
+    /// Queues a chunk; a destination gone meanwhile owes nothing of it.
+    pub fn send(&self, delivery: Delivery) {
+        if let Err(returned) = self.queue.send(delivery) {
+            returned.0.chunk.acknowledge();
+        }
+    }
+}
+
+/// Starts a catch-up for a destination the live feed of `shard` stopped waiting for: it reads
+/// from `start` until it reaches the live feed.
+pub trait CatchUpStarter: Send + Sync + std::fmt::Debug {
+    fn start(&self, shard: Arc<ShardProgress>, destination: DestinationHandle, start: Position);
 }
 
 /// A chunk holds at most this many records or bytes (a SubscribeToShard event can hold far more).
@@ -75,11 +116,20 @@ pub type DestinationSet = Arc<Vec<DestinationHandle>>;
 pub struct Fanout {
     destinations: watch::Receiver<DestinationSet>,
     progress: Arc<Progress>,
+    /// Without one, the live feed waits for every destination however long it takes.
+    catch_up: Option<Arc<dyn CatchUpStarter>>,
 }
 
 impl Fanout {
     pub fn new(destinations: watch::Receiver<DestinationSet>, progress: Arc<Progress>) -> Self {
-        Fanout { destinations, progress }
+        Fanout { destinations, progress, catch_up: None }
+    }
+
+    /// Destinations with a `detach_after` are detached when their budget stays full that long,
+    /// and caught up by `starter`.
+    pub fn with_catch_up(mut self, starter: Arc<dyn CatchUpStarter>) -> Self {
+        self.catch_up = Some(starter);
+        self
     }
 
     /// Queues `records` for every current destination, in chunks small enough that a budget holds
@@ -123,25 +173,64 @@ impl Fanout {
         // Every reader takes budgets in the same order (by name), so readers holding one budget
         // while waiting for the next cannot wait on each other.
         let bytes: usize = records.iter().map(SourceRecord::size).sum();
-        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
         let mut permits = Vec::with_capacity(set.len());
         for destination in set.iter() {
+            if shard.is_detached(&destination.name) {
+                continue;
+            }
+            let reserve = destination.reserve(bytes);
+            let detach_after = destination.detach_after.filter(|_| self.catch_up.is_some());
             let acquired = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Stopped),
-                permit = Arc::clone(&destination.budget).acquire_many_owned(wanted.min(destination.max_permits)) => permit,
+                permit = reserve => Some(permit),
+                _ = sleep_or_never(detach_after) => None,
             };
-            // A closed budget: the destination went away while we waited, and owes nothing.
-            if let Ok(permit) = acquired {
-                permits.push((destination, permit));
+            match acquired {
+                Some(Ok(permit)) => permits.push((destination, permit)),
+                // A closed budget: the destination went away while we waited, and owes nothing.
+                Some(Err(Closed)) => {}
+                None => self.detach(shard, destination),
             }
         }
-        let chunk = self.progress.begin(shard, records, permits.len());
+        let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, permits.len());
         for (destination, permit) in permits {
-            if destination.queue.send(Delivery { chunk: Arc::clone(&chunk), permit }).is_err() {
-                chunk.acknowledge();
+            destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
+        }
+        for name in joined {
+            let permit = set.iter().find(|d| d.name == name).map(|d| (d, d.reserve_now(bytes)));
+            match permit {
+                Some((destination, Ok(permit))) => {
+                    tracing::info!(destination = %name, shard = %shard.shard_id, "Destination caught up; it follows the live feed again.");
+                    destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
+                }
+                _ => {
+                    chunk.acknowledge();
+                }
             }
         }
         Ok(())
+    }
+}
+
+impl Fanout {
+    fn detach(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle) {
+        let Some(starter) = &self.catch_up else { return };
+        if let Some(start) = shard.detach(&destination.name) {
+            tracing::warn!(
+                destination = %destination.name,
+                shard = %shard.shard_id,
+                from = %start,
+                "Destination's buffer stayed full; the others go on without it, and it catches up on its own."
+            );
+            starter.start(Arc::clone(shard), destination.clone(), start);
+        }
+    }
+}
+
+async fn sleep_or_never(after: Option<Duration>) {
+    match after {
+        Some(after) => tokio::time::sleep(after).await,
+        None => std::future::pending().await,
     }
 }

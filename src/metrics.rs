@@ -124,6 +124,9 @@ pub struct Metrics {
     pub destination_stalled: IntGaugeVec,
     pub dead_letters_unwrapped: IntCounterVec,
     pub misrouted_records: IntCounterVec,
+    pub destination_detached: IntGaugeVec,
+    pub destination_lag_seconds: GaugeVec,
+    pub catch_up_records: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
@@ -208,6 +211,15 @@ impl Metrics {
         )
         .expect("valid metric");
         register(Box::new(oldest_unacknowledged_age_seconds.clone()));
+        let destination_lag_seconds = GaugeVec::new(
+            opts(
+                "destination_lag_seconds",
+                "For a detached destination: age of the oldest record its catch-up read last (about the oldest it still owes); 0 while it follows the live feed.",
+            ),
+            &["destination"],
+        )
+        .expect("valid metric");
+        register(Box::new(destination_lag_seconds.clone()));
         let start_time_seconds =
             Gauge::with_opts(opts("start_time_seconds", "Process start time, seconds since the Unix epoch."))
                 .expect("valid metric");
@@ -280,6 +292,17 @@ impl Metrics {
             misrouted_records: counter(
                 "destination_misrouted_records_total",
                 "Re-aggregated records that landed in another destination shard than they were built for (a stale shard map, read again at once).",
+                &["destination"],
+            ),
+            destination_detached: gauge_vec(
+                "destination_detached",
+                "Source shards on which a destination is detached from the live feed and catching up on its own (0: it follows the live feed everywhere).",
+                &["destination"],
+            ),
+            destination_lag_seconds,
+            catch_up_records: counter(
+                "destination_catch_up_records_total",
+                "Records a detached destination's catch-up read again with GetRecords and queued for it.",
                 &["destination"],
             ),
             checkpoint_writes: counter(

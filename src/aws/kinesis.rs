@@ -1,5 +1,6 @@
 //! Every Kinesis call the service makes, each answering in the service's own terms: stream
-//! summaries, shard lists, stream names, subscriptions, consumers, PutRecords (see
+//! summaries, shard lists, stream names, subscriptions, polling reads (catch-up), consumers,
+//! PutRecords (see
 //! [`crate::sink::put`] for the trait the writers use). Errors come back as [`CallError`].
 
 use aws_sdk_kinesis::Client;
@@ -160,6 +161,54 @@ fn starting_position(point: &Position) -> StartingPosition {
         Position::ShardEnd => builder.r#type(ShardIteratorType::Latest),
     };
     builder.build().expect("type is always set")
+}
+
+/// A shard iterator for a polling read from `start`.
+pub async fn shard_iterator(
+    client: &Client,
+    stream: &str,
+    shard_id: &str,
+    start: &Position,
+) -> Result<String, CallError> {
+    let point = starting_position(start);
+    let mut request =
+        client.get_shard_iterator().stream_name(stream).shard_id(shard_id).shard_iterator_type(point.r#type);
+    if let Some(seq) = point.sequence_number {
+        request = request.starting_sequence_number(seq);
+    }
+    if let Some(at) = point.timestamp {
+        request = request.timestamp(at);
+    }
+    let output = request.send().await.map_err(|err| CallError::from_sdk(&err))?;
+    output.shard_iterator.ok_or_else(|| CallError {
+        kind: ErrorKind::Transient,
+        code: "NoShardIterator".into(),
+        cause: format!("GetShardIterator on {shard_id} answered without an iterator"),
+    })
+}
+
+/// One page of a polling read.
+pub struct Page {
+    pub records: Vec<aws_sdk_kinesis::types::Record>,
+    /// `None` at the end of a closed shard.
+    pub next: Option<String>,
+    pub millis_behind_latest: Option<i64>,
+}
+
+/// GetRecords: at most `limit` records from `iterator`.
+pub async fn get_records(client: &Client, iterator: &str, limit: i32) -> Result<Page, CallError> {
+    let output = client
+        .get_records()
+        .shard_iterator(iterator)
+        .limit(limit)
+        .send()
+        .await
+        .map_err(|err| CallError::from_sdk(&err))?;
+    Ok(Page {
+        millis_behind_latest: output.millis_behind_latest,
+        next: output.next_shard_iterator,
+        records: output.records,
+    })
 }
 
 /// An Enhanced Fan-Out consumer as DescribeStreamConsumer sees it.

@@ -82,6 +82,9 @@ pub struct DestinationGroup {
     pub dead_letter_stream: Option<String>,
     /// `destinations[].kpl`, else `records.kpl`.
     pub kpl: KplMode,
+    /// How long a destination's full buffer may hold a shard's live feed before the destination
+    /// is detached and catches up on its own; `None` (`"off"`): the feed waits for it.
+    pub detach_after: Option<Duration>,
 }
 
 impl DestinationGroup {
@@ -365,6 +368,9 @@ mod tests {
         assert_eq!(g.records_per_second, Rate::Auto);
         assert_eq!(g.max_in_flight_bytes, 32 << 20);
         assert_eq!(g.linger, Duration::from_millis(50));
+        assert_eq!(g.detach_after, Some(Duration::from_secs(10)));
+        let off = Settings::from_toml(&MINIMAL.replace("[[destinations]]", "[[destinations]]\ndetach_after = \"off\""));
+        assert_eq!(off.unwrap().destinations[0].detach_after, None);
         assert_eq!(s.checkpoint.interval, Duration::from_secs(5));
         assert_eq!(s.shutdown.grace_period, Duration::from_secs(20));
         assert!(g.matches("app-output-orders"));

@@ -63,6 +63,10 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let max_backoff = s.duration("max_backoff", "10s");
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
+    let detach_after = s.parsed("detach_after", "10s", |v| match v {
+        "off" => Ok(None),
+        other => units::parse_duration(other).map(Some),
+    });
     if let (Some(min), Some(max)) = (initial_backoff, max_backoff)
         && min > max
     {
@@ -83,6 +87,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         max_backoff: max_backoff?,
         dead_letter_stream,
         kpl,
+        detach_after: detach_after?,
     })
 }
 

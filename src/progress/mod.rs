@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod checkpointer;
+mod detach;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +21,7 @@ pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
 pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints};
 pub use checkpointer::Checkpointer;
+pub use detach::CatchUp;
 
 /// A run of records read from one shard, shared by every destination it is copied to.
 #[derive(Debug)]
@@ -74,6 +76,15 @@ struct ShardState {
     anchor: Option<SequenceNumber>,
     /// The shard was read to its end and everything was acknowledged.
     ended: bool,
+    /// The last record registered for the live feed: where a destination detached now would
+    /// resume, and what a catch-up must reach to join the live feed again.
+    last_registered: Option<SequenceNumber>,
+    /// Where this reading started, for a destination detached before anything was registered.
+    start: Option<Position>,
+    /// Destinations the live feed no longer waits for on this shard, each with its catch-up.
+    detached: BTreeMap<Arc<str>, detach::Hold>,
+    /// Catch-ups that joined the live feed again and still owe records read before the seam.
+    settling: Vec<detach::Hold>,
 }
 
 #[derive(Debug)]
@@ -114,10 +125,22 @@ impl ShardProgress {
 
     /// Registers records read from this shard, owed by `destinations` destinations.
     pub fn begin(self: &Arc<Self>, id: u64, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
+        let mut state = self.state();
+        self.register(&mut state, id, records, destinations)
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        state: &mut ShardState,
+        id: u64,
+        records: Vec<SourceRecord>,
+        destinations: usize,
+    ) -> Arc<Chunk> {
         let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let bytes = records.iter().map(SourceRecord::size).sum();
         let arrival = records.first().and_then(|r| r.arrival);
-        self.state().outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival });
+        state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival });
+        state.last_registered = Some(last.clone());
         let chunk = Arc::new(Chunk {
             id,
             shard: Arc::clone(self),
@@ -128,13 +151,22 @@ impl ShardProgress {
             owed_by: AtomicUsize::new(destinations),
         });
         if destinations == 0 {
-            self.complete(id);
+            Self::complete_in(state, id);
         }
         chunk
     }
 
     fn complete(&self, id: u64) {
         let mut state = self.state();
+        let empty = Self::complete_in(&mut state, id);
+        drop(state);
+        if empty {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Marks a chunk done; returns whether nothing is outstanding any more.
+    fn complete_in(state: &mut ShardState, id: u64) -> bool {
         if let Ok(index) = state.outstanding.binary_search_by_key(&id, |o| o.id) {
             state.outstanding[index].done = true;
         }
@@ -142,16 +174,13 @@ impl ShardProgress {
             let done = state.outstanding.pop_front().expect("front exists");
             state.acknowledged = Some(done.last);
         }
-        let empty = state.outstanding.is_empty();
-        drop(state);
-        if empty {
-            self.drained.notify_waiters();
-        }
+        state.outstanding.is_empty()
     }
 
-    /// The checkpoint this shard may write now.
+    /// The checkpoint this shard may write now: below it, every destination has every record,
+    /// detached ones included.
     pub fn acknowledged(&self) -> Option<SequenceNumber> {
-        self.state().acknowledged.clone()
+        detach::floor(&self.state())
     }
 
     /// Number of chunks not yet done.
@@ -164,16 +193,32 @@ impl ShardProgress {
         self.state().outstanding.front().and_then(|o| o.arrival)
     }
 
-    /// Waits until every chunk handed on so far is done.
+    /// Waits until every chunk handed on so far is done, by the live feed and by every catch-up.
     pub async fn drained(&self) {
+        self.wait_until(|state| detach::settled(state, false)).await
+    }
+
+    /// Waits until every destination has every record read so far: drained, and every catch-up
+    /// has reached the live feed (the end of a shard).
+    pub async fn complete_everywhere(&self) {
+        self.wait_until(|state| detach::settled(state, true)).await
+    }
+
+    async fn wait_until(&self, catch_ups_done: impl Fn(&ShardState) -> bool) {
         loop {
             let notified = self.drained.notified();
             // A revoked reading is nobody's to wait for any more.
-            if self.outstanding() == 0 || self.revoked() {
+            if self.revoked() || (self.outstanding() == 0 && catch_ups_done(&self.state())) {
                 return;
             }
-            notified.await;
+            // Catch-ups complete chunks on their own trackers: look again now and then.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
         }
+    }
+
+    /// Where this reading started (for a destination detached before anything was registered).
+    pub fn set_start(&self, start: Position) {
+        self.state().start = Some(start);
     }
 
     /// Where a reading from LATEST or a timestamp began: the checkpoint until a record is
@@ -239,16 +284,21 @@ impl Progress {
     }
 
     fn revoked(&self, tracker: &ShardProgress) {
+        detach::revoke_catch_ups(&tracker.state());
         if !tracker.revoked.swap(true, Ordering::AcqRel) {
             self.revocations.fetch_add(1, Ordering::AcqRel);
             tracker.drained.notify_waiters();
         }
     }
 
+    /// A chunk id, unique in the process.
+    pub fn next_id(&self) -> u64 {
+        self.next_chunk.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Registers a chunk of records of `shard`, owed by `destinations` destinations.
     pub fn begin(&self, shard: &Arc<ShardProgress>, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
-        let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
-        shard.begin(id, records, destinations)
+        shard.begin(self.next_id(), records, destinations)
     }
 
     pub fn all(&self) -> Vec<Arc<ShardProgress>> {
@@ -263,8 +313,8 @@ impl Progress {
             let state = shard.state();
             if state.ended {
                 out.insert(shard.shard_id.to_string(), Position::ShardEnd);
-            } else if let Some(seq) = &state.acknowledged {
-                out.insert(shard.shard_id.to_string(), Position::Sequence(seq.clone()));
+            } else if let Some(seq) = detach::floor(&state) {
+                out.insert(shard.shard_id.to_string(), Position::Sequence(seq));
             } else if let Some(at) = &state.anchor {
                 out.insert(shard.shard_id.to_string(), Position::At(at.clone()));
             }

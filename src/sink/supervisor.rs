@@ -183,7 +183,8 @@ impl Supervisor {
         let group = Arc::new(self.settings.destinations[candidate.group].clone());
         let kpl = group.kpl;
         let name: Arc<str> = candidate.name.as_str().into();
-        let (handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
+        let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
+        handle.detach_after = group.detach_after;
         let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
         let removed = CancellationToken::new();
         let task = DestinationTask {

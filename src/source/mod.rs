@@ -6,6 +6,7 @@
 //! records `SHARD_END` durably before any child starts.
 
 pub mod assign;
+pub mod catchup;
 pub mod consumer;
 pub mod reader;
 pub mod shards;
@@ -175,10 +176,12 @@ impl Source {
     /// A reading of `shard` from `start`, with a fresh tracker: an earlier reading of the shard,
     /// if any, no longer holds its progress back.
     fn reader(&self, shard_id: &str, start: Position) -> ShardReader {
+        let progress = self.progress.restart(shard_id);
+        progress.set_start(start.clone());
         ShardReader {
             stream_name: self.stream.name.clone(),
             consumer_arn: self.consumer_arn.clone(),
-            progress: self.progress.restart(shard_id),
+            progress,
             shard_id: shard_id.to_string(),
             start,
             subscriber: self.clients.subscriber.clone(),

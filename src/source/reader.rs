@@ -159,7 +159,7 @@ impl ShardReader {
                     tracing::info!(shard = %self.shard_id, "Shard reached its end; waiting until every destination has its records.");
                     tokio::select! {
                         _ = stop.cancelled() => return ReaderExit::Stopped,
-                        _ = self.progress.drained() => {}
+                        _ = self.progress.complete_everywhere() => {}
                     }
                     self.progress.mark_ended();
                     return ReaderExit::Ended;
@@ -272,24 +272,12 @@ impl ShardReader {
                 continue;
             }
             cursor.last_handed = Some(seq.clone());
-            let data = Bytes::from(record.data.into_inner());
-            let user_records = match crate::kpl::decode(&data) {
-                Ok(decoded) => decoded.map(Into::into),
-                Err(err) => {
-                    malformed += 1;
-                    warn_malformed(&mut self.last_malformed_warning, shard, &seq, &err);
-                    None
-                }
-            };
-            records.push(SourceRecord {
-                sequence_number: seq,
-                // Kinesis always sets one; if not, the destination's validation error sends the
-                // record to the dead-letter stream with its origin instead of losing it here.
-                partition_key: record.partition_key.unwrap_or_default(),
-                data,
-                user_records,
-                arrival,
-            });
+            let (record, bad_aggregate) = source_record(seq, arrival, record);
+            if let Some(err) = bad_aggregate {
+                malformed += 1;
+                warn_malformed(&mut self.last_malformed_warning, shard, &record.sequence_number, &err);
+            }
+            records.push(record);
         }
         if cursor.unanchored() {
             // The first event of a reading from LATEST or a timestamp says where it stands: the
@@ -356,4 +344,28 @@ fn warn_malformed(
         *last = Some(tokio::time::Instant::now());
         tracing::warn!(shard, sequence_number = %seq, error = %err, "A record has the KPL magic bytes but is not a valid aggregate; copying it unchanged as a plain record.");
     }
+}
+
+/// A record as the service carries it, its KPL aggregate decoded once. A malformed aggregate
+/// travels as a plain record; its error comes back for counting.
+pub(super) fn source_record(
+    sequence_number: SequenceNumber,
+    arrival: Option<SystemTime>,
+    record: aws_sdk_kinesis::types::Record,
+) -> (SourceRecord, Option<crate::kpl::KplError>) {
+    let data = Bytes::from(record.data.into_inner());
+    let (user_records, bad) = match crate::kpl::decode(&data) {
+        Ok(decoded) => (decoded.map(Into::into), None),
+        Err(err) => (None, Some(err)),
+    };
+    let record = SourceRecord {
+        sequence_number,
+        // Kinesis always sets one; if not, the destination's validation error sends the record
+        // to the dead-letter stream with its origin instead of losing it here.
+        partition_key: record.partition_key.unwrap_or_default(),
+        data,
+        user_records,
+        arrival,
+    };
+    (record, bad)
 }

@@ -37,7 +37,9 @@ async fn stuck_destination(hold: Duration, throttle: bool) {
     }
     let (_dir, checkpoint) = temp_checkpoint();
     let budget: u64 = 1 << 20;
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"max_in_flight_bytes = "1MiB""#);
+    // The live feed waits for the broken destination (no detaching): this is the backpressure path.
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"off\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
     let service = Running::start(&toml, &emulator.url);
 
     // 6 MiB of records: far more than the broken destination's 1 MiB budget.

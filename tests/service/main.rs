@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod destinations;
+mod detach;
 mod edges;
 mod faults;
 mod kpl;

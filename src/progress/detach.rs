@@ -1,0 +1,244 @@
+//! Detached destinations: when a destination's budget stays full for longer than its
+//! `detach_after`, the live feed of a shard stops waiting for it. The destination then owes the
+//! records from the seam (the last record registered for it) on, and a catch-up reads them on its
+//! own, into a tracker of its own (a lane). Once the catch-up has handed on everything the live
+//! feed registered, the destination joins the live feed again at the next chunk: no gap, since the
+//! seam check and the registration of live chunks take the same lock, and no duplicate, since the
+//! catch-up hands on nothing past the live feed's last record.
+//!
+//! The shard's checkpoint stays the lowest position over every destination: the live feed's done
+//! prefix, and each catch-up's own done prefix (or its seam while it has acknowledged nothing).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Chunk, Position, ShardProgress, ShardState};
+use crate::record::{SequenceNumber, SourceRecord};
+
+/// One detached destination on one shard.
+#[derive(Debug)]
+pub(super) struct Hold {
+    /// The last record registered for the destination before it was detached (`None`: nothing
+    /// was); the catch-up starts after it.
+    seam: Option<SequenceNumber>,
+    /// The catch-up's chunks.
+    lane: Arc<ShardProgress>,
+    /// The catch-up has handed on everything the live feed registered: the next live chunk is
+    /// the destination's again.
+    caught_up: bool,
+}
+
+impl Hold {
+    /// Below this, the destination has every record.
+    fn floor(&self) -> Option<SequenceNumber> {
+        self.lane.state().acknowledged.clone().or_else(|| self.seam.clone())
+    }
+
+    fn settled(&self) -> bool {
+        self.lane.outstanding() == 0
+    }
+}
+
+/// What a catch-up learns after handing on a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Still behind the live feed; read on after this record (`None`: nothing handed on yet).
+    Behind(Option<SequenceNumber>),
+    /// Everything the live feed registered is handed on: the destination is live again from the
+    /// next chunk on, and the catch-up ends.
+    Joined,
+    /// The destination is no longer detached here (removed, or the reading revoked).
+    Gone,
+}
+
+/// The lowest position every destination has reached, `None` while some destination has
+/// acknowledged nothing since the reading began.
+pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
+    let mut floor = state.acknowledged.clone()?;
+    for hold in state.detached.values().chain(state.settling.iter().filter(|h| !h.settled())) {
+        floor = floor.min(hold.floor()?);
+    }
+    Some(floor)
+}
+
+/// No catch-up of the shard has anything outstanding; with `joined`, every one has also reached
+/// the live feed.
+pub(super) fn settled(state: &ShardState, joined: bool) -> bool {
+    state.detached.values().all(|h| (h.caught_up || !joined) && h.settled()) && state.settling.iter().all(Hold::settled)
+}
+
+/// The reading was revoked: so are its catch-ups' chunks.
+pub(super) fn revoke_catch_ups(state: &ShardState) {
+    for hold in state.detached.values().chain(state.settling.iter()) {
+        hold.lane.revoked.store(true, Ordering::Release);
+    }
+}
+
+impl ShardProgress {
+    /// Stops waiting for `destination` on this shard. Returns where its catch-up starts, or `None`
+    /// when it is detached already.
+    pub fn detach(self: &Arc<Self>, destination: &Arc<str>) -> Option<Position> {
+        let mut state = self.state();
+        if state.detached.contains_key(destination) {
+            return None;
+        }
+        let seam = state.last_registered.clone();
+        let start = match (&seam, &state.anchor) {
+            (Some(seq), _) => Position::Sequence(seq.clone()),
+            (None, Some(at)) => Position::At(at.clone()),
+            (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
+        };
+        let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
+        state.detached.insert(Arc::clone(destination), Hold { seam, lane, caught_up: false });
+        Some(start)
+    }
+
+    /// Whether the live feed skips `destination` on this shard.
+    pub fn is_detached(&self, destination: &str) -> bool {
+        self.state().detached.contains_key(destination)
+    }
+
+    /// The destination went away: it owes nothing here any more.
+    pub fn forget(&self, destination: &str) {
+        self.state().detached.remove(destination);
+    }
+
+    /// Registers a live chunk owed by `destinations`, plus every caught-up destination, which
+    /// joins the live feed with this chunk. Returns the chunk and the destinations that joined.
+    pub fn begin_live(
+        self: &Arc<Self>,
+        id: u64,
+        records: Vec<SourceRecord>,
+        destinations: usize,
+    ) -> (Arc<Chunk>, Vec<Arc<str>>) {
+        let mut state = self.state();
+        state.settling.retain(|h| !h.settled());
+        let joined: Vec<Arc<str>> =
+            state.detached.iter().filter(|(_, h)| h.caught_up).map(|(name, _)| Arc::clone(name)).collect();
+        for name in &joined {
+            if let Some(hold) = state.detached.remove(name) {
+                state.settling.push(hold);
+            }
+        }
+        let chunk = self.register(&mut state, id, records, destinations + joined.len());
+        (chunk, joined)
+    }
+
+    /// A catch-up of `destination` read `records` (after its last one, in order). Hands on, as
+    /// chunk `id` of its lane through `send`, those the live feed has registered already; the
+    /// rest the live feed brings. `room`: the destination's buffer has room to join the live feed.
+    pub fn catch_up(
+        &self,
+        destination: &str,
+        records: Vec<SourceRecord>,
+        id: u64,
+        room: bool,
+        send: impl FnOnce(Arc<Chunk>),
+    ) -> CatchUp {
+        let mut state = self.state();
+        if self.revoked() {
+            return CatchUp::Gone;
+        }
+        let live = state.last_registered.clone();
+        let Some(hold) = state.detached.get_mut(destination) else { return CatchUp::Gone };
+        let owed: Vec<SourceRecord> =
+            records.into_iter().filter(|r| live.as_ref().is_some_and(|l| r.sequence_number <= *l)).collect();
+        let last = owed.last().map(|r| r.sequence_number.clone());
+        if !owed.is_empty() {
+            send(hold.lane.begin(id, owed, 1));
+        }
+        let reached = last.clone().or_else(|| hold.lane.state().last_registered.clone()).or_else(|| hold.seam.clone());
+        // Nothing registered live since the seam, or the catch-up handed on up to the live feed.
+        let caught_up = live.is_none() || live == hold.seam || (reached.is_some() && reached >= live);
+        if caught_up && room {
+            hold.caught_up = true;
+            return CatchUp::Joined;
+        }
+        CatchUp::Behind(reached)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Progress;
+    use super::*;
+    use bytes::Bytes;
+
+    fn records(seqs: &[u64]) -> Vec<SourceRecord> {
+        seqs.iter()
+            .map(|s| SourceRecord {
+                sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
+                partition_key: "k".into(),
+                data: Bytes::from_static(b"x"),
+                arrival: None,
+                user_records: None,
+            })
+            .collect()
+    }
+
+    fn seq(n: u64) -> Option<SequenceNumber> {
+        Some(SequenceNumber::parse(&n.to_string()).unwrap())
+    }
+
+    #[test]
+    fn a_detached_destination_holds_the_checkpoint_at_its_own_position_until_it_catches_up() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        let slow: Arc<str> = "slow".into();
+        // Both destinations have records 1-2.
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), 2);
+        first.acknowledge();
+        first.acknowledge();
+        assert_eq!(shard.acknowledged(), seq(2));
+        // The slow one is detached: the live feed goes on with the other one alone.
+        assert_eq!(shard.detach(&slow), Some(Position::Sequence(SequenceNumber::parse("2").unwrap())));
+        assert_eq!(shard.detach(&slow), None, "detached once");
+        let (live, joined) = shard.begin_live(progress.next_id(), records(&[3, 4]), 1);
+        assert!(joined.is_empty());
+        live.acknowledge();
+        assert_eq!(shard.acknowledged(), seq(2), "the slow destination has only up to 2");
+
+        // Its catch-up reads 3-6, but only 3-4 are registered live: it hands on those, and joins.
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("slow", records(&[3, 4, 5, 6]), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined);
+        assert_eq!(sent.len(), 1);
+        let seqs: Vec<&str> = sent[0].records.iter().map(|r| r.sequence_number.as_str()).collect();
+        assert_eq!(seqs, ["3", "4"], "nothing past the live feed: the live feed brings it");
+        assert_eq!(shard.acknowledged(), seq(2), "the catch-up's records are not accepted yet");
+
+        // The next live chunk is owed by both again.
+        let (next, joined) = shard.begin_live(progress.next_id(), records(&[5]), 1);
+        assert_eq!(joined, vec![slow.clone()]);
+        assert!(!shard.is_detached("slow"));
+        assert!(!next.acknowledge(), "owed by two destinations");
+        assert!(next.acknowledge());
+        assert_eq!(shard.acknowledged(), seq(2), "the catch-up's chunk still holds it back");
+        sent[0].acknowledge();
+        assert_eq!(shard.acknowledged(), seq(5));
+        assert_eq!(progress.checkpoints().get("s"), Some(&Position::Sequence(SequenceNumber::parse("5").unwrap())));
+    }
+
+    #[test]
+    fn a_catch_up_without_room_or_behind_the_live_feed_stays_detached() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        let slow: Arc<str> = "slow".into();
+        shard.set_start(Position::TrimHorizon);
+        assert_eq!(shard.detach(&slow), Some(Position::TrimHorizon), "nothing registered: from the reading's start");
+        let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), 0);
+        assert!(live.records.len() == 3);
+        let mut sent = Vec::new();
+        let behind = shard.catch_up("slow", records(&[1, 2]), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(behind, CatchUp::Behind(seq(2)));
+        assert_eq!(shard.acknowledged(), None, "the slow destination has acknowledged nothing");
+        let full = shard.catch_up("slow", records(&[3]), progress.next_id(), false, |c| sent.push(c));
+        assert_eq!(full, CatchUp::Behind(seq(3)), "caught up, but its buffer is too full to join");
+        let joined = shard.catch_up("slow", Vec::new(), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(joined, CatchUp::Joined);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(shard.catch_up("other", Vec::new(), 0, true, |_| {}), CatchUp::Gone);
+        shard.forget("slow");
+        assert!(!shard.is_detached("slow"));
+    }
+}

@@ -1,0 +1,181 @@
+//! Catch-up reads: a destination detached from a shard's live feed reads what it owes with
+//! GetRecords, from its own position, until it reaches the live feed and joins it again (see
+//! `progress::detach` for the seam).
+//!
+//! GetRecords shares a shard's read quota (5 calls/s, 2 MB/s) with every other polling consumer,
+//! so a catch-up makes at most 2 calls a second per shard, 1 when it is near the tip, backs off on
+//! ProvisionedThroughputExceeded, and reads no faster than its destination writes: a batch is
+//! read only after the last one got budget.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::reader::source_record;
+use crate::aws::{ErrorKind, kinesis};
+use crate::fanout::{CatchUpStarter, Delivery, DestinationHandle};
+use crate::metrics::Metrics;
+use crate::position::Position;
+use crate::progress::{CatchUp, Progress, ShardProgress};
+use crate::record::{SequenceNumber, SourceRecord};
+use crate::sink::retry::Backoff;
+
+/// Records a catch-up asks for in one call.
+const PAGE: i32 = 1_000;
+/// Between calls that returned records.
+const BUSY_PAUSE: Duration = Duration::from_millis(500);
+/// Between calls near the tip, or at the end of a closed shard.
+const IDLE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Starts catch-ups as the fan-out detaches destinations.
+#[derive(Debug, Clone)]
+pub struct CatchUps {
+    pub client: aws_sdk_kinesis::Client,
+    pub stream: String,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+    /// Reading stops (shutdown): catch-ups stop too; what they owe stays in the checkpoint.
+    pub stop: CancellationToken,
+}
+
+impl CatchUpStarter for CatchUps {
+    fn start(&self, shard: Arc<ShardProgress>, destination: DestinationHandle, start: Position) {
+        let reader = Reader { up: self.clone(), shard, destination, start };
+        reader.up.metrics.destination_detached.with_label_values(&[&*reader.destination.name]).inc();
+        tokio::spawn(reader.run());
+    }
+}
+
+struct Reader {
+    up: CatchUps,
+    shard: Arc<ShardProgress>,
+    destination: DestinationHandle,
+    start: Position,
+}
+
+impl Reader {
+    async fn run(self) {
+        let name = Arc::clone(&self.destination.name);
+        let stop = self.up.stop.clone();
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => None,
+            outcome = self.read() => Some(outcome),
+        };
+        let metrics = &self.up.metrics;
+        metrics.destination_detached.with_label_values(&[&*name]).dec();
+        if metrics.destination_detached.with_label_values(&[&*name]).get() <= 0 {
+            metrics.destination_lag_seconds.with_label_values(&[&*name]).set(0.0);
+        }
+        if outcome == Some(CatchUp::Gone) {
+            self.shard.forget(&name);
+        }
+    }
+
+    /// Reads until the destination joined the live feed, went away, or the reading was revoked.
+    async fn read(&self) -> CatchUp {
+        let shard_id = self.shard.shard_id.to_string();
+        let name: &str = &self.destination.name;
+        let mut last: Option<SequenceNumber> = None;
+        let mut iterator: Option<String> = None;
+        let mut backoff = Backoff::try_new(Duration::from_millis(500), Duration::from_secs(10)).expect("valid bounds");
+        tracing::info!(destination = name, shard = %shard_id, from = %self.start, "Catch-up started.");
+        loop {
+            if self.shard.revoked() {
+                return CatchUp::Gone;
+            }
+            let from = last.clone().map(Position::Sequence).unwrap_or_else(|| self.start.clone());
+            let current = match iterator.take() {
+                Some(it) => it,
+                None => match kinesis::shard_iterator(&self.up.client, &self.up.stream, &shard_id, &from).await {
+                    Ok(it) => it,
+                    Err(err) => {
+                        self.pause_after(&err, &mut backoff).await;
+                        continue;
+                    }
+                },
+            };
+            let page = match kinesis::get_records(&self.up.client, &current, PAGE).await {
+                Ok(page) => page,
+                Err(err) => {
+                    // An expired iterator is asked for again from the last record handed on.
+                    self.pause_after(&err, &mut backoff).await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            let records = self.fresh(page.records, last.as_ref());
+            let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
+            match self.hand_on(records).await {
+                CatchUp::Behind(reached) => last = reached.or(last),
+                done => {
+                    tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
+                    return done;
+                }
+            }
+            // At the end of a closed shard, wait for the live feed to register the same records.
+            iterator = Some(page.next.unwrap_or(current));
+            tokio::time::sleep(if busy { BUSY_PAUSE } else { IDLE_PAUSE }).await;
+        }
+    }
+
+    /// Records newer than the last one handed on, decoded.
+    fn fresh(&self, page: Vec<aws_sdk_kinesis::types::Record>, last: Option<&SequenceNumber>) -> Vec<SourceRecord> {
+        let mut out = Vec::with_capacity(page.len());
+        for record in page {
+            let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
+                tracing::warn!(destination = %self.destination.name, shard = %self.shard.shard_id, "GetRecords returned a malformed sequence number; skipping it.");
+                continue;
+            };
+            if last.is_some_and(|l| seq <= *l) {
+                continue;
+            }
+            let arrival = record.approximate_arrival_timestamp.and_then(|t| SystemTime::try_from(t).ok());
+            let (record, bad) = source_record(seq, arrival, record);
+            if bad.is_some() {
+                self.up.metrics.kpl_malformed_records.with_label_values(&[&*self.shard.shard_id]).inc();
+            }
+            out.push(record);
+        }
+        out
+    }
+
+    /// Queues what the live feed registered already; says whether the destination joined it.
+    async fn hand_on(&self, records: Vec<SourceRecord>) -> CatchUp {
+        let name: &str = &self.destination.name;
+        if let Some(age) = records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
+            self.up.metrics.destination_lag_seconds.with_label_values(&[name]).set(age.as_secs_f64());
+        }
+        let bytes: usize = records.iter().map(SourceRecord::size).sum();
+        let permit = if records.is_empty() {
+            None
+        } else {
+            match self.destination.reserve(bytes).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return CatchUp::Gone,
+            }
+        };
+        let id = self.up.progress.next_id();
+        let room = self.destination.has_room();
+        let mut handed = 0u64;
+        let outcome = self.shard.catch_up(name, records, id, room, |chunk| {
+            handed = chunk.records.len() as u64;
+            let permit = permit.expect("a permit was taken for a non-empty batch");
+            self.destination.send(Delivery { chunk, permit });
+        });
+        if handed > 0 {
+            self.up.metrics.catch_up_records.with_label_values(&[name]).inc_by(handed);
+        }
+        outcome
+    }
+
+    async fn pause_after(&self, err: &crate::aws::CallError, backoff: &mut Backoff) {
+        let delay = backoff.next_delay(&mut rand::rng());
+        let level_warn =
+            !matches!(err.kind, ErrorKind::Transient) || err.code != "ProvisionedThroughputExceededException";
+        if level_warn {
+            tracing::warn!(destination = %self.destination.name, shard = %self.shard.shard_id, error = %err, "Catch-up read failed; trying again.");
+        }
+        tokio::time::sleep(delay).await;
+    }
+}

@@ -1,0 +1,65 @@
+//! One slow destination never holds back the others: it is detached from the live feed, catches
+//! up on its own with GetRecords, and joins the live feed again without a gap or a duplicate.
+
+use ferrokinesis::store::StoreOptions;
+
+use crate::helpers::*;
+
+fn detached(service: &Running, destination: &str) -> i64 {
+    service.metrics.destination_detached.with_label_values(&[destination]).get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catches_up_alone() {
+    // Events of at most 200 records, as AWS keeps its events small.
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 2).await;
+    for name in ["out-a", "out-b", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let service = Running::start(&toml, &emulator.url);
+
+    // 6 MiB: six times the broken destination's buffer.
+    let input = records(31, 6_000, 1_024);
+    put_all(&client, "in", &input).await;
+    // The healthy ones get every record while the broken one still refuses everything.
+    service.wait_accepted("out-a", 6_000).await;
+    service.wait_accepted("out-b", 6_000).await;
+    assert_eq!(service.accepted("out-broken"), 0, "still broken");
+    assert!(detached(&service, "out-broken") > 0, "the broken destination was detached");
+    assert_eq!(detached(&service, "out-a"), 0);
+    assert!(
+        service.progress.checkpoints().is_empty(),
+        "no checkpoint passes what the broken destination has: {:?}",
+        service.progress.checkpoints()
+    );
+
+    // Fixed: it catches up by itself and joins the live feed again.
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    service.wait_accepted("out-broken", 6_000).await;
+    wait_until("the broken destination follows the live feed again", || async {
+        detached(&service, "out-broken") == 0
+    })
+    .await;
+    assert!(
+        service.metrics.catch_up_records.with_label_values(&["out-broken"]).get() > 0,
+        "records reached it through the catch-up"
+    );
+    // Records written after the seam reach all three through the live feed.
+    let more = records(32, 300, 256);
+    put_all(&client, "in", &more).await;
+    for name in ["out-a", "out-b", "out-broken"] {
+        service.wait_accepted(name, 6_300).await;
+    }
+    service.stop().await.unwrap();
+    let everything = sorted(&[input, more].concat());
+    for name in ["out-a", "out-b", "out-broken"] {
+        assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
+    }
+}
