@@ -118,6 +118,7 @@ impl Pipeline {
         let Pipeline { settings, clients, metrics, progress, health, sdk } = self;
         let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
+        metrics.source_retention_seconds.set(stream.retention.as_secs() as i64);
         let consumer_arn =
             match source::ensure_consumer(&clients.control, &stream, &settings.source.consumer_name, &shutdown).await {
                 Ok(arn) => arn,
@@ -128,8 +129,8 @@ impl Pipeline {
         health.consumer_active();
         let backend = Backend::open(&settings, &sdk, &clients, &stream).await?;
         let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
-        let checkpoints = checkpointer.load().await?;
-        tracing::info!(shards = checkpoints.len(), "Checkpoints loaded.");
+        let stored = checkpointer.load().await?;
+        tracing::info!(shards = stored.shards.len(), "Checkpoints loaded.");
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
         let writers = TaskGroup::default();
@@ -197,7 +198,7 @@ impl Pipeline {
                 let leases = Leases::new(listing, manager, events, checkpointer.clone(), &health);
                 source.run(leases, reading).await
             }
-            _ => source.run(Plan::new(listing, checkpoints, checkpointer.clone(), Arc::clone(&health)), reading).await,
+            _ => source.run(Plan::new(listing, stored, checkpointer.clone(), Arc::clone(&health)), reading).await,
         };
         if let Err(err) = &outcome {
             tracing::error!(error = %crate::aws::chain(err), "The source cannot be read any more; stopping.");
@@ -217,8 +218,8 @@ impl Pipeline {
         periodic.stop().await;
         // 3. The final checkpoint.
         let as_of = tokio::time::Instant::now();
-        let last = progress.checkpoints();
-        let saved = checkpointer.save(&last, as_of).await;
+        let last = progress.snapshot();
+        let saved = checkpointer.save_snapshot(&last, as_of).await;
         // 4. Only now may the leases go: they were renewed through the drain.
         if let Some(lease_loop) = lease_loop {
             lease_loop.stop().await;
@@ -228,7 +229,7 @@ impl Pipeline {
         }
         match (&outcome, saved) {
             (Ok(()), Err(err)) => return Err(err.into()),
-            (_, Ok(())) => tracing::info!(shards = last.len(), "Final checkpoint written."),
+            (_, Ok(())) => tracing::info!(shards = last.shards.len(), "Final checkpoint written."),
             (Err(_), Err(err)) => tracing::error!(error = %crate::aws::chain(&err), "Final checkpoint failed."),
         }
         outcome.map_err(RunError::from)

@@ -58,7 +58,7 @@ pub async fn list_stream_names(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A matching stream that accepts writes, new or already known, with its open shard count.
-    Writable { candidate: Candidate, open_shards: u32 },
+    Writable { candidate: Candidate, arn: String, open_shards: u32 },
     /// A destination that is no longer one: deleted, being deleted, or no longer listed (and
     /// confirmed gone).
     Gone { name: String, why: &'static str },
@@ -105,7 +105,7 @@ impl Discovery {
             let name = candidate.name.clone();
             match kinesis::describe_stream(&self.client, &name).await {
                 Ok(Some(summary)) if summary.writable => {
-                    changes.push(Change::Writable { candidate, open_shards: summary.open_shards })
+                    changes.push(Change::Writable { candidate, arn: summary.arn, open_shards: summary.open_shards })
                 }
                 Ok(Some(summary)) if summary.deleting => changes.push(Change::Gone { name, why: "being deleted" }),
                 Ok(Some(_)) => tracing::debug!(destination = %name, "Stream is not accepting writes yet."),

@@ -27,6 +27,8 @@ pub struct Delivery {
 #[derive(Debug, Clone)]
 pub struct DestinationHandle {
     pub name: Arc<str>,
+    /// The destination's identity in progress and checkpoints: its stream ARN.
+    pub id: Arc<str>,
     queue: mpsc::UnboundedSender<Delivery>,
     /// Bytes queued or in flight for this destination; closed when the destination goes away so
     /// that a source waiting on it moves on.
@@ -43,13 +45,13 @@ pub struct Closed;
 
 impl DestinationHandle {
     /// A handle and the receiving end of its queue.
-    pub fn new(name: Arc<str>, max_in_flight_bytes: u64) -> (Self, mpsc::UnboundedReceiver<Delivery>) {
+    pub fn new(name: Arc<str>, id: Arc<str>, max_in_flight_bytes: u64) -> (Self, mpsc::UnboundedReceiver<Delivery>) {
         let max_permits = u32::try_from(max_in_flight_bytes)
             .unwrap_or(u32::MAX)
             .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         let (queue, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(max_permits as usize));
-        (DestinationHandle { name, queue, budget, max_permits, detach_after: None }, rx)
+        (DestinationHandle { name, id, queue, budget, max_permits, detach_after: None }, rx)
     }
 
     /// Stops accepting chunks: waiting sources give up on this destination.
@@ -79,7 +81,7 @@ impl DestinationHandle {
     /// Queues a chunk; a destination gone meanwhile owes nothing of it.
     pub fn send(&self, delivery: Delivery) {
         if let Err(returned) = self.queue.send(delivery) {
-            returned.0.chunk.acknowledge();
+            returned.0.chunk.acknowledge(&self.id);
         }
     }
 }
@@ -142,7 +144,7 @@ impl Fanout {
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
         while !records.is_empty() {
-            let take = chunk_len(&records);
+            let take = shard.skip_boundary(&records, chunk_len(&records));
             let rest = records.split_off(take);
             self.deliver_chunk(shard, records, cancel).await?;
             records = rest;
@@ -173,9 +175,10 @@ impl Fanout {
         // Every reader takes budgets in the same order (by name), so readers holding one budget
         // while waiting for the next cannot wait on each other.
         let bytes: usize = records.iter().map(SourceRecord::size).sum();
+        let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let mut permits = Vec::with_capacity(set.len());
         for destination in set.iter() {
-            if shard.is_detached(&destination.name) {
+            if shard.is_detached(&destination.id) || shard.already_has(&destination.id, &last) {
                 continue;
             }
             let reserve = destination.reserve(bytes);
@@ -193,19 +196,20 @@ impl Fanout {
                 None => self.detach(shard, destination),
             }
         }
-        let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, permits.len());
+        let owed = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
+        let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, owed);
         for (destination, permit) in permits {
             destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
         }
-        for name in joined {
-            let permit = set.iter().find(|d| d.name == name).map(|d| (d, d.reserve_now(bytes)));
+        for id in joined {
+            let permit = set.iter().find(|d| d.id == id).map(|d| (d, d.reserve_now(bytes)));
             match permit {
                 Some((destination, Ok(permit))) => {
-                    tracing::info!(destination = %name, shard = %shard.shard_id, "Destination caught up; it follows the live feed again.");
+                    tracing::info!(destination = %destination.name, shard = %shard.shard_id, "Destination caught up; it follows the live feed again.");
                     destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
                 }
                 _ => {
-                    chunk.acknowledge();
+                    chunk.acknowledge(&id);
                 }
             }
         }
@@ -216,7 +220,7 @@ impl Fanout {
 impl Fanout {
     fn detach(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle) {
         let Some(starter) = &self.catch_up else { return };
-        if let Some(start) = shard.detach(&destination.name) {
+        if let Some(start) = shard.detach(&destination.id) {
             tracing::warn!(
                 destination = %destination.name,
                 shard = %shard.shard_id,

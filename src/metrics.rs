@@ -113,6 +113,7 @@ pub struct Metrics {
     pub resubscribes: IntCounterVec,
     pub replayed_records_dropped: IntCounterVec,
     pub kpl_malformed_records: IntCounterVec,
+    pub source_retention_seconds: IntGauge,
     // Destinations.
     pub destinations: IntGauge,
     pub records_written: IntCounterVec,
@@ -255,6 +256,10 @@ impl Metrics {
                 "source_kpl_malformed_records_total",
                 "Records with the KPL magic bytes but a bad MD5 or protobuf, copied unchanged as plain records.",
                 &["shard"],
+            ),
+            source_retention_seconds: gauge(
+                "source_retention_seconds",
+                "The source stream's retention period: a detached destination further behind than this loses records.",
             ),
             destinations: gauge("destinations", "Destination streams currently written to."),
             records_written: counter(

@@ -20,6 +20,8 @@ use crate::source::shards::ShardInfo;
 pub struct StreamSummary {
     pub arn: String,
     pub open_shards: u32,
+    /// How long records stay readable.
+    pub retention: std::time::Duration,
     /// ACTIVE or UPDATING: it takes writes and reads.
     pub writable: bool,
     pub deleting: bool,
@@ -41,6 +43,7 @@ pub async fn describe_stream(client: &Client, name: &str) -> Result<Option<Strea
     Ok(Some(StreamSummary {
         arn: summary.stream_arn().to_string(),
         open_shards: summary.open_shard_count().max(0) as u32,
+        retention: std::time::Duration::from_secs(summary.retention_period_hours().max(0) as u64 * 3600),
         writable: matches!(status, StreamStatus::Active | StreamStatus::Updating),
         deleting: *status == StreamStatus::Deleting,
     }))

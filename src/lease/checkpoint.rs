@@ -2,19 +2,20 @@
 //! holds, so a worker that lost a lease (and may not know it yet) can never move its checkpoint.
 //! This is the lease table's [`CheckpointStore`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::manager::LeaseManager;
-use super::table::{LeaseError, Position};
-use crate::progress::{CheckpointError, CheckpointStore, Checkpoints};
+use super::table::{CheckpointWrite, LeaseError, Position};
+use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
 
 impl LeaseManager {
     /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
     pub async fn checkpoint(&self, shard: &str, position: &Position, children: &[String]) -> Result<(), LeaseError> {
-        self.checkpoint_as_of(shard, position, children, None).await
+        let write = CheckpointWrite { position: Some(position), children, destinations: None };
+        self.checkpoint_as_of(shard, &write, None).await
     }
 
     /// As [`Self::checkpoint`], for a position taken at `as_of`: if the lease was taken again
@@ -22,8 +23,7 @@ impl LeaseManager {
     async fn checkpoint_as_of(
         &self,
         shard: &str,
-        position: &Position,
-        children: &[String],
+        write: &CheckpointWrite<'_>,
         as_of: Option<Instant>,
     ) -> Result<(), LeaseError> {
         let mut state = self.state.lock().await;
@@ -32,9 +32,9 @@ impl LeaseManager {
             return Err(LeaseError::Lost { shard: shard.to_string() });
         };
         let attempt = Instant::now();
-        match self.table.checkpoint(shard, counter, &self.me, position, children).await {
+        match self.table.write_checkpoint(shard, counter, &self.me, write).await {
             Ok(next) => {
-                if *position == Position::ShardEnd {
+                if write.position == Some(&Position::ShardEnd) {
                     // Done: nothing more to renew; children are taken through the table.
                     state.held.remove(shard);
                     self.unconfirm(shard);
@@ -74,13 +74,31 @@ impl CheckpointStore for LeaseManager {
     /// others are not its to write.
     fn save<'a>(&'a self, checkpoints: &'a Checkpoints, as_of: Instant) -> BoxFuture<'a, Result<(), CheckpointError>> {
         Box::pin(async move {
+            let snapshot = Snapshot { shards: checkpoints.clone(), ..Snapshot::default() };
+            self.save_snapshot(&snapshot, as_of).await
+        })
+    }
+
+    /// One conditional write per held shard: its checkpoint and its destinations' positions.
+    fn save_snapshot<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
+        as_of: Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
             let current: HashSet<String> = {
                 let state = self.state.lock().await;
                 state.held.iter().filter(|(_, h)| h.since <= as_of).map(|(k, _)| k.clone()).collect()
             };
             let mut failure = None;
-            for (shard, checkpoint) in checkpoints.iter().filter(|(s, _)| current.contains(*s)) {
-                match self.checkpoint_as_of(shard, checkpoint, &[], Some(as_of)).await {
+            let shards: BTreeSet<&String> = snapshot.shards.keys().chain(snapshot.destinations.keys()).collect();
+            for shard in shards.into_iter().filter(|s| current.contains(*s)) {
+                let write = CheckpointWrite {
+                    position: snapshot.shards.get(shard),
+                    children: &[],
+                    destinations: snapshot.destinations.get(shard),
+                };
+                match self.checkpoint_as_of(shard, &write, Some(as_of)).await {
                     Ok(()) | Err(LeaseError::Lost { .. }) => {}
                     Err(err) => failure = Some(err),
                 }

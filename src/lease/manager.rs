@@ -236,6 +236,7 @@ impl LeaseManager {
                         shard: key,
                         position: lease.checkpoint.clone(),
                         delay,
+                        destinations: lease.destination_checkpoints.clone(),
                     });
                 }
                 Err(LeaseError::Lost { .. }) => tracing::debug!(shard = %key, "Another worker took the lease first."),

@@ -1,12 +1,13 @@
 //! The lease table in DynamoDB, with the Kinesis Client Library's attribute names so that existing
 //! lease-table tooling reads it: `leaseKey` (shard id), `leaseOwner`, `leaseCounter`, `checkpoint`,
 //! `checkpointSubSequenceNumber`, `ownerSwitchesSinceCheckpoint`, `parentShardId`, `childShardIds`,
-//! `startingHashKey`, `endingHashKey`.
+//! `startingHashKey`, `endingHashKey`; and one of its own beside them, `destinationCheckpoints`, a
+//! map from destination stream ARN to that destination's own sequence number in the shard.
 //!
 //! Every write is conditional on `leaseCounter` (and the owner), the fencing token: a worker that
 //! lost a lease, however slow, can no longer move its checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
@@ -14,6 +15,7 @@ use aws_sdk_dynamodb::types::{
 };
 
 use crate::aws::{ErrorKind, classify};
+use crate::record::SequenceNumber;
 
 pub use crate::position::Position;
 
@@ -29,6 +31,18 @@ pub struct Lease {
     pub children: Vec<String>,
     pub starting_hash_key: Option<String>,
     pub ending_hash_key: Option<String>,
+    /// Each destination's own position (stream ARN → sequence number), where one was stored.
+    pub destination_checkpoints: BTreeMap<String, SequenceNumber>,
+}
+
+/// What one checkpoint write changes on a held lease.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointWrite<'a> {
+    /// The shard's checkpoint; `None` leaves it as it is.
+    pub position: Option<&'a Position>,
+    pub children: &'a [String],
+    /// Replaces `destinationCheckpoints` when given.
+    pub destinations: Option<&'a BTreeMap<String, SequenceNumber>>,
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -202,6 +216,17 @@ impl LeaseTable {
             children: set("childShardIds"),
             starting_hash_key: text("startingHashKey"),
             ending_hash_key: text("endingHashKey"),
+            // An entry that does not parse is left out: that destination resumes from the shard's
+            // checkpoint, which is never ahead of it.
+            destination_checkpoints: item
+                .get("destinationCheckpoints")
+                .and_then(|v| v.as_m().ok())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(arn, v)| Some((arn.clone(), SequenceNumber::parse(v.as_s().ok()?).ok()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
             key,
         })
     }
@@ -269,20 +294,36 @@ impl LeaseTable {
         position: &Position,
         children: &[String],
     ) -> Result<u64, LeaseError> {
+        let write = CheckpointWrite { position: Some(position), children, destinations: None };
+        self.write_checkpoint(key, counter, me, &write).await
+    }
+
+    /// As [`Self::checkpoint`], with destination positions, or those alone.
+    pub async fn write_checkpoint(
+        &self,
+        key: &str,
+        counter: u64,
+        me: &str,
+        write: &CheckpointWrite<'_>,
+    ) -> Result<u64, LeaseError> {
         let next = counter + 1;
-        let mut values = vec![
-            (":next", n(next)),
-            (":expected", n(counter)),
-            (":me", s(me)),
-            (":cp", s(position.to_string())),
-            (":zero", n(0)),
-        ];
-        let mut update = "SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, \
-                          ownerSwitchesSinceCheckpoint = :zero"
-            .to_string();
-        if !children.is_empty() {
+        let mut values = vec![(":next", n(next)), (":expected", n(counter)), (":me", s(me))];
+        let mut update = "SET leaseCounter = :next".to_string();
+        if let Some(position) = write.position {
+            update.push_str(
+                ", checkpoint = :cp, checkpointSubSequenceNumber = :zero, ownerSwitchesSinceCheckpoint = :zero",
+            );
+            values.push((":cp", s(position.to_string())));
+            values.push((":zero", n(0)));
+        }
+        if !write.children.is_empty() {
             update.push_str(", childShardIds = :children");
-            values.push((":children", AttributeValue::Ss(children.to_vec())));
+            values.push((":children", AttributeValue::Ss(write.children.to_vec())));
+        }
+        if let Some(destinations) = write.destinations {
+            update.push_str(", destinationCheckpoints = :destinations");
+            let map = destinations.iter().map(|(arn, seq)| (arn.clone(), s(seq.as_str()))).collect();
+            values.push((":destinations", AttributeValue::M(map)));
         }
         self.conditional(key, &update, "leaseCounter = :expected AND leaseOwner = :me", &values).await?;
         Ok(next)

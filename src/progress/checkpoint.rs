@@ -11,9 +11,21 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use crate::position::Position;
+use crate::progress::DestinationPositions;
+use crate::record::SequenceNumber;
 
 /// Checkpoints by shard id.
 pub type Checkpoints = BTreeMap<String, Position>;
+
+/// What is stored for the source stream: each shard's checkpoint (the lowest position over every
+/// destination) and, beside it, each destination's own position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub shards: Checkpoints,
+    /// Shard → destination id (stream ARN) → sequence number. A shard named here has its whole
+    /// map replaced; shards not named keep theirs.
+    pub destinations: DestinationPositions,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -55,6 +67,20 @@ pub trait CheckpointStore: Send + Sync {
     /// Records that `shard` was read to its end, naming its `children`: from then on they may be
     /// read, here or by another worker.
     fn finish<'a>(&'a self, shard: &'a str, children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>>;
+
+    /// Stores shard checkpoints and destination positions in one write per shard.
+    fn save_snapshot<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
+        as_of: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        self.save(&snapshot.shards, as_of)
+    }
+
+    /// Everything stored: shard checkpoints and destination positions.
+    fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>> {
+        Box::pin(async { Ok(Snapshot { shards: self.load().await?, destinations: DestinationPositions::new() }) })
+    }
 }
 
 /// Checkpoints in one JSON file, for a single worker.
@@ -63,7 +89,7 @@ pub struct FileCheckpointStore {
     path: PathBuf,
     stream_name: String,
     /// Serialises writers: the periodic checkpointer and shard-end writes share the file.
-    write_lock: tokio::sync::Mutex<Checkpoints>,
+    write_lock: tokio::sync::Mutex<Snapshot>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,6 +98,9 @@ struct FileFormat {
     version: u32,
     source_stream: String,
     shards: BTreeMap<String, String>,
+    /// Shard → destination stream ARN → sequence number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    destination_checkpoints: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 const FILE_VERSION: u32 = 1;
@@ -81,7 +110,7 @@ impl FileCheckpointStore {
         FileCheckpointStore {
             path: path.into(),
             stream_name: stream_name.into(),
-            write_lock: tokio::sync::Mutex::new(Checkpoints::new()),
+            write_lock: tokio::sync::Mutex::new(Snapshot::default()),
         }
     }
 
@@ -91,6 +120,11 @@ impl FileCheckpointStore {
 
     /// Parses the file's text (separate from I/O so that hostile contents can be tested directly).
     pub fn parse(path: &Path, expected_stream: &str, text: &[u8]) -> Result<Checkpoints, CheckpointError> {
+        Self::parse_snapshot(path, expected_stream, text).map(|s| s.shards)
+    }
+
+    /// As [`Self::parse`], with the destinations' own positions.
+    pub fn parse_snapshot(path: &Path, expected_stream: &str, text: &[u8]) -> Result<Snapshot, CheckpointError> {
         let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
         let file: FileFormat = serde_json::from_slice(text).map_err(|e| corrupt(e.to_string()))?;
         if file.version != FILE_VERSION {
@@ -103,36 +137,56 @@ impl FileCheckpointStore {
                 expected: expected_stream.to_string(),
             });
         }
-        file.shards
+        let shards = file
+            .shards
             .into_iter()
             .map(|(shard, value)| {
                 Position::parse(&value).map(|c| (shard.clone(), c)).map_err(|e| corrupt(format!("shard {shard}: {e}")))
             })
-            .collect()
+            .collect::<Result<Checkpoints, _>>()?;
+        let mut destinations = DestinationPositions::new();
+        for (shard, positions) in file.destination_checkpoints {
+            let mut parsed = BTreeMap::new();
+            for (destination, value) in positions {
+                let seq = SequenceNumber::parse(&value)
+                    .map_err(|e| corrupt(format!("shard {shard}, destination {destination}: {e}")))?;
+                parsed.insert(destination, seq);
+            }
+            destinations.insert(shard, parsed);
+        }
+        Ok(Snapshot { shards, destinations })
     }
 
-    async fn load_file(&self) -> Result<Checkpoints, CheckpointError> {
+    async fn load_file(&self) -> Result<Snapshot, CheckpointError> {
         let text = match tokio::fs::read(&self.path).await {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoints::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
             Err(source) => return Err(CheckpointError::Read { path: self.path.clone(), source }),
         };
-        let loaded = Self::parse(&self.path, &self.stream_name, &text)?;
+        let loaded = Self::parse_snapshot(&self.path, &self.stream_name, &text)?;
         *self.write_lock.lock().await = loaded.clone();
         Ok(loaded)
     }
 
-    async fn save_file(&self, checkpoints: &Checkpoints) -> Result<(), CheckpointError> {
+    async fn save_file(&self, snapshot: &Snapshot) -> Result<(), CheckpointError> {
         let mut current = self.write_lock.lock().await;
         let mut next = current.clone();
-        next.extend(checkpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
+        next.shards.extend(snapshot.shards.iter().map(|(k, v)| (k.clone(), v.clone())));
+        next.destinations.extend(snapshot.destinations.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // A shard read to its end needs no destination positions any more.
+        next.destinations.retain(|shard, _| next.shards.get(shard) != Some(&Position::ShardEnd));
         if next == *current && self.path.exists() {
             return Ok(());
         }
         let file = FileFormat {
             version: FILE_VERSION,
             source_stream: self.stream_name.clone(),
-            shards: next.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+            shards: next.shards.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+            destination_checkpoints: next
+                .destinations
+                .iter()
+                .map(|(shard, m)| (shard.clone(), m.iter().map(|(d, s)| (d.clone(), s.to_string())).collect()))
+                .collect(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("checkpoint map serialises");
         let path = self.path.clone();
@@ -148,6 +202,10 @@ impl FileCheckpointStore {
 
 impl CheckpointStore for FileCheckpointStore {
     fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+        Box::pin(async { self.load_file().await.map(|s| s.shards) })
+    }
+
+    fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>> {
         Box::pin(self.load_file())
     }
 
@@ -157,14 +215,24 @@ impl CheckpointStore for FileCheckpointStore {
         checkpoints: &'a Checkpoints,
         _as_of: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<(), CheckpointError>> {
-        Box::pin(self.save_file(checkpoints))
+        Box::pin(async move {
+            self.save_file(&Snapshot { shards: checkpoints.clone(), destinations: DestinationPositions::new() }).await
+        })
+    }
+
+    fn save_snapshot<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
+        _as_of: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(self.save_file(snapshot))
     }
 
     /// The file keeps no shard graph: the plan reads it from ListShards.
     fn finish<'a>(&'a self, shard: &'a str, _children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>> {
         Box::pin(async move {
             let end = Checkpoints::from([(shard.to_string(), Position::ShardEnd)]);
-            self.save_file(&end).await
+            self.save_file(&Snapshot { shards: end, destinations: DestinationPositions::new() }).await
         })
     }
 }

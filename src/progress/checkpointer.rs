@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CheckpointError, CheckpointStore, Checkpoints, Progress};
+use super::{CheckpointError, CheckpointStore, Checkpoints, Progress, Snapshot};
 use crate::metrics::Metrics;
 
 /// The checkpoint store, with every write counted in `checkpoint_writes_total`.
@@ -22,14 +22,21 @@ impl Checkpointer {
         Checkpointer { store, metrics }
     }
 
-    /// Every checkpoint stored for the source stream.
-    pub async fn load(&self) -> Result<Checkpoints, CheckpointError> {
-        self.store.load().await
+    /// Everything stored for the source stream.
+    pub async fn load(&self) -> Result<Snapshot, CheckpointError> {
+        self.store.load_snapshot().await
     }
 
     /// Stores positions taken at `as_of` (see [`CheckpointStore::save`]).
     pub async fn save(&self, checkpoints: &Checkpoints, as_of: Instant) -> Result<(), CheckpointError> {
         let saved = self.store.save(checkpoints, as_of).await;
+        self.count(&saved);
+        saved
+    }
+
+    /// Stores shard checkpoints and every destination's own position.
+    pub async fn save_snapshot(&self, snapshot: &Snapshot, as_of: Instant) -> Result<(), CheckpointError> {
+        let saved = self.store.save_snapshot(snapshot, as_of).await;
         self.count(&saved);
         saved
     }
@@ -48,18 +55,18 @@ impl Checkpointer {
 
     /// Writes what every destination has accepted, every `interval`, until `stop`.
     pub async fn run(self, progress: Arc<Progress>, interval: Duration, stop: CancellationToken) {
-        let mut last_written = Checkpoints::new();
+        let mut last_written = Snapshot::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
             let as_of = Instant::now();
-            let current = progress.checkpoints();
+            let current = progress.snapshot();
             if current == last_written {
                 continue;
             }
-            match self.save(&current, as_of).await {
+            match self.save_snapshot(&current, as_of).await {
                 Ok(()) => last_written = current,
                 Err(err) => {
                     tracing::error!(error = %crate::aws::chain(&err), "Checkpoint write failed; will try again.")

@@ -30,11 +30,11 @@ pub(super) struct Hold {
 
 impl Hold {
     /// Below this, the destination has every record.
-    fn floor(&self) -> Option<SequenceNumber> {
+    pub(super) fn floor(&self) -> Option<SequenceNumber> {
         self.lane.state().acknowledged.clone().or_else(|| self.seam.clone())
     }
 
-    fn settled(&self) -> bool {
+    pub(super) fn settled(&self) -> bool {
         self.lane.outstanding() == 0
     }
 }
@@ -55,7 +55,7 @@ pub enum CatchUp {
 /// acknowledged nothing since the reading began.
 pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
     let mut floor = state.acknowledged.clone()?;
-    for hold in state.detached.values().chain(state.settling.iter().filter(|h| !h.settled())) {
+    for hold in state.detached.values().chain(state.settling.iter().map(|(_, h)| h).filter(|h| !h.settled())) {
         floor = floor.min(hold.floor()?);
     }
     Some(floor)
@@ -64,12 +64,13 @@ pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
 /// No catch-up of the shard has anything outstanding; with `joined`, every one has also reached
 /// the live feed.
 pub(super) fn settled(state: &ShardState, joined: bool) -> bool {
-    state.detached.values().all(|h| (h.caught_up || !joined) && h.settled()) && state.settling.iter().all(Hold::settled)
+    state.detached.values().all(|h| (h.caught_up || !joined) && h.settled())
+        && state.settling.iter().all(|(_, h)| h.settled())
 }
 
 /// The reading was revoked: so are its catch-ups' chunks.
 pub(super) fn revoke_catch_ups(state: &ShardState) {
-    for hold in state.detached.values().chain(state.settling.iter()) {
+    for hold in state.detached.values().chain(state.settling.iter().map(|(_, h)| h)) {
         hold.lane.revoked.store(true, Ordering::Release);
     }
 }
@@ -103,24 +104,25 @@ impl ShardProgress {
         self.state().detached.remove(destination);
     }
 
-    /// Registers a live chunk owed by `destinations`, plus every caught-up destination, which
-    /// joins the live feed with this chunk. Returns the chunk and the destinations that joined.
+    /// Registers a live chunk owed by `owed`, plus every caught-up destination, which joins the
+    /// live feed with this chunk. Returns the chunk and the destinations that joined.
     pub fn begin_live(
         self: &Arc<Self>,
         id: u64,
         records: Vec<SourceRecord>,
-        destinations: usize,
+        mut owed: Vec<Arc<str>>,
     ) -> (Arc<Chunk>, Vec<Arc<str>>) {
         let mut state = self.state();
-        state.settling.retain(|h| !h.settled());
+        state.settling.retain(|(_, h)| !h.settled());
         let joined: Vec<Arc<str>> =
             state.detached.iter().filter(|(_, h)| h.caught_up).map(|(name, _)| Arc::clone(name)).collect();
         for name in &joined {
             if let Some(hold) = state.detached.remove(name) {
-                state.settling.push(hold);
+                state.settling.push((Arc::clone(name), hold));
             }
         }
-        let chunk = self.register(&mut state, id, records, destinations + joined.len());
+        owed.extend(joined.iter().cloned());
+        let chunk = self.register(&mut state, id, records, owed);
         (chunk, joined)
     }
 
@@ -145,7 +147,7 @@ impl ShardProgress {
             records.into_iter().filter(|r| live.as_ref().is_some_and(|l| r.sequence_number <= *l)).collect();
         let last = owed.last().map(|r| r.sequence_number.clone());
         if !owed.is_empty() {
-            send(hold.lane.begin(id, owed, 1));
+            send(hold.lane.begin(id, owed, vec![Arc::from(destination)]));
         }
         let reached = last.clone().or_else(|| hold.lane.state().last_registered.clone()).or_else(|| hold.seam.clone());
         // Nothing registered live since the seam, or the catch-up handed on up to the live feed.
@@ -186,16 +188,17 @@ mod tests {
         let shard = progress.shard("s");
         let slow: Arc<str> = "slow".into();
         // Both destinations have records 1-2.
-        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), 2);
-        first.acknowledge();
-        first.acknowledge();
+        let fast: Arc<str> = "fast".into();
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), vec![fast.clone(), slow.clone()]);
+        first.acknowledge("fast");
+        first.acknowledge("slow");
         assert_eq!(shard.acknowledged(), seq(2));
         // The slow one is detached: the live feed goes on with the other one alone.
         assert_eq!(shard.detach(&slow), Some(Position::Sequence(SequenceNumber::parse("2").unwrap())));
         assert_eq!(shard.detach(&slow), None, "detached once");
-        let (live, joined) = shard.begin_live(progress.next_id(), records(&[3, 4]), 1);
+        let (live, joined) = shard.begin_live(progress.next_id(), records(&[3, 4]), vec![fast.clone()]);
         assert!(joined.is_empty());
-        live.acknowledge();
+        live.acknowledge("fast");
         assert_eq!(shard.acknowledged(), seq(2), "the slow destination has only up to 2");
 
         // Its catch-up reads 3-6, but only 3-4 are registered live: it hands on those, and joins.
@@ -208,13 +211,13 @@ mod tests {
         assert_eq!(shard.acknowledged(), seq(2), "the catch-up's records are not accepted yet");
 
         // The next live chunk is owed by both again.
-        let (next, joined) = shard.begin_live(progress.next_id(), records(&[5]), 1);
+        let (next, joined) = shard.begin_live(progress.next_id(), records(&[5]), vec![fast.clone()]);
         assert_eq!(joined, vec![slow.clone()]);
         assert!(!shard.is_detached("slow"));
-        assert!(!next.acknowledge(), "owed by two destinations");
-        assert!(next.acknowledge());
+        assert!(!next.acknowledge("fast"), "owed by two destinations");
+        assert!(next.acknowledge("slow"));
         assert_eq!(shard.acknowledged(), seq(2), "the catch-up's chunk still holds it back");
-        sent[0].acknowledge();
+        sent[0].acknowledge("slow");
         assert_eq!(shard.acknowledged(), seq(5));
         assert_eq!(progress.checkpoints().get("s"), Some(&Position::Sequence(SequenceNumber::parse("5").unwrap())));
     }
@@ -226,7 +229,7 @@ mod tests {
         let slow: Arc<str> = "slow".into();
         shard.set_start(Position::TrimHorizon);
         assert_eq!(shard.detach(&slow), Some(Position::TrimHorizon), "nothing registered: from the reading's start");
-        let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), 0);
+        let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), Vec::new());
         assert!(live.records.len() == 3);
         let mut sent = Vec::new();
         let behind = shard.catch_up("slow", records(&[1, 2]), progress.next_id(), true, |c| sent.push(c));

@@ -9,9 +9,10 @@
 pub mod checkpoint;
 pub mod checkpointer;
 mod detach;
+mod positions;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -19,9 +20,10 @@ use tokio::sync::Notify;
 
 pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
-pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints};
+pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
 pub use checkpointer::Checkpointer;
 pub use detach::CatchUp;
+pub use positions::DestinationPositions;
 
 /// A run of records read from one shard, shared by every destination it is copied to.
 #[derive(Debug)]
@@ -35,19 +37,13 @@ pub struct Chunk {
     pub last: SequenceNumber,
     /// When the chunk was read: end-to-end latency is measured from here.
     pub read_at: Instant,
-    /// Destinations that have not yet accepted every record of the chunk.
-    owed_by: AtomicUsize,
 }
 
 impl Chunk {
-    /// One destination is done with the chunk (accepted, dead-lettered, or deleted).
+    /// `destination` (its id) is done with the chunk (accepted, dead-lettered, or deleted).
     /// Returns true when that was the last destination: the chunk is now done everywhere.
-    pub fn acknowledge(&self) -> bool {
-        let last = self.owed_by.fetch_sub(1, Ordering::AcqRel) == 1;
-        if last {
-            self.shard.complete(self.id);
-        }
-        last
+    pub fn acknowledge(&self, destination: &str) -> bool {
+        self.shard.acknowledge(self.id, destination)
     }
 }
 
@@ -84,7 +80,12 @@ struct ShardState {
     /// Destinations the live feed no longer waits for on this shard, each with its catch-up.
     detached: BTreeMap<Arc<str>, detach::Hold>,
     /// Catch-ups that joined the live feed again and still owe records read before the seam.
-    settling: Vec<detach::Hold>,
+    settling: Vec<(Arc<str>, detach::Hold)>,
+    /// Every destination that was owed a chunk of this reading.
+    seen: std::collections::BTreeSet<Arc<str>>,
+    /// Destinations that already have the records up to here (their own checkpoint, ahead of
+    /// the shard's): the live feed does not send them those again.
+    skips: BTreeMap<Arc<str>, SequenceNumber>,
 }
 
 #[derive(Debug)]
@@ -94,6 +95,8 @@ struct Outstanding {
     done: bool,
     /// Source arrival of the chunk's first record (the lag an operator alerts on).
     arrival: Option<SystemTime>,
+    /// Destinations (ids) that have not yet accepted every record of the chunk.
+    owed: Vec<Arc<str>>,
 }
 
 impl ShardProgress {
@@ -123,10 +126,10 @@ impl ShardProgress {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers records read from this shard, owed by `destinations` destinations.
-    pub fn begin(self: &Arc<Self>, id: u64, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
+    /// Registers records read from this shard, owed by the destinations `owed` (by id).
+    pub fn begin(self: &Arc<Self>, id: u64, records: Vec<SourceRecord>, owed: Vec<Arc<str>>) -> Arc<Chunk> {
         let mut state = self.state();
-        self.register(&mut state, id, records, destinations)
+        self.register(&mut state, id, records, owed)
     }
 
     fn register(
@@ -134,35 +137,38 @@ impl ShardProgress {
         state: &mut ShardState,
         id: u64,
         records: Vec<SourceRecord>,
-        destinations: usize,
+        owed: Vec<Arc<str>>,
     ) -> Arc<Chunk> {
         let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let bytes = records.iter().map(SourceRecord::size).sum();
         let arrival = records.first().and_then(|r| r.arrival);
-        state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival });
+        let nobody = owed.is_empty();
+        state.seen.extend(owed.iter().cloned());
+        state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival, owed });
         state.last_registered = Some(last.clone());
-        let chunk = Arc::new(Chunk {
-            id,
-            shard: Arc::clone(self),
-            records,
-            bytes,
-            last,
-            read_at: Instant::now(),
-            owed_by: AtomicUsize::new(destinations),
-        });
-        if destinations == 0 {
+        let chunk = Arc::new(Chunk { id, shard: Arc::clone(self), records, bytes, last, read_at: Instant::now() });
+        if nobody {
             Self::complete_in(state, id);
         }
         chunk
     }
 
-    fn complete(&self, id: u64) {
+    /// `destination` is done with chunk `id`; true when nobody owes it any more.
+    fn acknowledge(&self, id: u64, destination: &str) -> bool {
         let mut state = self.state();
+        let Ok(index) = state.outstanding.binary_search_by_key(&id, |o| o.id) else { return false };
+        let entry = &mut state.outstanding[index];
+        let before = entry.owed.len();
+        entry.owed.retain(|d| &**d != destination);
+        if entry.owed.len() == before || !entry.owed.is_empty() {
+            return false;
+        }
         let empty = Self::complete_in(&mut state, id);
         drop(state);
         if empty {
             self.drained.notify_waiters();
         }
+        true
     }
 
     /// Marks a chunk done; returns whether nothing is outstanding any more.
@@ -296,9 +302,9 @@ impl Progress {
         self.next_chunk.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers a chunk of records of `shard`, owed by `destinations` destinations.
-    pub fn begin(&self, shard: &Arc<ShardProgress>, records: Vec<SourceRecord>, destinations: usize) -> Arc<Chunk> {
-        shard.begin(self.next_id(), records, destinations)
+    /// Registers a chunk of records of `shard`, owed by the destinations `owed`.
+    pub fn begin(&self, shard: &Arc<ShardProgress>, records: Vec<SourceRecord>, owed: Vec<Arc<str>>) -> Arc<Chunk> {
+        shard.begin(self.next_id(), records, owed)
     }
 
     pub fn all(&self) -> Vec<Arc<ShardProgress>> {
@@ -340,6 +346,11 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// Destinations d0, d1, ... owing a chunk.
+    fn owed(n: usize) -> Vec<Arc<str>> {
+        (0..n).map(|i| Arc::from(format!("d{i}"))).collect()
+    }
+
     fn records(seqs: &[u64]) -> Vec<SourceRecord> {
         seqs.iter()
             .map(|s| SourceRecord {
@@ -356,14 +367,14 @@ mod tests {
     fn checkpoint_waits_for_the_oldest_chunk() {
         let progress = Progress::default();
         let shard = progress.shard("shardId-0");
-        let first = progress.begin(&shard, records(&[1, 2]), 2);
-        let second = progress.begin(&shard, records(&[3]), 2);
-        second.acknowledge();
-        second.acknowledge();
+        let first = progress.begin(&shard, records(&[1, 2]), owed(2));
+        let second = progress.begin(&shard, records(&[3]), owed(2));
+        second.acknowledge("d0");
+        second.acknowledge("d1");
         assert_eq!(shard.acknowledged(), None, "the first chunk still owes two destinations");
-        first.acknowledge();
+        first.acknowledge("d0");
         assert_eq!(shard.acknowledged(), None);
-        first.acknowledge();
+        first.acknowledge("d1");
         assert_eq!(shard.acknowledged().unwrap().as_str(), "3");
         assert_eq!(shard.outstanding(), 0);
     }
@@ -372,11 +383,11 @@ mod tests {
     fn checkpoints_report_ended_shards() {
         let progress = Progress::default();
         let a = progress.shard("a");
-        let chunk = progress.begin(&a, records(&[5]), 1);
-        chunk.acknowledge();
+        let chunk = progress.begin(&a, records(&[5]), owed(1));
+        chunk.acknowledge("d0");
         a.mark_ended();
         let b = progress.shard("b");
-        let _pending = progress.begin(&b, records(&[9]), 1);
+        let _pending = progress.begin(&b, records(&[9]), owed(1));
         let checkpoints = progress.checkpoints();
         assert_eq!(checkpoints.get("a"), Some(&Position::ShardEnd));
         assert_eq!(checkpoints.get("b"), None);
@@ -386,14 +397,14 @@ mod tests {
     async fn drained_resolves_when_the_last_chunk_completes() {
         let progress = Arc::new(Progress::default());
         let shard = progress.shard("s");
-        let chunk = progress.begin(&shard, records(&[1]), 1);
+        let chunk = progress.begin(&shard, records(&[1]), owed(1));
         let waiter = tokio::spawn({
             let shard = Arc::clone(&shard);
             async move { shard.drained().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        chunk.acknowledge();
+        chunk.acknowledge("d0");
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 }

@@ -42,6 +42,8 @@ pub enum Exit {
 /// Everything a destination task needs, built by discovery.
 pub struct DestinationTask {
     pub name: Arc<str>,
+    /// Its stream ARN: how chunks and checkpoints know it.
+    pub id: Arc<str>,
     pub source_stream: Arc<str>,
     /// Where PutRecords go (the Kinesis writer client; a fake in unit tests).
     pub edge: Arc<dyn PutEdge>,
@@ -79,7 +81,7 @@ impl DestinationTask {
             .map(|stream| DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()));
         let mut writer = Writer {
             limiter: limiter_for(&group, shards, share),
-            ledger: Ledger::new(Arc::clone(&self.metrics)),
+            ledger: Ledger::new(Arc::clone(&self.id), Arc::clone(&self.metrics)),
             task: self,
             pending: VecDeque::new(),
             backoff,

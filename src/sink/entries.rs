@@ -225,7 +225,7 @@ mod tests {
     fn chunk(records: Vec<SourceRecord>) -> std::sync::Arc<Chunk> {
         let progress = Progress::default();
         let shard = progress.shard("s");
-        progress.begin(&shard, records, 1)
+        progress.begin(&shard, records, vec!["d".into()])
     }
 
     fn source(seq: u64, users: Option<Vec<UserRecord>>) -> SourceRecord {

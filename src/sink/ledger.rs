@@ -19,6 +19,8 @@ struct Ticket {
 }
 
 pub struct Ledger {
+    /// The destination's id, as chunks know it.
+    id: Arc<str>,
     tickets: HashMap<u64, Ticket>,
     /// Bytes of the entries still owed (the `destination_buffered_bytes` gauge).
     buffered_bytes: usize,
@@ -26,8 +28,8 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Ledger { tickets: HashMap::new(), buffered_bytes: 0, metrics }
+    pub fn new(id: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        Ledger { id, tickets: HashMap::new(), buffered_bytes: 0, metrics }
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -61,7 +63,7 @@ impl Ledger {
     }
 
     fn complete(&self, chunk: &Chunk) {
-        if !chunk.acknowledge() {
+        if !chunk.acknowledge(&self.id) {
             return;
         }
         self.metrics.delivery_seconds.observe(chunk.read_at.elapsed().as_secs_f64());
@@ -74,7 +76,7 @@ impl Ledger {
     /// it never got).
     pub fn release_all(&mut self) {
         for (_, ticket) in self.tickets.drain() {
-            ticket.chunk.acknowledge();
+            ticket.chunk.acknowledge(&self.id);
         }
         self.buffered_bytes = 0;
     }

@@ -125,7 +125,9 @@ impl Supervisor {
             Ok(changes) => {
                 for change in changes {
                     match change {
-                        Change::Writable { candidate, open_shards } => self.upsert(&candidate, open_shards).await,
+                        Change::Writable { candidate, arn, open_shards } => {
+                            self.upsert(&candidate, &arn, open_shards).await
+                        }
                         Change::Gone { name, why } => self.remove(&name, why),
                     }
                 }
@@ -163,7 +165,7 @@ impl Supervisor {
         }
     }
 
-    async fn upsert(&mut self, candidate: &Candidate, open_shards: u32) {
+    async fn upsert(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
         if let Some(running) = self.running.get(&candidate.name) {
             let changed =
                 running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
@@ -174,21 +176,23 @@ impl Supervisor {
             }
             return;
         }
-        self.start(candidate, open_shards).await;
+        self.start(candidate, arn, open_shards).await;
     }
 
-    async fn start(&mut self, candidate: &Candidate, open_shards: u32) {
+    async fn start(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
         let map = open_ranges(&self.control, &candidate.name).await.unwrap_or_default();
         let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
         let group = Arc::new(self.settings.destinations[candidate.group].clone());
         let kpl = group.kpl;
         let name: Arc<str> = candidate.name.as_str().into();
-        let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), group.max_in_flight_bytes);
+        let id: Arc<str> = arn.into();
+        let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), Arc::clone(&id), group.max_in_flight_bytes);
         handle.detach_after = group.detach_after;
         let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
         let removed = CancellationToken::new();
         let task = DestinationTask {
             name: Arc::clone(&name),
+            id,
             source_stream: self.settings.source.stream_name.as_str().into(),
             edge: Arc::clone(&self.edge),
             group,

@@ -345,7 +345,7 @@ impl Writer {
         let mut late = 0usize;
         while let Ok(delivery) = self.task.queue.try_recv() {
             late += delivery.chunk.records.len();
-            delivery.chunk.acknowledge();
+            delivery.chunk.acknowledge(&self.task.id);
         }
         let dropped = (released + late) as u64;
         if dropped > 0 {
@@ -454,6 +454,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task = DestinationTask {
             name: "out".into(),
+            id: "out".into(),
             source_stream: "in".into(),
             edge: Arc::clone(&fake) as Arc<dyn PutEdge>,
             group: Arc::new(settings.destinations[0].clone()),
@@ -480,7 +481,7 @@ mod tests {
                 user_records: None,
             })
             .collect();
-        let chunk = progress.begin(&shard, records, 1);
+        let chunk = progress.begin(&shard, records, vec!["out".into()]);
         let permit = Arc::new(Semaphore::new(1 << 20)).try_acquire_many_owned(1).unwrap();
         queue_tx.send(Delivery { chunk, permit }).unwrap();
         // The queue stays open: the writer waits for more instead of stopping.

@@ -18,7 +18,11 @@ use super::{SourceError, list_shards};
 use crate::health::Health;
 use crate::lease::LeaseManager;
 use crate::position::Position;
-use crate::progress::{Checkpointer, Checkpoints};
+use crate::progress::{Checkpointer, Checkpoints, DestinationPositions, Snapshot};
+use crate::record::SequenceNumber;
+
+/// Destination id → its own stored position in a shard.
+pub type DestinationSkips = std::collections::BTreeMap<String, SequenceNumber>;
 use crate::sink::retry::Backoff;
 
 /// How often the shard list is read again even when no shard ended (a fallback for missed
@@ -30,7 +34,8 @@ const RELIST_INTERVAL: Duration = Duration::from_secs(30);
 pub enum Assignment {
     /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
     /// renewal period to notice and stop, so that two workers do not read it at once).
-    Acquired { shard: String, position: Position, delay: Duration },
+    /// `destinations`: each destination's own stored position, where it is ahead of `position`.
+    Acquired { shard: String, position: Position, delay: Duration, destinations: DestinationSkips },
     /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
     Lost { shard: String },
 }
@@ -57,6 +62,7 @@ pub struct Listing {
 pub struct Plan {
     listing: Listing,
     checkpoints: Checkpoints,
+    destinations: DestinationPositions,
     checkpointer: Checkpointer,
     health: Arc<Health>,
     /// Every shard started in this run, ended or not: none starts twice, and a child waits for a
@@ -69,10 +75,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(listing: Listing, checkpoints: Checkpoints, checkpointer: Checkpointer, health: Arc<Health>) -> Self {
+    pub fn new(listing: Listing, stored: Snapshot, checkpointer: Checkpointer, health: Arc<Health>) -> Self {
         Plan {
             listing,
-            checkpoints,
+            checkpoints: stored.shards,
+            destinations: stored.destinations,
             checkpointer,
             health,
             started: HashSet::new(),
@@ -90,7 +97,8 @@ impl Plan {
                 let plan = shards::plan(&shards, &self.checkpoints, &self.listing.initial, &self.started);
                 for (shard, position) in plan {
                     self.started.insert(shard.clone());
-                    self.ready.push_back(Assignment::Acquired { shard, position, delay: Duration::ZERO });
+                    let destinations = self.destinations.remove(&shard).unwrap_or_default();
+                    self.ready.push_back(Assignment::Acquired { shard, position, delay: Duration::ZERO, destinations });
                 }
                 self.health.shards_assigned();
                 if shards::all_done(&shards, &self.checkpoints) && !self.announced_done {
@@ -173,9 +181,9 @@ impl Assignments for Leases {
         loop {
             tokio::select! {
                 event = self.events.recv() => match event {
-                    Some(Assignment::Acquired { shard, position, delay }) => {
+                    Some(Assignment::Acquired { shard, position, delay, destinations }) => {
                         if let Some(position) = starting_point(&position, &self.listing.initial) {
-                            return Ok(Assignment::Acquired { shard, position, delay });
+                            return Ok(Assignment::Acquired { shard, position, delay, destinations });
                         }
                     }
                     Some(lost) => return Ok(lost),

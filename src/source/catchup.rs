@@ -68,7 +68,7 @@ impl Reader {
             metrics.destination_lag_seconds.with_label_values(&[&*name]).set(0.0);
         }
         if outcome == Some(CatchUp::Gone) {
-            self.shard.forget(&name);
+            self.shard.forget(&self.destination.id);
         }
     }
 
@@ -158,7 +158,7 @@ impl Reader {
         let id = self.up.progress.next_id();
         let room = self.destination.has_room();
         let mut handed = 0u64;
-        let outcome = self.shard.catch_up(name, records, id, room, |chunk| {
+        let outcome = self.shard.catch_up(&self.destination.id, records, id, room, |chunk| {
             handed = chunk.records.len() as u64;
             let permit = permit.expect("a permit was taken for a non-empty batch");
             self.destination.send(Delivery { chunk, permit });

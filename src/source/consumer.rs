@@ -15,6 +15,8 @@ pub struct SourceStream {
     pub name: String,
     pub arn: String,
     pub open_shards: u32,
+    /// How long the source keeps records: a destination further behind loses records.
+    pub retention: std::time::Duration,
 }
 
 /// Looks the source stream up; a missing stream is a clear error.
@@ -26,7 +28,12 @@ pub async fn resolve_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Res
     if summary.deleting {
         return Err(SourceError::StreamDeleted { stream: name.to_string() });
     }
-    Ok(SourceStream { name: name.to_string(), arn: summary.arn, open_shards: summary.open_shards })
+    Ok(SourceStream {
+        name: name.to_string(),
+        arn: summary.arn,
+        open_shards: summary.open_shards,
+        retention: summary.retention,
+    })
 }
 
 /// How long registration may take before we give up (AWS usually needs a few seconds).

@@ -143,8 +143,8 @@ impl Source {
             let exit = tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
                 assignment = assignments.next() => match assignment {
-                    Ok(Assignment::Acquired { shard, position, delay }) => {
-                        let reader = self.reader(&shard, position);
+                    Ok(Assignment::Acquired { shard, position, delay, destinations }) => {
+                        let reader = self.reader(&shard, position, &destinations);
                         readers.start(reader, delay, readers_stop.child_token());
                         continue;
                     }
@@ -175,9 +175,10 @@ impl Source {
 
     /// A reading of `shard` from `start`, with a fresh tracker: an earlier reading of the shard,
     /// if any, no longer holds its progress back.
-    fn reader(&self, shard_id: &str, start: Position) -> ShardReader {
+    fn reader(&self, shard_id: &str, start: Position, destinations: &assign::DestinationSkips) -> ShardReader {
         let progress = self.progress.restart(shard_id);
         progress.set_start(start.clone());
+        progress.set_skips(destinations);
         ShardReader {
             stream_name: self.stream.name.clone(),
             consumer_arn: self.consumer_arn.clone(),

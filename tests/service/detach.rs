@@ -63,3 +63,43 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
         assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_detachment_resumes_each_destination_from_its_own_position() {
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
+    emulator.faults.lock().unwrap().honour_starting_position = true;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    for name in ["out-a", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+
+    let input = records(41, 3_000, 1_024);
+    put_all(&client, "in", &input).await;
+    let first = Running::start(&toml, &emulator.url);
+    first.wait_accepted("out-a", 3_000).await;
+    assert!(detached(&first, "out-broken") > 0);
+    first.stop().await.unwrap();
+    let stored = std::fs::read_to_string(&checkpoint).unwrap();
+    assert!(stored.contains("destination_checkpoints"), "each destination's own position is stored: {stored}");
+
+    // Restarted while the broken destination is still broken: the healthy one is not sent again
+    // what it has, although the shard's checkpoint is held back by the broken one.
+    let second = Running::start(&toml, &emulator.url);
+    let more = records(42, 200, 256);
+    put_all(&client, "in", &more).await;
+    second.wait_accepted("out-a", 200).await;
+    assert_eq!(duplicates_in(&client, "out-a").await, 0, "nothing re-sent to the healthy destination");
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    second.wait_accepted("out-broken", 3_200).await;
+    second.stop().await.unwrap();
+    let everything = sorted(&[input, more].concat());
+    for name in ["out-a", "out-broken"] {
+        assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
+    }
+}

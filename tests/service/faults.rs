@@ -61,7 +61,11 @@ async fn stuck_destination(hold: Duration, throttle: bool) {
     let read: u64 = service.metrics.records_read.with_label_values(&["shardId-000000000000"]).get();
     assert!(read < 6_000 / 2, "the source paused instead of reading everything: read {read}");
     assert!(service.progress.checkpoints().is_empty(), "nothing is checkpointed past undelivered records");
-    assert!(!checkpoint.exists() || !std::fs::read_to_string(&checkpoint).unwrap().contains("shardId"));
+    // The file may hold the healthy destination's own position, never a shard checkpoint.
+    if checkpoint.exists() {
+        let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+        assert!(file["shards"].as_object().is_none_or(|shards| shards.is_empty()), "{file}");
+    }
 
     {
         let mut faults = emulator.faults.lock().unwrap();
