@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::position::Position;
-use crate::progress::{Chunk, Progress, ShardProgress};
+use crate::progress::{Chunk, Progress, Route, ShardProgress};
 use crate::record::SourceRecord;
 use crate::shutdown::Stopped;
 
@@ -37,6 +37,10 @@ pub struct DestinationHandle {
     /// How long a shard's live feed waits for this destination's budget before it detaches it
     /// (`None`: it waits as long as it takes).
     pub detach_after: Option<Duration>,
+    /// Where it starts on a shard new to it (`Latest`: with the live feed; else a backfill).
+    pub start: Position,
+    /// It appeared while the service runs (not in the first discovery round).
+    pub appeared_while_running: bool,
 }
 
 /// The destination went away.
@@ -51,7 +55,17 @@ impl DestinationHandle {
             .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         let (queue, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(max_permits as usize));
-        (DestinationHandle { name, id, queue, budget, max_permits, detach_after: None }, rx)
+        let handle = DestinationHandle {
+            name,
+            id,
+            queue,
+            budget,
+            max_permits,
+            detach_after: None,
+            start: Position::Latest,
+            appeared_while_running: false,
+        };
+        (handle, rx)
     }
 
     /// Stops accepting chunks: waiting sources give up on this destination.
@@ -178,8 +192,13 @@ impl Fanout {
         let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let mut permits = Vec::with_capacity(set.len());
         for destination in set.iter() {
-            if shard.is_detached(&destination.id) || shard.already_has(&destination.id, &last) {
-                continue;
+            match shard.route(&destination.id, &last, &destination.start, destination.appeared_while_running) {
+                Route::Live => {}
+                Route::Skip => continue,
+                Route::Backfill(from) => {
+                    self.start_catch_up(shard, destination, from, "Destination is new to this shard; backfilling it from its start_position while the live feed goes on.");
+                    continue;
+                }
             }
             let reserve = destination.reserve(bytes);
             let detach_after = destination.detach_after.filter(|_| self.catch_up.is_some());
@@ -219,16 +238,23 @@ impl Fanout {
 
 impl Fanout {
     fn detach(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle) {
-        let Some(starter) = &self.catch_up else { return };
-        if let Some(start) = shard.detach(&destination.id) {
-            tracing::warn!(
-                destination = %destination.name,
-                shard = %shard.shard_id,
-                from = %start,
-                "Destination's buffer stayed full; the others go on without it, and it catches up on its own."
-            );
-            starter.start(Arc::clone(shard), destination.clone(), start);
+        if self.catch_up.is_none() {
+            return;
         }
+        if let Some(start) = shard.detach(&destination.id) {
+            let why = "Destination's buffer stayed full; the others go on without it, and it catches up on its own.";
+            self.start_catch_up(shard, destination, start, why);
+        }
+    }
+
+    fn start_catch_up(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle, from: Position, why: &str) {
+        let Some(starter) = &self.catch_up else {
+            // Without catch-ups (unit tests), a backfill cannot run: forget it.
+            shard.forget(&destination.id);
+            return;
+        };
+        tracing::warn!(destination = %destination.name, shard = %shard.shard_id, %from, "{why}");
+        starter.start(Arc::clone(shard), destination.clone(), from);
     }
 }
 

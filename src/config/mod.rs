@@ -85,6 +85,9 @@ pub struct DestinationGroup {
     /// How long a destination's full buffer may hold a shard's live feed before the destination
     /// is detached and catches up on its own; `None` (`"off"`): the feed waits for it.
     pub detach_after: Option<Duration>,
+    /// Where a destination new to a shard starts: `Latest` (records read after it appeared),
+    /// `TrimHorizon` or `AtTimestamp` (backfilled through a catch-up while the live feed goes on).
+    pub start_position: Position,
 }
 
 impl DestinationGroup {

@@ -19,30 +19,39 @@ pub(super) fn parse_kpl(v: &str) -> Result<KplMode, String> {
 pub(super) fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     let stream_name = s.required_string("stream_name").unwrap_or_default();
     let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
-    let timestamp = s.parsed_opt("initial_timestamp", |v| {
+    let initial_position = start_point(s, ("initial_position", "initial_timestamp"), "trim_horizon");
+    SourceSettings { stream_name, consumer_name, initial_position }
+}
+
+/// A place to start: `keys.0` = trim_horizon | latest | at_timestamp, with the RFC 3339 time in
+/// `keys.1`, required with (and only with) at_timestamp. A bad value falls back to `default`
+/// after its problem is noted.
+fn start_point(s: &mut Section<'_>, keys: (&str, &str), default: &str) -> Position {
+    let (position_key, timestamp_key) = keys;
+    let timestamp = s.parsed_opt(timestamp_key, |v| {
         humantime::parse_rfc3339_weak(v)
             .map_err(|e| format!("`{v}` is not an RFC 3339 timestamp like 2026-11-01T00:00:00Z ({e})"))
     });
-    let position = s.parsed("initial_position", "trim_horizon", |v| match v {
-        "trim_horizon" => Ok(None),
-        "latest" => Ok(Some(Position::Latest)),
-        "at_timestamp" => Ok(Some(Position::AtTimestamp(SystemTime::UNIX_EPOCH))),
+    let parse = |v: &str| match v {
+        "trim_horizon" => Ok(Position::TrimHorizon),
+        "latest" => Ok(Position::Latest),
+        "at_timestamp" => Ok(Position::AtTimestamp(SystemTime::UNIX_EPOCH)),
         other => Err(format!("`{other}` is not one of trim_horizon, latest, at_timestamp")),
-    });
-    let initial_position = match (position, timestamp) {
-        (Some(Some(Position::AtTimestamp(_))), Some(at)) => Position::AtTimestamp(at),
-        (Some(Some(Position::AtTimestamp(_))), None) => {
-            s.problem("initial_timestamp", "required when initial_position = \"at_timestamp\"");
-            Position::TrimHorizon
-        }
-        (Some(other), Some(_)) => {
-            s.problem("initial_timestamp", "only allowed with initial_position = \"at_timestamp\"");
-            other.unwrap_or(Position::TrimHorizon)
-        }
-        (Some(other), None) => other.unwrap_or(Position::TrimHorizon),
-        (None, _) => Position::TrimHorizon,
     };
-    SourceSettings { stream_name, consumer_name, initial_position }
+    let fallback = parse(default).expect("a valid default");
+    let position = s.parsed(position_key, default, parse).unwrap_or_else(|| fallback.clone());
+    match (position, timestamp) {
+        (Position::AtTimestamp(_), Some(at)) => Position::AtTimestamp(at),
+        (Position::AtTimestamp(_), None) => {
+            s.problem(timestamp_key, format!("required when {position_key} = \"at_timestamp\""));
+            fallback
+        }
+        (other, Some(_)) => {
+            s.problem(timestamp_key, format!("only allowed with {position_key} = \"at_timestamp\""));
+            other
+        }
+        (other, None) => other,
+    }
 }
 
 pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Option<DestinationGroup> {
@@ -63,6 +72,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let max_backoff = s.duration("max_backoff", "10s");
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
+    let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
     let detach_after = s.parsed("detach_after", "10s", |v| match v {
         "off" => Ok(None),
         other => units::parse_duration(other).map(Some),
@@ -88,6 +98,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         dead_letter_stream,
         kpl,
         detach_after: detach_after?,
+        start_position,
     })
 }
 

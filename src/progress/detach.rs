@@ -26,6 +26,10 @@ pub(super) struct Hold {
     /// The catch-up has handed on everything the live feed registered: the next live chunk is
     /// the destination's again.
     caught_up: bool,
+    /// A backfill: the destination starts before this reading did (`start_position`, or a
+    /// backfill resumed after a restart). It does not hold the shard's checkpoint back, which
+    /// never moves backwards; its own position is stored beside it.
+    backfill: bool,
 }
 
 impl Hold {
@@ -37,6 +41,26 @@ impl Hold {
     pub(super) fn settled(&self) -> bool {
         self.lane.outstanding() == 0
     }
+}
+
+/// How the live feed treats a destination for a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Owed by it.
+    Live,
+    /// Not owed: it has these records already, or its catch-up brings them.
+    Skip,
+    /// New to the shard and starting before the reading: not owed; a backfill from this
+    /// position brings them.
+    Backfill(Position),
+}
+
+/// A catch-up's read: records after its last one, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub records: Vec<SourceRecord>,
+    /// It read everything the shard holds now.
+    pub at_tip: bool,
 }
 
 /// What a catch-up learns after handing on a batch.
@@ -55,7 +79,8 @@ pub enum CatchUp {
 /// acknowledged nothing since the reading began.
 pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
     let mut floor = state.acknowledged.clone()?;
-    for hold in state.detached.values().chain(state.settling.iter().map(|(_, h)| h).filter(|h| !h.settled())) {
+    let holds = state.detached.values().chain(state.settling.iter().map(|(_, h)| h).filter(|h| !h.settled()));
+    for hold in holds.filter(|h| !h.backfill) {
         floor = floor.min(hold.floor()?);
     }
     Some(floor)
@@ -90,11 +115,51 @@ impl ShardProgress {
             (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
         };
         let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
-        state.detached.insert(Arc::clone(destination), Hold { seam, lane, caught_up: false });
+        state.detached.insert(Arc::clone(destination), Hold { seam, lane, caught_up: false, backfill: false });
         Some(start)
     }
 
-    /// Whether the live feed skips `destination` on this shard.
+    /// How the live feed treats `destination` for a chunk ending at `last`. `wanted`: where the
+    /// destination starts when it is new to the shard (its group's `start_position`); `new`: it
+    /// appeared while the service runs.
+    pub fn route(&self, destination: &Arc<str>, last: &SequenceNumber, wanted: &Position, new: bool) -> Route {
+        let mut state = self.state();
+        if state.detached.contains_key(destination) {
+            return Route::Skip;
+        }
+        let skip = state.skips.get(destination).cloned();
+        if skip.as_ref().is_some_and(|s| last <= s) {
+            return Route::Skip;
+        }
+        if state.seen.contains(destination) {
+            return Route::Live;
+        }
+        let reading_start = match &state.start {
+            Some(Position::Sequence(s) | Position::At(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let start = match skip {
+            // A backfill cut short by a restart: on from where it got to.
+            Some(skip) if reading_start.as_ref().is_some_and(|r| skip < *r) => Position::Sequence(skip),
+            Some(_) => return Route::Live,
+            // New here: when other destinations have stored positions and this one has none, it
+            // was added since; so was one discovered while running.
+            None if *wanted != Position::Latest && (new || !state.skips.is_empty()) => {
+                // A reading from the trim horizon that has handed nothing on brings it all anyway.
+                if state.last_registered.is_none() && state.start == Some(Position::TrimHorizon) {
+                    return Route::Live;
+                }
+                wanted.clone()
+            }
+            None => return Route::Live,
+        };
+        let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
+        let hold = Hold { seam: None, lane, caught_up: false, backfill: true };
+        state.detached.insert(Arc::clone(destination), hold);
+        Route::Backfill(start)
+    }
+
+    /// Whether the live feed skips `destination` on this shard (detached here).
     pub fn is_detached(&self, destination: &str) -> bool {
         self.state().detached.contains_key(destination)
     }
@@ -129,14 +194,16 @@ impl ShardProgress {
     /// A catch-up of `destination` read `records` (after its last one, in order). Hands on, as
     /// chunk `id` of its lane through `send`, those the live feed has registered already; the
     /// rest the live feed brings. `room`: the destination's buffer has room to join the live feed.
+    /// `at_tip`: the catch-up read everything the shard holds.
     pub fn catch_up(
         &self,
         destination: &str,
-        records: Vec<SourceRecord>,
+        batch: Batch,
         id: u64,
         room: bool,
         send: impl FnOnce(Arc<Chunk>),
     ) -> CatchUp {
+        let Batch { records, at_tip } = batch;
         let mut state = self.state();
         if self.revoked() {
             return CatchUp::Gone;
@@ -150,8 +217,12 @@ impl ShardProgress {
             send(hold.lane.begin(id, owed, vec![Arc::from(destination)]));
         }
         let reached = last.clone().or_else(|| hold.lane.state().last_registered.clone()).or_else(|| hold.seam.clone());
-        // Nothing registered live since the seam, or the catch-up handed on up to the live feed.
-        let caught_up = live.is_none() || live == hold.seam || (reached.is_some() && reached >= live);
+        // The catch-up handed on up to the live feed, or read everything there is; for a detached
+        // destination, also when nothing was registered live since the seam.
+        let mut caught_up = at_tip || (reached.is_some() && reached >= live);
+        if !hold.backfill {
+            caught_up |= live.is_none() || live == hold.seam;
+        }
         if caught_up && room {
             hold.caught_up = true;
             return CatchUp::Joined;
@@ -176,6 +247,10 @@ mod tests {
                 user_records: None,
             })
             .collect()
+    }
+
+    fn batch(records: Vec<SourceRecord>) -> Batch {
+        Batch { records, at_tip: false }
     }
 
     fn seq(n: u64) -> Option<SequenceNumber> {
@@ -203,7 +278,7 @@ mod tests {
 
         // Its catch-up reads 3-6, but only 3-4 are registered live: it hands on those, and joins.
         let mut sent = Vec::new();
-        let outcome = shard.catch_up("slow", records(&[3, 4, 5, 6]), progress.next_id(), true, |c| sent.push(c));
+        let outcome = shard.catch_up("slow", batch(records(&[3, 4, 5, 6])), progress.next_id(), true, |c| sent.push(c));
         assert_eq!(outcome, CatchUp::Joined);
         assert_eq!(sent.len(), 1);
         let seqs: Vec<&str> = sent[0].records.iter().map(|r| r.sequence_number.as_str()).collect();
@@ -232,15 +307,15 @@ mod tests {
         let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), Vec::new());
         assert!(live.records.len() == 3);
         let mut sent = Vec::new();
-        let behind = shard.catch_up("slow", records(&[1, 2]), progress.next_id(), true, |c| sent.push(c));
+        let behind = shard.catch_up("slow", batch(records(&[1, 2])), progress.next_id(), true, |c| sent.push(c));
         assert_eq!(behind, CatchUp::Behind(seq(2)));
         assert_eq!(shard.acknowledged(), None, "the slow destination has acknowledged nothing");
-        let full = shard.catch_up("slow", records(&[3]), progress.next_id(), false, |c| sent.push(c));
+        let full = shard.catch_up("slow", batch(records(&[3])), progress.next_id(), false, |c| sent.push(c));
         assert_eq!(full, CatchUp::Behind(seq(3)), "caught up, but its buffer is too full to join");
-        let joined = shard.catch_up("slow", Vec::new(), progress.next_id(), true, |c| sent.push(c));
+        let joined = shard.catch_up("slow", batch(Vec::new()), progress.next_id(), true, |c| sent.push(c));
         assert_eq!(joined, CatchUp::Joined);
         assert_eq!(sent.len(), 2);
-        assert_eq!(shard.catch_up("other", Vec::new(), 0, true, |_| {}), CatchUp::Gone);
+        assert_eq!(shard.catch_up("other", batch(Vec::new()), 0, true, |_| {}), CatchUp::Gone);
         shard.forget("slow");
         assert!(!shard.is_detached("slow"));
     }

@@ -22,7 +22,7 @@ pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
 pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
 pub use checkpointer::Checkpointer;
-pub use detach::CatchUp;
+pub use detach::{Batch, CatchUp, Route};
 pub use positions::DestinationPositions;
 
 /// A run of records read from one shard, shared by every destination it is copied to.

@@ -72,6 +72,8 @@ pub struct Supervisor {
     passthrough_warned: HashSet<String>,
     /// Every writer; stopped together at the end of the grace period.
     writers: TaskGroup,
+    /// The first discovery round is over: destinations found from now on appeared while running.
+    first_round_done: bool,
 }
 
 impl Supervisor {
@@ -101,6 +103,7 @@ impl Supervisor {
             share,
             passthrough_warned: HashSet::new(),
             writers,
+            first_round_done: false,
         };
         (supervisor, subscribe)
     }
@@ -132,6 +135,7 @@ impl Supervisor {
                     }
                 }
                 self.check_passthrough().await;
+                self.first_round_done = true;
             }
             Err(err) => {
                 tracing::warn!(error = %crate::aws::chain(&err), "Destination discovery failed; keeping the destinations known so far.")
@@ -188,6 +192,8 @@ impl Supervisor {
         let id: Arc<str> = arn.into();
         let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), Arc::clone(&id), group.max_in_flight_bytes);
         handle.detach_after = group.detach_after;
+        handle.start = group.start_position.clone();
+        handle.appeared_while_running = self.first_round_done;
         let (open_shards_tx, open_shards_rx) = watch::channel(open_shards);
         let removed = CancellationToken::new();
         let task = DestinationTask {

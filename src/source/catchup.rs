@@ -17,7 +17,7 @@ use crate::aws::{ErrorKind, kinesis};
 use crate::fanout::{CatchUpStarter, Delivery, DestinationHandle};
 use crate::metrics::Metrics;
 use crate::position::Position;
-use crate::progress::{CatchUp, Progress, ShardProgress};
+use crate::progress::{Batch, CatchUp, Progress, ShardProgress};
 use crate::record::{SequenceNumber, SourceRecord};
 use crate::sink::retry::Backoff;
 
@@ -105,8 +105,9 @@ impl Reader {
             };
             backoff.reset();
             let records = self.fresh(page.records, last.as_ref());
+            let at_tip = records.is_empty() && page.millis_behind_latest.is_none_or(|ms| ms == 0);
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
-            match self.hand_on(records).await {
+            match self.hand_on(Batch { records, at_tip }).await {
                 CatchUp::Behind(reached) => last = reached.or(last),
                 done => {
                     tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
@@ -141,8 +142,9 @@ impl Reader {
     }
 
     /// Queues what the live feed registered already; says whether the destination joined it.
-    async fn hand_on(&self, records: Vec<SourceRecord>) -> CatchUp {
+    async fn hand_on(&self, batch: Batch) -> CatchUp {
         let name: &str = &self.destination.name;
+        let records = &batch.records;
         if let Some(age) = records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
             self.up.metrics.destination_lag_seconds.with_label_values(&[name]).set(age.as_secs_f64());
         }
@@ -158,7 +160,7 @@ impl Reader {
         let id = self.up.progress.next_id();
         let room = self.destination.has_room();
         let mut handed = 0u64;
-        let outcome = self.shard.catch_up(&self.destination.id, records, id, room, |chunk| {
+        let outcome = self.shard.catch_up(&self.destination.id, batch, id, room, |chunk| {
             handed = chunk.records.len() as u64;
             let permit = permit.expect("a permit was taken for a non-empty batch");
             self.destination.send(Delivery { chunk, permit });

@@ -103,3 +103,33 @@ async fn a_restart_during_detachment_resumes_each_destination_from_its_own_posit
         assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_stream() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 2).await;
+    create_stream(&client, "out-a", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "start_position = \"trim_horizon\"");
+    let service = Running::start(&toml, &emulator.url);
+    let before = records(51, 800, 512);
+    put_all(&client, "in", &before).await;
+    service.wait_accepted("out-a", 800).await;
+
+    // A destination created while running, in a group that starts at the trim horizon: it is
+    // backfilled through a catch-up while the live feed goes on.
+    create_stream(&client, "out-new", 1).await;
+    wait_until("out-new discovered", || async { service.metrics.destinations.get() == 2 }).await;
+    let after = records(52, 300, 512);
+    put_all(&client, "in", &after).await;
+    service.wait_accepted("out-a", 1_100).await;
+    service.wait_accepted("out-new", 1_100).await;
+    wait_until("the backfill joined the live feed", || async { detached(&service, "out-new") == 0 }).await;
+    assert!(service.metrics.catch_up_records.with_label_values(&["out-new"]).get() > 0, "records came by backfill");
+    service.stop().await.unwrap();
+    let everything = sorted(&[before, after].concat());
+    for name in ["out-a", "out-new"] {
+        assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
+    }
+}
