@@ -1,8 +1,10 @@
 //! Fan-out: every chunk read from the source goes to every destination known at that moment.
 //!
-//! Each destination has an unbounded queue whose size is bounded by a byte budget (a semaphore of
-//! `max_in_flight_bytes` permits). The source takes permits before queueing, so a slow destination
-//! pauses the source instead of growing memory: backpressure without a second buffer.
+//! Each destination has a queue and a byte budget (a semaphore of `max_in_flight_bytes` permits);
+//! a chunk takes permits before it is queued. A destination whose budget is full does not hold
+//! the live feed back: it still gets chunks, over its budget, for up to `detach_after`, and is then
+//! detached and catches up on its own (`source::catchup`). With `detach_after = "off"` the live
+//! feed waits for its budget instead: backpressure, as in a single pipeline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +43,8 @@ pub struct DestinationHandle {
     pub start: Position,
     /// It appeared while the service runs (not in the first discovery round).
     pub appeared_while_running: bool,
+    /// Since when the live feed has found the buffer full (shared by every shard's reader).
+    full_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// The destination went away.
@@ -64,6 +68,7 @@ impl DestinationHandle {
             detach_after: None,
             start: Position::Latest,
             appeared_while_running: false,
+            full_since: Arc::default(),
         };
         (handle, rx)
     }
@@ -77,6 +82,35 @@ impl DestinationHandle {
     pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
         let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
         Arc::clone(&self.budget).acquire_many_owned(wanted).await.map_err(|_| Closed)
+    }
+
+    /// Budget for `bytes` if it is free now; `None` when the buffer is full (and since when is
+    /// noted), else the buffer is noted as not full.
+    pub fn try_reserve(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Closed> {
+        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
+        let mut full_since = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
+        match Arc::clone(&self.budget).try_acquire_many_owned(wanted) {
+            Ok(permit) => {
+                *full_since = None;
+                Ok(Some(permit))
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                full_since.get_or_insert_with(std::time::Instant::now);
+                Ok(None)
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(Closed),
+        }
+    }
+
+    /// How long the buffer has been full, as the live feed saw it.
+    fn full_for(&self) -> Duration {
+        let full_since = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
+        full_since.map(|since| since.elapsed()).unwrap_or_default()
+    }
+
+    /// An empty permit, for a chunk queued over the budget.
+    fn overdraft(&self) -> Result<OwnedSemaphorePermit, Closed> {
+        Arc::clone(&self.budget).try_acquire_many_owned(0).map_err(|_| Closed)
     }
 
     /// Budget for a chunk that must go now (a destination joining the live feed again): what is
@@ -200,19 +234,30 @@ impl Fanout {
                     continue;
                 }
             }
-            let reserve = destination.reserve(bytes);
-            let detach_after = destination.detach_after.filter(|_| self.catch_up.is_some());
-            let acquired = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(Stopped),
-                permit = reserve => Some(permit),
-                _ = sleep_or_never(detach_after) => None,
-            };
-            match acquired {
-                Some(Ok(permit)) => permits.push((destination, permit)),
+            let Some(detach_after) = destination.detach_after.filter(|_| self.catch_up.is_some()) else {
+                // Backpressure: the live feed waits for room, however long it takes.
+                let acquired = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(Stopped),
+                    permit = destination.reserve(bytes) => permit,
+                };
                 // A closed budget: the destination went away while we waited, and owes nothing.
-                Some(Err(Closed)) => {}
-                None => self.detach(shard, destination),
+                if let Ok(permit) = acquired {
+                    permits.push((destination, permit));
+                }
+                continue;
+            };
+            // The live feed never waits for one destination: a full one still gets the chunk, over
+            // its budget, for up to `detach_after`; then it is detached and catches up alone.
+            match destination.try_reserve(bytes) {
+                Ok(Some(permit)) => permits.push((destination, permit)),
+                Ok(None) if destination.full_for() < detach_after => {
+                    if let Ok(permit) = destination.overdraft() {
+                        permits.push((destination, permit));
+                    }
+                }
+                Ok(None) => self.detach(shard, destination),
+                Err(Closed) => {}
             }
         }
         let owed = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
@@ -237,6 +282,22 @@ impl Fanout {
 }
 
 impl Fanout {
+    /// Destinations that appeared since this shard last looked start their backfill now, even
+    /// while the shard is idle (called on every subscription event).
+    pub fn introduce_new(&mut self, shard: &Arc<ShardProgress>) {
+        if !self.destinations.has_changed().unwrap_or(false) {
+            return;
+        }
+        let set = self.destinations.borrow_and_update().clone();
+        for destination in set.iter() {
+            if let Some(from) = shard.introduce(&destination.id, &destination.start, destination.appeared_while_running)
+            {
+                let why = "Destination is new to this shard; backfilling it from its start_position.";
+                self.start_catch_up(shard, destination, from, why);
+            }
+        }
+    }
+
     fn detach(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle) {
         if self.catch_up.is_none() {
             return;
@@ -255,12 +316,5 @@ impl Fanout {
         };
         tracing::warn!(destination = %destination.name, shard = %shard.shard_id, %from, "{why}");
         starter.start(Arc::clone(shard), destination.clone(), from);
-    }
-}
-
-async fn sleep_or_never(after: Option<Duration>) {
-    match after {
-        Some(after) => tokio::time::sleep(after).await,
-        None => std::future::pending().await,
     }
 }

@@ -134,29 +134,54 @@ impl ShardProgress {
         if state.seen.contains(destination) {
             return Route::Live;
         }
+        match self.backfill(&mut state, destination, wanted, new) {
+            Some(start) => Route::Backfill(start),
+            None => Route::Live,
+        }
+    }
+
+    /// A destination that just appeared, on a shard that may be idle: where its backfill starts,
+    /// if it needs one (see [`Self::route`]).
+    pub fn introduce(&self, destination: &Arc<str>, wanted: &Position, new: bool) -> Option<Position> {
+        let mut state = self.state();
+        if state.detached.contains_key(destination) || state.seen.contains(destination) {
+            return None;
+        }
+        self.backfill(&mut state, destination, wanted, new)
+    }
+
+    /// Starts a backfill of `destination` when it starts before this reading: new to the shard
+    /// with a `start_position` other than latest, or a backfill cut short by a restart.
+    fn backfill(
+        &self,
+        state: &mut ShardState,
+        destination: &Arc<str>,
+        wanted: &Position,
+        new: bool,
+    ) -> Option<Position> {
         let reading_start = match &state.start {
             Some(Position::Sequence(s) | Position::At(s)) => Some(s.clone()),
             _ => None,
         };
-        let start = match skip {
+        let start = match state.skips.get(destination) {
             // A backfill cut short by a restart: on from where it got to.
-            Some(skip) if reading_start.as_ref().is_some_and(|r| skip < *r) => Position::Sequence(skip),
-            Some(_) => return Route::Live,
+            Some(skip) if reading_start.as_ref().is_some_and(|r| skip < r) => Position::Sequence(skip.clone()),
+            Some(_) => return None,
             // New here: when other destinations have stored positions and this one has none, it
             // was added since; so was one discovered while running.
             None if *wanted != Position::Latest && (new || !state.skips.is_empty()) => {
                 // A reading from the trim horizon that has handed nothing on brings it all anyway.
                 if state.last_registered.is_none() && state.start == Some(Position::TrimHorizon) {
-                    return Route::Live;
+                    return None;
                 }
                 wanted.clone()
             }
-            None => return Route::Live,
+            None => return None,
         };
         let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
         let hold = Hold { seam: None, lane, caught_up: false, backfill: true };
         state.detached.insert(Arc::clone(destination), hold);
-        Route::Backfill(start)
+        Some(start)
     }
 
     /// Whether the live feed skips `destination` on this shard (detached here).

@@ -290,6 +290,7 @@ impl ShardReader {
             }
         }
         self.health.event(shard, event.millis_behind_latest, records.len(), cursor.last_handed.as_ref());
+        self.fanout.introduce_new(&self.progress);
         if malformed > 0 {
             self.metrics.kpl_malformed_records.with_label_values(&[shard]).inc_by(malformed);
         }

@@ -127,9 +127,12 @@ async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_
     service.wait_accepted("out-new", 1_100).await;
     wait_until("the backfill joined the live feed", || async { detached(&service, "out-new") == 0 }).await;
     assert!(service.metrics.catch_up_records.with_label_values(&["out-new"]).get() > 0, "records came by backfill");
+    // One created while the source is idle is backfilled too: nothing new has to arrive first.
+    create_stream(&client, "out-idle", 1).await;
+    service.wait_accepted("out-idle", 1_100).await;
     service.stop().await.unwrap();
     let everything = sorted(&[before, after].concat());
-    for name in ["out-a", "out-new"] {
+    for name in ["out-a", "out-new", "out-idle"] {
         assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
     }
 }
