@@ -85,12 +85,16 @@ async fn reject_layer(State(reject): State<Arc<Mutex<Option<String>>>>, request:
 }
 
 async fn start_emulator() -> anyhow::Result<Emulator> {
+    // AWS sends SubscribeToShard events of about a megabyte at most (a shard reads 2 MB/s); the
+    // emulator's default of 10,000 records per event would make every reader hold 10 MB.
+    start_emulator_with(1_000).await
+}
+
+async fn start_emulator_with(event_records: usize) -> anyhow::Result<Emulator> {
     let options = ferrokinesis::store::StoreOptions {
         create_stream_ms: 10,
         shard_limit: 1_000,
-        // AWS sends SubscribeToShard events of about a megabyte at most (a shard reads 2 MB/s);
-        // the emulator's default of 10,000 records per event would make every reader hold 10 MB.
-        subscribe_to_shard_event_record_limit: 1_000,
+        subscribe_to_shard_event_record_limit: event_records,
         ..Default::default()
     };
     let (app, _store) = ferrokinesis::create_app(options);
@@ -384,6 +388,35 @@ async fn drain(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// The emulator's default events (up to 10,000 records, 10 MB at 1 KiB) against a 64 MiB memory
+/// budget: peak RSS must stay within `memory.limit`.
+async fn big_events(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let emulator = start_emulator_with(10_000).await?;
+    let client = Client::new(&sdk(&emulator.url));
+    create(&client, "bench-in", opts.shards).await?;
+    let names: Vec<String> = (0..opts.destinations).map(|i| format!("bench-out-{i}")).collect();
+    for name in &names {
+        create(&client, name, 4).await?;
+    }
+    let records = if opts.smoke { 2_000 } else { opts.records };
+    produce(&client, "bench-in", 0, records, opts.record_size).await?;
+    let dir = tempfile::tempdir()?;
+    let limit_mib = 64.0;
+    let extra = format!("[memory]\nlimit = \"{limit_mib}MiB\"");
+    let started = Instant::now();
+    let service = spawn_service_with(bin, dir.path(), &emulator.url, "32MiB", &extra)?;
+    wait_delivered(&service, &names, records, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu, rss) = usage(service.child.id());
+    stop(service);
+    let mut r = Report::new();
+    r.insert("records_per_s", json!(((records * opts.destinations) as f64 / elapsed).round()));
+    r.insert("cpu_s", json!(round2(cpu)));
+    r.insert("peak_rss_mib", json!(round2(rss)));
+    r.insert("memory_limit_mib", json!(limit_mib));
+    Ok(r)
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -633,7 +666,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let opts = parse_opts()?;
     let bin = service_binary()?;
-    let all = ["drain", "latency", "stall", "backfill", "wide"];
+    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
         Some(name) => {
@@ -654,6 +687,7 @@ async fn main() -> anyhow::Result<()> {
             "latency" => latency(&opts, &bin).await?,
             "stall" => stall(&opts, &bin).await?,
             "backfill" => backfill(&opts, &bin).await?,
+            "big-events" => big_events(&opts, &bin).await?,
             _ => wide(&opts, &bin).await?,
         };
         report.insert("wall_s", json!(round2(started.elapsed().as_secs_f64())));

@@ -172,17 +172,24 @@ impl Pipeline {
         });
 
         let reading = shutdown.child_token();
+        let memory = crate::memory::MemoryBudget::new(settings.memory_limit);
+        metrics.memory_limit_bytes.set(memory.limit() as i64);
+        let _ = metrics.memory.set(memory.clone());
+        tracing::info!(limit_bytes = memory.limit(), "Memory budget for everything buffered.");
         let source = Source {
             stream,
             consumer_arn,
             clients: clients.clone(),
-            fanout: Fanout::new(destinations, Arc::clone(&progress)).with_catch_up(Arc::new(CatchUps {
-                client: clients.control.clone(),
-                stream: settings.source.stream_name.clone(),
-                progress: Arc::clone(&progress),
-                metrics: Arc::clone(&metrics),
-                stop: reading.clone(),
-            })),
+            fanout: Fanout::new(destinations, Arc::clone(&progress))
+                .with_catch_up(Arc::new(CatchUps {
+                    client: clients.control.clone(),
+                    stream: settings.source.stream_name.clone(),
+                    progress: Arc::clone(&progress),
+                    metrics: Arc::clone(&metrics),
+                    stop: reading.clone(),
+                    memory: memory.clone(),
+                }))
+                .with_memory(memory.clone()),
             progress: Arc::clone(&progress),
             metrics: Arc::clone(&metrics),
             health: Arc::clone(&health),

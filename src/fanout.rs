@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::memory::MemoryBudget;
 use crate::position::Position;
 use crate::progress::{Chunk, Progress, Route, ShardProgress};
 use crate::record::SourceRecord;
@@ -168,17 +169,25 @@ pub struct Fanout {
     progress: Arc<Progress>,
     /// Without one, the live feed waits for every destination however long it takes.
     catch_up: Option<Arc<dyn CatchUpStarter>>,
+    /// The process's budget of buffered bytes.
+    memory: MemoryBudget,
 }
 
 impl Fanout {
     pub fn new(destinations: watch::Receiver<DestinationSet>, progress: Arc<Progress>) -> Self {
-        Fanout { destinations, progress, catch_up: None }
+        Fanout { destinations, progress, catch_up: None, memory: MemoryBudget::default() }
     }
 
     /// Destinations with a `detach_after` are detached when their budget stays full that long,
     /// and caught up by `starter`.
     pub fn with_catch_up(mut self, starter: Arc<dyn CatchUpStarter>) -> Self {
         self.catch_up = Some(starter);
+        self
+    }
+
+    /// Everything read counts against `memory`.
+    pub fn with_memory(mut self, memory: MemoryBudget) -> Self {
+        self.memory = memory;
         self
     }
 
@@ -191,10 +200,24 @@ impl Fanout {
         mut records: Vec<SourceRecord>,
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
+        // The whole event counts against the process's memory budget from here; each chunk
+        // keeps its share until every destination is done with it.
+        let bytes: usize = records.iter().map(SourceRecord::size).sum();
+        let mut memory = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(Stopped),
+            memory = self.memory.reserve(bytes) => memory,
+        };
         while !records.is_empty() {
             let take = shard.skip_boundary(&records, chunk_len(&records));
             let rest = records.split_off(take);
-            self.deliver_chunk(shard, records, cancel).await?;
+            let share = if rest.is_empty() {
+                memory.split(memory.num_permits())
+            } else {
+                let chunk_bytes: usize = records.iter().map(SourceRecord::size).sum();
+                memory.split(chunk_bytes.min(memory.num_permits()))
+            };
+            self.deliver_chunk(shard, records, share, cancel).await?;
             records = rest;
         }
         Ok(())
@@ -204,6 +227,7 @@ impl Fanout {
         &mut self,
         shard: &Arc<ShardProgress>,
         records: Vec<SourceRecord>,
+        memory: Option<OwnedSemaphorePermit>,
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
         let set = loop {
@@ -261,7 +285,7 @@ impl Fanout {
             }
         }
         let owed = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
-        let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, owed);
+        let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, owed, memory);
         for (destination, permit) in permits {
             destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
         }

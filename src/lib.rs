@@ -25,6 +25,7 @@ pub mod health;
 pub mod idle;
 pub mod kpl;
 pub mod lease;
+pub mod memory;
 pub mod metrics;
 pub mod position;
 pub mod progress;

@@ -134,6 +134,10 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     pub delivery_seconds: Histogram,
     // Process.
+    pub memory_limit_bytes: IntGauge,
+    pub memory_used_bytes: IntGauge,
+    /// The budget `memory_used_bytes` reads at scrape time.
+    pub memory: std::sync::Arc<std::sync::OnceLock<crate::memory::MemoryBudget>>,
     pub idle: IntGauge,
     pub build_info: IntGaugeVec,
     pub start_time_seconds: Gauge,
@@ -318,6 +322,12 @@ impl Metrics {
             oldest_unacknowledged_age_seconds,
             end_to_end_seconds,
             delivery_seconds,
+            memory_limit_bytes: gauge("memory_limit_bytes", "[memory] limit: bytes the process may buffer."),
+            memory_used_bytes: gauge(
+                "memory_used_bytes",
+                "Bytes buffered now against [memory] limit: source events being fanned out, queued chunks, catch-up reads.",
+            ),
+            memory: Default::default(),
             idle: gauge(
                 "idle",
                 "1 when every shard is caught up, every destination accepted everything read, and nothing new arrived for idle.after.",
@@ -345,6 +355,9 @@ impl Metrics {
 
     /// Refreshes the gauges derived from acknowledgement state (called at scrape time).
     pub fn observe_progress(&self, progress: &crate::progress::Progress) {
+        if let Some(memory) = self.memory.get() {
+            self.memory_used_bytes.set(memory.used() as i64);
+        }
         // Shards no longer read here (lease lost, shard ended elsewhere) leave no stale series.
         self.oldest_unacknowledged_age_seconds.reset();
         for shard in progress.all() {

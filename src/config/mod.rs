@@ -37,6 +37,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub idle: IdleSettings,
     pub log: LogSettings,
+    /// `[memory] limit`: bytes buffered in the whole process (see `crate::memory`).
+    pub memory_limit: u64,
 }
 
 /// What to do with KPL-aggregated records, per destination group.
@@ -308,6 +310,7 @@ impl Settings {
                 })
                 .unwrap_or_else(|| "info".into()),
         });
+        let memory_limit = root.section("memory", |s| s.parsed_opt("limit", units::parse_bytes)).flatten();
         if destinations.as_ref().is_some_and(Vec::is_empty) {
             root.problem("destinations", "at least one [[destinations]] group with a pattern is required");
         }
@@ -321,6 +324,7 @@ impl Settings {
             shutdown: shutdown?,
             idle: idle?,
             log: log?,
+            memory_limit: memory_limit.unwrap_or_else(crate::memory::default_limit),
         })
     }
 

@@ -56,11 +56,13 @@ pub enum Route {
 }
 
 /// A catch-up's read: records after its last one, in order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<SourceRecord>,
     /// It read everything the shard holds now.
     pub at_tip: bool,
+    /// The batch's share of the process's memory budget.
+    pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What a catch-up learns after handing on a batch.
@@ -201,6 +203,7 @@ impl ShardProgress {
         id: u64,
         records: Vec<SourceRecord>,
         mut owed: Vec<Arc<str>>,
+        memory: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> (Arc<Chunk>, Vec<Arc<str>>) {
         let mut state = self.state();
         state.settling.retain(|(_, h)| !h.settled());
@@ -212,7 +215,7 @@ impl ShardProgress {
             }
         }
         owed.extend(joined.iter().cloned());
-        let chunk = self.register(&mut state, id, records, owed);
+        let chunk = self.register(&mut state, id, records, owed, memory);
         (chunk, joined)
     }
 
@@ -228,7 +231,7 @@ impl ShardProgress {
         room: bool,
         send: impl FnOnce(Arc<Chunk>),
     ) -> CatchUp {
-        let Batch { records, at_tip } = batch;
+        let Batch { records, at_tip, memory } = batch;
         let mut state = self.state();
         if self.revoked() {
             return CatchUp::Gone;
@@ -239,7 +242,10 @@ impl ShardProgress {
             records.into_iter().filter(|r| live.as_ref().is_some_and(|l| r.sequence_number <= *l)).collect();
         let last = owed.last().map(|r| r.sequence_number.clone());
         if !owed.is_empty() {
-            send(hold.lane.begin(id, owed, vec![Arc::from(destination)]));
+            let mut lane = hold.lane.state();
+            let chunk = hold.lane.register(&mut lane, id, owed, vec![Arc::from(destination)], memory);
+            drop(lane);
+            send(chunk);
         }
         let reached = last.clone().or_else(|| hold.lane.state().last_registered.clone()).or_else(|| hold.seam.clone());
         // The catch-up handed on up to the live feed, or read everything there is; for a detached
@@ -275,7 +281,7 @@ mod tests {
     }
 
     fn batch(records: Vec<SourceRecord>) -> Batch {
-        Batch { records, at_tip: false }
+        Batch { records, at_tip: false, memory: None }
     }
 
     fn seq(n: u64) -> Option<SequenceNumber> {
@@ -289,14 +295,14 @@ mod tests {
         let slow: Arc<str> = "slow".into();
         // Both destinations have records 1-2.
         let fast: Arc<str> = "fast".into();
-        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), vec![fast.clone(), slow.clone()]);
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), vec![fast.clone(), slow.clone()], None);
         first.acknowledge("fast");
         first.acknowledge("slow");
         assert_eq!(shard.acknowledged(), seq(2));
         // The slow one is detached: the live feed goes on with the other one alone.
         assert_eq!(shard.detach(&slow), Some(Position::Sequence(SequenceNumber::parse("2").unwrap())));
         assert_eq!(shard.detach(&slow), None, "detached once");
-        let (live, joined) = shard.begin_live(progress.next_id(), records(&[3, 4]), vec![fast.clone()]);
+        let (live, joined) = shard.begin_live(progress.next_id(), records(&[3, 4]), vec![fast.clone()], None);
         assert!(joined.is_empty());
         live.acknowledge("fast");
         assert_eq!(shard.acknowledged(), seq(2), "the slow destination has only up to 2");
@@ -311,7 +317,7 @@ mod tests {
         assert_eq!(shard.acknowledged(), seq(2), "the catch-up's records are not accepted yet");
 
         // The next live chunk is owed by both again.
-        let (next, joined) = shard.begin_live(progress.next_id(), records(&[5]), vec![fast.clone()]);
+        let (next, joined) = shard.begin_live(progress.next_id(), records(&[5]), vec![fast.clone()], None);
         assert_eq!(joined, vec![slow.clone()]);
         assert!(!shard.is_detached("slow"));
         assert!(!next.acknowledge("fast"), "owed by two destinations");
@@ -329,7 +335,7 @@ mod tests {
         let slow: Arc<str> = "slow".into();
         shard.set_start(Position::TrimHorizon);
         assert_eq!(shard.detach(&slow), Some(Position::TrimHorizon), "nothing registered: from the reading's start");
-        let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), Vec::new());
+        let (live, _) = shard.begin_live(progress.next_id(), records(&[1, 2, 3]), Vec::new(), None);
         assert!(live.records.len() == 3);
         let mut sent = Vec::new();
         let behind = shard.catch_up("slow", batch(records(&[1, 2])), progress.next_id(), true, |c| sent.push(c));

@@ -37,6 +37,8 @@ pub struct Chunk {
     pub last: SequenceNumber,
     /// When the chunk was read: end-to-end latency is measured from here.
     pub read_at: Instant,
+    /// Its share of the process's memory budget, returned when the last holder drops it.
+    _memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Chunk {
@@ -129,7 +131,7 @@ impl ShardProgress {
     /// Registers records read from this shard, owed by the destinations `owed` (by id).
     pub fn begin(self: &Arc<Self>, id: u64, records: Vec<SourceRecord>, owed: Vec<Arc<str>>) -> Arc<Chunk> {
         let mut state = self.state();
-        self.register(&mut state, id, records, owed)
+        self.register(&mut state, id, records, owed, None)
     }
 
     fn register(
@@ -138,6 +140,7 @@ impl ShardProgress {
         id: u64,
         records: Vec<SourceRecord>,
         owed: Vec<Arc<str>>,
+        memory: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Arc<Chunk> {
         let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let bytes = records.iter().map(SourceRecord::size).sum();
@@ -146,7 +149,15 @@ impl ShardProgress {
         state.seen.extend(owed.iter().cloned());
         state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival, owed });
         state.last_registered = Some(last.clone());
-        let chunk = Arc::new(Chunk { id, shard: Arc::clone(self), records, bytes, last, read_at: Instant::now() });
+        let chunk = Arc::new(Chunk {
+            id,
+            shard: Arc::clone(self),
+            records,
+            bytes,
+            last,
+            read_at: Instant::now(),
+            _memory: memory,
+        });
         if nobody {
             Self::complete_in(state, id);
         }

@@ -37,6 +37,8 @@ pub struct CatchUps {
     pub metrics: Arc<Metrics>,
     /// Reading stops (shutdown): catch-ups stop too; what they owe stays in the checkpoint.
     pub stop: CancellationToken,
+    /// What catch-ups read counts against the process's memory budget.
+    pub memory: crate::memory::MemoryBudget,
 }
 
 impl CatchUpStarter for CatchUps {
@@ -107,7 +109,7 @@ impl Reader {
             let records = self.fresh(page.records, last.as_ref());
             let at_tip = records.is_empty() && page.millis_behind_latest.is_none_or(|ms| ms == 0);
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
-            match self.hand_on(Batch { records, at_tip }).await {
+            match self.hand_on(records, at_tip).await {
                 CatchUp::Behind(reached) => last = reached.or(last),
                 done => {
                     tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
@@ -142,21 +144,22 @@ impl Reader {
     }
 
     /// Queues what the live feed registered already; says whether the destination joined it.
-    async fn hand_on(&self, batch: Batch) -> CatchUp {
+    async fn hand_on(&self, records: Vec<SourceRecord>, at_tip: bool) -> CatchUp {
         let name: &str = &self.destination.name;
-        let records = &batch.records;
         if let Some(age) = records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
             self.up.metrics.destination_lag_seconds.with_label_values(&[name]).set(age.as_secs_f64());
         }
         let bytes: usize = records.iter().map(SourceRecord::size).sum();
-        let permit = if records.is_empty() {
-            None
+        let (permit, memory) = if records.is_empty() {
+            (None, None)
         } else {
+            let memory = self.up.memory.reserve(bytes).await;
             match self.destination.reserve(bytes).await {
-                Ok(permit) => Some(permit),
+                Ok(permit) => (Some(permit), Some(memory)),
                 Err(_) => return CatchUp::Gone,
             }
         };
+        let batch = Batch { records, at_tip, memory };
         let id = self.up.progress.next_id();
         let room = self.destination.has_room();
         let mut handed = 0u64;

@@ -153,3 +153,45 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
     );
     assert!(duplicates as u64 <= in_flight_bound, "{duplicates} duplicates > {in_flight_bound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_with_a_detached_destination_lose_nothing_after_a_sigkill() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 2).await;
+    for name in ["out-1", "out-2", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let dynamo = Dynamo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<String> = ["w1", "w2"]
+        .iter()
+        .map(|id| {
+            worker_toml(&emulator, &dynamo, "in", "^out-.*$", id).replace(
+                "max_backoff = \"500ms\"",
+                "max_backoff = \"500ms\"\nmax_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"",
+            )
+        })
+        .collect();
+    let input = records(800, 6_000, 512);
+    put_all(&client, "in", &input).await;
+    let w1 = spawn(&configs[0], dir.path(), "w1");
+    let w2 = spawn(&configs[1], dir.path(), "w2");
+    // The healthy destinations get everything while the broken one is detached.
+    wait_until("the healthy destinations hold every record", || all_hold(&client, &["out-1", "out-2"], &input)).await;
+    // Each destination's own position is in the lease items, beside the (held back) checkpoint.
+    let table = dynamo.table("leases");
+    wait_until("destinationCheckpoints written", || async {
+        let leases = table.scan().await.unwrap_or_default();
+        leases.iter().any(|l| l.destination_checkpoints.keys().any(|arn| arn.ends_with("/out-1")))
+    })
+    .await;
+    let _ = kill(w1).await;
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    let w1 = spawn(&configs[0], dir.path(), "w1");
+    wait_until("every destination holds every record", || all_hold(&client, &["out-1", "out-2", "out-broken"], &input))
+        .await;
+    terminate(w1).await;
+    terminate(w2).await;
+}

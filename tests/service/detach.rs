@@ -1,5 +1,6 @@
-//! One slow destination never holds back the others: it is detached from the live feed, catches
-//! up on its own with GetRecords, and joins the live feed again without a gap or a duplicate.
+//! One slow destination never holds back the others (it is detached from the live feed, catches
+//! up on its own with GetRecords, and joins the live feed again without a gap or a duplicate), and
+//! one memory budget bounds what the whole process buffers.
 
 use ferrokinesis::store::StoreOptions;
 
@@ -134,5 +135,35 @@ async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_
     let everything = sorted(&[before, after].concat());
     for name in ["out-a", "out-new", "out-idle"] {
         assert_eq!(contents(&client, name).await, everything, "{name}: every record exactly once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
+    // The emulator's default events: up to 10,000 records each, far more than the budget.
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 2).await;
+    for name in ["out-a", "out-b"] {
+        create_stream(&client, name, 2).await;
+    }
+    let input = records(61, 12_000, 1_024);
+    put_all(&client, "in", &input).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "") + "\n[memory]\nlimit = \"4MiB\"\n";
+    let service = Running::start(&toml, &emulator.url);
+    let mut peak = 0;
+    wait_until("every record in both destinations", || {
+        let used = service.metrics.memory.get().map(|m| m.used()).unwrap_or(0);
+        peak = peak.max(used);
+        async { service.accepted("out-a") >= 12_000 && service.accepted("out-b") >= 12_000 }
+    })
+    .await;
+    assert_eq!(service.metrics.memory_limit_bytes.get(), 4 << 20);
+    assert!(peak <= 4 << 20, "buffered {peak} bytes, over the 4 MiB budget");
+    assert!(peak > 0, "the budget was used");
+    service.stop().await.unwrap();
+    for name in ["out-a", "out-b"] {
+        assert_eq!(contents(&client, name).await, sorted(&input), "{name}: every record exactly once");
     }
 }
