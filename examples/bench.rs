@@ -228,6 +228,8 @@ level = "warn"
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench")
         .env("AWS_REGION", "us-east-1")
+        // As the Dockerfile and the ECS task run it.
+        .env("MALLOC_ARENA_MAX", "2")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("service.log"))?)
         .spawn()?;

@@ -266,19 +266,7 @@ impl ShardProgress {
 mod tests {
     use super::super::Progress;
     use super::*;
-    use bytes::Bytes;
-
-    fn records(seqs: &[u64]) -> Vec<SourceRecord> {
-        seqs.iter()
-            .map(|s| SourceRecord {
-                sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
-                partition_key: "k".into(),
-                data: Bytes::from_static(b"x"),
-                arrival: None,
-                user_records: None,
-            })
-            .collect()
-    }
+    use crate::progress::tests::records;
 
     fn batch(records: Vec<SourceRecord>) -> Batch {
         Batch { records, at_tip: false, memory: None }

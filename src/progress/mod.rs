@@ -362,7 +362,8 @@ mod tests {
         (0..n).map(|i| Arc::from(format!("d{i}"))).collect()
     }
 
-    fn records(seqs: &[u64]) -> Vec<SourceRecord> {
+    /// One-byte records with these sequence numbers (shared by the progress tests).
+    pub(super) fn records(seqs: &[u64]) -> Vec<SourceRecord> {
         seqs.iter()
             .map(|s| SourceRecord {
                 sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),

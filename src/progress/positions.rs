@@ -94,19 +94,7 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-
-    fn records(seqs: &[u64]) -> Vec<SourceRecord> {
-        seqs.iter()
-            .map(|s| SourceRecord {
-                sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
-                partition_key: "k".into(),
-                data: Bytes::from_static(b"x"),
-                arrival: None,
-                user_records: None,
-            })
-            .collect()
-    }
+    use crate::progress::tests::records;
 
     fn seq(n: u64) -> SequenceNumber {
         SequenceNumber::parse(&n.to_string()).unwrap()
