@@ -254,8 +254,10 @@ impl Fanout {
                 Route::Live => {}
                 Route::Skip => continue,
                 Route::Backfill(from) => {
-                    self.start_catch_up(shard, destination, from, "Destination is new to this shard; backfilling it from its start_position while the live feed goes on.");
-                    continue;
+                    let why = "Destination is new to this shard; backfilling it from its start_position while the live feed goes on.";
+                    if self.start_catch_up(shard, destination, from, why) {
+                        continue;
+                    }
                 }
             }
             let Some(detach_after) = destination.detach_after.filter(|_| self.catch_up.is_some()) else {
@@ -317,7 +319,7 @@ impl Fanout {
             if let Some(from) = shard.introduce(&destination.id, &destination.start, destination.appeared_while_running)
             {
                 let why = "Destination is new to this shard; backfilling it from its start_position.";
-                self.start_catch_up(shard, destination, from, why);
+                let _ = self.start_catch_up(shard, destination, from, why);
             }
         }
     }
@@ -328,17 +330,24 @@ impl Fanout {
         }
         if let Some(start) = shard.detach(&destination.id) {
             let why = "Destination's buffer stayed full; the others go on without it, and it catches up on its own.";
-            self.start_catch_up(shard, destination, start, why);
+            let _ = self.start_catch_up(shard, destination, start, why);
         }
     }
 
-    fn start_catch_up(&self, shard: &Arc<ShardProgress>, destination: &DestinationHandle, from: Position, why: &str) {
+    /// Starts a catch-up; false when there is no way to (no starter): the destination stays live.
+    fn start_catch_up(
+        &self,
+        shard: &Arc<ShardProgress>,
+        destination: &DestinationHandle,
+        from: Position,
+        why: &str,
+    ) -> bool {
         let Some(starter) = &self.catch_up else {
-            // Without catch-ups (unit tests), a backfill cannot run: forget it.
             shard.forget(&destination.id);
-            return;
+            return false;
         };
         tracing::warn!(destination = %destination.name, shard = %shard.shard_id, %from, "{why}");
         starter.start(Arc::clone(shard), destination.clone(), from);
+        true
     }
 }

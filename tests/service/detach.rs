@@ -167,3 +167,33 @@ async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
         assert_eq!(contents(&client, name).await, sorted(&input), "{name}: every record exactly once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_under_provisioned_destination_lags_alone() {
+    // AWS-like shard write limits: 1,000 records/s per shard.
+    let emulator = Emulator::with_options(StoreOptions { enforce_limits: true, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 4).await;
+    create_stream(&client, "out-big", 4).await;
+    create_stream(&client, "out-small", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let service = Running::start(&toml, &emulator.url);
+    let total = 20_000;
+    let input = records(71, total, 256);
+    put_all(&client, "in", &input).await;
+    // The 4-shard destination takes 4,000 records/s, the 1-shard one 1,000: the big one is done
+    // long before the small one, which does not slow it down.
+    service.wait_accepted("out-big", total as u64).await;
+    let small = service.accepted("out-small");
+    assert!(
+        small < total as u64,
+        "the small destination lags ({small} of {total}) and the big one did not wait for it"
+    );
+    service.wait_accepted("out-small", total as u64).await;
+    service.stop().await.unwrap();
+    for name in ["out-big", "out-small"] {
+        assert_eq!(contents(&client, name).await, sorted(&input), "{name}: every record exactly once");
+    }
+}
