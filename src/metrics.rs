@@ -128,6 +128,7 @@ pub struct Metrics {
     pub destination_detached: IntGaugeVec,
     pub destination_lag_seconds: GaugeVec,
     pub catch_up_records: IntCounterVec,
+    pub records_expired: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
@@ -312,6 +313,11 @@ impl Metrics {
             catch_up_records: counter(
                 "destination_catch_up_records_total",
                 "Records a detached destination's catch-up read again with GetRecords and queued for it.",
+                &["destination"],
+            ),
+            records_expired: counter(
+                "destination_records_expired_total",
+                "Records that left the source's retention before a detached destination's catch-up could read them (counted when it rejoins the live feed; logged as an error).",
                 &["destination"],
             ),
             checkpoint_writes: counter(

@@ -30,6 +30,10 @@ pub(super) struct Hold {
     /// backfill resumed after a restart). It does not hold the shard's checkpoint back, which
     /// never moves backwards; its own position is stored beside it.
     backfill: bool,
+    /// Records the live feed registered without it since it was detached, and records its
+    /// catch-up handed on: what is missing when it joins expired before it could be read.
+    missed: u64,
+    handed: u64,
 }
 
 impl Hold {
@@ -71,8 +75,9 @@ pub enum CatchUp {
     /// Still behind the live feed; read on after this record (`None`: nothing handed on yet).
     Behind(Option<SequenceNumber>),
     /// Everything the live feed registered is handed on: the destination is live again from the
-    /// next chunk on, and the catch-up ends.
-    Joined,
+    /// next chunk on, and the catch-up ends. `expired`: records the live feed registered while it
+    /// was detached that the catch-up never found (they left the stream's retention first).
+    Joined { expired: u64 },
     /// The destination is no longer detached here (removed, or the reading revoked).
     Gone,
 }
@@ -93,6 +98,16 @@ pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
 pub(super) fn settled(state: &ShardState, joined: bool) -> bool {
     state.detached.values().all(|h| (h.caught_up || !joined) && h.settled())
         && state.settling.iter().all(|(_, h)| h.settled())
+}
+
+/// A live chunk of `records` records is registered for `owed`: every destination detached (and
+/// not backfilling) misses it, and its catch-up must bring it.
+pub(super) fn count_missed(state: &mut ShardState, owed: &[Arc<str>], records: usize) {
+    for (destination, hold) in state.detached.iter_mut() {
+        if !hold.backfill && !hold.caught_up && !owed.contains(destination) {
+            hold.missed += records as u64;
+        }
+    }
 }
 
 /// The reading was revoked: so are its catch-ups' chunks.
@@ -117,7 +132,8 @@ impl ShardProgress {
             (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
         };
         let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
-        state.detached.insert(Arc::clone(destination), Hold { seam, lane, caught_up: false, backfill: false });
+        let hold = Hold { seam, lane, caught_up: false, backfill: false, missed: 0, handed: 0 };
+        state.detached.insert(Arc::clone(destination), hold);
         Some(start)
     }
 
@@ -181,7 +197,7 @@ impl ShardProgress {
             None => return None,
         };
         let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
-        let hold = Hold { seam: None, lane, caught_up: false, backfill: true };
+        let hold = Hold { seam: None, lane, caught_up: false, backfill: true, missed: 0, handed: 0 };
         state.detached.insert(Arc::clone(destination), hold);
         Some(start)
     }
@@ -242,6 +258,7 @@ impl ShardProgress {
             records.into_iter().filter(|r| live.as_ref().is_some_and(|l| r.sequence_number <= *l)).collect();
         let last = owed.last().map(|r| r.sequence_number.clone());
         if !owed.is_empty() {
+            hold.handed += owed.len() as u64;
             let mut lane = hold.lane.state();
             let chunk = hold.lane.register(&mut lane, id, owed, vec![Arc::from(destination)], memory);
             drop(lane);
@@ -256,7 +273,8 @@ impl ShardProgress {
         }
         if caught_up && room {
             hold.caught_up = true;
-            return CatchUp::Joined;
+            let expired = if hold.backfill { 0 } else { hold.missed.saturating_sub(hold.handed) };
+            return CatchUp::Joined { expired };
         }
         CatchUp::Behind(reached)
     }
@@ -298,7 +316,7 @@ mod tests {
         // Its catch-up reads 3-6, but only 3-4 are registered live: it hands on those, and joins.
         let mut sent = Vec::new();
         let outcome = shard.catch_up("slow", batch(records(&[3, 4, 5, 6])), progress.next_id(), true, |c| sent.push(c));
-        assert_eq!(outcome, CatchUp::Joined);
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 });
         assert_eq!(sent.len(), 1);
         let seqs: Vec<&str> = sent[0].records.iter().map(|r| r.sequence_number.as_str()).collect();
         assert_eq!(seqs, ["3", "4"], "nothing past the live feed: the live feed brings it");
@@ -332,10 +350,27 @@ mod tests {
         let full = shard.catch_up("slow", batch(records(&[3])), progress.next_id(), false, |c| sent.push(c));
         assert_eq!(full, CatchUp::Behind(seq(3)), "caught up, but its buffer is too full to join");
         let joined = shard.catch_up("slow", batch(Vec::new()), progress.next_id(), true, |c| sent.push(c));
-        assert_eq!(joined, CatchUp::Joined);
+        assert_eq!(joined, CatchUp::Joined { expired: 0 });
         assert_eq!(sent.len(), 2);
         assert_eq!(shard.catch_up("other", batch(Vec::new()), 0, true, |_| {}), CatchUp::Gone);
         shard.forget("slow");
         assert!(!shard.is_detached("slow"));
+    }
+
+    #[test]
+    fn records_the_catch_up_never_finds_are_counted_as_expired_when_it_joins() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        let slow: Arc<str> = "slow".into();
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1]), vec![slow.clone()], None);
+        first.acknowledge("slow");
+        assert!(shard.detach(&slow).is_some());
+        // The live feed reads 2-5 without it; by the time its catch-up reads, 2 and 3 are gone.
+        let _ = shard.begin_live(progress.next_id(), records(&[2, 3]), Vec::new(), None);
+        let _ = shard.begin_live(progress.next_id(), records(&[4, 5]), Vec::new(), None);
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("slow", batch(records(&[4, 5])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 2 });
+        assert_eq!(sent.len(), 1);
     }
 }

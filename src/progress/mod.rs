@@ -147,6 +147,7 @@ impl ShardProgress {
         let arrival = records.first().and_then(|r| r.arrival);
         let nobody = owed.is_empty();
         state.seen.extend(owed.iter().cloned());
+        detach::count_missed(state, &owed, records.len());
         state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival, owed });
         state.last_registered = Some(last.clone());
         let chunk = Arc::new(Chunk {

@@ -111,6 +111,17 @@ impl Reader {
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
             match self.hand_on(records, at_tip).await {
                 CatchUp::Behind(reached) => last = reached.or(last),
+                CatchUp::Joined { expired } if expired > 0 => {
+                    self.up.metrics.records_expired.with_label_values(&[name]).inc_by(expired);
+                    tracing::error!(
+                        destination = name,
+                        shard = %shard_id,
+                        expired,
+                        after = %self.start,
+                        "Records expired from the source before this destination got them: the live feed read them while it was detached, and they left the stream's retention before its catch-up could read them again."
+                    );
+                    return CatchUp::Joined { expired };
+                }
                 done => {
                     tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
                     return done;

@@ -52,6 +52,7 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
         service.metrics.catch_up_records.with_label_values(&["out-broken"]).get() > 0,
         "records reached it through the catch-up"
     );
+    assert_eq!(service.metrics.records_expired.with_label_values(&["out-broken"]).get(), 0, "nothing expired");
     // Records written after the seam reach all three through the live feed.
     let more = records(32, 300, 256);
     put_all(&client, "in", &more).await;
