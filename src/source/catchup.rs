@@ -107,6 +107,7 @@ impl Reader {
             };
             backoff.reset();
             let records = self.fresh(page.records, last.as_ref());
+            let read_through = records.last().map(|r| r.sequence_number.clone());
             let at_tip = records.is_empty() && page.millis_behind_latest.is_none_or(|ms| ms == 0);
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
             match self.hand_on(records, at_tip).await {
@@ -128,7 +129,7 @@ impl Reader {
                 }
             }
             // At the end of a closed shard, wait for the live feed to register the same records.
-            iterator = Some(page.next.unwrap_or(current));
+            iterator = next_iterator(page.next.unwrap_or(current), read_through.as_ref(), last.as_ref());
             tokio::time::sleep(if busy { BUSY_PAUSE } else { IDLE_PAUSE }).await;
         }
     }
@@ -193,5 +194,41 @@ impl Reader {
             tracing::warn!(destination = %self.destination.name, shard = %self.shard.shard_id, error = %err, "Catch-up read failed; trying again.");
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// The iterator to read on with, or `None` to ask for a new one after the last record handed on.
+/// An iterator is only good while everything it read was handed on: records read past that (the
+/// live feed has not registered them yet) must be read again, or the destination never gets them.
+fn next_iterator(
+    next: String,
+    read_through: Option<&SequenceNumber>,
+    handed_through: Option<&SequenceNumber>,
+) -> Option<String> {
+    match read_through {
+        Some(read) if handed_through.is_none_or(|handed| read > handed) => None,
+        _ => Some(next),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: u64) -> SequenceNumber {
+        SequenceNumber::parse(&n.to_string()).unwrap()
+    }
+
+    #[test]
+    fn records_read_past_what_was_handed_on_are_read_again() {
+        let it = || "iterator".to_string();
+        // Everything read was handed on (or nothing was read): read on.
+        assert_eq!(next_iterator(it(), Some(&seq(5)), Some(&seq(5))), Some(it()));
+        assert_eq!(next_iterator(it(), None, Some(&seq(5))), Some(it()));
+        assert_eq!(next_iterator(it(), None, None), Some(it()));
+        // 6-9 were read but the live feed had registered only up to 5: read again after 5.
+        assert_eq!(next_iterator(it(), Some(&seq(9)), Some(&seq(5))), None);
+        // Read, but nothing handed on yet: read again from the catch-up's start.
+        assert_eq!(next_iterator(it(), Some(&seq(9)), None), None);
     }
 }
