@@ -18,7 +18,7 @@ use crate::health::Health;
 use crate::lease::{LeaseError, LeaseManager, LeaseTable};
 use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
-use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress};
+use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress, Snapshot};
 use crate::shutdown::{Task, TaskGroup};
 use crate::sink::supervisor::Supervisor;
 use crate::source::assign::{Assignment, Leases, Listing, Plan};
@@ -129,8 +129,6 @@ impl Pipeline {
         health.consumer_active();
         let backend = Backend::open(&settings, &sdk, &clients, &stream).await?;
         let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
-        let stored = checkpointer.load().await?;
-        tracing::info!(shards = stored.shards.len(), "Checkpoints loaded.");
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
         let writers = TaskGroup::default();
@@ -205,7 +203,10 @@ impl Pipeline {
                 let leases = Leases::new(listing, manager, events, checkpointer.clone(), &health);
                 source.run(leases, reading).await
             }
-            _ => source.run(Plan::new(listing, stored, checkpointer.clone(), Arc::clone(&health)), reading).await,
+            _ => {
+                let plan = Plan::new(listing, backend.stored, checkpointer.clone(), Arc::clone(&health));
+                source.run(plan, reading).await
+            }
         };
         if let Err(err) = &outcome {
             tracing::error!(error = %crate::aws::chain(err), "The source cannot be read any more; stopping.");
@@ -248,6 +249,9 @@ struct Backend {
     store: Arc<dyn CheckpointStore>,
     manager: Option<Arc<LeaseManager>>,
     events: Option<mpsc::UnboundedReceiver<Assignment>>,
+    /// File backend: what the file holds, for the single-worker plan. (With a lease table each
+    /// lease brings its own checkpoint and destination positions.)
+    stored: Snapshot,
     share: watch::Receiver<f64>,
     /// Keeps the share of a single worker (always 1) alive.
     _alone: Option<watch::Sender<f64>>,
@@ -263,13 +267,10 @@ impl Backend {
         match &settings.checkpoint.backend {
             CheckpointBackend::File { path } => {
                 let (alone, share) = watch::channel(1.0);
-                Ok(Backend {
-                    store: Arc::new(FileCheckpointStore::new(path.clone(), settings.source.stream_name.clone())),
-                    manager: None,
-                    events: None,
-                    share,
-                    _alone: Some(alone),
-                })
+                let store = FileCheckpointStore::new(path.clone(), settings.source.stream_name.clone());
+                let stored = store.load_snapshot().await?;
+                tracing::info!(shards = stored.shards.len(), "Checkpoints loaded.");
+                Ok(Backend { store: Arc::new(store), manager: None, events: None, stored, share, _alone: Some(alone) })
             }
             CheckpointBackend::DynamoDb(lease) => {
                 let table =
@@ -287,6 +288,7 @@ impl Backend {
                     store: Arc::clone(&manager) as Arc<dyn CheckpointStore>,
                     manager: Some(manager),
                     events: Some(events),
+                    stored: Snapshot::default(),
                     share,
                     _alone: None,
                 })

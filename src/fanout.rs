@@ -79,18 +79,21 @@ impl DestinationHandle {
         self.budget.close();
     }
 
+    /// Permits for `bytes`: at least one, at most the whole budget.
+    fn permits_for(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits)
+    }
+
     /// Waits for `bytes` of budget (at most the whole budget).
     pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
-        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
-        Arc::clone(&self.budget).acquire_many_owned(wanted).await.map_err(|_| Closed)
+        Arc::clone(&self.budget).acquire_many_owned(self.permits_for(bytes)).await.map_err(|_| Closed)
     }
 
     /// Budget for `bytes` if it is free now; `None` when the buffer is full (and since when is
     /// noted), else the buffer is noted as not full.
     pub fn try_reserve(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Closed> {
-        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
         let mut full_since = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
-        match Arc::clone(&self.budget).try_acquire_many_owned(wanted) {
+        match Arc::clone(&self.budget).try_acquire_many_owned(self.permits_for(bytes)) {
             Ok(permit) => {
                 *full_since = None;
                 Ok(Some(permit))
@@ -117,9 +120,8 @@ impl DestinationHandle {
     /// Budget for a chunk that must go now (a destination joining the live feed again): what is
     /// free of `bytes`, possibly nothing.
     fn reserve_now(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
-        let wanted = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits);
         let free = u32::try_from(self.budget.available_permits()).unwrap_or(u32::MAX);
-        Arc::clone(&self.budget).try_acquire_many_owned(wanted.min(free)).map_err(|_| Closed)
+        Arc::clone(&self.budget).try_acquire_many_owned(self.permits_for(bytes).min(free)).map_err(|_| Closed)
     }
 
     /// Whether at least half the budget is free: a catch-up joins the live feed only then.
@@ -202,22 +204,19 @@ impl Fanout {
     ) -> Result<(), Stopped> {
         // The whole event counts against the process's memory budget from here; each chunk
         // keeps its share until every destination is done with it.
-        let bytes: usize = records.iter().map(SourceRecord::size).sum();
+        let event_bytes: usize = records.iter().map(SourceRecord::size).sum();
         let mut memory = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(Stopped),
-            memory = self.memory.reserve(bytes) => memory,
+            memory = self.memory.reserve(event_bytes) => memory,
         };
         while !records.is_empty() {
             let take = shard.skip_boundary(&records, chunk_len(&records));
             let rest = records.split_off(take);
-            let share = if rest.is_empty() {
-                memory.split(memory.num_permits())
-            } else {
-                let chunk_bytes: usize = records.iter().map(SourceRecord::size).sum();
-                memory.split(chunk_bytes.min(memory.num_permits()))
-            };
-            self.deliver_chunk(shard, records, share, cancel).await?;
+            let bytes: usize = records.iter().map(SourceRecord::size).sum();
+            // The last chunk takes what is left (all of it when the event was larger than the budget).
+            let share = if rest.is_empty() { memory.num_permits() } else { bytes.min(memory.num_permits()) };
+            self.deliver_chunk(shard, records, bytes, memory.split(share), cancel).await?;
             records = rest;
         }
         Ok(())
@@ -227,6 +226,7 @@ impl Fanout {
         &mut self,
         shard: &Arc<ShardProgress>,
         records: Vec<SourceRecord>,
+        bytes: usize,
         memory: Option<OwnedSemaphorePermit>,
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
@@ -246,7 +246,6 @@ impl Fanout {
         // the drain for the whole grace period, and the checkpoint before records already written).
         // Every reader takes budgets in the same order (by name), so readers holding one budget
         // while waiting for the next cannot wait on each other.
-        let bytes: usize = records.iter().map(SourceRecord::size).sum();
         let last = records.last().expect("a chunk holds at least one record").sequence_number.clone();
         let mut permits = Vec::with_capacity(set.len());
         for destination in set.iter() {

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::manager::LeaseManager;
 use super::table::{CheckpointWrite, LeaseError, Position};
-use crate::progress::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
+use crate::progress::{CheckpointError, CheckpointStore, Snapshot};
 
 impl LeaseManager {
     /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.
@@ -54,12 +54,19 @@ impl LeaseManager {
 }
 
 impl CheckpointStore for LeaseManager {
-    /// Every lease's checkpoint, as the table holds it now. Which shards this worker reads, and
-    /// from where, comes with each lease it takes.
-    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+    /// Every lease's checkpoint and destination positions, as the table holds them now. Which
+    /// shards this worker reads, and from where, comes with each lease it takes.
+    fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>> {
         Box::pin(async {
             let leases = self.table.scan().await.map_err(|err| self.store_error(err))?;
-            Ok(leases.into_iter().map(|l| (l.key, l.checkpoint)).collect())
+            let mut stored = Snapshot::default();
+            for lease in leases {
+                if !lease.destination_checkpoints.is_empty() {
+                    stored.destinations.insert(lease.key.clone(), lease.destination_checkpoints);
+                }
+                stored.shards.insert(lease.key, lease.checkpoint);
+            }
+            Ok(stored)
         })
     }
 
@@ -70,16 +77,8 @@ impl CheckpointStore for LeaseManager {
         })
     }
 
-    /// Writes the checkpoints of the shards this worker holds and held when they were taken;
-    /// others are not its to write.
-    fn save<'a>(&'a self, checkpoints: &'a Checkpoints, as_of: Instant) -> BoxFuture<'a, Result<(), CheckpointError>> {
-        Box::pin(async move {
-            let snapshot = Snapshot { shards: checkpoints.clone(), ..Snapshot::default() };
-            self.save_snapshot(&snapshot, as_of).await
-        })
-    }
-
     /// One conditional write per held shard: its checkpoint and its destinations' positions.
+    /// Only the shards this worker holds, and held when the snapshot was taken, are its to write.
     fn save_snapshot<'a>(
         &'a self,
         snapshot: &'a Snapshot,

@@ -54,32 +54,36 @@ pub enum CheckpointError {
 
 /// A durable home for checkpoints.
 pub trait CheckpointStore: Send + Sync {
-    /// Every checkpoint stored for the source stream.
-    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>>;
-    /// Stores the given checkpoints (shards not named keep what they had). `as_of` is when they
-    /// were taken: a shard this worker took (again) after that is not theirs to move, since a
-    /// snapshot of an earlier reading could move it backwards.
-    fn save<'a>(
+    /// Everything stored for the source stream: shard checkpoints and destination positions.
+    fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>>;
+    /// Stores shard checkpoints and destination positions, one write per shard (shards not named
+    /// keep what they had). `as_of` is when they were taken: a shard this worker took (again)
+    /// after that is not theirs to move, since a snapshot of an earlier reading could move it
+    /// backwards.
+    fn save_snapshot<'a>(
         &'a self,
-        checkpoints: &'a Checkpoints,
+        snapshot: &'a Snapshot,
         as_of: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<(), CheckpointError>>;
     /// Records that `shard` was read to its end, naming its `children`: from then on they may be
     /// read, here or by another worker.
     fn finish<'a>(&'a self, shard: &'a str, children: &'a [String]) -> BoxFuture<'a, Result<(), CheckpointError>>;
 
-    /// Stores shard checkpoints and destination positions in one write per shard.
-    fn save_snapshot<'a>(
-        &'a self,
-        snapshot: &'a Snapshot,
-        as_of: tokio::time::Instant,
-    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
-        self.save(&snapshot.shards, as_of)
+    /// Every shard checkpoint stored.
+    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
+        Box::pin(async { self.load_snapshot().await.map(|stored| stored.shards) })
     }
 
-    /// Everything stored: shard checkpoints and destination positions.
-    fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>> {
-        Box::pin(async { Ok(Snapshot { shards: self.load().await?, destinations: DestinationPositions::new() }) })
+    /// Stores shard checkpoints alone.
+    fn save<'a>(
+        &'a self,
+        checkpoints: &'a Checkpoints,
+        as_of: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(async move {
+            let snapshot = Snapshot { shards: checkpoints.clone(), destinations: DestinationPositions::new() };
+            self.save_snapshot(&snapshot, as_of).await
+        })
     }
 }
 
@@ -201,25 +205,11 @@ impl FileCheckpointStore {
 }
 
 impl CheckpointStore for FileCheckpointStore {
-    fn load(&self) -> BoxFuture<'_, Result<Checkpoints, CheckpointError>> {
-        Box::pin(async { self.load_file().await.map(|s| s.shards) })
-    }
-
     fn load_snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CheckpointError>> {
         Box::pin(self.load_file())
     }
 
     /// One worker owns the whole file: every snapshot is its own.
-    fn save<'a>(
-        &'a self,
-        checkpoints: &'a Checkpoints,
-        _as_of: tokio::time::Instant,
-    ) -> BoxFuture<'a, Result<(), CheckpointError>> {
-        Box::pin(async move {
-            self.save_file(&Snapshot { shards: checkpoints.clone(), destinations: DestinationPositions::new() }).await
-        })
-    }
-
     fn save_snapshot<'a>(
         &'a self,
         snapshot: &'a Snapshot,

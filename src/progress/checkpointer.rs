@@ -22,11 +22,6 @@ impl Checkpointer {
         Checkpointer { store, metrics }
     }
 
-    /// Everything stored for the source stream.
-    pub async fn load(&self) -> Result<Snapshot, CheckpointError> {
-        self.store.load_snapshot().await
-    }
-
     /// Stores positions taken at `as_of` (see [`CheckpointStore::save`]).
     pub async fn save(&self, checkpoints: &Checkpoints, as_of: Instant) -> Result<(), CheckpointError> {
         let saved = self.store.save(checkpoints, as_of).await;

@@ -37,6 +37,12 @@ pub(super) struct Hold {
 }
 
 impl Hold {
+    /// A hold of `shard`'s reading with a fresh lane for its catch-up's chunks.
+    fn new(shard: &ShardProgress, seam: Option<SequenceNumber>, backfill: bool) -> Self {
+        let lane = Arc::new(ShardProgress::new(Arc::clone(&shard.shard_id), Arc::clone(&shard.revocations)));
+        Hold { seam, lane, caught_up: false, backfill, missed: 0, handed: 0 }
+    }
+
     /// Below this, the destination has every record.
     pub(super) fn floor(&self) -> Option<SequenceNumber> {
         self.lane.state().acknowledged.clone().or_else(|| self.seam.clone())
@@ -131,9 +137,7 @@ impl ShardProgress {
             (None, Some(at)) => Position::At(at.clone()),
             (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
         };
-        let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
-        let hold = Hold { seam, lane, caught_up: false, backfill: false, missed: 0, handed: 0 };
-        state.detached.insert(Arc::clone(destination), hold);
+        state.detached.insert(Arc::clone(destination), Hold::new(self, seam, false));
         Some(start)
     }
 
@@ -145,8 +149,7 @@ impl ShardProgress {
         if state.detached.contains_key(destination) {
             return Route::Skip;
         }
-        let skip = state.skips.get(destination).cloned();
-        if skip.as_ref().is_some_and(|s| last <= s) {
+        if super::positions::has_through(&state, destination, last) {
             return Route::Skip;
         }
         if state.seen.contains(destination) {
@@ -196,9 +199,7 @@ impl ShardProgress {
             }
             None => return None,
         };
-        let lane = Arc::new(ShardProgress::new(Arc::clone(&self.shard_id), Arc::clone(&self.revocations)));
-        let hold = Hold { seam: None, lane, caught_up: false, backfill: true, missed: 0, handed: 0 };
-        state.detached.insert(Arc::clone(destination), hold);
+        state.detached.insert(Arc::clone(destination), Hold::new(self, None, true));
         Some(start)
     }
 

@@ -21,7 +21,7 @@ impl ShardProgress {
 
     /// Whether `destination` already has every record up to `last`.
     pub fn already_has(&self, destination: &str, last: &SequenceNumber) -> bool {
-        self.state().skips.get(destination).is_some_and(|skip| last <= skip)
+        has_through(&self.state(), destination, last)
     }
 
     /// How many of the leading `take` records form the next chunk so that no chunk straddles a
@@ -46,6 +46,11 @@ impl ShardProgress {
         ids.dedup();
         ids.into_iter().filter_map(|id| own_position(&state, id).map(|seq| (id.to_string(), seq))).collect()
     }
+}
+
+/// Whether a stored position says `destination` has every record up to `last`.
+pub(super) fn has_through(state: &ShardState, destination: &str, last: &SequenceNumber) -> bool {
+    state.skips.get(destination).is_some_and(|skip| last <= skip)
 }
 
 /// Below this, `destination` has every record of the shard.
