@@ -230,6 +230,8 @@ level = "warn"
         .env("AWS_REGION", "us-east-1")
         // As the Dockerfile and the ECS task run it.
         .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("service.log"))?)
         .spawn()?;
@@ -403,7 +405,7 @@ async fn big_events(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     let records = if opts.smoke { 2_000 } else { opts.records };
     produce(&client, "bench-in", 0, records, opts.record_size).await?;
     let dir = tempfile::tempdir()?;
-    let limit_mib = 64.0;
+    let limit_mib = 96.0;
     let extra = format!("[memory]\nlimit = \"{limit_mib}MiB\"");
     let started = Instant::now();
     let service = spawn_service_with(bin, dir.path(), &emulator.url, "32MiB", &extra)?;

@@ -170,10 +170,14 @@ impl Pipeline {
         });
 
         let reading = shutdown.child_token();
-        let memory = crate::memory::MemoryBudget::new(settings.memory_limit);
-        metrics.memory_limit_bytes.set(memory.limit() as i64);
+        let memory = crate::memory::MemoryBudget::for_process(settings.memory_limit);
+        metrics.memory_limit_bytes.set(settings.memory_limit as i64);
         let _ = metrics.memory.set(memory.clone());
-        tracing::info!(limit_bytes = memory.limit(), "Memory budget for everything buffered.");
+        tracing::info!(
+            limit_bytes = settings.memory_limit,
+            buffers_bytes = memory.limit(),
+            "Memory budget for everything buffered."
+        );
         let source = Source {
             stream,
             consumer_arn,

@@ -17,6 +17,7 @@ use crate::position::Position;
 use crate::progress::{Chunk, Progress, Route, ShardProgress};
 use crate::record::SourceRecord;
 use crate::shutdown::Stopped;
+use crate::sink::QUEUED_ENTRY_BYTES;
 
 /// A chunk queued for one destination, with the share of that destination's budget it holds.
 #[derive(Debug)]
@@ -193,31 +194,57 @@ impl Fanout {
         self
     }
 
+    /// What records cost against the memory budget: their own footprint, and an entry in the
+    /// send queue of every destination for each of them (or for each user record of an aggregate).
+    fn cost(&self, records: &[SourceRecord]) -> usize {
+        let destinations = self.destinations.borrow().len().max(1);
+        let entries: usize = records.iter().map(|r| r.user_records.as_ref().map_or(1, |u| u.len().max(1))).sum();
+        records.iter().map(SourceRecord::footprint).sum::<usize>() + entries * destinations * QUEUED_ENTRY_BYTES
+    }
+
+    /// The process's memory budget, which everything read counts against.
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.memory
+    }
+
     /// Queues `records` for every current destination, in chunks small enough that a budget holds
     /// several of them, waiting on full budgets (backpressure) and while no destination exists at
     /// all (records are never acknowledged to nobody).
+    ///
+    /// `reserved` is what the event was given of the memory budget when it arrived (see
+    /// `source::metered`); without it the event's share is reserved here.
     pub async fn deliver(
         &mut self,
         shard: &Arc<ShardProgress>,
         mut records: Vec<SourceRecord>,
+        reserved: Option<OwnedSemaphorePermit>,
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
         // The whole event counts against the process's memory budget from here; each chunk
         // keeps its share until every destination is done with it.
-        let event_bytes: usize = records.iter().map(SourceRecord::size).sum();
-        let mut memory = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(Stopped),
-            memory = self.memory.reserve(event_bytes) => memory,
+        let event_bytes = self.cost(&records);
+        let mut memory = match reserved {
+            // Decoding is over: keep what the records need (or what was reserved, if less).
+            Some(mut memory) => {
+                drop(memory.split(memory.num_permits().saturating_sub(event_bytes)));
+                memory
+            }
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Stopped),
+                memory = self.memory.reserve(event_bytes) => memory,
+            },
         };
         while !records.is_empty() {
             let take = shard.skip_boundary(&records, chunk_len(&records));
-            let rest = records.split_off(take);
-            let bytes: usize = records.iter().map(SourceRecord::size).sum();
+            // Drained, not split off: a chunk split off the front would keep the capacity of the
+            // whole rest of the event (quadratic memory for an event of 10,000 records).
+            let chunk: Vec<SourceRecord> = records.drain(..take).collect();
+            let bytes: usize = chunk.iter().map(SourceRecord::size).sum();
+            let cost = self.cost(&chunk);
             // The last chunk takes what is left (all of it when the event was larger than the budget).
-            let share = if rest.is_empty() { memory.num_permits() } else { bytes.min(memory.num_permits()) };
-            self.deliver_chunk(shard, records, bytes, memory.split(share), cancel).await?;
-            records = rest;
+            let share = if records.is_empty() { memory.num_permits() } else { cost.min(memory.num_permits()) };
+            self.deliver_chunk(shard, chunk, bytes, memory.split(share), cancel).await?;
         }
         Ok(())
     }
@@ -348,5 +375,50 @@ impl Fanout {
         tracing::warn!(destination = %destination.name, shard = %shard.shard_id, %from, "{why}");
         starter.start(Arc::clone(shard), destination.clone(), from);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SequenceNumber;
+
+    fn records(n: u64) -> Vec<SourceRecord> {
+        (1..=n)
+            .map(|seq| SourceRecord {
+                sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
+                partition_key: "key".into(),
+                data: bytes::Bytes::from_static(&[7; 100]),
+                arrival: None,
+                user_records: None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_event_is_chunked_without_keeping_the_rest_of_it_and_counted_whole() {
+        let (destination, mut queue) = DestinationHandle::new("d".into(), "arn:d".into(), 64 << 20);
+        let (_set, destinations) = watch::channel(Arc::new(vec![destination]));
+        let progress = Arc::new(Progress::default());
+        let memory = MemoryBudget::new(256 << 20);
+        let mut fanout = Fanout::new(destinations, Arc::clone(&progress)).with_memory(memory.clone());
+        let shard = progress.shard("s");
+        let event = records(10_000);
+        let footprint: usize = event.iter().map(SourceRecord::footprint).sum::<usize>() + 10_000 * QUEUED_ENTRY_BYTES;
+        fanout.deliver(&shard, event, None, &CancellationToken::new()).await.unwrap();
+
+        let mut chunks = Vec::new();
+        while let Ok(delivery) = queue.try_recv() {
+            chunks.push(delivery);
+        }
+        let delivered: usize = chunks.iter().map(|d| d.chunk.records.len()).sum();
+        assert_eq!(delivered, 10_000);
+        assert!(chunks.len() > 1, "the event is cut into chunks");
+        let slots: usize = chunks.iter().map(|d| d.chunk.records.capacity()).sum();
+        assert!(slots <= 10_000 + chunks.len(), "chunks keep {slots} record slots for 10,000 records");
+        assert_eq!(memory.used(), footprint as u64, "the event counts with its records' own fields and queue entries");
+        assert!(footprint > 10_000 * 103, "the footprint counts more than data and key");
+        drop(chunks);
+        assert_eq!(memory.used(), 0, "every chunk returns its share");
     }
 }

@@ -1,9 +1,11 @@
-//! One memory budget for the process: `[memory] limit` bytes for everything buffered, source
-//! events being decoded and fanned out, queued chunks and catch-up reads alike. A chunk holds its
-//! share of the budget until every destination is done with it (a chunk shared by several
-//! destinations counts once). When the budget is spent, readers wait before they take the next
-//! event; Enhanced Fan-Out's flow control holds the rest on the wire. An event larger than the
-//! whole budget is let through alone.
+//! One memory budget for the process: `[memory] limit` bytes for the whole process, of which
+//! everything buffered gets all but a headroom for the process itself: source events being
+//! decoded (counted from their first bytes, `source::metered`) and fanned out, queued chunks
+//! and their queue entries, and catch-up reads alike. A chunk holds its share of the budget until
+//! every destination is done with it (a chunk shared by several destinations counts once). When
+//! the budget is spent, readers wait before they take in the next event; HTTP/2 and Enhanced
+//! Fan-Out flow control hold the rest at the sender. An event larger than the whole budget is
+//! let through alone.
 //!
 //! `max_in_flight_bytes` stays a per-destination cap inside the budget.
 
@@ -13,6 +15,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Used when there is no container limit to take 80% of.
 const FALLBACK_LIMIT: u64 = 512 << 20;
+/// What the process needs beside its buffers: code, runtime, connections and metrics (about
+/// 20 MiB with nothing buffered), the request each destination is building, and the allocator's
+/// own slack, which grows with what is buffered. Buffers get the rest of the limit, and at least
+/// half of it (measured with the benchmark's `big-events` scenario: see the README).
+const PROCESS_HEADROOM: u64 = 32 << 20;
+/// The allocator's slack: this share of the limit is kept beside the fixed headroom.
+const SLACK_DIVISOR: u64 = 8;
 
 /// 80% of the container's cgroup memory limit when there is one, else 512 MiB.
 pub fn default_limit() -> u64 {
@@ -36,6 +45,12 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
+    /// The budget for buffers in a process whose memory is limited to `limit` bytes.
+    pub fn for_process(limit: u64) -> Self {
+        MemoryBudget::new(limit - (PROCESS_HEADROOM + limit / SLACK_DIVISOR).min(limit / 2))
+    }
+
+    /// A budget of `limit` bytes of buffers.
     pub fn new(limit: u64) -> Self {
         let permits = usize::try_from(limit).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         MemoryBudget { permits: Arc::new(Semaphore::new(permits)), limit: permits as u64 }
@@ -59,7 +74,7 @@ impl MemoryBudget {
 
 impl Default for MemoryBudget {
     fn default() -> Self {
-        MemoryBudget::new(FALLBACK_LIMIT)
+        MemoryBudget::for_process(FALLBACK_LIMIT)
     }
 }
 
@@ -73,6 +88,13 @@ mod tests {
         assert_eq!(cgroup_limit("max\n"), None);
         assert_eq!(cgroup_limit("9223372036854771712\n"), None, "cgroup v1 without a limit");
         assert_eq!(cgroup_limit(""), None);
+    }
+
+    #[test]
+    fn the_process_keeps_headroom_beside_its_buffers() {
+        assert_eq!(MemoryBudget::for_process(96 << 20).limit(), 52 << 20);
+        assert_eq!(MemoryBudget::for_process(512 << 20).limit(), 416 << 20);
+        assert_eq!(MemoryBudget::for_process(4 << 20).limit(), 2 << 20, "a small limit keeps half for buffers");
     }
 
     #[tokio::test]

@@ -79,6 +79,22 @@ impl SourceRecord {
     pub fn size(&self) -> usize {
         self.data.len() + self.partition_key.len()
     }
+
+    /// Bytes the record keeps in memory, its own fields and what they point to: what it costs
+    /// against the process's memory budget (the data alone undercounts small records).
+    pub fn footprint(&self) -> usize {
+        let users = self.user_records.as_ref().map_or(0, |users| {
+            users
+                .iter()
+                .map(|u| {
+                    std::mem::size_of::<crate::kpl::UserRecord>()
+                        + u.partition_key.len()
+                        + u.explicit_hash_key.as_ref().map_or(0, String::len)
+                })
+                .sum()
+        });
+        std::mem::size_of::<Self>() + self.sequence_number.as_str().len() + self.size() + users
+    }
 }
 
 /// Why Kinesis would refuse an entry as it stands (PutRecords validates every entry of a request

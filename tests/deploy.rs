@@ -30,6 +30,25 @@ fn dockerfile_copies_existing_paths_and_keeps_its_contract() {
     }
 }
 
+/// The image, the ECS task, the benchmark and the crash tests run the binary with the same glibc
+/// malloc tunables (the benchmark's resident-memory figures hold only with them).
+#[test]
+fn malloc_tunables_agree_everywhere_the_binary_runs() {
+    let tunables =
+        [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072")];
+    let dockerfile = read("Dockerfile");
+    let task = read("deploy/cloudformation/kinesis-fanout.yaml");
+    let bench = read("examples/bench.rs");
+    let crash = read("tests/service/crash.rs");
+    for (name, value) in tunables {
+        assert!(dockerfile.contains(&format!("{name}={value}")), "Dockerfile lacks {name}={value}");
+        assert!(task.contains(&format!("- Name: {name}\n              Value: \"{value}\"")), "ECS task lacks {name}");
+        for (file, text) in [("examples/bench.rs", &bench), ("tests/service/crash.rs", &crash)] {
+            assert!(text.contains(&format!(".env(\"{name}\", \"{value}\")")), "{file} lacks {name}={value}");
+        }
+    }
+}
+
 /// Every `kinesis_fanout_*` name used by a deployment file is a metric the service exports.
 fn assert_known_metrics(file: &str, text: &str) {
     let metrics = kinesis_fanout::metrics::Metrics::new();

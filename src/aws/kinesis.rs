@@ -140,12 +140,15 @@ pub async fn subscribe(
     consumer_arn: &str,
     shard_id: &str,
     start: &Position,
+    meter: impl aws_sdk_kinesis::config::Intercept + 'static,
 ) -> Result<Subscription, CallError> {
     let output = client
         .subscribe_to_shard()
         .consumer_arn(consumer_arn)
         .shard_id(shard_id)
         .starting_position(starting_position(start))
+        .customize()
+        .interceptor(meter)
         .send()
         .await
         .map_err(|err| CallError::from_sdk(&err))?;

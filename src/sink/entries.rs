@@ -139,6 +139,9 @@ fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
 }
 
 /// One PutRecords entry waiting to be written.
+/// What one queued entry costs in memory, beside the record it points to.
+pub const QUEUED_ENTRY_BYTES: usize = std::mem::size_of::<Pending>();
+
 pub struct Pending {
     pub chunk: Arc<Chunk>,
     /// The source record it comes from (for origins in dead letters).

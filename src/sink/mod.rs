@@ -16,3 +16,4 @@ pub mod writer;
 
 pub use batch::MAX_RECORD_BYTES;
 pub use destination::{DestinationTask, Exit};
+pub use entries::QUEUED_ENTRY_BYTES;

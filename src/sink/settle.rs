@@ -14,6 +14,11 @@ impl Writer {
     /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
     pub(super) async fn settle(&mut self, outcomes: Vec<EntryOutcome>) -> Result<(), Interrupt> {
         let sent: Vec<Pending> = self.pending.drain(..outcomes.len()).collect();
+        // A queue that was long once keeps its room; give it back when it is mostly empty (the
+        // memory budget counts entries, not the room they once needed).
+        if self.pending.capacity() > 1024 && self.pending.len() * 4 < self.pending.capacity() {
+            self.pending.shrink_to(self.pending.len() * 2);
+        }
         let mut again: Vec<Pending> = Vec::new();
         let mut rejected: Vec<(Pending, String, String)> = Vec::new();
         let (mut ok, mut ok_bytes) = (0u64, 0u64);

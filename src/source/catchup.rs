@@ -165,7 +165,7 @@ impl Reader {
         let (permit, memory) = if records.is_empty() {
             (None, None)
         } else {
-            let memory = self.up.memory.reserve(bytes).await;
+            let memory = self.up.memory.reserve(records.iter().map(SourceRecord::footprint).sum()).await;
             match self.destination.reserve(bytes).await {
                 Ok(permit) => (Some(permit), Some(memory)),
                 Err(_) => return CatchUp::Gone,

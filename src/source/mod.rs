@@ -8,6 +8,7 @@
 pub mod assign;
 pub mod catchup;
 pub mod consumer;
+pub mod metered;
 pub mod reader;
 pub mod shards;
 

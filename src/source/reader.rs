@@ -9,9 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_kinesis::types::SubscribeToShardEvent;
 use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
+use super::metered::EventMeter;
 use crate::aws::{ErrorKind, kinesis};
 use crate::fanout::Fanout;
 use crate::metrics::{Metrics, ResubscribeReason};
@@ -201,7 +203,15 @@ impl ShardReader {
     }
 
     async fn session(&mut self, cursor: &mut Cursor, backoff: &mut Backoff, stop: &CancellationToken) -> SessionEnd {
-        let request = kinesis::subscribe(&self.subscriber, &self.consumer_arn, &self.shard_id, &cursor.position);
+        // Each event counts against the memory budget as soon as it starts to arrive.
+        let meter = EventMeter::new(self.fanout.memory().clone());
+        let request = kinesis::subscribe(
+            &self.subscriber,
+            &self.consumer_arn,
+            &self.shard_id,
+            &cursor.position,
+            meter.interceptor(),
+        );
         let output = tokio::select! {
             biased;
             _ = stop.cancelled() => return SessionEnd::Stop,
@@ -234,7 +244,7 @@ impl ShardReader {
                 Ok(Ok(Some(event))) => event,
             };
             backoff.reset();
-            match self.handle(event, cursor, stop).await {
+            match self.handle(event, meter.take(), cursor, stop).await {
                 Ok(false) => {}
                 Ok(true) => return SessionEnd::ShardEnd,
                 Err(end) => return end,
@@ -246,6 +256,7 @@ impl ShardReader {
     async fn handle(
         &mut self,
         event: SubscribeToShardEvent,
+        reserved: Option<OwnedSemaphorePermit>,
         cursor: &mut Cursor,
         stop: &CancellationToken,
     ) -> Result<bool, SessionEnd> {
@@ -302,7 +313,7 @@ impl ShardReader {
             self.metrics.records_read.with_label_values(&[shard]).inc_by(records.len() as u64);
             self.metrics.bytes_read.with_label_values(&[shard]).inc_by(bytes as u64);
             self.health.paused(shard, true);
-            let delivered = self.fanout.deliver(&self.progress, records, stop).await;
+            let delivered = self.fanout.deliver(&self.progress, records, reserved, stop).await;
             self.health.paused(shard, false);
             if delivered.is_err() {
                 return Err(SessionEnd::Stop);
