@@ -67,6 +67,48 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_expire_before_a_detached_destination_reads_them_are_counted() {
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    for name in ["out-a", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let service = Running::start(&toml, &emulator.url);
+
+    // Three times the broken destination's buffer: it is detached.
+    let first = records(41, 3_000, 1_024);
+    put_all(&client, "in", &first).await;
+    service.wait_accepted("out-a", 3_000).await;
+    wait_until("the broken destination is detached", || async { detached(&service, "out-broken") > 0 }).await;
+
+    // While it is detached, 50 records leave the source's retention before its catch-up reads
+    // them: the live feed reads them, GetRecords no longer returns them.
+    emulator.faults.lock().unwrap().expire_partition_keys = Some("gone-".into());
+    let gone: Vec<Rec> = (0..50).map(|i| (format!("gone-{i:03}"), format!("expired-{i}").into_bytes())).collect();
+    put_all(&client, "in", &gone).await;
+    service.wait_accepted("out-a", 3_050).await;
+
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    wait_until("the broken destination caught up and follows the live feed again", || async {
+        service.accepted("out-broken") >= 3_000 && detached(&service, "out-broken") == 0
+    })
+    .await;
+    let expired = |name: &str| service.metrics.records_expired.with_label_values(&[name]).get();
+    assert_eq!(expired("out-broken"), 50, "every record it never got is counted");
+    assert_eq!(expired("out-a"), 0);
+    service.stop().await.unwrap();
+    emulator.faults.lock().unwrap().expire_partition_keys = None;
+    assert_eq!(contents(&client, "out-a").await, sorted(&[first.clone(), gone].concat()));
+    assert_eq!(contents(&client, "out-broken").await, sorted(&first), "everything that had not expired, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_detachment_resumes_each_destination_from_its_own_position() {
     let emulator =
         Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;

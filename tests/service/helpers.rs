@@ -46,6 +46,9 @@ pub struct Faults {
     pub honour_starting_position: bool,
     /// ListStreams answers leave this stream out (as a page boundary or a lagging index could).
     pub hide_from_list_streams: Option<String>,
+    /// GetRecords answers leave out records whose partition key starts with this, as Kinesis does
+    /// once records have left the stream's retention period (ferrokinesis keeps at least 24 h).
+    pub expire_partition_keys: Option<String>,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
 }
@@ -132,6 +135,7 @@ async fn inject_faults(
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let honour_position;
     let hidden;
+    let expired;
     {
         let mut faults = faults.lock().unwrap();
         *faults.calls.entry(operation.clone()).or_default() += 1;
@@ -159,10 +163,30 @@ async fn inject_faults(
         }
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
         hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
+        expired = faults.expire_partition_keys.clone().filter(|_| operation == "GetRecords");
     }
     if let Some(hidden) = hidden {
         let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-        return without_stream(answer, &hidden).await;
+        return rewritten(answer, |json| {
+            if let Some(names) = json.get_mut("StreamNames").and_then(|v| v.as_array_mut()) {
+                names.retain(|n| n.as_str() != Some(&hidden));
+            }
+            if let Some(summaries) = json.get_mut("StreamSummaries").and_then(|v| v.as_array_mut()) {
+                summaries.retain(|s| s.get("StreamName").and_then(|n| n.as_str()) != Some(&hidden));
+            }
+        })
+        .await;
+    }
+    if let Some(prefix) = expired {
+        let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+        return rewritten(answer, |json| {
+            if let Some(records) = json.get_mut("Records").and_then(|v| v.as_array_mut()) {
+                records.retain(|r| {
+                    !r.get("PartitionKey").and_then(|k| k.as_str()).is_some_and(|k| k.starts_with(&prefix))
+                });
+            }
+        })
+        .await;
     }
     if honour_position
         && parts.headers.get("content-type").is_some_and(|v| v == "application/x-amz-json-1.1")
@@ -176,19 +200,14 @@ async fn inject_faults(
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
-/// A ListStreams answer with one stream left out.
-async fn without_stream(answer: Response, hidden: &str) -> Response {
+/// A JSON answer changed by `edit` (left as it is if it is not JSON).
+async fn rewritten(answer: Response, edit: impl FnOnce(&mut serde_json::Value)) -> Response {
     let (parts, body) = answer.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return Response::from_parts(parts, Body::from(bytes));
     };
-    if let Some(names) = json.get_mut("StreamNames").and_then(|v| v.as_array_mut()) {
-        names.retain(|n| n.as_str() != Some(hidden));
-    }
-    if let Some(summaries) = json.get_mut("StreamSummaries").and_then(|v| v.as_array_mut()) {
-        summaries.retain(|s| s.get("StreamName").and_then(|n| n.as_str()) != Some(hidden));
-    }
+    edit(&mut json);
     let mut parts = parts;
     parts.headers.remove("content-length");
     Response::from_parts(parts, Body::from(serde_json::to_vec(&json).unwrap()))
