@@ -369,6 +369,43 @@ mod tests {
         assert_eq!(passed, event[..50].to_vec());
     }
 
+    async fn next(body: &mut MeteredBody) -> Option<Result<Frame<Bytes>, aws_sdk_kinesis::error::BoxError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test]
+    async fn the_body_waits_for_budget_before_an_event_passes_and_the_reader_takes_its_share() {
+        let event = message("SubscribeToShardEvent", 1_000);
+        let stream = [message("initial-response", 2), event.clone()].concat();
+        let budget = MemoryBudget::new(10 * event.len() as u64);
+        let meter = EventMeter::new(budget.clone());
+        let mut body = MeteredBody::new(SdkBody::from(stream.clone()), meter.clone());
+        let held = budget.reserve(9 * event.len()).await;
+
+        let mut passed = Vec::new();
+        let waiting = std::time::Duration::from_millis(50);
+        while let Ok(frame) = tokio::time::timeout(waiting, next(&mut body)).await {
+            passed.extend_from_slice(frame.expect("a frame").expect("no error").data_ref().expect("data"));
+        }
+        assert_eq!(
+            passed.len(),
+            stream.len() - event.len(),
+            "the initial response passes unpaid; the event waits: {} bytes free, it costs {}",
+            event.len(),
+            3 * event.len()
+        );
+        drop(held);
+        while let Some(frame) = next(&mut body).await {
+            passed.extend_from_slice(frame.expect("no error").data_ref().expect("data"));
+        }
+        assert_eq!(passed, stream, "everything passed, in order");
+        let share = meter.take().expect("the event's reservation");
+        assert_eq!(share.num_permits(), 3 * event.len());
+        assert!(meter.take().is_none(), "one reservation per event");
+        drop(share);
+        assert_eq!(budget.used(), 0);
+    }
+
     proptest! {
         #[test]
         fn events_are_found_however_the_stream_is_cut(
