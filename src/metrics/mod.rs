@@ -3,104 +3,14 @@
 //! Labels stay low-cardinality (`shard`, `destination`, `outcome`, `reason`; never a partition
 //! key), and the pipeline updates them per batch or per event, never per record.
 
+mod labels;
+
+pub use labels::{Outcome, ResubscribeReason};
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-
-/// Outcomes of records written to a destination (`outcome` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Accepted by the destination.
-    Ok,
-    /// Failed with a transient error (InternalFailure, a whole request failing) and sent again.
-    Retried,
-    /// Throttled by the destination's shard and sent again.
-    Throttled,
-    /// Refused for good and written to the dead-letter stream.
-    DeadLettered,
-    /// Refused for good with no dead-letter stream: held (counted once per record).
-    Rejected,
-    /// Dropped because the destination was deleted.
-    DestinationDeleted,
-    /// Not sent because this worker lost the source shard's lease: the new owner sends it.
-    LeaseLost,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 7] = [
-        Outcome::Ok,
-        Outcome::Retried,
-        Outcome::Throttled,
-        Outcome::DeadLettered,
-        Outcome::Rejected,
-        Outcome::DestinationDeleted,
-        Outcome::LeaseLost,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Retried => "retried",
-            Outcome::Throttled => "throttled",
-            Outcome::DeadLettered => "dead_lettered",
-            Outcome::Rejected => "rejected",
-            Outcome::DestinationDeleted => "destination_deleted",
-            Outcome::LeaseLost => "lease_lost",
-        }
-    }
-}
-
-/// Why a SubscribeToShard session was started again (`reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResubscribeReason {
-    /// The session ended normally (Kinesis ends every session within 5 minutes).
-    SessionEnd,
-    /// SubscribeToShard did not answer within a minute.
-    SubscribeTimeout,
-    /// The session delivered no event for a minute.
-    IdleTimeout,
-    /// Another session of this consumer was still open on the shard.
-    ResourceInUse,
-    /// The shard or consumer was not found (checked against the stream before giving up).
-    NotFound,
-    /// Too many SubscribeToShard calls.
-    LimitExceeded,
-    /// SubscribeToShard failed otherwise.
-    SubscribeError,
-    /// The event stream broke mid-session.
-    StreamError,
-    /// An event carried a record with a malformed sequence number.
-    MalformedEvent,
-}
-
-impl ResubscribeReason {
-    pub const ALL: [ResubscribeReason; 9] = [
-        ResubscribeReason::SessionEnd,
-        ResubscribeReason::SubscribeTimeout,
-        ResubscribeReason::IdleTimeout,
-        ResubscribeReason::ResourceInUse,
-        ResubscribeReason::NotFound,
-        ResubscribeReason::LimitExceeded,
-        ResubscribeReason::SubscribeError,
-        ResubscribeReason::StreamError,
-        ResubscribeReason::MalformedEvent,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResubscribeReason::SessionEnd => "session_end",
-            ResubscribeReason::SubscribeTimeout => "subscribe_timeout",
-            ResubscribeReason::IdleTimeout => "idle_timeout",
-            ResubscribeReason::ResourceInUse => "resource_in_use",
-            ResubscribeReason::NotFound => "not_found",
-            ResubscribeReason::LimitExceeded => "limit_exceeded",
-            ResubscribeReason::SubscribeError => "subscribe_error",
-            ResubscribeReason::StreamError => "stream_error",
-            ResubscribeReason::MalformedEvent => "malformed_event",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
