@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress, Snapshot};
 use crate::shutdown::{Task, TaskGroup};
-use crate::sink::supervisor::Supervisor;
+use crate::sink::supervisor::{PlaceClients, Supervisor};
 use crate::source::assign::{Assignment, Leases, Listing, Plan};
 use crate::source::catchup::CatchUps;
 use crate::source::{self, Source, SourceError};
@@ -62,7 +62,7 @@ impl Service {
     /// Builds the service from validated settings and an SDK configuration (the default chain in
     /// the binary, static test credentials in tests).
     pub fn new(settings: Settings, sdk: &aws_config::SdkConfig) -> Result<Self, RunError> {
-        let clients = KinesisClients::new(sdk, &settings.aws, settings.put_attempt_timeout());
+        let clients = KinesisClients::new(sdk, &settings.source.aws, settings.put_attempt_timeout());
         let addr = settings.metrics.listen;
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -132,15 +132,22 @@ impl Pipeline {
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
         let writers = TaskGroup::default();
+        // Each place destinations live in (region, endpoint) has its own clients.
+        let places: Vec<KinesisClients> = settings
+            .destination_places()
+            .iter()
+            .map(|aws| KinesisClients::new(&sdk, aws, settings.put_attempt_timeout()))
+            .collect();
         let (mut supervisor, destinations) = Supervisor::new(
             Arc::clone(&settings),
-            &clients,
+            clients.control.clone(),
+            places.iter().map(PlaceClients::new).collect(),
             Arc::clone(&metrics),
             Arc::clone(&health),
             backend.share.clone(),
             writers.clone(),
         );
-        let discovery = Discovery::new(Arc::clone(&settings), clients.control.clone());
+        let discovery = Discovery::new(Arc::clone(&settings), places.iter().map(|p| p.control.clone()).collect());
         supervisor.follow(&discovery).await;
         tracing::info!(destinations = ?supervisor.current(), "Destinations discovered.");
         let idle_monitor = crate::idle::IdleMonitor {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::aws::kinesis;
-use crate::config::Settings;
+use crate::config::{AwsSettings, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -27,22 +27,29 @@ pub enum DiscoveryError {
 pub struct Candidate {
     pub name: String,
     pub group: usize,
+    /// Which of the places destinations live in (`Settings::destination_places`).
+    pub place: usize,
 }
 
-/// Streams that are never destinations: the source and every dead-letter stream.
-pub fn never_destinations(settings: &Settings) -> HashSet<String> {
-    std::iter::once(settings.source.stream_name.clone())
-        .chain(settings.destinations.iter().filter_map(|g| g.dead_letter_stream.clone()))
+/// Streams of `place` that are never destinations: the source (when it lives there) and the
+/// dead-letter streams of the groups there. A stream of the source's name in another region or
+/// account is a destination like any other (a disaster-recovery copy).
+pub fn never_destinations(settings: &Settings, place: &AwsSettings) -> HashSet<String> {
+    let source = (settings.source.aws == *place).then(|| settings.source.stream_name.clone());
+    source
+        .into_iter()
+        .chain(settings.destinations.iter().filter(|g| g.aws == *place).filter_map(|g| g.dead_letter_stream.clone()))
         .collect()
 }
 
-/// Filters stream names down to destinations, with the group each belongs to.
-pub fn select(settings: &Settings, names: impl IntoIterator<Item = String>) -> Vec<Candidate> {
-    let excluded = never_destinations(settings);
+/// Filters the stream names of one place down to destinations, with the group each belongs to.
+pub fn select(settings: &Settings, place: usize, names: impl IntoIterator<Item = String>) -> Vec<Candidate> {
+    let Some(aws) = settings.destination_places().into_iter().nth(place) else { return Vec::new() };
+    let excluded = never_destinations(settings, &aws);
     names
         .into_iter()
         .filter(|name| !excluded.contains(name))
-        .filter_map(|name| settings.group_for(&name).map(|group| Candidate { name, group }))
+        .filter_map(|name| settings.group_for(&aws, &name).map(|group| Candidate { name, group, place }))
         .collect()
 }
 
@@ -61,55 +68,98 @@ pub enum Change {
     Writable { candidate: Candidate, arn: String, open_shards: u32 },
     /// A destination that is no longer one: deleted, being deleted, or no longer listed (and
     /// confirmed gone).
-    Gone { name: String, why: &'static str },
+    Gone { place: usize, name: String, why: &'static str },
 }
 
-/// Lists the account's streams, selects the destinations, and says what changed. It starts and
-/// stops nothing: the destinations supervisor ([`crate::sink::supervisor`]) does.
-pub struct Discovery {
-    settings: Arc<Settings>,
+/// One place destinations live in, read with its own client and its own pace (ListStreams and
+/// DescribeStreamSummary limits are per account and region).
+struct Place {
     client: aws_sdk_kinesis::Client,
     list_pace: DefaultDirectRateLimiter,
     describe_pace: DefaultDirectRateLimiter,
 }
 
+/// Lists each place's streams, selects the destinations, and says what changed. It starts and
+/// stops nothing: the destinations supervisor ([`crate::sink::supervisor`]) does.
+pub struct Discovery {
+    settings: Arc<Settings>,
+    places: Vec<Place>,
+}
+
 impl Discovery {
-    pub fn new(settings: Arc<Settings>, client: aws_sdk_kinesis::Client) -> Self {
+    /// `clients`: one control client per place of `settings.destination_places()`, in order.
+    pub fn new(settings: Arc<Settings>, clients: Vec<aws_sdk_kinesis::Client>) -> Self {
         let per_second = |n: u32| RateLimiter::direct(Quota::per_second(NonZeroU32::new(n).expect("positive")));
-        Discovery { settings, client, list_pace: per_second(1), describe_pace: per_second(5) }
+        let places = clients
+            .into_iter()
+            .map(|client| Place { client, list_pace: per_second(1), describe_pace: per_second(5) })
+            .collect();
+        Discovery { settings, places }
     }
 
-    /// How often the account is read again.
+    /// How often the places are read again.
     pub fn interval(&self) -> Duration {
         self.settings.destinations.iter().map(|g| g.refresh_interval).min().unwrap_or(Duration::from_secs(30))
     }
 
-    /// One discovery round against the destinations written to now (`current`).
-    pub async fn changes(&self, current: &BTreeSet<String>) -> Result<Vec<Change>, DiscoveryError> {
-        let names = list_stream_names(&self.client, Some(&self.list_pace)).await?;
-        let candidates = select(&self.settings, names);
+    /// One discovery round against the destinations written to now (`current`: place and
+    /// stream name). A place that cannot be listed keeps its destinations; the others go on (an
+    /// error only when no place could be listed).
+    pub async fn changes(&self, current: &BTreeSet<(usize, String)>) -> Result<Vec<Change>, DiscoveryError> {
+        let mut changes = Vec::new();
+        let (mut listed, mut failure) = (false, None);
+        for (index, place) in self.places.iter().enumerate() {
+            let here: BTreeSet<String> = current.iter().filter(|(p, _)| *p == index).map(|(_, n)| n.clone()).collect();
+            match self.place_changes(index, place, &here).await {
+                Ok(found) => {
+                    listed = true;
+                    changes.extend(found);
+                }
+                Err(err) => {
+                    tracing::warn!(place = ?self.settings.destination_places().get(index), error = %crate::aws::chain(&err), "Cannot list this place's streams; keeping its destinations known so far.");
+                    failure = Some(err);
+                }
+            }
+        }
+        match failure {
+            Some(err) if !listed => Err(err),
+            _ => Ok(changes),
+        }
+    }
+
+    async fn place_changes(
+        &self,
+        index: usize,
+        place: &Place,
+        current: &BTreeSet<String>,
+    ) -> Result<Vec<Change>, DiscoveryError> {
+        let names = list_stream_names(&place.client, Some(&place.list_pace)).await?;
+        let candidates = select(&self.settings, index, names);
         let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
         let mut changes = Vec::new();
         for name in current.iter().filter(|n| !wanted.contains(n.as_str())) {
             // One ListStreams answer is not proof (pagination, eventual consistency): removing a
             // destination acknowledges what it still holds, so ask the stream itself first.
-            if self.confirm_gone(name).await {
+            if confirm_gone(place, name).await {
                 changes.push(Change::Gone {
+                    place: index,
                     name: name.clone(),
                     why: "no longer listed, and DescribeStreamSummary confirms it",
                 });
             }
         }
         for candidate in candidates {
-            self.describe_pace.until_ready().await;
+            place.describe_pace.until_ready().await;
             let name = candidate.name.clone();
-            match kinesis::describe_stream(&self.client, &name).await {
+            match kinesis::describe_stream(&place.client, &name).await {
                 Ok(Some(summary)) if summary.writable => {
                     changes.push(Change::Writable { candidate, arn: summary.arn, open_shards: summary.open_shards })
                 }
-                Ok(Some(summary)) if summary.deleting => changes.push(Change::Gone { name, why: "being deleted" }),
+                Ok(Some(summary)) if summary.deleting => {
+                    changes.push(Change::Gone { place: index, name, why: "being deleted" })
+                }
                 Ok(Some(_)) => tracing::debug!(destination = %name, "Stream is not accepting writes yet."),
-                Ok(None) => changes.push(Change::Gone { name, why: "deleted" }),
+                Ok(None) => changes.push(Change::Gone { place: index, name, why: "deleted" }),
                 Err(err) => {
                     tracing::warn!(destination = %name, error = %err, "DescribeStreamSummary failed; will try again next round.")
                 }
@@ -117,21 +167,21 @@ impl Discovery {
         }
         Ok(changes)
     }
+}
 
-    /// Whether a stream missing from ListStreams is really gone (deleted or being deleted); a
-    /// failed check keeps the destination until the next round.
-    async fn confirm_gone(&self, name: &str) -> bool {
-        self.describe_pace.until_ready().await;
-        match kinesis::stream_gone(&self.client, name).await {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::warn!(destination = %name, "ListStreams did not name this destination, but it exists; keeping it.");
-                false
-            }
-            Err(err) => {
-                tracing::warn!(destination = %name, error = %err, "ListStreams did not name this destination and DescribeStreamSummary failed; keeping it until the next round.");
-                false
-            }
+/// Whether a stream missing from ListStreams is really gone (deleted or being deleted); a
+/// failed check keeps the destination until the next round.
+async fn confirm_gone(place: &Place, name: &str) -> bool {
+    place.describe_pace.until_ready().await;
+    match kinesis::stream_gone(&place.client, name).await {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(destination = %name, "ListStreams did not name this destination, but it exists; keeping it.");
+            false
+        }
+        Err(err) => {
+            tracing::warn!(destination = %name, error = %err, "ListStreams did not name this destination and DescribeStreamSummary failed; keeping it until the next round.");
+            false
         }
     }
 }
@@ -154,7 +204,30 @@ mod tests {
         )
         .unwrap();
         let names = ["app-output-source", "app-output-dlq", "app-output-a", "app-output-b-test", "other"];
-        let selected: Vec<String> = select(&settings, names.map(String::from)).into_iter().map(|c| c.name).collect();
+        let selected: Vec<String> = select(&settings, 0, names.map(String::from)).into_iter().map(|c| c.name).collect();
         assert_eq!(selected, vec!["app-output-a".to_string()]);
+    }
+
+    #[test]
+    fn the_sources_name_in_another_region_is_a_destination() {
+        let settings = Settings::from_toml(
+            r#"
+            [aws]
+            region = "us-east-1"
+            [source]
+            stream_name = "orders"
+            [[destinations]]
+            pattern = "^orders$"
+            [[destinations]]
+            pattern = "^orders$"
+            region = "eu-west-1"
+            dead_letter_stream = "orders-dlq"
+            "#,
+        )
+        .unwrap();
+        let home = select(&settings, 0, ["orders".to_string()]);
+        assert!(home.is_empty(), "the source itself is never a destination");
+        let dr = select(&settings, 1, ["orders".to_string(), "orders-dlq".to_string()]);
+        assert_eq!(dr, vec![Candidate { name: "orders".into(), group: 1, place: 1 }]);
     }
 }

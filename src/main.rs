@@ -214,14 +214,19 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
     let sdk = sdk_config().await;
-    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, &settings.aws, settings.put_attempt_timeout());
+    let timeout = settings.put_attempt_timeout();
+    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, &settings.source.aws, timeout);
     let stream = kinesis_fanout::source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
     println!("source: {} ({} open shards)", stream.name, stream.open_shards);
-    let names = kinesis_fanout::discovery::list_stream_names(&clients.control, None).await?;
-    let candidates = kinesis_fanout::discovery::select(&settings, names);
-    println!("destinations ({}):", candidates.len());
-    for c in &candidates {
-        println!("  {} (group {}: {})", c.name, c.group, settings.destinations[c.group].pattern);
+    for (place, aws) in settings.destination_places().iter().enumerate() {
+        let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, aws, timeout);
+        let names = kinesis_fanout::discovery::list_stream_names(&clients.control, None).await?;
+        let candidates = kinesis_fanout::discovery::select(&settings, place, names);
+        let region = aws.region.as_deref().unwrap_or("the default region");
+        println!("destinations in {region} ({}):", candidates.len());
+        for c in &candidates {
+            println!("  {} (group {}: {})", c.name, c.group, settings.destinations[c.group].pattern);
+        }
     }
     Ok(())
 }

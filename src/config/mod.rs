@@ -52,18 +52,32 @@ pub enum KplMode {
     Passthrough,
 }
 
-#[derive(Debug, Clone, Default)]
+/// Where Kinesis is reached: `[aws]` for everything by default; `[source]` and each
+/// `[[destinations]]` group may name their own region and endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AwsSettings {
     /// Region; `None` falls back to the SDK's default chain.
     pub region: Option<String>,
-    /// Kinesis endpoint override, for emulators.
+    /// Kinesis endpoint override, for emulators and VPC endpoints.
     pub endpoint_url: Option<String>,
+}
+
+impl AwsSettings {
+    /// These settings, with what they leave unset taken from `defaults`.
+    pub fn or(&self, defaults: &AwsSettings) -> AwsSettings {
+        AwsSettings {
+            region: self.region.clone().or_else(|| defaults.region.clone()),
+            endpoint_url: self.endpoint_url.clone().or_else(|| defaults.endpoint_url.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct SourceSettings {
     pub stream_name: String,
     pub consumer_name: String,
+    /// Where the source stream lives (`[source] region` / `endpoint_url`, else `[aws]`).
+    pub aws: AwsSettings,
     /// Where to start a shard that has no checkpoint and no parent: `TrimHorizon`, `Latest` or
     /// `AtTimestamp`.
     pub initial_position: Position,
@@ -90,6 +104,8 @@ pub struct DestinationGroup {
     /// Where a destination new to a shard starts: `Latest` (records read after it appeared),
     /// `TrimHorizon` or `AtTimestamp` (backfilled through a catch-up while the live feed goes on).
     pub start_position: Position,
+    /// Where the group's streams live (`region` / `endpoint_url` of the group, else `[aws]`).
+    pub aws: AwsSettings,
 }
 
 impl DestinationGroup {
@@ -311,12 +327,17 @@ impl Settings {
                 .unwrap_or_else(|| "info".into()),
         });
         let memory_limit = root.section("memory", |s| s.parsed_opt("limit", units::parse_bytes)).flatten();
+        let aws = aws.unwrap_or_default();
+        let source = source.map(|s| SourceSettings { aws: s.aws.or(&aws), ..s });
+        let destinations = destinations.map(|groups| {
+            groups.into_iter().map(|g| DestinationGroup { aws: g.aws.or(&aws), ..g }).collect::<Vec<_>>()
+        });
         if destinations.as_ref().is_some_and(Vec::is_empty) {
             root.problem("destinations", "at least one [[destinations]] group with a pattern is required");
         }
         root.finish();
         Some(Settings {
-            aws: aws.unwrap_or_default(),
+            aws,
             source: source?,
             destinations: destinations?,
             checkpoint: checkpoint?,
@@ -328,9 +349,21 @@ impl Settings {
         })
     }
 
-    /// The destination group a stream belongs to (the first that matches), if any.
-    pub fn group_for(&self, stream_name: &str) -> Option<usize> {
-        self.destinations.iter().position(|g| g.matches(stream_name))
+    /// The destination group a stream of `place` belongs to (the first of that place's groups
+    /// that matches), if any.
+    pub fn group_for(&self, place: &AwsSettings, stream_name: &str) -> Option<usize> {
+        self.destinations.iter().position(|g| g.aws == *place && g.matches(stream_name))
+    }
+
+    /// Every distinct place destination groups live in, in the order groups first name them.
+    pub fn destination_places(&self) -> Vec<AwsSettings> {
+        let mut places: Vec<AwsSettings> = Vec::new();
+        for group in &self.destinations {
+            if !places.contains(&group.aws) {
+                places.push(group.aws.clone());
+            }
+        }
+        places
     }
 }
 
@@ -382,6 +415,36 @@ mod tests {
         assert_eq!(s.shutdown.grace_period, Duration::from_secs(20));
         assert!(g.matches("app-output-orders"));
         assert!(!g.matches("app-input"));
+    }
+
+    #[test]
+    fn the_source_and_each_group_live_where_they_say_else_where_aws_says() {
+        let s = Settings::from_toml(
+            r#"
+            [aws]
+            region = "us-east-1"
+            endpoint_url = "http://home"
+            [source]
+            stream_name = "in"
+            [[destinations]]
+            pattern = "^a-"
+            [[destinations]]
+            pattern = "^b-"
+            region = "eu-west-1"
+            [[destinations]]
+            pattern = "^c-"
+            region = "eu-west-1"
+            "#,
+        )
+        .unwrap();
+        let home = AwsSettings { region: Some("us-east-1".into()), endpoint_url: Some("http://home".into()) };
+        let dr = AwsSettings { region: Some("eu-west-1".into()), endpoint_url: Some("http://home".into()) };
+        assert_eq!(s.source.aws, home);
+        assert_eq!(s.destinations[0].aws, home);
+        assert_eq!(s.destinations[1].aws, dr);
+        assert_eq!(s.destination_places(), vec![home.clone(), dr.clone()], "one place per distinct region");
+        assert_eq!(s.group_for(&dr, "c-1"), Some(2));
+        assert_eq!(s.group_for(&home, "c-1"), None, "a group matches only the streams of its own region");
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub(super) fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     let stream_name = s.required_string("stream_name").unwrap_or_default();
     let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
     let initial_position = start_point(s, ("initial_position", "initial_timestamp"), "trim_horizon");
-    SourceSettings { stream_name, consumer_name, initial_position }
+    let aws = AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") };
+    SourceSettings { stream_name, consumer_name, initial_position, aws }
 }
 
 /// A place to start: `keys.0` = trim_horizon | latest | at_timestamp, with the RFC 3339 time in
@@ -73,6 +74,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
     let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
+    let aws = AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") };
     let detach_after = s.parsed("detach_after", "10s", |v| match v {
         "off" => Ok(None),
         other => units::parse_duration(other).map(Some),
@@ -99,6 +101,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         kpl,
         detach_after: detach_after?,
         start_position,
+        aws,
     })
 }
 

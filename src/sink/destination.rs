@@ -41,7 +41,11 @@ pub enum Exit {
 
 /// Everything a destination task needs, built by discovery.
 pub struct DestinationTask {
+    /// Its name in metrics and logs (the stream name, qualified by region or account only
+    /// where two places have a stream of that name).
     pub name: Arc<str>,
+    /// Its stream name, in its own account and region.
+    pub stream: Arc<str>,
     /// Its stream ARN: how chunks and checkpoints know it.
     pub id: Arc<str>,
     pub source_stream: Arc<str>,
@@ -61,10 +65,10 @@ pub struct DestinationTask {
     pub removed: CancellationToken,
     /// The grace period is over: stop at once.
     pub stop: CancellationToken,
-    /// Tells discovery that PutRecords found the stream gone.
+    /// Tells discovery that PutRecords found the stream gone (by stream ARN).
     pub gone: mpsc::UnboundedSender<Arc<str>>,
-    /// Asks discovery for a new shard map: an aggregate landed in another shard than it was
-    /// built for.
+    /// Asks discovery for a new shard map (by stream ARN): an aggregate landed in another shard
+    /// than it was built for.
     pub remap: mpsc::UnboundedSender<Arc<str>>,
 }
 

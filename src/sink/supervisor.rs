@@ -22,6 +22,9 @@ use crate::shutdown::TaskGroup;
 
 /// A running destination: its handle for the source, its shard feeds, its off switch.
 struct Running {
+    /// Where it lives (`Settings::destination_places`) and its stream name there.
+    place: usize,
+    stream: String,
     handle: DestinationHandle,
     open_shards: watch::Sender<u32>,
     shard_map: watch::Sender<Arc<ShardMap>>,
@@ -49,16 +52,31 @@ pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Opti
     Some(ShardMap::with_ids(ranges))
 }
 
+/// The clients of one place destinations live in.
+pub struct PlaceClients {
+    /// For shard maps (ListShards).
+    pub control: aws_sdk_kinesis::Client,
+    /// Where the writers' PutRecords go.
+    pub edge: Arc<dyn PutEdge>,
+}
+
+impl PlaceClients {
+    pub fn new(clients: &crate::aws::KinesisClients) -> Self {
+        PlaceClients { control: clients.control.clone(), edge: Arc::new(clients.writer.clone()) }
+    }
+}
+
 /// Keeps one writer per destination stream that exists.
 pub struct Supervisor {
     settings: Arc<Settings>,
-    /// For shard maps (ListShards).
-    control: aws_sdk_kinesis::Client,
-    /// Where the writers' PutRecords go.
-    edge: Arc<dyn PutEdge>,
+    /// The source's control client (its shard map, for the passthrough check).
+    source: aws_sdk_kinesis::Client,
+    /// One per place of `Settings::destination_places`, in order.
+    places: Vec<PlaceClients>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    running: BTreeMap<String, Running>,
+    /// By stream ARN.
+    running: BTreeMap<Arc<str>, Running>,
     publish: watch::Sender<DestinationSet>,
     /// Writers whose PutRecords found their stream deleted.
     gone_tx: mpsc::UnboundedSender<Arc<str>>,
@@ -69,7 +87,7 @@ pub struct Supervisor {
     /// This worker's share of the source, for fleet-wide rate limits.
     share: watch::Receiver<f64>,
     /// Passthrough destinations already warned about a shard map mismatch.
-    passthrough_warned: HashSet<String>,
+    passthrough_warned: HashSet<Arc<str>>,
     /// Every writer; stopped together at the end of the grace period.
     writers: TaskGroup,
     /// The first discovery round is over: destinations found from now on appeared while running.
@@ -79,7 +97,8 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         settings: Arc<Settings>,
-        clients: &crate::aws::KinesisClients,
+        source: aws_sdk_kinesis::Client,
+        places: Vec<PlaceClients>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         share: watch::Receiver<f64>,
@@ -90,8 +109,8 @@ impl Supervisor {
         let (remap_tx, remap_rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             settings,
-            control: clients.control.clone(),
-            edge: Arc::new(clients.writer.clone()),
+            source,
+            places,
             metrics,
             health,
             running: BTreeMap::new(),
@@ -123,7 +142,7 @@ impl Supervisor {
 
     /// One discovery round, applied. A failed round keeps the destinations known so far.
     pub async fn follow(&mut self, discovery: &Discovery) {
-        let current: BTreeSet<String> = self.running.keys().cloned().collect();
+        let current: BTreeSet<(usize, String)> = self.running.values().map(|r| (r.place, r.stream.clone())).collect();
         match discovery.changes(&current).await {
             Ok(changes) => {
                 for change in changes {
@@ -131,7 +150,12 @@ impl Supervisor {
                         Change::Writable { candidate, arn, open_shards } => {
                             self.upsert(&candidate, &arn, open_shards).await
                         }
-                        Change::Gone { name, why } => self.remove(&name, why),
+                        Change::Gone { place, name, why } => {
+                            let id = self.running.iter().find(|(_, r)| r.place == place && r.stream == name);
+                            if let Some(id) = id.map(|(id, _)| Arc::clone(id)) {
+                                self.remove(&id, why);
+                            }
+                        }
                     }
                 }
                 self.check_passthrough().await;
@@ -146,37 +170,38 @@ impl Supervisor {
     /// Passing aggregates through is only right when a destination's shards split the hash space
     /// like the source's: say so once per destination when they do not.
     async fn check_passthrough(&mut self) {
-        let unchecked: Vec<String> = self
+        let unchecked: Vec<Arc<str>> = self
             .running
             .iter()
-            .filter(|(name, r)| r.kpl == KplMode::Passthrough && !self.passthrough_warned.contains(*name))
-            .map(|(name, _)| name.clone())
+            .filter(|(id, r)| r.kpl == KplMode::Passthrough && !self.passthrough_warned.contains(*id))
+            .map(|(id, _)| Arc::clone(id))
             .collect();
         if unchecked.is_empty() {
             return;
         }
-        let Some(source) = open_ranges(&self.control, &self.settings.source.stream_name).await else { return };
-        for name in unchecked {
-            let map = Arc::clone(&self.running[&name].shard_map.borrow());
+        let Some(source) = open_ranges(&self.source, &self.settings.source.stream_name).await else { return };
+        for id in unchecked {
+            let running = &self.running[&id];
+            let map = Arc::clone(&running.shard_map.borrow());
             if map.ranges() != source.ranges() {
                 tracing::warn!(
-                    destination = %name,
+                    destination = %running.handle.name,
                     "kpl = \"passthrough\" but this destination's shards do not match the source's: aggregates land \
                      where their outer key hashes, and KCL consumers drop sub-records outside their shard. Use \"reaggregate\"."
                 );
-                self.passthrough_warned.insert(name);
+                self.passthrough_warned.insert(id);
             }
         }
     }
 
     async fn upsert(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
-        if let Some(running) = self.running.get(&candidate.name) {
+        if let Some(running) = self.running.get(arn) {
             let changed =
                 running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
             // A split and a merge keep the count but move the ranges: re-aggregation routes by
             // the map, so it is read again every round (and retried next round when it fails).
             if changed || running.kpl == KplMode::Reaggregate {
-                self.refresh_map(&candidate.name).await;
+                self.refresh_map(arn).await;
             }
             return;
         }
@@ -184,11 +209,12 @@ impl Supervisor {
     }
 
     async fn start(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
-        let map = open_ranges(&self.control, &candidate.name).await.unwrap_or_default();
+        let place = &self.places[candidate.place];
+        let map = open_ranges(&place.control, &candidate.name).await.unwrap_or_default();
         let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
         let group = Arc::new(self.settings.destinations[candidate.group].clone());
         let kpl = group.kpl;
-        let name: Arc<str> = candidate.name.as_str().into();
+        let name = self.label(&candidate.name, arn);
         let id: Arc<str> = arn.into();
         let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), Arc::clone(&id), group.max_in_flight_bytes);
         handle.detach_after = group.detach_after;
@@ -198,9 +224,10 @@ impl Supervisor {
         let removed = CancellationToken::new();
         let task = DestinationTask {
             name: Arc::clone(&name),
-            id,
+            stream: candidate.name.as_str().into(),
+            id: Arc::clone(&id),
             source_stream: self.settings.source.stream_name.as_str().into(),
-            edge: Arc::clone(&self.edge),
+            edge: Arc::clone(&place.edge),
             group,
             queue,
             open_shards: open_shards_rx,
@@ -215,18 +242,42 @@ impl Supervisor {
         self.writers.spawn(async move {
             task.run().await;
         });
-        tracing::info!(destination = %name, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
+        tracing::info!(destination = %name, arn, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
         self.running.insert(
-            candidate.name.clone(),
-            Running { handle, open_shards: open_shards_tx, shard_map: shard_map_tx, removed, kpl },
+            id,
+            Running {
+                place: candidate.place,
+                stream: candidate.name.clone(),
+                handle,
+                open_shards: open_shards_tx,
+                shard_map: shard_map_tx,
+                removed,
+                kpl,
+            },
         );
         self.publish_set();
     }
 
+    /// A destination's name in metrics and logs: its stream name, unless a destination of that
+    /// name in another place is known already; then `region/name`, or `account/region/name`
+    /// when the regions are the same.
+    fn label(&self, stream: &str, arn: &str) -> Arc<str> {
+        let Some(other) = self.running.iter().find(|(id, r)| r.stream == stream && &***id != arn) else {
+            return stream.into();
+        };
+        let (region, account) = arn_place(arn);
+        if arn_place(other.0).0 != region {
+            format!("{region}/{stream}").into()
+        } else {
+            format!("{account}/{region}/{stream}").into()
+        }
+    }
+
     /// Reads a destination's shard map again; publishes it when its shards changed.
-    async fn refresh_map(&self, name: &str) {
-        let Some(running) = self.running.get(name) else { return };
-        if let Some(map) = open_ranges(&self.control, name).await {
+    async fn refresh_map(&self, id: &str) {
+        let Some(running) = self.running.get(id) else { return };
+        let name = &running.handle.name;
+        if let Some(map) = open_ranges(&self.places[running.place].control, &running.stream).await {
             let changed = running.shard_map.send_if_modified(|current| {
                 let changed = **current != map;
                 if changed {
@@ -240,9 +291,9 @@ impl Supervisor {
         }
     }
 
-    fn remove(&mut self, name: &str, why: &str) {
-        if let Some(running) = self.running.remove(name) {
-            tracing::info!(destination = %name, reason = why, "Destination removed; the others carry on.");
+    fn remove(&mut self, id: &str, why: &str) {
+        if let Some(running) = self.running.remove(id) {
+            tracing::info!(destination = %running.handle.name, reason = why, "Destination removed; the others carry on.");
             running.handle.close();
             running.removed.cancel();
             self.publish_set();
@@ -258,6 +309,12 @@ impl Supervisor {
 
     /// Names of the destinations written to now.
     pub fn current(&self) -> Vec<String> {
-        self.running.keys().cloned().collect()
+        self.running.values().map(|r| r.handle.name.to_string()).collect()
     }
+}
+
+/// The region and account of a stream ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
+fn arn_place(arn: &str) -> (&str, &str) {
+    let mut parts = arn.split(':').skip(3);
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
 }

@@ -273,7 +273,7 @@ impl Writer {
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
 
         let started = Instant::now();
-        let request = self.task.edge.put_records(&self.task.name, entries);
+        let request = self.task.edge.put_records(&self.task.stream, entries);
         let result = self.guard().run(request).await?;
         self.task
             .metrics
@@ -302,7 +302,7 @@ impl Writer {
                 }
                 ErrorKind::NotFound => {
                     if self.confirm_deleted().await? {
-                        let _ = self.task.gone.send(Arc::clone(&self.task.name));
+                        let _ = self.task.gone.send(Arc::clone(&self.task.id));
                         return Err(Interrupt::Removed);
                     }
                     tracing::warn!(destination = %self.task.name, error = %cause, "PutRecords said the stream was not found, but it exists; retrying.");
@@ -332,7 +332,7 @@ impl Writer {
         if misrouted > 0 {
             self.task.metrics.misrouted_records.with_label_values(&[self.name()]).inc_by(misrouted as u64);
             tracing::warn!(destination = %self.task.name, records = misrouted, "Aggregates landed in other shards than they were built for; reading the destination's shard map again.");
-            let _ = self.task.remap.send(Arc::clone(&self.task.name));
+            let _ = self.task.remap.send(Arc::clone(&self.task.id));
         }
     }
 
@@ -358,7 +358,7 @@ impl Writer {
     }
 
     async fn confirm_deleted(&self) -> Result<bool, Interrupt> {
-        self.guard().run(self.task.edge.deleted(&self.task.name)).await
+        self.guard().run(self.task.edge.deleted(&self.task.stream)).await
     }
 
     pub(super) fn update_gauges(&self) {
@@ -454,6 +454,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task = DestinationTask {
             name: "out".into(),
+            stream: "out".into(),
             id: "out".into(),
             source_stream: "in".into(),
             edge: Arc::clone(&fake) as Arc<dyn PutEdge>,

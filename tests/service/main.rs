@@ -13,6 +13,7 @@ mod kpl;
 mod leases;
 mod network;
 mod operate;
+mod regions;
 mod replication;
 mod resharding;
 mod soak;

@@ -1,0 +1,64 @@
+//! Destinations in other regions: a second emulator stands for eu-west-1, with its own endpoint,
+//! region and account-wide stream list.
+
+use ferrokinesis::store::StoreOptions;
+
+use crate::helpers::*;
+use crate::resharding::per_key;
+
+/// `n` records over 20 partition keys, numbered, so that the order per key can be checked.
+fn keyed(tag: &str, n: usize) -> Vec<Rec> {
+    (0..n).map(|i| (format!("key-{:02}", i % 20), format!("{tag}-{i:05}").into_bytes())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_found() {
+    let home = Emulator::start().await;
+    let dr = Emulator::with_options(StoreOptions { aws_region: "eu-west-1".into(), ..store_options() }).await;
+    let (home_client, dr_client) = (home.client(), dr.client());
+    create_stream(&home_client, "in", 2).await;
+    create_stream(&home_client, "out-a", 1).await;
+    // The same stream name in two regions is two destinations; the source's name in another
+    // region is a destination too (a disaster-recovery copy), never the source itself.
+    create_stream(&dr_client, "out-a", 2).await;
+    create_stream(&dr_client, "in", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let dr_group = format!(
+        "\n[[destinations]]\npattern = \"^(in|out-.*)$\"\nregion = \"eu-west-1\"\nendpoint_url = \"{}\"\n\
+         refresh_interval = \"1s\"\nlinger = \"20ms\"\n",
+        dr.url
+    );
+    // The home group's pattern matches the source too: it is left out.
+    let toml = config_toml(&home.url, "in", "^(in|out-.*)$", &checkpoint, "") + &dr_group;
+    let service = Running::start(&toml, &home.url);
+
+    let first = keyed("first", 2_000);
+    put_all(&home_client, "in", &first).await;
+    // The home region's out-a was found first and keeps its name as its label; the other one is
+    // told apart by its region.
+    for label in ["out-a", "eu-west-1/out-a", "in"] {
+        service.wait_accepted(label, 2_000).await;
+    }
+
+    create_stream(&dr_client, "out-new", 1).await;
+    wait_until("the stream created in the second region is a destination", || async {
+        service.metrics.destinations.get() == 4
+    })
+    .await;
+    let second = keyed("second", 500);
+    put_all(&home_client, "in", &second).await;
+    for label in ["out-a", "eu-west-1/out-a", "in"] {
+        service.wait_accepted(label, 2_500).await;
+    }
+    service.wait_accepted("out-new", 500).await;
+    service.stop().await.unwrap();
+
+    let everything = sorted(&[first, second.clone()].concat());
+    let source_order = per_key(&home_client, "in").await;
+    for (client, stream) in [(&home_client, "out-a"), (&dr_client, "out-a"), (&dr_client, "in")] {
+        assert_eq!(contents(client, stream).await, everything, "{stream}: every record exactly once");
+        assert_eq!(per_key(client, stream).await, source_order, "{stream}: the order of every key kept");
+    }
+    assert_eq!(contents(&dr_client, "out-new").await, sorted(&second), "records read after it appeared");
+    assert_eq!(contents(&home_client, "in").await.len(), 2_500, "the source was not written to");
+}
