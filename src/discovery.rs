@@ -6,9 +6,10 @@
 //! `refresh_interval`. The source stream and dead-letter streams are never destinations, whatever
 //! the patterns say: copying a stream into itself would never end.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -42,14 +43,15 @@ pub fn never_destinations(settings: &Settings, place: &AwsSettings) -> HashSet<S
         .collect()
 }
 
-/// Filters the stream names of one place down to destinations, with the group each belongs to.
+/// Filters the stream names of one place down to destinations, with the group each belongs to,
+/// by name only: a group that asks for tags matches nothing here (discovery reads the tags).
 pub fn select(settings: &Settings, place: usize, names: impl IntoIterator<Item = String>) -> Vec<Candidate> {
     let Some(aws) = settings.destination_places().into_iter().nth(place) else { return Vec::new() };
     let excluded = never_destinations(settings, &aws);
     names
         .into_iter()
         .filter(|name| !excluded.contains(name))
-        .filter_map(|name| settings.group_for(&aws, &name).map(|group| Candidate { name, group, place }))
+        .filter_map(|name| settings.group_for(&aws, &name, None).map(|group| Candidate { name, group, place }))
         .collect()
 }
 
@@ -71,12 +73,19 @@ pub enum Change {
     Gone { place: usize, name: String, why: &'static str },
 }
 
-/// One place destinations live in, read with its own client and its own pace (ListStreams and
-/// DescribeStreamSummary limits are per account and region).
+/// A stream's tags, by key.
+type Tags = HashMap<String, String>;
+
+/// One place destinations live in, read with its own client and its own pace (ListStreams,
+/// ListTagsForStream and DescribeStreamSummary limits are per account and region).
 struct Place {
+    aws: AwsSettings,
     client: aws_sdk_kinesis::Client,
     list_pace: DefaultDirectRateLimiter,
     describe_pace: DefaultDirectRateLimiter,
+    tags_pace: DefaultDirectRateLimiter,
+    /// Each stream's tags as last read, and when: read again only every refresh interval.
+    tags: Mutex<HashMap<String, (tokio::time::Instant, Tags)>>,
 }
 
 /// Lists each place's streams, selects the destinations, and says what changed. It starts and
@@ -90,9 +99,18 @@ impl Discovery {
     /// `clients`: one control client per place of `settings.destination_places()`, in order.
     pub fn new(settings: Arc<Settings>, clients: Vec<aws_sdk_kinesis::Client>) -> Self {
         let per_second = |n: u32| RateLimiter::direct(Quota::per_second(NonZeroU32::new(n).expect("positive")));
-        let places = clients
+        let places = settings
+            .destination_places()
             .into_iter()
-            .map(|client| Place { client, list_pace: per_second(1), describe_pace: per_second(5) })
+            .zip(clients)
+            .map(|(aws, client)| Place {
+                aws,
+                client,
+                list_pace: per_second(1),
+                describe_pace: per_second(5),
+                tags_pace: per_second(2),
+                tags: Mutex::default(),
+            })
             .collect();
         Discovery { settings, places }
     }
@@ -134,10 +152,22 @@ impl Discovery {
         current: &BTreeSet<String>,
     ) -> Result<Vec<Change>, DiscoveryError> {
         let names = list_stream_names(&place.client, Some(&place.list_pace)).await?;
-        let candidates = select(&self.settings, index, names);
+        let listed: HashSet<String> = names.iter().cloned().collect();
+        place.tags.lock().unwrap_or_else(|e| e.into_inner()).retain(|name, _| listed.contains(name));
+        let candidates = self.candidates(index, place, names).await;
         let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
         let mut changes = Vec::new();
         for name in current.iter().filter(|n| !wanted.contains(n.as_str())) {
+            if listed.contains(name) {
+                // Listed, matching by name (patterns do not change), but not selected: its tags
+                // no longer say it belongs to the group.
+                changes.push(Change::Gone {
+                    place: index,
+                    name: name.clone(),
+                    why: "its tags no longer match its group",
+                });
+                continue;
+            }
             // One ListStreams answer is not proof (pagination, eventual consistency): removing a
             // destination acknowledges what it still holds, so ask the stream itself first.
             if confirm_gone(place, name).await {
@@ -166,6 +196,45 @@ impl Discovery {
             }
         }
         Ok(changes)
+    }
+}
+
+impl Discovery {
+    /// The destinations among a place's streams, reading the tags of those whose group asks for
+    /// tags (once, then again only every refresh interval; the last tags known stand in when a
+    /// read fails).
+    async fn candidates(&self, index: usize, place: &Place, names: Vec<String>) -> Vec<Candidate> {
+        let excluded = never_destinations(&self.settings, &place.aws);
+        let mut out = Vec::new();
+        for name in names.into_iter().filter(|name| !excluded.contains(name)) {
+            let tags =
+                if self.settings.needs_tags(&place.aws, &name) { self.tags_of(place, &name).await } else { None };
+            if let Some(group) = self.settings.group_for(&place.aws, &name, tags.as_ref()) {
+                out.push(Candidate { name, group, place: index });
+            }
+        }
+        out
+    }
+
+    async fn tags_of(&self, place: &Place, name: &str) -> Option<HashMap<String, String>> {
+        let known = place.tags.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        if let Some((read_at, tags)) = &known
+            && read_at.elapsed() < self.interval()
+        {
+            return Some(tags.clone());
+        }
+        place.tags_pace.until_ready().await;
+        match kinesis::list_tags(&place.client, name).await {
+            Ok(tags) => {
+                let now = tokio::time::Instant::now();
+                place.tags.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (now, tags.clone()));
+                Some(tags)
+            }
+            Err(err) => {
+                tracing::warn!(stream = %name, error = %err, "ListTagsForStream failed; using the tags last read, if any, and trying again next round.");
+                known.map(|(_, tags)| tags)
+            }
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! PutRecords (see
 //! [`crate::sink::put`] for the trait the writers use). Errors come back as [`CallError`].
 
+use std::collections::HashMap;
+
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{
@@ -110,6 +112,27 @@ pub async fn list_stream_names(
         next_token = page.next_token().map(str::to_string);
     }
     Ok(names)
+}
+
+/// Every tag of a stream (ListTagsForStream, page by page).
+pub async fn list_tags(client: &Client, stream: &str) -> Result<HashMap<String, String>, CallError> {
+    let mut tags = HashMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .list_tags_for_stream()
+            .stream_name(stream)
+            .set_exclusive_start_tag_key(after.clone())
+            .send()
+            .await
+            .map_err(|err| CallError::from_sdk(&err))?;
+        let last = page.tags().last().map(|t| t.key().to_string());
+        tags.extend(page.tags().iter().map(|t| (t.key().to_string(), t.value().unwrap_or_default().to_string())));
+        match last {
+            Some(last) if page.has_more_tags() => after = Some(last),
+            _ => return Ok(tags),
+        }
+    }
 }
 
 /// An open SubscribeToShard session.

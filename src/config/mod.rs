@@ -106,12 +106,19 @@ pub struct DestinationGroup {
     pub start_position: Position,
     /// Where the group's streams live (`region` / `endpoint_url` of the group, else `[aws]`).
     pub aws: AwsSettings,
+    /// Only streams carrying every one of these tags (with these values) belong to the group.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl DestinationGroup {
     /// Whether a stream of this name belongs to the group.
     pub fn matches(&self, stream_name: &str) -> bool {
         self.pattern.is_match(stream_name) && !self.exclude.iter().any(|re| re.is_match(stream_name))
+    }
+
+    /// Whether a stream carrying `tags` has every tag the group asks for.
+    pub fn has_tags(&self, tags: &std::collections::HashMap<String, String>) -> bool {
+        self.tags.iter().all(|(key, value)| tags.get(key) == Some(value))
     }
 }
 
@@ -350,9 +357,26 @@ impl Settings {
     }
 
     /// The destination group a stream of `place` belongs to (the first of that place's groups
-    /// that matches), if any.
-    pub fn group_for(&self, place: &AwsSettings, stream_name: &str) -> Option<usize> {
-        self.destinations.iter().position(|g| g.aws == *place && g.matches(stream_name))
+    /// that matches), if any. `tags`: the stream's tags, when they were read; a group that asks
+    /// for tags does not match without them.
+    pub fn group_for(
+        &self,
+        place: &AwsSettings,
+        stream_name: &str,
+        tags: Option<&std::collections::HashMap<String, String>>,
+    ) -> Option<usize> {
+        self.destinations.iter().position(|g| {
+            g.aws == *place
+                && g.matches(stream_name)
+                && (g.tags.is_empty() || tags.is_some_and(|tags| g.has_tags(tags)))
+        })
+    }
+
+    /// Whether deciding the group of this stream of `place` needs its tags: the first group
+    /// whose pattern matches it asks for tags (a group that does not wins without them).
+    pub fn needs_tags(&self, place: &AwsSettings, stream_name: &str) -> bool {
+        let first = self.destinations.iter().find(|g| g.aws == *place && g.matches(stream_name));
+        first.is_some_and(|g| !g.tags.is_empty())
     }
 
     /// Every distinct place destination groups live in, in the order groups first name them.
@@ -443,8 +467,38 @@ mod tests {
         assert_eq!(s.destinations[0].aws, home);
         assert_eq!(s.destinations[1].aws, dr);
         assert_eq!(s.destination_places(), vec![home.clone(), dr.clone()], "one place per distinct region");
-        assert_eq!(s.group_for(&dr, "c-1"), Some(2));
-        assert_eq!(s.group_for(&home, "c-1"), None, "a group matches only the streams of its own region");
+        assert_eq!(s.group_for(&dr, "c-1", None), Some(2));
+        assert_eq!(s.group_for(&home, "c-1", None), None, "a group matches only the streams of its own region");
+    }
+
+    #[test]
+    fn a_group_that_asks_for_tags_matches_only_streams_carrying_them_and_others_take_the_rest() {
+        let s = Settings::from_toml(
+            r#"
+            [source]
+            stream_name = "in"
+            [[destinations]]
+            pattern = "^out-"
+            tags = { fanout = "enabled", team = "search" }
+            [[destinations]]
+            pattern = "^out-"
+            "#,
+        )
+        .unwrap();
+        let place = AwsSettings::default();
+        let tags = |pairs: &[(&str, &str)]| -> std::collections::HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert!(s.needs_tags(&place, "out-a"));
+        assert!(!s.needs_tags(&place, "other"));
+        let all = tags(&[("fanout", "enabled"), ("team", "search"), ("x", "y")]);
+        assert_eq!(s.group_for(&place, "out-a", Some(&all)), Some(0));
+        assert_eq!(s.group_for(&place, "out-a", Some(&tags(&[("fanout", "enabled")]))), Some(1), "falls through");
+        assert_eq!(s.group_for(&place, "out-a", None), Some(1), "tags unknown: not the tagged group");
+        let err =
+            Settings::from_toml("[source]\nstream_name = \"in\"\n[[destinations]]\npattern = \"^o\"\ntags = [\"a\"]\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("destinations[0].tags"), "{err}");
     }
 
     #[test]

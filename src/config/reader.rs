@@ -173,6 +173,36 @@ impl<'a> Section<'a> {
     }
 }
 
+impl Section<'_> {
+    /// A table of text values (`tags = { team = "search" }`); empty when missing.
+    pub(super) fn string_map(&mut self, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        let table = match self.get(key) {
+            None => return Some(Default::default()),
+            Some(Value::Object(table)) => table,
+            Some(_) => {
+                self.problem(key, "must be a table of names to values, like { team = \"search\" }");
+                return None;
+            }
+        };
+        let mut out = std::collections::BTreeMap::new();
+        let mut complete = true;
+        for (name, value) in table {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => {
+                    self.problem(&format!("{key}.{name}"), "must be a single value");
+                    complete = false;
+                    continue;
+                }
+            };
+            out.insert(name.clone(), text);
+        }
+        complete.then_some(out)
+    }
+}
+
 fn compile(text: &str) -> Result<Regex, String> {
     Regex::new(text).map_err(|e| format!("`{text}` is not a valid regular expression: {e}"))
 }

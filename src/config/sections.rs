@@ -75,6 +75,14 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
     let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
     let aws = AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") };
+    let tags = s.string_map("tags");
+    if let Some(tags) = &tags {
+        for (key, value) in tags {
+            if key.is_empty() || key.chars().count() > 128 || value.chars().count() > 256 {
+                s.problem(&format!("tags.{key}"), "a Kinesis tag key has 1 to 128 characters and a value at most 256");
+            }
+        }
+    }
     let detach_after = s.parsed("detach_after", "10s", |v| match v {
         "off" => Ok(None),
         other => units::parse_duration(other).map(Some),
@@ -102,6 +110,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         detach_after: detach_after?,
         start_position,
         aws,
+        tags: tags?,
     })
 }
 

@@ -22,10 +22,15 @@ async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_
     // region is a destination too (a disaster-recovery copy), never the source itself.
     create_stream(&dr_client, "out-a", 2).await;
     create_stream(&dr_client, "in", 1).await;
+    // The second region's group selects by tag as well as by name.
+    create_stream(&dr_client, "out-untagged", 1).await;
+    for name in ["out-a", "in"] {
+        tag(&dr_client, name).await;
+    }
     let (_dir, checkpoint) = temp_checkpoint();
     let dr_group = format!(
         "\n[[destinations]]\npattern = \"^(in|out-.*)$\"\nregion = \"eu-west-1\"\nendpoint_url = \"{}\"\n\
-         refresh_interval = \"1s\"\nlinger = \"20ms\"\n",
+         tags = {{ fanout = \"enabled\" }}\nrefresh_interval = \"1s\"\nlinger = \"20ms\"\n",
         dr.url
     );
     // The home group's pattern matches the source too: it is left out.
@@ -41,6 +46,7 @@ async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_
     }
 
     create_stream(&dr_client, "out-new", 1).await;
+    tag(&dr_client, "out-new").await;
     wait_until("the stream created in the second region is a destination", || async {
         service.metrics.destinations.get() == 4
     })
@@ -61,4 +67,13 @@ async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_
     }
     assert_eq!(contents(&dr_client, "out-new").await, sorted(&second), "records read after it appeared");
     assert_eq!(contents(&home_client, "in").await.len(), 2_500, "the source was not written to");
+    assert!(
+        contents(&dr_client, "out-untagged").await.is_empty(),
+        "a stream without the group's tags is not a destination"
+    );
+    assert!(dr.calls("ListTagsForStream") >= 3, "tags were read");
+}
+
+async fn tag(client: &aws_sdk_kinesis::Client, stream: &str) {
+    client.add_tags_to_stream().stream_name(stream).tags("fanout", "enabled").send().await.unwrap();
 }
