@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::KinesisClients;
-use crate::config::{CheckpointBackend, Settings};
+use crate::aws::credentials::Identities;
+use crate::config::{AwsSettings, CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
@@ -51,7 +52,6 @@ pub struct Service {
 /// Everything replication needs; shared state is also read by the admin port.
 struct Pipeline {
     settings: Arc<Settings>,
-    clients: KinesisClients,
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
     health: Arc<Health>,
@@ -62,14 +62,12 @@ impl Service {
     /// Builds the service from validated settings and an SDK configuration (the default chain in
     /// the binary, static test credentials in tests).
     pub fn new(settings: Settings, sdk: &aws_config::SdkConfig) -> Result<Self, RunError> {
-        let clients = KinesisClients::new(sdk, &settings.source.aws, settings.put_attempt_timeout());
         let addr = settings.metrics.listen;
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| RunError::Admin { addr, source })?;
         let pipeline = Pipeline {
             settings: Arc::new(settings),
-            clients,
             metrics: Arc::new(Metrics::new()),
             progress: Arc::new(Progress::default()),
             health: Arc::new(Health::default()),
@@ -115,7 +113,24 @@ impl Service {
 
 impl Pipeline {
     async fn replicate(self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let Pipeline { settings, clients, metrics, progress, health, sdk } = self;
+        let Pipeline { settings, metrics, progress, health, sdk } = self;
+        let worker = match &settings.checkpoint.backend {
+            CheckpointBackend::DynamoDb(lease) if lease.worker_id.is_some() => {
+                lease.worker_id.clone().unwrap_or_default()
+            }
+            _ => crate::lease::default_worker_id().await,
+        };
+        let identities = Identities {
+            sdk: sdk.clone(),
+            sts_endpoint_url: settings.sts_endpoint_url.clone(),
+            worker,
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+        };
+        let timeout = settings.put_attempt_timeout();
+        let source_aws = &settings.source.aws;
+        let credentials = identities.provider(source_aws.role.as_ref(), source_aws.region.as_deref(), "source").await;
+        let clients = KinesisClients::new(&sdk, source_aws, credentials, timeout);
         let stream = source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
         metrics.source_retention_seconds.set(stream.retention.as_secs() as i64);
@@ -127,17 +142,19 @@ impl Pipeline {
                 Err(err) => return Err(err.into()),
             };
         health.consumer_active();
-        let backend = Backend::open(&settings, &sdk, &clients, &stream).await?;
+        let backend = Backend::open(&settings, &identities, &clients, &stream).await?;
         let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
         let writers = TaskGroup::default();
         // Each place destinations live in (region, endpoint) has its own clients.
-        let places: Vec<KinesisClients> = settings
-            .destination_places()
-            .iter()
-            .map(|aws| KinesisClients::new(&sdk, aws, settings.put_attempt_timeout()))
-            .collect();
+        let mut places = Vec::new();
+        for aws in settings.destination_places() {
+            let first = settings.destinations.iter().position(|g| g.aws == aws).unwrap_or_default();
+            let group = format!("destinations[{first}]");
+            let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group).await;
+            places.push(KinesisClients::new(&sdk, &aws, credentials, timeout));
+        }
         let (mut supervisor, destinations) = Supervisor::new(
             Arc::clone(&settings),
             clients.control.clone(),
@@ -271,7 +288,7 @@ struct Backend {
 impl Backend {
     async fn open(
         settings: &Settings,
-        sdk: &aws_config::SdkConfig,
+        identities: &Identities,
         clients: &KinesisClients,
         stream: &source::SourceStream,
     ) -> Result<Backend, RunError> {
@@ -284,8 +301,15 @@ impl Backend {
                 Ok(Backend { store: Arc::new(store), manager: None, events: None, stored, share, _alone: Some(alone) })
             }
             CheckpointBackend::DynamoDb(lease) => {
-                let table =
-                    LeaseTable::new(crate::aws::dynamodb_client(sdk, &settings.aws, lease), lease.table_name.clone());
+                // The lease table is reached as the source is, unless [checkpoint] says otherwise.
+                let aws = AwsSettings {
+                    region: lease.region.clone().or_else(|| settings.source.aws.region.clone()),
+                    endpoint_url: None,
+                    role: lease.role.clone().or_else(|| settings.source.aws.role.clone()),
+                };
+                let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
+                let client = crate::aws::dynamodb_client(&identities.sdk, &aws, credentials, lease);
+                let table = LeaseTable::new(client, lease.table_name.clone());
                 table.ensure(lease.create_table).await?;
                 let me = match &lease.worker_id {
                     Some(id) => id.clone(),

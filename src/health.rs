@@ -43,6 +43,8 @@ pub struct Health {
     /// When each shard was read, for operators' debugging and for tests proving that no two
     /// workers read one shard at once.
     spans: Mutex<Vec<ReadingSpan>>,
+    /// Groups whose role could not be assumed at the last try, with why.
+    credentials: Mutex<BTreeMap<String, String>>,
 }
 
 /// One reading of one shard by this process.
@@ -64,6 +66,7 @@ impl Default for Health {
             records: AtomicU64::new(0),
             last_record: Mutex::new(None),
             spans: Mutex::new(Vec::new()),
+            credentials: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -149,8 +152,20 @@ impl Health {
         }
     }
 
+    /// The last attempt to assume `group`'s role failed (with why), or succeeded (`None`).
+    pub fn credentials(&self, group: &str, failure: Option<String>) {
+        let mut failing = self.credentials.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(why) => failing.insert(group.to_string(), why),
+            None => failing.remove(group),
+        };
+    }
+
     /// `Ok` when the service is ready, else a short reason.
     pub fn readiness(&self) -> Result<(), String> {
+        if let Some((group, why)) = self.credentials.lock().unwrap_or_else(|e| e.into_inner()).iter().next() {
+            return Err(format!("cannot assume the role of {group}: {why}"));
+        }
         if !self.consumer_active.load(Ordering::Relaxed) {
             return Err("Enhanced Fan-Out consumer is not ACTIVE yet".into());
         }

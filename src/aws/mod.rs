@@ -2,6 +2,7 @@
 //! decides what an SDK error means (retry later, gone, or never going to work); and every Kinesis
 //! call in [`kinesis`]. DynamoDB calls live with the lease table (`lease::table`).
 
+pub mod credentials;
 pub mod kinesis;
 
 use std::time::Duration;
@@ -26,8 +27,17 @@ pub struct KinesisClients {
 impl KinesisClients {
     /// Builds the clients from an SDK config (from the default chain, or a test's own).
     /// `put_attempt_timeout` bounds one PutRecords attempt (see `Settings::put_attempt_timeout`).
-    pub fn new(sdk: &aws_config::SdkConfig, settings: &AwsSettings, put_attempt_timeout: Duration) -> Self {
+    /// `credentials`: the place's assumed role ([`credentials::Identities`]); `None`: the SDK's own.
+    pub fn new(
+        sdk: &aws_config::SdkConfig,
+        settings: &AwsSettings,
+        credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+        put_attempt_timeout: Duration,
+    ) -> Self {
         let mut base = aws_sdk_kinesis::config::Builder::from(sdk);
+        if let Some(credentials) = credentials {
+            base = base.credentials_provider(credentials);
+        }
         if let Some(region) = &settings.region {
             base = base.region(aws_sdk_kinesis::config::Region::new(region.clone()));
         }
@@ -91,6 +101,7 @@ impl CallError {
 pub fn dynamodb_client(
     sdk: &aws_config::SdkConfig,
     aws: &AwsSettings,
+    credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
     lease: &crate::config::LeaseSettings,
 ) -> aws_sdk_dynamodb::Client {
     use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
@@ -104,6 +115,9 @@ pub fn dynamodb_client(
     );
     if let Some(region) = &aws.region {
         config = config.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
+    }
+    if let Some(credentials) = credentials {
+        config = config.credentials_provider(credentials);
     }
     // The Kinesis endpoint override must not leak into DynamoDB: it has its own.
     config.set_endpoint_url(lease.endpoint_url.clone());
@@ -151,13 +165,30 @@ pub fn classify_code(code: Option<&str>) -> ErrorKind {
 }
 
 /// Classifies any SDK error.
-pub fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> ErrorKind {
+pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
+    err: &SdkError<E, R>,
+) -> ErrorKind {
     match err {
         SdkError::ServiceError(service) => classify_code(service.err().code()),
+        // Credentials that could not be had (a role STS would not let us assume yet) are a
+        // failure to build the request, but the next try can succeed.
+        SdkError::ConstructionFailure(_) if about_credentials(err) => ErrorKind::Transient,
         SdkError::ConstructionFailure(_) => ErrorKind::Permanent,
         // Timeouts, connection failures and unparsable responses all deserve another try.
         _ => ErrorKind::Transient,
     }
+}
+
+/// Whether an error was caused by credentials that could not be loaded.
+fn about_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>().is_some() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The error code of an SDK error, for metrics labels and logs.

@@ -30,6 +30,9 @@ pub const ENV_PREFIX: &str = "KINESIS_FANOUT__";
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub aws: AwsSettings,
+    /// `[aws] sts_endpoint_url`: where roles are assumed (STS VPC endpoints, tests); `None`:
+    /// the SDK's regional STS endpoint.
+    pub sts_endpoint_url: Option<String>,
     pub source: SourceSettings,
     pub destinations: Vec<DestinationGroup>,
     pub checkpoint: CheckpointSettings,
@@ -60,14 +63,28 @@ pub struct AwsSettings {
     pub region: Option<String>,
     /// Kinesis endpoint override, for emulators and VPC endpoints.
     pub endpoint_url: Option<String>,
+    /// A role to assume for these streams (another account's writer role); `None`: the
+    /// service's own identity.
+    pub role: Option<AssumeRole>,
+}
+
+/// A role assumed through STS, with the SDK's own provider (cached, refreshed before expiry).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AssumeRole {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    /// `None`: `kinesis-fanout-<worker id>`.
+    pub session_name: Option<String>,
 }
 
 impl AwsSettings {
-    /// These settings, with what they leave unset taken from `defaults`.
+    /// These settings, with the region and endpoint they leave unset taken from `defaults` (a
+    /// role is never inherited).
     pub fn or(&self, defaults: &AwsSettings) -> AwsSettings {
         AwsSettings {
             region: self.region.clone().or_else(|| defaults.region.clone()),
             endpoint_url: self.endpoint_url.clone().or_else(|| defaults.endpoint_url.clone()),
+            role: self.role.clone(),
         }
     }
 }
@@ -148,6 +165,10 @@ pub struct LeaseSettings {
     pub failover_time: Duration,
     /// `None`: the ECS task id, else hostname plus a random suffix.
     pub worker_id: Option<String>,
+    /// `[checkpoint] region` / `role_arn`: where and as whom the table is reached (`None`: as
+    /// the source is).
+    pub region: Option<String>,
+    pub role: Option<AssumeRole>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,8 +309,11 @@ impl Settings {
                     );
                 }
             }
-            AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") }
+            let settings =
+                AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url"), role: None };
+            (settings, s.string("sts_endpoint_url"))
         });
+        let (aws, sts_endpoint_url) = aws.unzip();
         let source = root.section("source", source_settings);
         let kpl = root
             .section("records", |s| s.parsed("kpl", "reaggregate", parse_kpl))
@@ -345,6 +369,7 @@ impl Settings {
         root.finish();
         Some(Settings {
             aws,
+            sts_endpoint_url: sts_endpoint_url.flatten(),
             source: source?,
             destinations: destinations?,
             checkpoint: checkpoint?,
@@ -461,8 +486,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        let home = AwsSettings { region: Some("us-east-1".into()), endpoint_url: Some("http://home".into()) };
-        let dr = AwsSettings { region: Some("eu-west-1".into()), endpoint_url: Some("http://home".into()) };
+        let home =
+            AwsSettings { region: Some("us-east-1".into()), endpoint_url: Some("http://home".into()), role: None };
+        let dr = AwsSettings { region: Some("eu-west-1".into()), endpoint_url: Some("http://home".into()), role: None };
         assert_eq!(s.source.aws, home);
         assert_eq!(s.destinations[0].aws, home);
         assert_eq!(s.destinations[1].aws, dr);

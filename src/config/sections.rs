@@ -20,7 +20,7 @@ pub(super) fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     let stream_name = s.required_string("stream_name").unwrap_or_default();
     let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
     let initial_position = start_point(s, ("initial_position", "initial_timestamp"), "trim_horizon");
-    let aws = AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") };
+    let aws = place(s);
     SourceSettings { stream_name, consumer_name, initial_position, aws }
 }
 
@@ -55,6 +55,43 @@ fn start_point(s: &mut Section<'_>, keys: (&str, &str), default: &str) -> Positi
     }
 }
 
+/// Where a section's streams live and as whom: `region`, `endpoint_url`, and `role_arn` with
+/// its `external_id` and `session_name`.
+fn place(s: &mut Section<'_>) -> AwsSettings {
+    let role_arn = s.parsed_opt("role_arn", |v| {
+        let parts: Vec<&str> = v.split(':').collect();
+        let valid = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[2] == "iam"
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && parts[5].starts_with("role/");
+        if valid {
+            Ok(v.to_string())
+        } else {
+            Err(format!("`{v}` is not an IAM role ARN like arn:aws:iam::222222222222:role/name"))
+        }
+    });
+    let external_id = s.string("external_id");
+    let session_name = s.parsed_opt("session_name", |v| {
+        let ok = (2..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"=,.@-_".contains(&b));
+        if ok {
+            Ok(v.to_string())
+        } else {
+            Err(format!("`{v}` is not a role session name (2 to 64 of A-Z a-z 0-9 =,.@-_)"))
+        }
+    });
+    if role_arn.is_none() {
+        for key in ["external_id", "session_name"] {
+            if s.string(key).is_some() {
+                s.problem(key, "only allowed with role_arn");
+            }
+        }
+    }
+    let role = role_arn.map(|role_arn| AssumeRole { role_arn, external_id, session_name });
+    AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url"), role }
+}
+
 pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Option<DestinationGroup> {
     let pattern = s.required_regex("pattern");
     let exclude = s.regex_list("exclude");
@@ -74,7 +111,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
     let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
-    let aws = AwsSettings { region: s.string("region"), endpoint_url: s.string("endpoint_url") };
+    let aws = place(s);
     let tags = s.string_map("tags");
     if let Some(tags) = &tags {
         for (key, value) in tags {
@@ -134,6 +171,14 @@ pub(super) fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
         s.problem("failover_time", "must be at least 1s");
     }
     let worker_id = s.string("worker_id");
+    let region = s.string("region");
+    let role = s.parsed_opt("role_arn", |v| {
+        if v.starts_with("arn:") && v.contains(":role/") {
+            Ok(AssumeRole { role_arn: v.to_string(), external_id: None, session_name: None })
+        } else {
+            Err(format!("`{v}` is not an IAM role ARN like arn:aws:iam::222222222222:role/name"))
+        }
+    });
     let backend = if dynamodb == Some(true) {
         if table_name.is_none() {
             s.problem("table_name", "is required with backend = \"dynamodb\"");
@@ -144,6 +189,8 @@ pub(super) fn checkpoint_settings(s: &mut Section<'_>) -> CheckpointSettings {
             create_table: create_table.unwrap_or(true),
             failover_time: failover_time.unwrap_or(Duration::from_secs(10)),
             worker_id,
+            region,
+            role,
         })
     } else {
         CheckpointBackend::File { path: PathBuf::from(path) }

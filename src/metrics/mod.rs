@@ -39,6 +39,7 @@ pub struct Metrics {
     pub destination_lag_seconds: GaugeVec,
     pub catch_up_records: IntCounterVec,
     pub records_expired: IntCounterVec,
+    pub credential_refresh_errors: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
@@ -229,6 +230,11 @@ impl Metrics {
                 "destination_records_expired_total",
                 "Records that left the source's retention before a detached destination's catch-up could read them (counted when it rejoins the live feed; logged as an error).",
                 &["destination"],
+            ),
+            credential_refresh_errors: counter(
+                "credential_refresh_errors_total",
+                "Failed attempts to assume a group's role (source, checkpoint, destinations[N]); the group's calls wait and try again.",
+                &["group"],
             ),
             checkpoint_writes: counter(
                 "checkpoint_writes_total",

@@ -49,8 +49,19 @@ pub struct Faults {
     /// GetRecords answers leave out records whose partition key starts with this, as Kinesis does
     /// once records have left the stream's retention period (ferrokinesis keeps at least 24 h).
     pub expire_partition_keys: Option<String>,
+    /// Every request must be signed with one of these access key ids, before its expiry (keys
+    /// an STS stand-in issued); others get 400 ExpiredTokenException and are counted under
+    /// `calls["RejectedSignature"]`.
+    pub require_keys: Option<Arc<Mutex<HashMap<String, std::time::SystemTime>>>>,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
+}
+
+/// The access key id of a SigV4 `Authorization` header.
+fn signing_key(request: &axum::http::request::Parts) -> Option<String> {
+    let auth = request.headers.get("authorization")?.to_str().ok()?;
+    let credential = auth.split("Credential=").nth(1)?;
+    Some(credential.split('/').next()?.to_string())
 }
 
 pub struct Emulator {
@@ -139,6 +150,14 @@ async fn inject_faults(
     {
         let mut faults = faults.lock().unwrap();
         *faults.calls.entry(operation.clone()).or_default() += 1;
+        if let Some(keys) = &faults.require_keys {
+            let key = signing_key(&parts).unwrap_or_default();
+            let live = keys.lock().unwrap().get(&key).is_some_and(|expiry| *expiry > std::time::SystemTime::now());
+            if !live {
+                *faults.calls.entry("RejectedSignature".into()).or_default() += 1;
+                return error_response(StatusCode::BAD_REQUEST, "ExpiredTokenException");
+            }
+        }
         if operation == "PutRecords"
             && let Some(stream) = &faults.reject_puts_to
             && contains(&bytes, stream.as_bytes())

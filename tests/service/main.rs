@@ -16,4 +16,5 @@ mod operate;
 mod regions;
 mod replication;
 mod resharding;
+mod roles;
 mod soak;
