@@ -1,6 +1,7 @@
 """Least privilege, checked on the CloudFormation template (run by .ci/run after cfn-lint):
-no IAM statement grants `kinesis:*` or `dynamodb:*`, and only `kinesis:ListStreams` (which has no
-resource-level permissions) may use `Resource: "*"`.
+no IAM statement grants `kinesis:*` or `dynamodb:*`, only `kinesis:ListStreams` (which has no
+resource-level permissions) may use `Resource: "*"`, and a trust policy that lets another account's
+principal assume a role requires an external id.
 
     python3 deploy/checks/least_privilege.py deploy/cloudformation/kinesis-fanout.yaml
 """
@@ -40,6 +41,11 @@ for statement in statements(template.get("Resources", {})):
             failures.append("statement %s grants %s" % (statement.get("Sid", "?"), action))
     if "*" in resources and set(actions) - {"kinesis:ListStreams"}:
         failures.append("statement %s grants %s on every resource" % (statement.get("Sid", "?"), actions))
+    principal = statement.get("Principal", {})
+    if "sts:AssumeRole" in actions and isinstance(principal, dict) and "AWS" in principal:
+        condition = statement.get("Condition", {}).get("StringEquals", {})
+        if "sts:ExternalId" not in condition:
+            failures.append("statement %s lets another account assume the role without an external id" % statement.get("Sid", "?"))
 if failures:
     sys.exit("\n".join(failures))
 print("least privilege: %d IAM statements checked, none too broad" % checked)
