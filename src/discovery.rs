@@ -32,27 +32,50 @@ pub struct Candidate {
     pub place: usize,
 }
 
-/// Streams of `place` that are never destinations: the source (when it lives there) and the
-/// dead-letter streams of the groups there. A stream of the source's name in another region or
-/// account is a destination like any other (a disaster-recovery copy).
-pub fn never_destinations(settings: &Settings, place: &AwsSettings) -> HashSet<String> {
-    let source = (settings.source.aws == *place).then(|| settings.source.stream_name.clone());
-    source
-        .into_iter()
-        .chain(settings.destinations.iter().filter(|g| g.aws == *place).filter_map(|g| g.dead_letter_stream.clone()))
-        .collect()
-}
-
 /// Filters the stream names of one place down to destinations, with the group each belongs to,
 /// by name only: a group that asks for tags matches nothing here (discovery reads the tags).
 pub fn select(settings: &Settings, place: usize, names: impl IntoIterator<Item = String>) -> Vec<Candidate> {
     let Some(aws) = settings.destination_places().into_iter().nth(place) else { return Vec::new() };
-    let excluded = never_destinations(settings, &aws);
     names
         .into_iter()
-        .filter(|name| !excluded.contains(name))
-        .filter_map(|name| settings.group_for(&aws, &name, None).map(|group| Candidate { name, group, place }))
+        .filter_map(|name| match explain(settings, &aws, &name, None) {
+            Verdict::Destination(group) => Some(Candidate { name, group, place }),
+            Verdict::Not(_) => None,
+        })
         .collect()
+}
+
+/// Whether a stream of `place` is a destination, and of which group, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Destination(usize),
+    Not(String),
+}
+
+/// Decides one stream of `place` (`tags`: its tags, when read). The source stream and
+/// dead-letter streams are never destinations, whatever the patterns say; a stream of the
+/// source's name in another region or account is (a disaster-recovery copy).
+pub fn explain(settings: &Settings, place: &AwsSettings, name: &str, tags: Option<&Tags>) -> Verdict {
+    if settings.source.aws == *place && settings.source.stream_name == name {
+        return Verdict::Not("the source stream itself".into());
+    }
+    let here = || settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *place);
+    if here().any(|(_, g)| g.dead_letter_stream.as_deref() == Some(name)) {
+        return Verdict::Not("a dead-letter stream".into());
+    }
+    if let Some(group) = settings.group_for(place, name, tags) {
+        return Verdict::Destination(group);
+    }
+    for (i, group) in here().filter(|(_, g)| g.pattern.is_match(name)) {
+        if let Some(re) = group.exclude.iter().find(|re| re.is_match(name)) {
+            return Verdict::Not(format!("excluded by group {i}'s exclude `{re}`"));
+        }
+        if !group.tags.is_empty() {
+            let wanted: Vec<String> = group.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            return Verdict::Not(format!("lacks group {i}'s tags {}", wanted.join(", ")));
+        }
+    }
+    Verdict::Not("matches no group's pattern".into())
 }
 
 /// Every stream name in the account and region, each page after `pace` allows it.
@@ -74,7 +97,7 @@ pub enum Change {
 }
 
 /// A stream's tags, by key.
-type Tags = HashMap<String, String>;
+pub type Tags = HashMap<String, String>;
 
 /// One place destinations live in, read with its own client and its own pace (ListStreams,
 /// ListTagsForStream and DescribeStreamSummary limits are per account and region).
@@ -204,19 +227,18 @@ impl Discovery {
     /// tags (once, then again only every refresh interval; the last tags known stand in when a
     /// read fails).
     async fn candidates(&self, index: usize, place: &Place, names: Vec<String>) -> Vec<Candidate> {
-        let excluded = never_destinations(&self.settings, &place.aws);
         let mut out = Vec::new();
-        for name in names.into_iter().filter(|name| !excluded.contains(name)) {
+        for name in names {
             let tags =
                 if self.settings.needs_tags(&place.aws, &name) { self.tags_of(place, &name).await } else { None };
-            if let Some(group) = self.settings.group_for(&place.aws, &name, tags.as_ref()) {
+            if let Verdict::Destination(group) = explain(&self.settings, &place.aws, &name, tags.as_ref()) {
                 out.push(Candidate { name, group, place: index });
             }
         }
         out
     }
 
-    async fn tags_of(&self, place: &Place, name: &str) -> Option<HashMap<String, String>> {
+    async fn tags_of(&self, place: &Place, name: &str) -> Option<Tags> {
         let known = place.tags.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
         if let Some((read_at, tags)) = &known
             && read_at.elapsed() < self.interval()

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod aws;
+pub mod check;
 pub mod config;
 pub mod discovery;
 pub mod fanout;

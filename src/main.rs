@@ -214,30 +214,6 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
     let sdk = sdk_config().await;
-    let timeout = settings.put_attempt_timeout();
-    let identities = kinesis_fanout::aws::credentials::Identities {
-        sdk: sdk.clone(),
-        sts_endpoint_url: settings.sts_endpoint_url.clone(),
-        worker: "check".into(),
-        metrics: std::sync::Arc::default(),
-        health: std::sync::Arc::default(),
-    };
-    let source = &settings.source.aws;
-    let credentials = identities.provider(source.role.as_ref(), source.region.as_deref(), "source").await;
-    let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, source, credentials, timeout);
-    let stream = kinesis_fanout::source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
-    println!("source: {} ({} open shards)", stream.name, stream.open_shards);
-    for (place, aws) in settings.destination_places().iter().enumerate() {
-        let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "destinations").await;
-        let clients = kinesis_fanout::aws::KinesisClients::new(&sdk, aws, credentials, timeout);
-        let names = kinesis_fanout::discovery::list_stream_names(&clients.control, None).await?;
-        let candidates = kinesis_fanout::discovery::select(&settings, place, names);
-        let region = aws.region.as_deref().unwrap_or("the default region");
-        let role = aws.role.as_ref().map(|r| format!(" as {}", r.role_arn)).unwrap_or_default();
-        println!("destinations in {region}{role} ({}):", candidates.len());
-        for c in &candidates {
-            println!("  {} (group {}: {})", c.name, c.group, settings.destinations[c.group].pattern);
-        }
-    }
+    print!("{}", kinesis_fanout::check::report(&settings, &sdk).await?);
     Ok(())
 }

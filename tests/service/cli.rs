@@ -70,14 +70,23 @@ async fn bad_configs_exit_2_and_name_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_lists_matching_destinations_and_fails_on_a_missing_source() {
+async fn check_explains_every_stream_and_fails_on_a_missing_source() {
     let emulator = Emulator::start().await;
     let client = emulator.client();
-    for (name, shards) in [("app-input", 2), ("app-output-orders", 1), ("app-output-search", 1), ("other", 1)] {
+    let streams = [
+        ("app-input", 2),
+        ("app-output-orders", 1),
+        ("app-output-search", 1),
+        ("app-output-scratch", 1),
+        ("app-dlq", 1),
+        ("other", 1),
+    ];
+    for (name, shards) in streams {
         create_stream(&client, name, shards).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), "");
+    let extra = "exclude = [\"-scratch$\"]\ndead_letter_stream = \"app-dlq\"";
+    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), extra);
     let path = write(dir.path(), "c.toml", &config);
     let aws = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
     let mut env = aws.to_vec();
@@ -85,9 +94,19 @@ async fn check_lists_matching_destinations_and_fails_on_a_missing_source() {
     let out = run_cli(&["check"], &env).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("app-output-orders") && stdout.contains("app-output-search"), "{stdout}");
-    assert!(!stdout.contains("  app-input"), "the source is never a destination: {stdout}");
-    assert!(!stdout.contains("other"), "{stdout}");
+    for expected in [
+        "source: app-input (2 open shards) in region us-east-1",
+        "as the service's own credentials",
+        "(account ",
+        "app-output-orders: destination (group 0: ^app-.*$), 1 open shards",
+        "app-output-search: destination (group 0",
+        "app-input: not a destination: the source stream itself",
+        "app-dlq: not a destination: a dead-letter stream",
+        "app-output-scratch: not a destination: excluded by group 0's exclude `-scratch$`",
+        "other: not a destination: matches no group's pattern",
+    ] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
 
     let mut env = aws.to_vec();
     env.push(("KINESIS_FANOUT__SOURCE__STREAM_NAME", "nope"));

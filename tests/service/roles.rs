@@ -159,3 +159,38 @@ async fn another_accounts_destinations_are_written_with_an_assumed_role_refreshe
     other.faults.lock().unwrap().require_keys = None;
     assert_eq!(contents(&other_client, "shared-orders").await, sorted(&sent), "every record exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable_one() {
+    let sts = Sts::start(Duration::from_secs(900)).await;
+    let home = Emulator::start().await;
+    let other = Emulator::with_options(StoreOptions { aws_account_id: "222222222222".into(), ..store_options() }).await;
+    create_stream(&home.client(), "in", 1).await;
+    create_stream(&other.client(), "shared-orders", 1).await;
+    create_stream(&other.client(), "private", 1).await;
+    other.faults.lock().unwrap().require_keys = Some(Arc::clone(&sts.issued));
+    let (_dir, checkpoint) = temp_checkpoint();
+    let group = format!(
+        "\n[[destinations]]\npattern = \"^shared-.*$\"\nendpoint_url = \"{}\"\nrole_arn = \"{ROLE}\"\n\
+         external_id = \"{EXTERNAL_ID}\"\n",
+        other.url
+    );
+    let toml = config_toml(&home.url, "in", "^out-none$", &checkpoint, "")
+        .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
+        + &group;
+    let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
+    let report = kinesis_fanout::check::report(&settings, &sdk_config(&home.url)).await.unwrap();
+    for expected in [
+        format!("(account 222222222222) at {}, as assumed role {ROLE}", other.url),
+        "shared-orders: destination (group 1: ^shared-.*$)".to_string(),
+        "private: not a destination: matches no group's pattern".to_string(),
+    ] {
+        assert!(report.contains(&expected), "missing `{expected}` in:\n{report}");
+    }
+
+    // Without a role it can assume, the other account is unreachable, and says so.
+    sts.down.store(true, Ordering::SeqCst);
+    let settings = kinesis_fanout::Settings::from_toml(&toml.replace(EXTERNAL_ID, "wrong-id")).unwrap();
+    let report = kinesis_fanout::check::report(&settings, &sdk_config(&home.url)).await.unwrap();
+    assert!(report.contains("unreachable: ListStreams failed"), "{report}");
+}
