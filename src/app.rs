@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
-use crate::config::{AwsSettings, CheckpointBackend, Settings};
+use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
@@ -302,11 +302,7 @@ impl Backend {
             }
             CheckpointBackend::DynamoDb(lease) => {
                 // The lease table is reached as the source is, unless [checkpoint] says otherwise.
-                let aws = AwsSettings {
-                    region: lease.region.clone().or_else(|| settings.source.aws.region.clone()),
-                    endpoint_url: None,
-                    role: lease.role.clone().or_else(|| settings.source.aws.role.clone()),
-                };
+                let aws = lease.aws(&settings.source.aws);
                 let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
                 let client = crate::aws::dynamodb_client(&identities.sdk, &aws, credentials, lease);
                 let table = LeaseTable::new(client, lease.table_name.clone());

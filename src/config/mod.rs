@@ -153,6 +153,18 @@ pub enum CheckpointBackend {
     DynamoDb(LeaseSettings),
 }
 
+impl LeaseSettings {
+    /// Where and as whom the table is reached: its own `region` and `role_arn`, else the
+    /// source's (its endpoint is `endpoint_url`, never the Kinesis one).
+    pub fn aws(&self, source: &AwsSettings) -> AwsSettings {
+        AwsSettings {
+            region: self.region.clone().or_else(|| source.region.clone()),
+            endpoint_url: None,
+            role: self.role.clone().or_else(|| source.role.clone()),
+        }
+    }
+}
+
 /// The lease table and how this worker takes part in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSettings {
@@ -525,6 +537,41 @@ mod tests {
             Settings::from_toml("[source]\nstream_name = \"in\"\n[[destinations]]\npattern = \"^o\"\ntags = [\"a\"]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("destinations[0].tags"), "{err}");
+    }
+
+    #[test]
+    fn the_lease_table_is_reached_as_the_source_unless_checkpoint_says_otherwise() {
+        let base = r#"
+            [source]
+            stream_name = "in"
+            region = "eu-west-1"
+            role_arn = "arn:aws:iam::111111111111:role/reader"
+            [[destinations]]
+            pattern = "^out-"
+            [checkpoint]
+            backend = "dynamodb"
+            table_name = "leases"
+            "#;
+        let lease = |toml: &str| match Settings::from_toml(toml).unwrap().checkpoint.backend {
+            CheckpointBackend::DynamoDb(lease) => lease,
+            other => panic!("{other:?}"),
+        };
+        let s = Settings::from_toml(base).unwrap();
+        let aws = lease(base).aws(&s.source.aws);
+        assert_eq!(aws.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(aws.role.map(|r| r.role_arn).as_deref(), Some("arn:aws:iam::111111111111:role/reader"));
+        let own = format!("{base}region = \"us-east-1\"\nrole_arn = \"arn:aws:iam::333333333333:role/leases\"\n");
+        let aws = lease(&own).aws(&s.source.aws);
+        assert_eq!(aws.region.as_deref(), Some("us-east-1"));
+        assert_eq!(aws.role.map(|r| r.role_arn).as_deref(), Some("arn:aws:iam::333333333333:role/leases"));
+        let err = Settings::from_toml(&format!("{base}external_id = \"x\"\n")).unwrap_err().to_string();
+        assert!(err.contains("checkpoint.external_id"), "{err}");
+        let err = Settings::from_toml(
+            &base.replace("role_arn = \"arn:aws:iam::111111111111:role/reader\"", "external_id = \"x\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("source.external_id: only allowed with role_arn"), "{err}");
     }
 
     #[test]

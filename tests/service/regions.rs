@@ -77,3 +77,30 @@ async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_
 async fn tag(client: &aws_sdk_kinesis::Client, stream: &str) {
     client.add_tags_to_stream().stream_name(stream).tags("fanout", "enabled").send().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_tags_are_read_once_per_refresh_interval() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-a", "out-b", "other"] {
+        create_stream(&client, name, 1).await;
+    }
+    tag(&client, "out-a").await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "tags = { fanout = \"enabled\" }")
+        .replace("refresh_interval = \"1s\"", "refresh_interval = \"1h\"");
+    let settings = std::sync::Arc::new(kinesis_fanout::Settings::from_toml(&toml).unwrap());
+    let discovery = kinesis_fanout::discovery::Discovery::new(settings, vec![client.clone()]);
+    for _ in 0..3 {
+        let changes = discovery.changes(&Default::default()).await.unwrap();
+        let found: Vec<String> = changes
+            .into_iter()
+            .filter_map(|c| match c {
+                kinesis_fanout::discovery::Change::Writable { candidate, .. } => Some(candidate.name),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found, vec!["out-a".to_string()], "only the tagged stream");
+    }
+    assert_eq!(emulator.calls("ListTagsForStream"), 2, "out-a and out-b, once each over three rounds");
+}
