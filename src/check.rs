@@ -2,20 +2,77 @@
 //! For the source and for each place destination groups live in (region, endpoint, identity): the
 //! region and account it resolved, the identity it uses (its own, or the role it assumed), and
 //! every stream listed there, matched (with its group) or not a destination and why (the source
-//! itself, a dead-letter stream, an exclude, missing tags, no pattern), or unreachable.
+//! itself, a dead-letter stream, an exclude, missing tags, no pattern), or unreachable. With
+//! `--explain`, what every group of the place thought of every stream; with `--json`, the same
+//! as one JSON document.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+
+use serde::Serialize;
 
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
 use crate::aws::kinesis;
 use crate::config::{AwsSettings, Settings};
-use crate::discovery::{Verdict, explain};
+use crate::discovery::{Verdict, explain, group_opinions};
 use crate::source::SourceError;
 
-/// The check's report, one line per fact; an unreadable source is an error.
-pub async fn report(settings: &Settings, sdk: &aws_config::SdkConfig) -> Result<String, SourceError> {
+/// What `check` found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub source: SourceReport,
+    pub places: Vec<PlaceReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceReport {
+    pub stream: String,
+    pub open_shards: u32,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// The role assumed, if any.
+    pub role_arn: Option<String>,
+}
+
+/// One region and identity destination groups use.
+#[derive(Debug, Serialize)]
+pub struct PlaceReport {
+    pub groups: Vec<usize>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// From the ARN of a stream found there.
+    pub account: Option<String>,
+    pub role_arn: Option<String>,
+    /// ListStreams failed: nothing else is known of this place.
+    pub unreachable: Option<String>,
+    pub streams: Vec<StreamReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamReport {
+    pub name: String,
+    /// `destination`, `not a destination` or `unreachable`.
+    pub verdict: &'static str,
+    /// Its group, when a destination.
+    pub group: Option<usize>,
+    /// Why not a destination, or why unreachable.
+    pub why: Option<String>,
+    pub open_shards: Option<u32>,
+    /// What each group of the place thought of it (`--explain`).
+    pub groups: Vec<GroupOpinion>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupOpinion {
+    pub group: usize,
+    pub pattern: String,
+    /// `None`: this group matches the stream.
+    pub rejects: Option<String>,
+}
+
+/// Looks at the source and every place; an unreadable source is an error.
+pub async fn report(settings: &Settings, sdk: &aws_config::SdkConfig) -> Result<Report, SourceError> {
     let identities = Identities {
         sdk: sdk.clone(),
         sts_endpoint_url: settings.sts_endpoint_url.clone(),
@@ -24,92 +81,173 @@ pub async fn report(settings: &Settings, sdk: &aws_config::SdkConfig) -> Result<
         health: Arc::default(),
     };
     let timeout = settings.put_attempt_timeout();
-    let mut out = String::new();
     let source = &settings.source.aws;
     let credentials = identities.provider(source.role.as_ref(), source.region.as_deref(), "source").await;
     let clients = KinesisClients::new(sdk, source, credentials, timeout);
     let stream = crate::source::resolve_stream(&clients.control, &settings.source.stream_name).await?;
-    let _ = writeln!(
-        out,
-        "source: {} ({} open shards) in {}, as {}",
-        stream.name,
-        stream.open_shards,
-        where_(source, None),
-        who(source)
-    );
+    let mut places = Vec::new();
     for (index, aws) in settings.destination_places().iter().enumerate() {
-        let groups: Vec<String> = settings
-            .destinations
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.aws == *aws)
-            .map(|(i, g)| format!("{i} ({})", g.pattern))
-            .collect();
-        let label = format!("destinations[{index}]");
-        let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &label).await;
+        let credentials =
+            identities.provider(aws.role.as_ref(), aws.region.as_deref(), &format!("destinations[{index}]")).await;
         let clients = KinesisClients::new(sdk, aws, credentials, timeout);
-        let names = match kinesis::list_stream_names(&clients.control, None).await {
-            Ok(names) => names,
-            Err(err) => {
-                let _ = writeln!(out, "groups {} in {}, as {}:", groups.join(", "), where_(aws, None), who(aws));
-                let _ = writeln!(out, "  unreachable: ListStreams failed: {err}");
-                continue;
+        places.push(place_report(settings, aws, &clients.control).await);
+    }
+    Ok(Report {
+        source: SourceReport {
+            stream: stream.name,
+            open_shards: stream.open_shards,
+            region: source.region.clone(),
+            endpoint_url: source.endpoint_url.clone(),
+            role_arn: source.role.as_ref().map(|r| r.role_arn.clone()),
+        },
+        places,
+    })
+}
+
+async fn place_report(settings: &Settings, aws: &AwsSettings, client: &aws_sdk_kinesis::Client) -> PlaceReport {
+    let mut place = PlaceReport {
+        groups: settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *aws).map(|(i, _)| i).collect(),
+        region: aws.region.clone(),
+        endpoint_url: aws.endpoint_url.clone(),
+        account: None,
+        role_arn: aws.role.as_ref().map(|r| r.role_arn.clone()),
+        unreachable: None,
+        streams: Vec::new(),
+    };
+    let names = match kinesis::list_stream_names(client, None).await {
+        Ok(names) => names,
+        Err(err) => {
+            place.unreachable = Some(format!("ListStreams failed: {err}"));
+            return place;
+        }
+    };
+    for name in names {
+        let mut stream =
+            StreamReport { name, verdict: "", group: None, why: None, open_shards: None, groups: Vec::new() };
+        let tags = if settings.needs_tags(aws, &stream.name) {
+            match kinesis::list_tags(client, &stream.name).await {
+                Ok(tags) => Some(tags),
+                Err(err) => {
+                    stream.verdict = "unreachable";
+                    stream.why = Some(format!("ListTagsForStream failed: {err}"));
+                    place.streams.push(stream);
+                    continue;
+                }
             }
+        } else {
+            None
         };
-        let mut lines = Vec::new();
-        let mut account = None;
-        for name in names {
-            let tags = if settings.needs_tags(aws, &name) {
-                match kinesis::list_tags(&clients.control, &name).await {
-                    Ok(tags) => Some(tags),
-                    Err(err) => {
-                        lines.push(format!("  {name}: unreachable: ListTagsForStream failed: {err}"));
-                        continue;
+        stream.groups = group_opinions(settings, aws, &stream.name, tags.as_ref())
+            .into_iter()
+            .map(|(group, rejects)| GroupOpinion {
+                group,
+                pattern: settings.destinations[group].pattern.to_string(),
+                rejects,
+            })
+            .collect();
+        match explain(settings, aws, &stream.name, tags.as_ref()) {
+            Verdict::Destination(group) => match kinesis::describe_stream(client, &stream.name).await {
+                Ok(Some(summary)) => {
+                    place.account = place.account.or_else(|| summary.arn.split(':').nth(4).map(str::to_string));
+                    stream.verdict = "destination";
+                    stream.group = Some(group);
+                    stream.open_shards = Some(summary.open_shards);
+                    if !summary.writable {
+                        stream.why = Some("not accepting writes yet".into());
                     }
                 }
-            } else {
-                None
-            };
-            match explain(settings, aws, &name, tags.as_ref()) {
-                Verdict::Destination(group) => match kinesis::describe_stream(&clients.control, &name).await {
-                    Ok(Some(summary)) => {
-                        account = account.or_else(|| summary.arn.split(':').nth(4).map(str::to_string));
-                        let state = if summary.writable { "" } else { ", not accepting writes yet" };
-                        lines.push(format!(
-                            "  {name}: destination (group {group}: {}), {} open shards{state}",
-                            settings.destinations[group].pattern, summary.open_shards
-                        ));
-                    }
-                    Ok(None) => lines.push(format!("  {name}: unreachable: the stream does not exist any more")),
-                    Err(err) => lines.push(format!("  {name}: unreachable: DescribeStreamSummary failed: {err}")),
-                },
-                Verdict::Not(why) => lines.push(format!("  {name}: not a destination: {why}")),
+                Ok(None) => {
+                    stream.verdict = "unreachable";
+                    stream.why = Some("the stream does not exist any more".into());
+                }
+                Err(err) => {
+                    stream.verdict = "unreachable";
+                    stream.why = Some(format!("DescribeStreamSummary failed: {err}"));
+                }
+            },
+            Verdict::Not(why) => {
+                stream.verdict = "not a destination";
+                stream.why = Some(why);
             }
         }
-        let _ = writeln!(out, "groups {} in {}, as {}:", groups.join(", "), where_(aws, account.as_deref()), who(aws));
-        for line in lines {
-            let _ = writeln!(out, "{line}");
-        }
+        place.streams.push(stream);
     }
-    Ok(out)
+    place
+}
+
+impl Report {
+    /// The human report; `explain`: with every group's opinion of every stream.
+    pub fn render(&self, settings: &Settings, explain: bool) -> String {
+        let mut out = String::new();
+        let s = &self.source;
+        let _ = writeln!(
+            out,
+            "source: {} ({} open shards) in {}, as {}",
+            s.stream,
+            s.open_shards,
+            where_(s.region.as_deref(), None, s.endpoint_url.as_deref()),
+            who(s.role_arn.as_deref())
+        );
+        for place in &self.places {
+            let groups: Vec<String> =
+                place.groups.iter().map(|i| format!("{i} ({})", settings.destinations[*i].pattern)).collect();
+            let _ = writeln!(
+                out,
+                "groups {} in {}, as {}:",
+                groups.join(", "),
+                where_(place.region.as_deref(), place.account.as_deref(), place.endpoint_url.as_deref()),
+                who(place.role_arn.as_deref())
+            );
+            if let Some(why) = &place.unreachable {
+                let _ = writeln!(out, "  unreachable: {why}");
+            }
+            for stream in &place.streams {
+                let line = match (stream.verdict, stream.group) {
+                    ("destination", Some(group)) => format!(
+                        "destination (group {group}: {}), {} open shards{}",
+                        settings.destinations[group].pattern,
+                        stream.open_shards.unwrap_or_default(),
+                        stream.why.as_deref().map(|w| format!(", {w}")).unwrap_or_default()
+                    ),
+                    (verdict, _) => format!("{verdict}: {}", stream.why.as_deref().unwrap_or_default()),
+                };
+                let _ = writeln!(out, "  {}: {line}", stream.name);
+                if explain {
+                    let won = stream.group;
+                    for opinion in &stream.groups {
+                        let view = match (&opinion.rejects, won) {
+                            (None, Some(w)) if w == opinion.group => "matches: the stream is this group's".to_string(),
+                            (None, Some(w)) => {
+                                format!("matches too, but group {w} came first: the first matching group wins")
+                            }
+                            (None, None) => "matches".to_string(),
+                            (Some(why), _) => format!("does not match: {why}"),
+                        };
+                        let _ = writeln!(out, "      group {} ({}): {view}", opinion.group, opinion.pattern);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// "region eu-west-1 (account 222222222222) at http://..." as far as known.
-fn where_(aws: &AwsSettings, account: Option<&str>) -> String {
-    let mut text = format!("region {}", aws.region.as_deref().unwrap_or("from the SDK's default chain"));
+fn where_(region: Option<&str>, account: Option<&str>, endpoint: Option<&str>) -> String {
+    let mut text = format!("region {}", region.unwrap_or("from the SDK's default chain"));
     if let Some(account) = account {
         let _ = write!(text, " (account {account})");
     }
-    if let Some(url) = &aws.endpoint_url {
+    if let Some(url) = endpoint {
         let _ = write!(text, " at {url}");
     }
     text
 }
 
 /// The identity calls are made with.
-fn who(aws: &AwsSettings) -> String {
-    match &aws.role {
-        Some(role) => format!("assumed role {}", role.role_arn),
+fn who(role: Option<&str>) -> String {
+    match role {
+        Some(role) => format!("assumed role {role}"),
         None => "the service's own credentials (the SDK's default chain)".into(),
     }
 }

@@ -78,6 +78,32 @@ pub fn explain(settings: &Settings, place: &AwsSettings, name: &str, tags: Optio
     Verdict::Not("matches no group's pattern".into())
 }
 
+/// What each group of `place` thinks of a stream: `None` when it matches, else why not (its
+/// pattern, an exclude, its tags). The source and dead-letter streams are decided before any
+/// group is asked ([`explain`]).
+pub fn group_opinions(
+    settings: &Settings,
+    place: &AwsSettings,
+    name: &str,
+    tags: Option<&Tags>,
+) -> Vec<(usize, Option<String>)> {
+    let here = settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *place);
+    here.map(|(i, group)| {
+        let why = if !group.pattern.is_match(name) {
+            Some(format!("pattern `{}` does not match", group.pattern))
+        } else if let Some(re) = group.exclude.iter().find(|re| re.is_match(name)) {
+            Some(format!("excluded by `{re}`"))
+        } else if !group.tags.is_empty() && !tags.is_some_and(|t| group.has_tags(t)) {
+            let wanted: Vec<String> = group.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            Some(format!("lacks the tags {}", wanted.join(", ")))
+        } else {
+            None
+        };
+        (i, why)
+    })
+    .collect()
+}
+
 /// Every stream name in the account and region, each page after `pace` allows it.
 pub async fn list_stream_names(
     client: &aws_sdk_kinesis::Client,

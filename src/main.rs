@@ -30,12 +30,19 @@ enum Command {
         #[arg(long)]
         reset_checkpoints: bool,
     },
-    /// Validates the configuration, resolves the source stream and prints the destinations the
-    /// patterns match now.
+    /// Validates the configuration, resolves the source stream, and explains every stream of
+    /// every region and identity the destination groups use: a destination (of which group) or
+    /// not, and why, or unreachable. Writes nothing.
     Check {
         /// The TOML configuration file.
         #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
         config: Option<PathBuf>,
+        /// Also say what every group thought of every stream (the first matching group wins).
+        #[arg(long)]
+        explain: bool,
+        /// One JSON document instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Probes `/healthz` of a running service (for container health checks: distroless has no
     /// curl). Exits 0 when it answers 200.
@@ -57,7 +64,8 @@ fn main() -> ExitCode {
     if let Command::Healthcheck { addr: Some(addr), .. } = &cli.command {
         return healthcheck(addr);
     }
-    let (Command::Run { config, .. } | Command::Check { config } | Command::Healthcheck { config, .. }) = &cli.command;
+    let (Command::Run { config, .. } | Command::Check { config, .. } | Command::Healthcheck { config, .. }) =
+        &cli.command;
     let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -88,7 +96,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { .. } => runtime.block_on(run(settings)),
-        Command::Check { .. } => runtime.block_on(check(settings)),
+        Command::Check { explain, json, .. } => runtime.block_on(check(settings, explain, json)),
         Command::Healthcheck { .. } => unreachable!("answered above"),
     };
     match result {
@@ -212,8 +220,13 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
     std::process::exit(1);
 }
 
-async fn check(settings: Settings) -> anyhow::Result<()> {
+async fn check(settings: Settings, explain: bool, json: bool) -> anyhow::Result<()> {
     let sdk = sdk_config().await;
-    print!("{}", kinesis_fanout::check::report(&settings, &sdk).await?);
+    let report = kinesis_fanout::check::report(&settings, &sdk).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render(&settings, explain));
+    }
     Ok(())
 }

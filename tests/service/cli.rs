@@ -116,6 +116,49 @@ async fn check_explains_every_stream_and_fails_on_a_missing_source() {
     assert!(stderr.contains("`nope` does not exist"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["app-input", "app-output-orders", "app-output-scratch", "app-dlq"] {
+        create_stream(&client, name, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "exclude = [\"-scratch$\"]\ndead_letter_stream = \"app-dlq\"";
+    // Two groups match app-output-orders; the first wins. The first also matches the source.
+    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), extra)
+        + "\n[[destinations]]\npattern = \"^app-output-orders$\"\n";
+    let path = write(dir.path(), "c.toml", &config);
+    let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+    let out = run_cli(&["check", "--explain", "--config", &path], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "app-output-orders: destination (group 0: ^app-.*$)",
+        "group 0 (^app-.*$): matches: the stream is this group's",
+        "group 1 (^app-output-orders$): matches too, but group 0 came first: the first matching group wins",
+        "app-input: not a destination: the source stream itself",
+        "app-dlq: not a destination: a dead-letter stream",
+        "app-output-scratch: not a destination: excluded by group 0's exclude `-scratch$`",
+        "group 0 (^app-.*$): does not match: excluded by `-scratch$`",
+        "group 1 (^app-output-orders$): does not match: pattern `^app-output-orders$` does not match",
+    ] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
+
+    let out = run_cli(&["check", "--json", "--config", &path], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(json["source"]["stream"], "app-input");
+    let streams = json["places"][0]["streams"].as_array().unwrap();
+    let orders = streams.iter().find(|s| s["name"] == "app-output-orders").unwrap();
+    assert_eq!(orders["verdict"], "destination");
+    assert_eq!(orders["group"], 0);
+    assert_eq!(orders["groups"].as_array().unwrap().len(), 2, "both groups' opinions");
+    let dlq = streams.iter().find(|s| s["name"] == "app-dlq").unwrap();
+    assert_eq!(dlq["verdict"], "not a destination");
+}
+
 #[test]
 fn the_demo_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
