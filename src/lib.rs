@@ -11,14 +11,14 @@
 //!
 //! Around it: [`discovery`] of destination streams, [`config`], [`metrics`] and the [`admin`]
 //! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], [`shutdown`] handles, and
-//! [`app`], which wires it all and tears it down in order.
+//! [`app`], which wires it all and tears it down in order. The operator subcommands (`check`,
+//! `leases`) are in [`operate`].
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod aws;
-pub mod check;
 pub mod config;
 pub mod discovery;
 pub mod fanout;
@@ -28,6 +28,7 @@ pub mod kpl;
 pub mod lease;
 pub mod memory;
 pub mod metrics;
+pub mod operate;
 pub mod position;
 pub mod progress;
 pub mod record;

@@ -44,6 +44,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One row per lease (or per checkpointed shard with the file backend): owner, counter,
+    /// checkpoint and each destination's own position, parents and children, state (owned, free,
+    /// expired as seen now, finished) and lag. Read-only.
+    Leases {
+        /// The TOML configuration file.
+        #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Watch the table this long to tell expired leases (counter not moving) from owned ones
+        /// [checkpoint.failover_time]; 0s: one read, no expiry verdict.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        observe: Option<std::time::Duration>,
+        /// One JSON document instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probes `/healthz` of a running service (for container health checks: distroless has no
     /// curl). Exits 0 when it answers 200.
     Healthcheck {
@@ -64,8 +79,10 @@ fn main() -> ExitCode {
     if let Command::Healthcheck { addr: Some(addr), .. } = &cli.command {
         return healthcheck(addr);
     }
-    let (Command::Run { config, .. } | Command::Check { config, .. } | Command::Healthcheck { config, .. }) =
-        &cli.command;
+    let (Command::Run { config, .. }
+    | Command::Check { config, .. }
+    | Command::Leases { config, .. }
+    | Command::Healthcheck { config, .. }) = &cli.command;
     let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -97,6 +114,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { .. } => runtime.block_on(run(settings)),
         Command::Check { explain, json, .. } => runtime.block_on(check(settings, explain, json)),
+        Command::Leases { observe, json, .. } => runtime.block_on(leases(settings, observe, json)),
         Command::Healthcheck { .. } => unreachable!("answered above"),
     };
     match result {
@@ -222,11 +240,22 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
 
 async fn check(settings: Settings, explain: bool, json: bool) -> anyhow::Result<()> {
     let sdk = sdk_config().await;
-    let report = kinesis_fanout::check::report(&settings, &sdk).await?;
+    let report = kinesis_fanout::operate::check::report(&settings, &sdk).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render(&settings, explain));
+    }
+    Ok(())
+}
+
+async fn leases(settings: Settings, observe: Option<std::time::Duration>, json: bool) -> anyhow::Result<()> {
+    let sdk = sdk_config().await;
+    let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, observe).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", kinesis_fanout::operate::leases::render(&rows));
     }
     Ok(())
 }

@@ -159,6 +159,23 @@ async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
     assert_eq!(dlq["verdict"], "not a destination");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_runs_from_the_binary_in_text_and_json() {
+    let emulator = Emulator::start().await;
+    create_stream(&emulator.client(), "in", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path =
+        write(dir.path(), "c.toml", &config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), ""));
+    let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+    let out = run_cli(&["leases", "--config", &path, "--json"], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows, serde_json::json!([]), "nothing checkpointed yet");
+    let out = run_cli(&["leases", "--config", &path, "--observe", "0s"], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("shard"), "a table header");
+}
+
 #[test]
 fn the_demo_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");

@@ -273,3 +273,104 @@ async fn three_workers_keep_order_across_split_and_merge() {
         assert!(wrong.is_empty(), "{name}: keys out of source order or incomplete: {wrong:?}");
     }
 }
+
+fn lease_rows(
+    rows: &[kinesis_fanout::operate::leases::LeaseRow],
+) -> BTreeMap<String, &kinesis_fanout::operate::leases::LeaseRow> {
+    rows.iter().map(|r| (r.shard.clone(), r)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases() {
+    let (emulator, dynamo) = setup(2).await;
+    let workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
+    wait_settled(&dynamo, &workers, vec![1, 1]).await;
+    let settings =
+        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "cli")).unwrap();
+    let sdk = sdk_config(&emulator.url);
+    let input = records(67, 300, 32);
+    put_all(&emulator.client(), "in", &input).await;
+    wait_all_delivered(&emulator, &workers.iter().collect::<Vec<_>>(), &input).await;
+    wait_until("both checkpoints moved past the records", || async {
+        dynamo.leases("leases").await.iter().all(|l| matches!(l.checkpoint, Position::Sequence(_)))
+    })
+    .await;
+
+    // Watched for the failover time, both workers renew: owned, each by one of them.
+    let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, None).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let owners: BTreeSet<String> = rows.iter().filter_map(|r| r.owner.clone()).collect();
+    assert_eq!(owners, BTreeSet::from(["w1".to_string(), "w2".to_string()]));
+    for row in &rows {
+        assert_eq!(row.state, "owned", "{row:?}");
+        assert!(row.checkpoint.chars().all(|c| c.is_ascii_digit()), "a sequence number: {row:?}");
+        assert_eq!(row.destinations.len(), DESTINATIONS.len(), "each destination's own position: {row:?}");
+        assert_eq!(row.lag_seconds, Some(0.0), "caught up: {row:?}");
+    }
+    let text = kinesis_fanout::operate::leases::render(&rows);
+    assert!(text.contains("owned") && text.contains("w1") && text.contains("destination arn:"), "{text}");
+
+    // Records not yet copied: a stopped owner's lease shows it is behind, and expires.
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+    put_all(&emulator.client(), "in", &records(68, 50, 32)).await;
+    let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, Some(Duration::from_millis(500))).await.unwrap();
+    for row in &rows {
+        assert_eq!(row.state, "free", "a graceful stop releases its leases: {row:?}");
+    }
+    assert!(rows.iter().any(|r| r.lag_seconds.is_some_and(|s| s >= 0.0) && r.lag_note.is_none()), "{rows:?}");
+
+    let table = dynamo.table("leases");
+    let (ghost, _events, _) = LeaseManager::new(table, "ghost".into(), Duration::from_secs(3));
+    ghost.round().await;
+    let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, Some(Duration::from_millis(500))).await.unwrap();
+    let rows = lease_rows(&rows);
+    assert!(rows.values().any(|r| r.owner.as_deref() == Some("ghost")), "{rows:?}");
+    for row in rows.values().filter(|r| r.owner.as_deref() == Some("ghost")) {
+        assert_eq!(row.state, "expired", "its counter did not move while watched: {row:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    create_stream(&client, "out-a", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "");
+    let service = Running::start(&toml, &emulator.url);
+    put_all(&client, "in", &records(69, 100, 32)).await;
+    service.wait_accepted("out-a", 100).await;
+    // A split: the parent is read to its end.
+    let shards = client.list_shards().stream_name("in").send().await.unwrap();
+    let parent = shards.shards()[0].shard_id().to_string();
+    client
+        .split_shard()
+        .stream_name("in")
+        .shard_to_split(&parent)
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "in").await;
+    put_all(&client, "in", &records(70, 100, 32)).await;
+    service.wait_accepted("out-a", 200).await;
+    service.stop().await.unwrap();
+
+    let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
+    let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk_config(&emulator.url), None).await.unwrap();
+    let rows = lease_rows(&rows);
+    assert_eq!(rows.len(), 3, "the parent and its two children: {rows:?}");
+    assert_eq!(rows[&parent].state, "finished");
+    assert_eq!(rows[&parent].checkpoint, "SHARD_END");
+    assert_eq!(rows[&parent].children.len(), 2, "{:?}", rows[&parent]);
+    for child in &rows[&parent].children {
+        assert_eq!(rows[child].parents, vec![parent.clone()]);
+    }
+    for row in rows.values().filter(|r| r.shard != parent) {
+        assert_eq!(row.state, "file", "{row:?}");
+        assert_eq!(row.destinations.len(), 1, "out-a's own position: {row:?}");
+    }
+}

@@ -179,8 +179,10 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
         .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
         + &group;
     let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
-    let report =
-        kinesis_fanout::check::report(&settings, &sdk_config(&home.url)).await.unwrap().render(&settings, false);
+    let report = kinesis_fanout::operate::check::report(&settings, &sdk_config(&home.url))
+        .await
+        .unwrap()
+        .render(&settings, false);
     for expected in [
         format!("(account 222222222222) at {}, as assumed role {ROLE}", other.url),
         "shared-orders: destination (group 1: ^shared-.*$)".to_string(),
@@ -192,7 +194,9 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
     // Without a role it can assume, the other account is unreachable, and says so.
     sts.down.store(true, Ordering::SeqCst);
     let settings = kinesis_fanout::Settings::from_toml(&toml.replace(EXTERNAL_ID, "wrong-id")).unwrap();
-    let report =
-        kinesis_fanout::check::report(&settings, &sdk_config(&home.url)).await.unwrap().render(&settings, false);
+    let report = kinesis_fanout::operate::check::report(&settings, &sdk_config(&home.url))
+        .await
+        .unwrap()
+        .render(&settings, false);
     assert!(report.contains("unreachable: ListStreams failed"), "{report}");
 }
