@@ -24,6 +24,8 @@ pub struct Rejected<'a> {
     pub shard_id: &'a str,
     /// What was sent: the record, one of its user records, or a re-aggregated record.
     pub partition_key: &'a str,
+    /// The explicit hash key it was sent with (a user record's, or a re-aggregated record's).
+    pub explicit_hash_key: Option<&'a str>,
     pub data: &'a bytes::Bytes,
     pub error_code: String,
     pub error_message: String,
@@ -39,6 +41,9 @@ pub struct Envelope<'a> {
     pub error_code: &'a str,
     pub error_message: &'a str,
     pub partition_key: &'a str,
+    /// Kept when the record was sent with one, so that a replay routes it the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explicit_hash_key: Option<&'a str>,
     /// The record's data, base64-encoded.
     pub data: String,
 }
@@ -89,6 +94,7 @@ impl Letter {
             error_code: &r.error_code,
             error_message: &r.error_message,
             partition_key: r.partition_key,
+            explicit_hash_key: r.explicit_hash_key,
             data: base64::engine::general_purpose::STANDARD.encode(r.data),
         };
         let data = serde_json::to_vec(&envelope).expect("envelope serialises");
@@ -193,6 +199,7 @@ mod tests {
             sequence_number: "49590338271490256608559692538361571095921575989136588898",
             shard_id: "shardId-000000000003",
             partition_key,
+            explicit_hash_key: None,
             data,
             error_code: "AccessDeniedException".into(),
             error_message: "no".into(),
@@ -207,6 +214,11 @@ mod tests {
         assert_eq!(letter.partition_key, "pk-1");
         let envelope: serde_json::Value = serde_json::from_slice(&letter.data).unwrap();
         assert_eq!(envelope["destination"], "out");
+        assert!(envelope.get("explicit_hash_key").is_none(), "none was used");
+        let with_key =
+            Rejected { explicit_hash_key: Some("170141183460469231731687303715884105728"), ..rejected(&data, "pk-1") };
+        let envelope: serde_json::Value = serde_json::from_slice(&Letter::new("in", "out", &with_key).data).unwrap();
+        assert_eq!(envelope["explicit_hash_key"], "170141183460469231731687303715884105728", "kept for a replay");
     }
 
     #[test]

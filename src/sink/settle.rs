@@ -117,6 +117,7 @@ impl Writer {
             .map(|(p, code, message)| Rejected {
                 sequence_number: p.source().sequence_number.as_str(),
                 partition_key: p.partition_key(),
+                explicit_hash_key: p.explicit_hash_key(),
                 data: p.data(),
                 shard_id: &p.chunk.shard.shard_id,
                 error_code: code.clone(),
