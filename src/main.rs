@@ -59,6 +59,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dead-letter stream tools.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
     /// Probes `/healthz` of a running service (for container health checks: distroless has no
     /// curl). Exits 0 when it answers 200.
     Healthcheck {
@@ -68,6 +71,43 @@ enum Command {
         /// Probe this address (host:port) instead of the configured one.
         #[arg(long)]
         addr: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetters {
+    /// Re-sends each record of a dead-letter stream to its destination, with the service's
+    /// batching, rate limits and retries; keeps its own position, so a second run sends nothing
+    /// twice. Records refused again are reported and left where they are.
+    Replay {
+        /// The TOML configuration file.
+        #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The dead-letter stream (a group's dead_letter_stream).
+        #[arg(long)]
+        stream: String,
+        /// Only records for this destination (its name, or region/name).
+        #[arg(long)]
+        destination: Option<String>,
+        /// Start at records that arrived from this time (RFC 3339) when nothing was replayed yet.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        /// Stop at records that arrived after this time (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        /// Only count what would be replayed: send nothing, keep no position.
+        #[arg(long)]
+        dry_run: bool,
+        /// Forget the position earlier runs kept: read from the start (or --since) again, to
+        /// re-send records that were refused again once their cause is fixed.
+        #[arg(long)]
+        restart: bool,
+        /// Do not ask (required when stdin is not a terminal, unless --dry-run).
+        #[arg(long)]
+        yes: bool,
+        /// One JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -82,6 +122,7 @@ fn main() -> ExitCode {
     let (Command::Run { config, .. }
     | Command::Check { config, .. }
     | Command::Leases { config, .. }
+    | Command::DeadLetters(DeadLetters::Replay { config, .. })
     | Command::Healthcheck { config, .. }) = &cli.command;
     let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
@@ -115,6 +156,21 @@ fn main() -> ExitCode {
         Command::Run { .. } => runtime.block_on(run(settings)),
         Command::Check { explain, json, .. } => runtime.block_on(check(settings, explain, json)),
         Command::Leases { observe, json, .. } => runtime.block_on(leases(settings, observe, json)),
+        Command::DeadLetters(DeadLetters::Replay {
+            stream,
+            destination,
+            since,
+            until,
+            dry_run,
+            restart,
+            yes,
+            json,
+            ..
+        }) => {
+            let args =
+                kinesis_fanout::operate::replay::ReplayArgs { stream, destination, since, until, dry_run, restart };
+            runtime.block_on(replay(settings, args, yes, json))
+        }
         Command::Healthcheck { .. } => unreachable!("answered above"),
     };
     match result {
@@ -256,6 +312,75 @@ async fn leases(settings: Settings, observe: Option<std::time::Duration>, json: 
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", kinesis_fanout::operate::leases::render(&rows));
+    }
+    Ok(())
+}
+
+async fn replay(
+    settings: Settings,
+    args: kinesis_fanout::operate::replay::ReplayArgs,
+    yes: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !args.dry_run && !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("refusing to replay without --yes when stdin is not a terminal (or use --dry-run to count)");
+        }
+        eprint!("Replay the records of {} to their destinations? [y/N] ", args.stream);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !answer.trim().eq_ignore_ascii_case("y") {
+            anyhow::bail!("not confirmed; nothing sent");
+        }
+    }
+    let sdk = sdk_config().await;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"));
+        bar
+    });
+    let mut last_line = std::time::Instant::now();
+    let summary = kinesis_fanout::operate::replay::replay(&settings, &sdk, &args, |s| {
+        let replayed: u64 = s.destinations.values().map(|c| c.replayed).sum();
+        let line = format!(
+            "{} read, {replayed} replayed, {} refused again, {} unreadable",
+            s.read,
+            s.refused.len(),
+            s.unreadable.len()
+        );
+        match &bar {
+            Some(bar) => bar.set_message(line),
+            None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
+                last_line = std::time::Instant::now();
+                eprintln!("replay: {line}");
+            }
+            None => {}
+        }
+    })
+    .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let verb = if args.dry_run { "would replay" } else { "replayed" };
+    println!("{} dead-letter records read from {}", summary.read, args.stream);
+    for (destination, counts) in &summary.destinations {
+        println!(
+            "  {destination}: {verb} {}, refused again {}, skipped (filtered) {}",
+            counts.replayed, counts.rejected_again, counts.skipped
+        );
+    }
+    for line in &summary.refused {
+        println!("  refused again: {line}");
+    }
+    for line in &summary.unreadable {
+        println!("  unreadable: {line}");
     }
     Ok(())
 }

@@ -49,6 +49,19 @@ fn malloc_tunables_agree_everywhere_the_binary_runs() {
     }
 }
 
+/// Every alert has its Runbook entry in the README.
+#[test]
+fn every_alert_has_a_runbook_entry() {
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let readme = read("README.md");
+    let runbook = readme.split("## Runbook").nth(1).expect("a Runbook section").split("\n## ").next().unwrap();
+    let names: Vec<&str> = alerts.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
+    assert!(names.len() >= 9, "{names:?}");
+    for name in names {
+        assert!(runbook.contains(&format!("| `{name}` |")), "the Runbook lacks {name}");
+    }
+}
+
 /// Every `kinesis_fanout_*` name used by a deployment file is a metric the service exports.
 fn assert_known_metrics(file: &str, text: &str) {
     let metrics = kinesis_fanout::metrics::Metrics::new();

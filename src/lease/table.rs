@@ -60,6 +60,10 @@ pub enum LeaseError {
     NotActive { table: String, waited: Duration },
 }
 
+/// Items whose key starts with this are notes of the operator tools, never leases (a shard id
+/// cannot start with it).
+pub const NOTE_PREFIX: &str = "dead-letters/";
+
 /// The lease table.
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
@@ -157,6 +161,34 @@ impl LeaseTable {
         }
     }
 
+    /// A note kept in the table under `key` (which must start with [`NOTE_PREFIX`]).
+    pub async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.failed("GetItem", e))?;
+        Ok(item.item().and_then(|i| i.get("checkpoint")).and_then(|v| v.as_s().ok()).cloned())
+    }
+
+    /// Keeps a note under `key` (which must start with [`NOTE_PREFIX`]: never a shard's lease).
+    pub async fn set_note(&self, key: &str, value: &str) -> Result<(), LeaseError> {
+        debug_assert!(key.starts_with(NOTE_PREFIX));
+        self.client
+            .put_item()
+            .table_name(&self.name)
+            .item("leaseKey", s(key))
+            .item("checkpoint", s(value))
+            .send()
+            .await
+            .map_err(|e| self.failed("PutItem", e))?;
+        Ok(())
+    }
+
     /// Every lease (paginated, strongly consistent scan).
     pub async fn scan(&self) -> Result<Vec<Lease>, LeaseError> {
         let mut leases = Vec::new();
@@ -172,6 +204,11 @@ impl LeaseTable {
                 .await
                 .map_err(|e| self.failed("Scan", e))?;
             for item in page.items() {
+                // Other tools' notes (a dead-letter replay's position) are not leases.
+                let key = item.get("leaseKey").and_then(|v| v.as_s().ok());
+                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) {
+                    continue;
+                }
                 leases.push(self.parse(item)?);
             }
             match page.last_evaluated_key() {

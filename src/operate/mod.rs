@@ -4,9 +4,11 @@
 //!
 //! - [`check`]: which streams are destinations, and why (not).
 //! - [`leases`]: one row per lease (or per checkpointed shard with the file backend).
+//! - [`replay`]: re-sends a dead-letter stream's records to their destinations.
 
 pub mod check;
 pub mod leases;
+pub mod replay;
 
 /// Why an operator command could not do its job.
 #[derive(Debug, thiserror::Error)]
@@ -17,4 +19,6 @@ pub enum OperateError {
     Lease(#[from] crate::lease::LeaseError),
     #[error(transparent)]
     Checkpoint(#[from] crate::progress::CheckpointError),
+    #[error(transparent)]
+    Replay(#[from] replay::ReplayError),
 }

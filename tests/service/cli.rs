@@ -176,6 +176,28 @@ async fn leases_runs_from_the_binary_in_text_and_json() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("shard"), "a table header");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_replay_refuses_to_send_unasked_and_counts_a_dry_run() {
+    let emulator = Emulator::start().await;
+    for name in ["in", "dlq"] {
+        create_stream(&emulator.client(), name, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), "dead_letter_stream = \"dlq\"");
+    let path = write(dir.path(), "c.toml", &config);
+    let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+    let out = run_cli(&["dead-letters", "replay", "--config", &path, "--stream", "dlq"], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("without --yes"), "{stderr}");
+    let out = run_cli(&["dead-letters", "replay", "--config", &path, "--stream", "dlq", "--dry-run"], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 dead-letter records read from dlq"));
+    let out = run_cli(&["dead-letters", "replay", "--config", &path, "--stream", "nope", "--yes"], &env).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`nope` is not the dead_letter_stream"), "an unknown stream");
+}
+
 #[test]
 fn the_demo_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");

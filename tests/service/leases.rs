@@ -374,3 +374,17 @@ async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents
         assert_eq!(row.destinations.len(), 1, "out-a's own position: {row:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replays_note_in_the_lease_table_is_never_taken_for_a_lease() {
+    let dynamo = Dynamo::start().await;
+    let table = dynamo.table("notes");
+    table.ensure(true).await.unwrap();
+    let key = format!("{}dlq/shardId-000000000000", kinesis_fanout::lease::table::NOTE_PREFIX);
+    table.set_note(&key, "49590338271490256608559692538361571095921575989136588898").await.unwrap();
+    assert_eq!(
+        table.note(&key).await.unwrap().as_deref(),
+        Some("49590338271490256608559692538361571095921575989136588898")
+    );
+    assert!(table.scan().await.unwrap().is_empty(), "a note is not a lease");
+}

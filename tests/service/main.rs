@@ -5,6 +5,7 @@ mod helpers;
 mod cli;
 mod cluster;
 mod crash;
+mod dead_letters;
 mod destinations;
 mod detach;
 mod edges;

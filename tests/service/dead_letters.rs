@@ -1,0 +1,80 @@
+//! `dead-letters replay`: records a destination refused, re-sent once the cause is fixed.
+
+use kinesis_fanout::operate::replay::{ReplayArgs, Summary, replay};
+
+use crate::helpers::*;
+
+async fn run(settings: &kinesis_fanout::Settings, url: &str, args: &ReplayArgs) -> Summary {
+    replay(settings, &sdk_config(url), args, |_| {}).await.expect("the replay runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_resends_each_dead_letter_once_and_reports_what_it_cannot() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-a", "out-b", "dlq"] {
+        create_stream(&client, name, 1).await;
+    }
+    // out-a refuses everything for good (AccessDenied): its records go to the dead-letter stream.
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-a".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "dead_letter_stream = \"dlq\"");
+    let service = Running::start(&toml, &emulator.url);
+    let input = records(91, 200, 64);
+    put_all(&client, "in", &input).await;
+    service.wait_accepted("out-b", 200).await;
+    wait_until("every record of out-a dead-lettered", || async { service.counter("out-a", "dead_lettered") >= 200 })
+        .await;
+    service.stop().await.unwrap();
+    // Two records that are not envelopes: nonsense, and an envelope cut short.
+    put_all(
+        &client,
+        "dlq",
+        &[("x".into(), b"not json".to_vec()), ("y".into(), b"{\"destination\":\"out-a\",".to_vec())],
+    )
+    .await;
+    let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
+    let args = ReplayArgs { stream: "dlq".into(), ..Default::default() };
+
+    // An unknown destination is an error before anything is sent.
+    let unknown = ReplayArgs { destination: Some("out-nope".into()), ..args.clone() };
+    let err = replay(&settings, &sdk_config(&emulator.url), &unknown, |_| {}).await.unwrap_err();
+    assert!(err.to_string().contains("`out-nope` is not a destination"), "{err}");
+
+    // A dry run counts and sends nothing.
+    let dry = run(&settings, &emulator.url, &ReplayArgs { dry_run: true, ..args.clone() }).await;
+    assert_eq!(dry.destinations["out-a"].replayed, 200);
+    assert!(contents(&client, "out-a").await.is_empty());
+
+    // Still refused: reported, and never written back into the dead-letter stream.
+    let refused = run(&settings, &emulator.url, &args).await;
+    assert_eq!(refused.destinations["out-a"].rejected_again, 200, "{:?}", refused.destinations);
+    assert!(refused.refused[0].contains("AccessDeniedException"), "{:?}", refused.refused[0]);
+    assert_eq!(refused.unreadable.len(), 2, "{:?}", refused.unreadable);
+    assert!(refused.unreadable.iter().all(|u| u.contains("not a dead-letter envelope")), "{:?}", refused.unreadable);
+    assert_eq!(contents(&client, "dlq").await.len(), 202, "the dead-letter stream is left as it was");
+
+    // New dead letters after the fix are replayed, each once; a second run sends nothing.
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-a".into());
+    let service = Running::start(&toml, &emulator.url);
+    let more = records(92, 100, 64);
+    put_all(&client, "in", &more).await;
+    wait_until("the new records dead-lettered", || async { service.counter("out-a", "dead_lettered") >= 100 }).await;
+    service.stop().await.unwrap();
+    emulator.faults.lock().unwrap().deny_puts_to = None;
+    let first = run(&settings, &emulator.url, &args).await;
+    assert_eq!(first.destinations["out-a"].replayed, 100, "only what came after the last run");
+    assert_eq!(contents(&client, "out-a").await, sorted(&more));
+    let second = run(&settings, &emulator.url, &args).await;
+    assert_eq!(second.read, 0, "nothing new");
+    assert_eq!(contents(&client, "out-a").await, sorted(&more), "nothing sent twice");
+
+    // Forgetting the kept position reads everything again (here only counted).
+    let again = run(&settings, &emulator.url, &ReplayArgs { restart: true, dry_run: true, ..args.clone() }).await;
+    assert_eq!(again.read, 302, "200 refused, 2 unreadable, 100 replayed");
+    assert_eq!(again.destinations["out-a"].replayed, 300);
+
+    // A filter skips the others' records.
+    let filtered = run(&settings, &emulator.url, &ReplayArgs { destination: Some("out-b".into()), ..args }).await;
+    assert!(filtered.destinations.get("out-a").is_none_or(|c| c.replayed == 0));
+}
