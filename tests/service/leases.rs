@@ -310,6 +310,19 @@ async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases()
     let text = kinesis_fanout::operate::leases::render(&rows);
     assert!(text.contains("owned") && text.contains("w1") && text.contains("destination arn:"), "{text}");
 
+    // More records: the checkpoints move on.
+    let before: BTreeMap<String, String> = rows.iter().map(|r| (r.shard.clone(), r.checkpoint.clone())).collect();
+    let more = records(71, 300, 32);
+    put_all(&emulator.client(), "in", &more).await;
+    let all = [input.clone(), more].concat();
+    wait_all_delivered(&emulator, &workers.iter().collect::<Vec<_>>(), &all).await;
+    let seq = |text: &str| SequenceNumber::parse(text).ok();
+    wait_until("the leases command shows every checkpoint moved", || async {
+        let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, Some(Duration::ZERO)).await.unwrap();
+        rows.iter().all(|r| seq(&r.checkpoint) > seq(&before[&r.shard]))
+    })
+    .await;
+
     // Records not yet copied: a stopped owner's lease shows it is behind, and expires.
     for worker in workers {
         worker.stop().await.unwrap();
