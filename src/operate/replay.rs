@@ -143,7 +143,12 @@ pub async fn replay(
     let mut shards = crate::source::list_shards(&reader, &args.stream).await?;
     shards.sort_by(|a, b| a.id.cmp(&b.id));
     for shard in shards {
-        let stored = if args.restart { None } else { positions.get(&shard.id).await? };
+        // What earlier runs replayed here: `*` for runs over every destination, a destination's
+        // label for runs filtered to it.
+        let mut marks = if args.restart { Marks::new() } else { positions.get(&shard.id).await? };
+        let mark = |key: &str, marks: &Marks| marks.get(key).and_then(|t| SequenceNumber::parse(t).ok());
+        let mine = args.destination.as_deref().unwrap_or(ALL);
+        let stored = mark(ALL, &marks).max(mark(mine, &marks));
         let start = match (stored, args.since) {
             (Some(seq), _) => Position::Sequence(seq),
             (None, Some(at)) => Position::AtTimestamp(at),
@@ -179,8 +184,18 @@ pub async fn replay(
                         continue;
                     }
                 };
-                if args.destination.as_ref().is_some_and(|d| *d != envelope.destination) {
+                // Filtered out, or sent already by a run filtered to its destination.
+                let seq = SequenceNumber::parse(&record.sequence_number).ok();
+                let sent = args.destination.is_none() && seq.is_some() && seq <= mark(&envelope.destination, &marks);
+                if sent || args.destination.as_ref().is_some_and(|d| *d != envelope.destination) {
                     summary.destinations.entry(envelope.destination).or_default().skipped += 1;
+                    continue;
+                }
+                // One entry Kinesis would refuse would fail its whole request: caught here.
+                let ehk = envelope.explicit_hash_key.as_deref();
+                if let Err(invalid) = crate::record::validate_entry(&envelope.partition_key, ehk, data.len()) {
+                    summary.destinations.entry(envelope.destination.clone()).or_default().rejected_again += 1;
+                    summary.refused.push(format!("{origin} -> {}: invalid entry: {invalid}", envelope.destination));
                     continue;
                 }
                 let entry = PutRecordsRequestEntry::builder()
@@ -212,7 +227,13 @@ pub async fn replay(
                 send(settings, target, &destination, entries, counts, &mut summary.refused).await?;
             }
             if let (Some(last), false) = (&last, args.dry_run) {
-                positions.set(&shard.id, last).await?;
+                marks.insert(mine.to_string(), last.clone());
+                if args.destination.is_none() {
+                    // Marks of filtered runs below the one of all destinations say nothing more.
+                    let all = mark(ALL, &marks);
+                    marks.retain(|key, seq| key == ALL || SequenceNumber::parse(seq).ok() > all);
+                }
+                positions.set(&shard.id, &marks).await?;
             }
             progress(&summary);
             let at_tip = page.records.is_empty() && page.millis_behind_latest.is_none_or(|ms| ms == 0);
@@ -324,6 +345,13 @@ async fn send(
     Ok(())
 }
 
+/// The mark of runs over every destination.
+const ALL: &str = "*";
+
+/// Per dead-letter shard: the last record replayed, by `*` (every destination) or by the
+/// destination a run was filtered to.
+type Marks = BTreeMap<String, String>;
+
 /// Where a replay keeps what it has read, per dead-letter shard.
 enum Positions {
     /// A JSON file beside the checkpoint file.
@@ -354,31 +382,37 @@ impl Positions {
         })
     }
 
-    async fn get(&self, shard: &str) -> Result<Option<SequenceNumber>, OperateError> {
-        let text = match self {
-            Positions::File(path) => self.file(path)?.remove(shard),
-            Positions::Table(table, prefix) => table.note(&format!("{prefix}{shard}")).await?,
-        };
-        Ok(text.and_then(|t| SequenceNumber::parse(&t).ok()))
+    async fn get(&self, shard: &str) -> Result<Marks, OperateError> {
+        Ok(match self {
+            Positions::File(path) => self.file(path)?.remove(shard).unwrap_or_default(),
+            Positions::Table(table, prefix) => table
+                .note(&format!("{prefix}{shard}"))
+                .await?
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default(),
+        })
     }
 
-    async fn set(&self, shard: &str, seq: &str) -> Result<(), OperateError> {
+    async fn set(&self, shard: &str, marks: &Marks) -> Result<(), OperateError> {
         match self {
             Positions::File(path) => {
                 let mut all = self.file(path)?;
-                all.insert(shard.to_string(), seq.to_string());
+                all.insert(shard.to_string(), marks.clone());
                 let text = serde_json::to_vec_pretty(&all).expect("a map of strings serialises");
                 let partial = path.with_extension("partial");
                 std::fs::write(&partial, text)
                     .and_then(|()| std::fs::rename(&partial, path))
                     .map_err(|source| ReplayError::Position { path: path.clone(), source })?;
             }
-            Positions::Table(table, prefix) => table.set_note(&format!("{prefix}{shard}"), seq).await?,
+            Positions::Table(table, prefix) => {
+                let text = serde_json::to_string(marks).expect("a map of strings serialises");
+                table.set_note(&format!("{prefix}{shard}"), &text).await?
+            }
         }
         Ok(())
     }
 
-    fn file(&self, path: &PathBuf) -> Result<BTreeMap<String, String>, ReplayError> {
+    fn file(&self, path: &PathBuf) -> Result<BTreeMap<String, Marks>, ReplayError> {
         match std::fs::read(path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),

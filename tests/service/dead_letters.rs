@@ -75,6 +75,36 @@ async fn a_replay_resends_each_dead_letter_once_and_reports_what_it_cannot() {
     assert_eq!(again.destinations["out-a"].replayed, 300);
 
     // A filter skips the others' records.
-    let filtered = run(&settings, &emulator.url, &ReplayArgs { destination: Some("out-b".into()), ..args }).await;
+    let filtered =
+        run(&settings, &emulator.url, &ReplayArgs { destination: Some("out-b".into()), ..args.clone() }).await;
     assert!(filtered.destinations.get("out-a").is_none_or(|c| c.replayed == 0));
+
+    // An envelope whose record Kinesis would refuse (an empty partition key) is reported alone.
+    let invalid = br#"{"destination":"out-a","partition_key":"","data":"aGk="}"#.to_vec();
+    put_all(&client, "dlq", &[("z".into(), invalid)]).await;
+    let last = run(&settings, &emulator.url, &args).await;
+    assert_eq!(last.destinations["out-a"].rejected_again, 1);
+    assert!(last.refused[0].contains("invalid entry"), "{:?}", last.refused);
+    assert_eq!(contents(&client, "out-a").await, sorted(&more), "nothing else sent");
+
+    // A run filtered to one destination, then one over all: nothing is sent twice.
+    let envelope = |destination: &str, data: &str| {
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.encode(data);
+        (
+            format!("k-{destination}"),
+            format!(r#"{{"destination":"{destination}","partition_key":"k","data":"{data}"}}"#).into_bytes(),
+        )
+    };
+    put_all(&client, "dlq", &[envelope("out-a", "late-a"), envelope("out-b", "late-b")]).await;
+    let only_b = run(&settings, &emulator.url, &ReplayArgs { destination: Some("out-b".into()), ..args.clone() }).await;
+    assert_eq!(only_b.destinations["out-b"].replayed, 1);
+    assert_eq!(only_b.destinations["out-a"].skipped, 1);
+    let rest = run(&settings, &emulator.url, &args).await;
+    assert_eq!(rest.destinations["out-a"].replayed, 1, "the record the filtered run skipped");
+    assert_eq!(rest.destinations["out-b"].skipped, 1, "sent already by the filtered run");
+    for (stream, data) in [("out-b", b"late-b"), ("out-a", b"late-a")] {
+        let copies = contents(&client, stream).await.iter().filter(|(_, d)| d.as_slice() == data.as_slice()).count();
+        assert_eq!(copies, 1, "{stream} got its late record once");
+    }
 }
