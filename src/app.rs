@@ -22,7 +22,7 @@ use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress, Snapshot};
 use crate::shutdown::{Task, TaskGroup};
 use crate::sink::supervisor::{PlaceClients, Supervisor};
-use crate::source::assign::{Assignment, Leases, Listing, Plan};
+use crate::source::assign::{Assignment, Leases, Listing, Plan, ShardList};
 use crate::source::catchup::CatchUps;
 use crate::source::{self, Source, SourceError};
 
@@ -222,7 +222,7 @@ impl Pipeline {
             checkpointer: checkpointer.clone(),
         };
         let listing = Listing {
-            control: clients.control.clone(),
+            shards: ShardList::Kinesis(clients.control.clone()),
             stream: settings.source.stream_name.clone(),
             initial: settings.source.initial_position.clone(),
         };

@@ -46,8 +46,27 @@ fn live_owner<'a>(lease: &'a Lease, expired: &HashSet<String>) -> Option<&'a str
     lease.owner.as_deref().filter(|_| !expired.contains(&lease.key))
 }
 
-/// The leases this worker should try to take now.
-pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>) -> Vec<Take> {
+/// Free leases taken in one round by a worker holding none: it does not know yet how many
+/// workers share the table (a worker is seen only once it owns leases), so it takes a few, and
+/// twice as many as it holds in each later round ("slow start"). Workers starting together then
+/// see each other after a round instead of all grabbing every lease and stealing them back.
+pub const FIRST_TAKE: usize = 16;
+
+/// Where `key` falls in `me`'s order of free leases: each worker tries them in an order of its
+/// own, so that workers taking at once rarely race for the same lease.
+pub(super) fn order(me: &str, salt: u64, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same order on every run, a different one per worker and round.
+    let mut hasher = std::hash::DefaultHasher::new();
+    (me, salt, key).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The leases this worker should try to take now: free and expired ones first (at most
+/// [`FIRST_TAKE`] or as many as it holds, in an order of its own), else leases stolen from the
+/// most loaded workers, a quarter of its share at most per round, and only from a worker holding
+/// at least two more than this one (so that no two workers pass a lease back and forth).
+pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>, salt: u64) -> Vec<Take> {
     let active = active(leases);
     if active.is_empty() {
         return Vec::new();
@@ -61,35 +80,43 @@ pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>) -> Vec<Take
     }
     let workers = load.len();
     let target = active.len().div_ceil(workers);
-    let mine = load[me];
+    let mut mine = load[me];
     if mine >= target {
         return Vec::new();
     }
-    let free: Vec<Take> = active
-        .iter()
-        .filter(|l| live_owner(l, expired).is_none())
-        .take(target - mine)
-        .map(|l| Take::Free(l.key.clone()))
-        .collect();
+    let mut free: Vec<&&Lease> = active.iter().filter(|l| live_owner(l, expired).is_none()).collect();
     if !free.is_empty() {
-        return free;
+        free.sort_by_cached_key(|l| order(me, salt, &l.key));
+        let room = (target - mine).min(FIRST_TAKE.max(mine));
+        return free.into_iter().take(room).map(|l| Take::Free(l.key.clone())).collect();
     }
-    // Steal one from the most loaded worker, if it holds more than its share.
-    let (victim, victim_load) = load
-        .iter()
-        .filter(|(owner, _)| **owner != me)
-        .max_by_key(|(owner, n)| (**n, std::cmp::Reverse(**owner)))
-        .map(|(o, n)| (*o, *n))
-        .unwrap_or((me, 0));
-    if victim_load <= target || victim_load <= mine + 1 {
-        return Vec::new();
+    // Steal from the most loaded workers, one lease at a time, while it evens things out.
+    let budget = target.div_ceil(4).max(1);
+    let mut victims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for lease in &active {
+        if let Some(owner) = live_owner(lease, expired).filter(|o| *o != me) {
+            victims.entry(owner).or_default().push(lease.key.as_str());
+        }
     }
-    active
-        .iter()
-        .filter(|l| live_owner(l, expired) == Some(victim))
-        .max_by_key(|l| l.key.as_str())
-        .map(|l| vec![Take::Steal(l.key.clone())])
-        .unwrap_or_default()
+    for keys in victims.values_mut() {
+        keys.sort_by_key(|k| std::cmp::Reverse(order(me, salt, k)));
+    }
+    let mut stolen = Vec::new();
+    while mine < target && stolen.len() < budget {
+        let Some((victim, keys)) =
+            victims.iter_mut().max_by_key(|(owner, keys)| (keys.len(), std::cmp::Reverse(**owner)))
+        else {
+            break;
+        };
+        if keys.len() <= mine + 1 {
+            break;
+        }
+        let _ = victim;
+        let Some(key) = keys.pop() else { break };
+        stolen.push(Take::Steal(key.to_string()));
+        mine += 1;
+    }
+    stolen
 }
 
 #[cfg(test)]
@@ -101,7 +128,7 @@ mod tests {
     }
 
     fn simulate(leases: &mut [Lease], worker: &str) {
-        for take in choose(leases, worker, &HashSet::new()) {
+        for take in choose(leases, worker, &HashSet::new(), 0) {
             let key = match take {
                 Take::Free(k) | Take::Steal(k) => k,
             };
@@ -130,12 +157,48 @@ mod tests {
     }
 
     #[test]
-    fn expired_leases_are_free_and_steals_are_one_per_round() {
+    fn expired_leases_are_free_and_steals_are_bounded_per_round() {
         let leases: Vec<Lease> = (0..4).map(|i| lease(&format!("s{i}"), Some("dead"))).collect();
         let expired: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
-        assert_eq!(choose(&leases, "me", &expired).len(), 4);
-        let steals = choose(&leases, "me", &HashSet::new());
-        assert_eq!(steals, vec![Take::Steal("s3".into())]);
+        assert_eq!(choose(&leases, "me", &expired, 0).len(), 4);
+        let steals = choose(&leases, "me", &HashSet::new(), 0);
+        assert_eq!(steals.len(), 1, "a quarter of a share of two: one");
+        assert!(matches!(&steals[0], Take::Steal(_)));
+    }
+
+    #[test]
+    fn a_worker_alone_takes_a_few_then_twice_what_it_holds() {
+        let mut leases: Vec<Lease> = (0..100).map(|i| lease(&format!("s{i:03}"), None)).collect();
+        let mut taken = Vec::new();
+        for _ in 0..4 {
+            simulate(&mut leases, "a");
+            taken.push(count(&leases, "a"));
+        }
+        assert_eq!(taken, vec![FIRST_TAKE, 2 * FIRST_TAKE, 4 * FIRST_TAKE, 100]);
+    }
+
+    #[test]
+    fn workers_take_free_leases_in_orders_of_their_own() {
+        let leases: Vec<Lease> = (0..100).map(|i| lease(&format!("s{i:03}"), None)).collect();
+        let a = choose(&leases, "a", &HashSet::new(), 1);
+        let b = choose(&leases, "b", &HashSet::new(), 1);
+        let overlap = a.iter().filter(|t| b.contains(t)).count();
+        assert!(overlap < FIRST_TAKE / 2, "{overlap} of {FIRST_TAKE} alike");
+        assert_eq!(a, choose(&leases, "a", &HashSet::new(), 1), "the same order for the same worker and round");
+    }
+
+    #[test]
+    fn a_worker_two_below_the_others_steals_even_when_they_hold_the_rounded_up_share() {
+        // 28 leases, 6 workers: a share of 5 rounded up. Five hold 5, one holds 3: it must steal one.
+        let mut leases = Vec::new();
+        for (w, n) in [("a", 5), ("b", 5), ("c", 5), ("d", 5), ("e", 5), ("f", 3)] {
+            for i in 0..n {
+                leases.push(lease(&format!("{w}{i}"), Some(w)));
+            }
+        }
+        let steals = choose(&leases, "f", &HashSet::new(), 0);
+        assert_eq!(steals.len(), 1, "{steals:?}");
+        assert!(choose(&leases, "a", &HashSet::new(), 0).is_empty(), "a holds its share");
     }
 
     #[test]
@@ -162,9 +225,9 @@ mod tests {
         let mut child = lease("c", None);
         child.parents = vec!["p".into()];
         let leases = vec![parent.clone(), child.clone()];
-        assert!(choose(&leases, "me", &HashSet::new()).iter().all(|t| *t != Take::Free("c".into())));
+        assert!(choose(&leases, "me", &HashSet::new(), 0).iter().all(|t| *t != Take::Free("c".into())));
         parent.checkpoint = Position::ShardEnd;
         child.parents = vec!["p".into()];
-        assert_eq!(choose(&[parent, child], "me", &HashSet::new()), vec![Take::Free("c".into())]);
+        assert_eq!(choose(&[parent, child], "me", &HashSet::new(), 0), vec![Take::Free("c".into())]);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::{StreamExt, stream};
+
 use super::balance;
 use super::manager::LeaseManager;
 use super::table::{Lease, LeaseError, Position};
@@ -33,11 +35,51 @@ impl LeaseManager {
     /// Creates leases for shards that have none: roots at the initial position (closed roots are
     /// skipped at LATEST), children at their beginning. A closed shard with a descendant that has
     /// a lease gets none: it was read to its end and its lease deleted.
+    ///
+    /// Which leases exist comes from the lease loop's last look at the table when it is recent
+    /// (usually nothing is missing, and nothing is read); a strongly consistent scan confirms
+    /// what seems missing before anything is created, so that a lease deleted since is not made
+    /// again. Leases are created side by side, in an order of this worker's own, so that workers
+    /// starting together do not all try the same ones.
     pub async fn sync(&self, shards: &[ShardInfo], initial: &Position) -> Result<(), LeaseError> {
-        let known: HashSet<String> = self.table.scan().await?.into_iter().map(|l| l.key).collect();
-        let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
-        let descended = leased_descendants(shards, &known);
-        for shard in shards.iter().filter(|s| !known.contains(&s.id) && !descended.contains(s.id.as_str())) {
+        let recent = self
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(at, _)| at.elapsed() < self.failover)
+            .map(|(_, leases)| leases);
+        let mut missing = match recent.map(|leases| missing(shards, initial, &leases)) {
+            Some(none) if none.is_empty() => return Ok(()),
+            _ => missing(shards, initial, &self.table.scan().await?),
+        };
+        missing.sort_by_cached_key(|l| balance::order(&self.me, 0, &l.key));
+        let created: Vec<(Lease, Result<bool, LeaseError>)> = stream::iter(missing)
+            .map(|lease| async move {
+                let created = self.table.create_if_absent(&lease).await;
+                (lease, created)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (lease, created) in created {
+            if created? {
+                tracing::info!(shard = %lease.key, checkpoint = %lease.checkpoint, "Lease created.");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The leases to create for listed shards that `leases` lacks.
+fn missing(shards: &[ShardInfo], initial: &Position, leases: &[Lease]) -> Vec<Lease> {
+    let known: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
+    let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+    let descended = leased_descendants(shards, &known);
+    shards
+        .iter()
+        .filter(|s| !known.contains(&s.id) && !descended.contains(s.id.as_str()))
+        .map(|shard| {
             let has_parent = shard.parents.iter().any(|p| listed.contains(p.as_str()) || known.contains(p));
             let checkpoint = match initial {
                 _ if has_parent => Position::TrimHorizon,
@@ -45,20 +87,16 @@ impl LeaseManager {
                 // The configured start: trim horizon, latest or a timestamp.
                 configured => configured.clone(),
             };
-            let lease = Lease {
+            Lease {
                 key: shard.id.clone(),
                 checkpoint,
                 parents: shard.parents.clone(),
                 starting_hash_key: shard.hash_range.as_ref().map(|r| r.0.clone()),
                 ending_hash_key: shard.hash_range.as_ref().map(|r| r.1.clone()),
                 ..Lease::default()
-            };
-            if self.table.create_if_absent(&lease).await? {
-                tracing::info!(shard = %shard.id, checkpoint = %lease.checkpoint, "Lease created.");
             }
-        }
-        Ok(())
-    }
+        })
+        .collect()
 }
 
 /// Listed shards with a descendant (child, grandchild...) that has a lease.

@@ -3,7 +3,7 @@
 //! machines), and takes free, expired or (one per round) stolen leases. Shards come and go as
 //! [`Assignment`]s; checkpoints are written through the lease, conditional on its counter.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,15 +28,25 @@ pub(super) struct State {
     pub(super) held: BTreeMap<String, Held>,
     /// Per lease, the counter last seen and when it was first seen at that value.
     observed: HashMap<String, (u64, Instant)>,
-    /// The table as of the last scan.
-    leases: Vec<Lease>,
+    /// Rounds so far (each tries free leases in an order of its own).
+    rounds: u64,
+    /// When the next round reads the whole table; `None`: at once.
+    next_scan: Option<Instant>,
+}
+
+/// How often a worker reads the whole lease table to see free, expired and unbalanced leases,
+/// while it has nothing to take: every other round. A worker that took or stole leases in its last
+/// round reads it again in the next. (Renewals and checkpoints are conditional writes on the
+/// leases a worker holds; they need no read.)
+pub fn scan_interval(failover: Duration) -> Duration {
+    2 * (failover / 3)
 }
 
 /// One worker's side of the lease table.
 pub struct LeaseManager {
     pub(super) table: LeaseTable,
     pub(super) me: String,
-    failover: Duration,
+    pub(super) failover: Duration,
     /// Serialises this worker's writes: renewals and checkpoints of one lease must not race on
     /// its counter.
     pub(super) state: tokio::sync::Mutex<State>,
@@ -45,12 +55,14 @@ pub struct LeaseManager {
     share: watch::Sender<f64>,
     /// When the table last confirmed each hold, outside `state` so that the watchdog can read it
     /// while a slow round holds the state lock.
-    confirmed: std::sync::Mutex<HashMap<String, Instant>>,
+    confirmed: std::sync::Mutex<BTreeMap<String, Instant>>,
     /// Holds the watchdog gave up on; the next round forgets them.
-    revoked: std::sync::Mutex<HashSet<String>>,
+    revoked: std::sync::Mutex<BTreeSet<String>>,
     /// Set when the worker stops reading: it keeps renewing what it holds through the drain, and
     /// takes nothing more (what it took it could not read, and others could).
     draining: std::sync::atomic::AtomicBool,
+    /// The table as of the last scan, and when: shard syncs read it instead of scanning again.
+    pub(super) view: std::sync::Mutex<Option<(Instant, Arc<Vec<Lease>>)>>,
 }
 
 impl LeaseManager {
@@ -71,6 +83,7 @@ impl LeaseManager {
             confirmed: Default::default(),
             revoked: Default::default(),
             draining: Default::default(),
+            view: Default::default(),
         };
         (Arc::new(manager), receiver, share_rx)
     }
@@ -94,6 +107,7 @@ impl LeaseManager {
             }
         };
         tokio::select! {
+            biased;
             _ = stop.cancelled() => {}
             _ = rounds => {}
             _ = watchdog => {}
@@ -161,24 +175,35 @@ impl LeaseManager {
             self.lose(&mut state, &shard, "the lease table could not confirm it in time");
         }
         // Renewed side by side (at most 32 at once): one after another, a worker holding many
-        // leases would take longer than the steal delay to prove the last of them.
-        let held: Vec<(String, u64)> = state.held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
+        // leases would take longer than the steal delay to prove the last of them. A lease whose
+        // checkpoint was written in the last half renewal period needs no renewal: that write
+        // moved its counter and proved the hold.
+        let recent = self.renew_interval() / 2;
+        let held: Vec<(String, u64)> = {
+            let confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+            state
+                .held
+                .iter()
+                .filter(|(k, _)| confirmed.get(*k).is_none_or(|at| at.elapsed() >= recent))
+                .map(|(k, h)| (k.clone(), h.counter))
+                .collect()
+        };
         let renewals: Vec<_> = stream::iter(held)
             .map(|(shard, counter)| async move {
                 let attempt = Instant::now();
                 let renewed = self.table.renew(&shard, counter, &self.me).await;
-                (shard, attempt, renewed)
+                (shard, counter, attempt, renewed)
             })
             .buffer_unordered(32)
             .collect()
             .await;
-        for (shard, attempt, renewed) in renewals {
+        for (shard, counter, attempt, renewed) in renewals {
             match renewed {
                 Ok(next) => {
-                    if let Some(h) = state.held.get_mut(&shard) {
+                    if let Some(h) = state.held.get_mut(&shard).filter(|h| h.counter == counter) {
                         h.counter = next;
+                        self.confirm(&shard, attempt);
                     }
-                    self.confirm(&shard, attempt);
                 }
                 Err(LeaseError::Lost { .. }) => self.lose(&mut state, &shard, "renewal found another owner"),
                 Err(err) => tracing::warn!(shard, error = %err, "Lease renewal failed; will retry."),
@@ -187,7 +212,11 @@ impl LeaseManager {
         if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let leases = match self.table.scan().await {
+        state.rounds += 1;
+        if state.next_scan.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let leases = match self.table.scan_eventually().await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::warn!(error = %err, "Cannot read the lease table; keeping current leases.");
@@ -219,13 +248,37 @@ impl LeaseManager {
                 l
             })
             .collect();
-        for take in balance::choose(&view, &self.me, &expired) {
-            let (key, stolen) = match take {
-                Take::Free(k) => (k, false),
-                Take::Steal(k) => (k, true),
-            };
-            let Some(lease) = leases.iter().find(|l| l.key == key) else { continue };
-            match self.table.take(&key, lease.counter, &self.me).await {
+        let takes = balance::choose(&view, &self.me, &expired, state.rounds);
+        // A worker with something to take looks again next round; one without, after a while.
+        state.next_scan = if takes.is_empty() {
+            Some(now + super::manager::scan_interval(self.failover) - self.renew_interval() / 2)
+        } else {
+            None
+        };
+        let wanted: Vec<(Lease, bool)> = {
+            let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+            takes
+                .into_iter()
+                .filter_map(|take| {
+                    let (key, stolen) = match take {
+                        Take::Free(k) => (k, false),
+                        Take::Steal(k) => (k, true),
+                    };
+                    by_key.get(key.as_str()).map(|l| ((*l).clone(), stolen))
+                })
+                .collect()
+        };
+        let attempts: Vec<(Lease, bool, Result<u64, LeaseError>)> = stream::iter(wanted)
+            .map(|(lease, stolen)| async move {
+                let taken = self.table.take(&lease.key, lease.counter, &self.me).await;
+                (lease, stolen, taken)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (lease, stolen, taken) in attempts {
+            let key = lease.key.clone();
+            match taken {
                 Ok(next) => {
                     tracing::info!(shard = %key, worker = %self.me, previous_owner = ?lease.owner, stolen, "Lease taken.");
                     state.held.insert(key.clone(), Held { counter: next, since: Instant::now() });
@@ -247,7 +300,7 @@ impl LeaseManager {
         let active = balance::active(&leases).len().max(1);
         let share = (state.held.len() as f64 / active as f64).clamp(1.0 / active as f64, 1.0);
         self.share.send_if_modified(|s| std::mem::replace(s, share) != share);
-        state.leases = leases;
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, Arc::new(leases)));
     }
 
     /// Shards held now.

@@ -13,6 +13,8 @@ pub mod balance;
 pub mod checkpoint;
 pub mod lifecycle;
 pub mod manager;
+pub mod memory;
+pub mod simulation;
 pub mod table;
 
 pub use manager::LeaseManager;

@@ -64,11 +64,17 @@ pub enum LeaseError {
 /// cannot start with it).
 pub const NOTE_PREFIX: &str = "dead-letters/";
 
-/// The lease table.
+/// The lease table: in DynamoDB, or in memory for the fleet simulation.
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
-    client: aws_sdk_dynamodb::Client,
+    backend: Backend,
     name: String,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    DynamoDb(aws_sdk_dynamodb::Client),
+    Memory(super::memory::MemoryLink),
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -81,7 +87,29 @@ fn n(v: u64) -> AttributeValue {
 
 impl LeaseTable {
     pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
-        LeaseTable { client, name: name.into() }
+        LeaseTable { backend: Backend::DynamoDb(client), name: name.into() }
+    }
+
+    /// `client`'s way into an in-memory table (the fleet simulation).
+    pub fn in_memory(table: std::sync::Arc<super::memory::MemoryTable>, client: impl Into<String>) -> Self {
+        LeaseTable {
+            backend: Backend::Memory(super::memory::MemoryLink { table, client: client.into() }),
+            name: "memory".into(),
+        }
+    }
+
+    fn client(&self) -> &aws_sdk_dynamodb::Client {
+        match &self.backend {
+            Backend::DynamoDb(client) => client,
+            Backend::Memory(_) => unreachable!("memory tables are handled before"),
+        }
+    }
+
+    fn memory(&self) -> Option<&super::memory::MemoryLink> {
+        match &self.backend {
+            Backend::Memory(link) => Some(link),
+            Backend::DynamoDb(_) => None,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -107,10 +135,13 @@ impl LeaseTable {
     /// Creates the table (on-demand, hash key `leaseKey`) when `create` and it is missing, then
     /// waits until it is ACTIVE.
     pub async fn ensure(&self, create: bool) -> Result<(), LeaseError> {
+        if self.memory().is_some() {
+            return Ok(());
+        }
         let waited = Duration::from_secs(120);
         let deadline = tokio::time::Instant::now() + waited;
         loop {
-            match self.client.describe_table().table_name(&self.name).send().await {
+            match self.client().describe_table().table_name(&self.name).send().await {
                 Ok(out) => {
                     if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
                         return Ok(());
@@ -119,7 +150,7 @@ impl LeaseTable {
                 Err(err) if classify(&err) == ErrorKind::NotFound && create => {
                     tracing::info!(table = %self.name, "Creating the lease table (on-demand, hash key leaseKey).");
                     let created = self
-                        .client
+                        .client()
                         .create_table()
                         .table_name(&self.name)
                         .billing_mode(BillingMode::PayPerRequest)
@@ -163,8 +194,11 @@ impl LeaseTable {
 
     /// A note kept in the table under `key` (which must start with [`NOTE_PREFIX`]).
     pub async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.note(key).await;
+        }
         let item = self
-            .client
+            .client()
             .get_item()
             .table_name(&self.name)
             .key("leaseKey", s(key))
@@ -177,8 +211,11 @@ impl LeaseTable {
 
     /// Keeps a note under `key` (which must start with [`NOTE_PREFIX`]: never a shard's lease).
     pub async fn set_note(&self, key: &str, value: &str) -> Result<(), LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.set_note(key, value).await;
+        }
         debug_assert!(key.starts_with(NOTE_PREFIX));
-        self.client
+        self.client()
             .put_item()
             .table_name(&self.name)
             .item("leaseKey", s(key))
@@ -191,14 +228,36 @@ impl LeaseTable {
 
     /// Every lease (paginated, strongly consistent scan).
     pub async fn scan(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.scan_with(true).await
+    }
+
+    /// Every lease, as an eventually consistent scan sees them (half the read units: the lease
+    /// loop's periodic look at the table, where every write it then makes is conditional anyway).
+    pub async fn scan_eventually(&self) -> Result<Vec<Lease>, LeaseError> {
+        self.scan_with(false).await
+    }
+
+    async fn scan_with(&self, consistent: bool) -> Result<Vec<Lease>, LeaseError> {
+        if let Some(memory) = self.memory() {
+            let mut leases = Vec::new();
+            let mut start: Option<String> = None;
+            loop {
+                let (page, next) = memory.scan_page(start.as_deref(), consistent).await?;
+                leases.extend(page.into_iter().filter(|l| !l.key.starts_with(NOTE_PREFIX)));
+                match next {
+                    Some(key) => start = Some(key),
+                    None => return Ok(leases),
+                }
+            }
+        }
         let mut leases = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let page = self
-                .client
+                .client()
                 .scan()
                 .table_name(&self.name)
-                .consistent_read(true)
+                .consistent_read(consistent)
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
@@ -270,8 +329,11 @@ impl LeaseTable {
 
     /// Creates a lease unless one exists for the shard.
     pub async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.create_if_absent(lease).await;
+        }
         let mut request = self
-            .client
+            .client()
             .put_item()
             .table_name(&self.name)
             .item("leaseKey", s(&lease.key))
@@ -298,6 +360,9 @@ impl LeaseTable {
 
     /// Takes a lease whose counter is `expected` (free, expired, or stolen). Returns the new counter.
     pub async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.take(key, expected, me).await;
+        }
         let next = expected + 1;
         self.conditional(
             key,
@@ -311,6 +376,9 @@ impl LeaseTable {
 
     /// Proves this worker is alive: bumps the counter it holds.
     pub async fn renew(&self, key: &str, counter: u64, me: &str) -> Result<u64, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.renew(key, counter, me).await;
+        }
         let next = counter + 1;
         self.conditional(
             key,
@@ -343,6 +411,9 @@ impl LeaseTable {
         me: &str,
         write: &CheckpointWrite<'_>,
     ) -> Result<u64, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.write_checkpoint(key, counter, me, write).await;
+        }
         let next = counter + 1;
         let mut values = vec![(":next", n(next)), (":expected", n(counter)), (":me", s(me))];
         let mut update = "SET leaseCounter = :next".to_string();
@@ -368,6 +439,9 @@ impl LeaseTable {
 
     /// Gives a lease up so that another worker takes it at once.
     pub async fn release(&self, key: &str, counter: u64, me: &str) -> Result<(), LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.release(key, counter, me).await;
+        }
         self.conditional(
             key,
             "REMOVE leaseOwner SET leaseCounter = :next",
@@ -380,8 +454,11 @@ impl LeaseTable {
     /// Deletes a lease read to its end (conditional on `SHARD_END`, so nothing else is ever
     /// deleted). Returns false when it was gone or changed already.
     pub async fn delete_finished(&self, key: &str) -> Result<bool, LeaseError> {
+        if let Some(memory) = self.memory() {
+            return memory.delete_finished(key).await;
+        }
         let deleted = self
-            .client
+            .client()
             .delete_item()
             .table_name(&self.name)
             .key("leaseKey", s(key))
@@ -404,7 +481,7 @@ impl LeaseTable {
         values: &[(&str, AttributeValue)],
     ) -> Result<(), LeaseError> {
         let mut request = self
-            .client
+            .client()
             .update_item()
             .table_name(&self.name)
             .key("leaseKey", s(key))

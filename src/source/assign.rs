@@ -50,9 +50,25 @@ pub trait Assignments: Send {
     fn finished(&mut self, shard: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
+/// Where the shard list comes from: Kinesis, or a function (the fleet simulation).
+#[derive(Clone)]
+pub enum ShardList {
+    Kinesis(aws_sdk_kinesis::Client),
+    Simulated(Arc<dyn Fn() -> Vec<ShardInfo> + Send + Sync>),
+}
+
+impl ShardList {
+    async fn list(&self, stream: &str) -> Result<Vec<ShardInfo>, SourceError> {
+        match self {
+            ShardList::Kinesis(control) => list_shards(control, stream).await,
+            ShardList::Simulated(list) => Ok(list()),
+        }
+    }
+}
+
 /// Where the source's shards are listed, and what the shard list is read for.
 pub struct Listing {
-    pub control: aws_sdk_kinesis::Client,
+    pub shards: ShardList,
     pub stream: String,
     /// `source.initial_position`: where shards without a checkpoint start.
     pub initial: Position,
@@ -91,7 +107,7 @@ impl Plan {
     }
 
     async fn list(&mut self) {
-        match list_shards(&self.listing.control, &self.listing.stream).await {
+        match self.listing.shards.list(&self.listing.stream).await {
             Ok(shards) => {
                 self.list_backoff.reset();
                 let plan = shards::plan(&shards, &self.checkpoints, &self.listing.initial, &self.started);
@@ -162,7 +178,7 @@ impl Leases {
 
     /// Creates leases for shards that have none (new children included); returns the shards.
     async fn sync(&self) -> Option<Vec<ShardInfo>> {
-        let shards = match list_shards(&self.listing.control, &self.listing.stream).await {
+        let shards = match self.listing.shards.list(&self.listing.stream).await {
             Ok(shards) => shards,
             Err(err) => {
                 tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");

@@ -27,6 +27,8 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod fleet_sim;
+
 #[derive(Debug, Clone)]
 struct Opts {
     scenario: Option<String>,
@@ -661,6 +663,12 @@ async fn floor_worker(url: &str, records: usize, destinations: Vec<String>) -> a
     Ok(())
 }
 
+/// The value after `name` on the command line.
+fn value_of(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -670,7 +678,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let opts = parse_opts()?;
     let bin = service_binary()?;
-    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide"];
+    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "fleet-sim"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
         Some(name) => {
@@ -685,6 +693,21 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut lines = Vec::new();
     for scenario in chosen {
+        if scenario == "fleet-sim" {
+            let only = value_of("--case");
+            for report in fleet_sim::run(opts.smoke, only.as_deref())? {
+                println!(
+                    "{scenario:<8} {}",
+                    report.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("  ")
+                );
+                let mut line = serde_json::Map::new();
+                line.insert("scenario".into(), json!(scenario));
+                line.insert("cores".into(), json!(cores));
+                line.extend(report);
+                lines.push(serde_json::Value::Object(line));
+            }
+            continue;
+        }
         let started = Instant::now();
         let mut report = match scenario {
             "drain" => drain(&opts, &bin).await?,
