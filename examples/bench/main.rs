@@ -27,6 +27,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod fleet;
 mod fleet_sim;
 
 #[derive(Debug, Clone)]
@@ -677,8 +678,10 @@ async fn main() -> anyhow::Result<()> {
         return floor_worker(&args[2], args[3].parse()?, destinations).await;
     }
     let opts = parse_opts()?;
-    let bin = service_binary()?;
-    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "fleet-sim"];
+    // The simulation runs no binary.
+    let needs_binary = opts.scenario.as_deref() != Some("fleet-sim");
+    let bin = if needs_binary { service_binary()? } else { PathBuf::new() };
+    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "fleet-sim", "fleet"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
         Some(name) => {
@@ -693,9 +696,20 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut lines = Vec::new();
     for scenario in chosen {
-        if scenario == "fleet-sim" {
-            let only = value_of("--case");
-            for report in fleet_sim::run(opts.smoke, only.as_deref())? {
+        if scenario == "fleet-sim" || scenario == "fleet" {
+            // One line per case.
+            let reports = if scenario == "fleet" {
+                let started = Instant::now();
+                let mut reports = fleet::run(opts.smoke, &bin).await?;
+                let wall = round2(started.elapsed().as_secs_f64());
+                reports.iter_mut().for_each(|r| {
+                    r.insert("wall_s", json!(wall));
+                });
+                reports.into_iter().map(|r| r.into_iter().map(|(k, v)| (k.to_string(), v)).collect()).collect()
+            } else {
+                fleet_sim::run(opts.smoke, value_of("--case").as_deref())?
+            };
+            for report in reports {
                 println!(
                     "{scenario:<8} {}",
                     report.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("  ")

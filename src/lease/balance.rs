@@ -65,8 +65,16 @@ pub(super) fn order(me: &str, salt: u64, key: &str) -> u64 {
 /// The leases this worker should try to take now: free and expired ones first (at most
 /// [`FIRST_TAKE`] or as many as it holds, in an order of its own), else leases stolen from the
 /// most loaded workers, a quarter of its share at most per round, and only from a worker holding
-/// at least two more than this one (so that no two workers pass a lease back and forth).
-pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>, salt: u64) -> Vec<Take> {
+/// at least two more than this one (so that no two workers pass a lease back and forth). Leases in
+/// `settling` changed owner moments ago (their new owner may not even read them yet): they are
+/// not stolen.
+pub fn choose(
+    leases: &[Lease],
+    me: &str,
+    expired: &HashSet<String>,
+    settling: &HashSet<String>,
+    salt: u64,
+) -> Vec<Take> {
     let active = active(leases);
     if active.is_empty() {
         return Vec::new();
@@ -95,7 +103,10 @@ pub fn choose(leases: &[Lease], me: &str, expired: &HashSet<String>, salt: u64) 
     let mut victims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for lease in &active {
         if let Some(owner) = live_owner(lease, expired).filter(|o| *o != me) {
-            victims.entry(owner).or_default().push(lease.key.as_str());
+            let keys = victims.entry(owner).or_default();
+            if !settling.contains(&lease.key) {
+                keys.push(lease.key.as_str());
+            }
         }
     }
     for keys in victims.values_mut() {
@@ -128,7 +139,7 @@ mod tests {
     }
 
     fn simulate(leases: &mut [Lease], worker: &str) {
-        for take in choose(leases, worker, &HashSet::new(), 0) {
+        for take in choose(leases, worker, &HashSet::new(), &HashSet::new(), 0) {
             let key = match take {
                 Take::Free(k) | Take::Steal(k) => k,
             };
@@ -160,8 +171,8 @@ mod tests {
     fn expired_leases_are_free_and_steals_are_bounded_per_round() {
         let leases: Vec<Lease> = (0..4).map(|i| lease(&format!("s{i}"), Some("dead"))).collect();
         let expired: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
-        assert_eq!(choose(&leases, "me", &expired, 0).len(), 4);
-        let steals = choose(&leases, "me", &HashSet::new(), 0);
+        assert_eq!(choose(&leases, "me", &expired, &HashSet::new(), 0).len(), 4);
+        let steals = choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0);
         assert_eq!(steals.len(), 1, "a quarter of a share of two: one");
         assert!(matches!(&steals[0], Take::Steal(_)));
     }
@@ -180,11 +191,15 @@ mod tests {
     #[test]
     fn workers_take_free_leases_in_orders_of_their_own() {
         let leases: Vec<Lease> = (0..100).map(|i| lease(&format!("s{i:03}"), None)).collect();
-        let a = choose(&leases, "a", &HashSet::new(), 1);
-        let b = choose(&leases, "b", &HashSet::new(), 1);
+        let a = choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1);
+        let b = choose(&leases, "b", &HashSet::new(), &HashSet::new(), 1);
         let overlap = a.iter().filter(|t| b.contains(t)).count();
         assert!(overlap < FIRST_TAKE / 2, "{overlap} of {FIRST_TAKE} alike");
-        assert_eq!(a, choose(&leases, "a", &HashSet::new(), 1), "the same order for the same worker and round");
+        assert_eq!(
+            a,
+            choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1),
+            "the same order for the same worker and round"
+        );
     }
 
     #[test]
@@ -196,9 +211,13 @@ mod tests {
                 leases.push(lease(&format!("{w}{i}"), Some(w)));
             }
         }
-        let steals = choose(&leases, "f", &HashSet::new(), 0);
+        let steals = choose(&leases, "f", &HashSet::new(), &HashSet::new(), 0);
         assert_eq!(steals.len(), 1, "{steals:?}");
-        assert!(choose(&leases, "a", &HashSet::new(), 0).is_empty(), "a holds its share");
+        assert!(choose(&leases, "a", &HashSet::new(), &HashSet::new(), 0).is_empty(), "a holds its share");
+        // Leases that changed owner moments ago are not stolen.
+        let settling: HashSet<String> =
+            leases.iter().filter(|l| l.owner.as_deref() != Some("f")).map(|l| l.key.clone()).collect();
+        assert!(choose(&leases, "f", &HashSet::new(), &settling, 0).is_empty());
     }
 
     #[test]
@@ -225,9 +244,11 @@ mod tests {
         let mut child = lease("c", None);
         child.parents = vec!["p".into()];
         let leases = vec![parent.clone(), child.clone()];
-        assert!(choose(&leases, "me", &HashSet::new(), 0).iter().all(|t| *t != Take::Free("c".into())));
+        assert!(
+            choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0).iter().all(|t| *t != Take::Free("c".into()))
+        );
         parent.checkpoint = Position::ShardEnd;
         child.parents = vec!["p".into()];
-        assert_eq!(choose(&[parent, child], "me", &HashSet::new(), 0), vec![Take::Free("c".into())]);
+        assert_eq!(choose(&[parent, child], "me", &HashSet::new(), &HashSet::new(), 0), vec![Take::Free("c".into())]);
     }
 }

@@ -21,6 +21,8 @@ pub(super) struct Held {
     pub(super) counter: u64,
     /// When this worker took the lease: snapshots taken before belong to an earlier reading.
     pub(super) since: Instant,
+    /// When its reading may start: until then the previous owner's requests may still land.
+    pub(super) ready: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -28,6 +30,9 @@ pub(super) struct State {
     pub(super) held: BTreeMap<String, Held>,
     /// Per lease, the counter last seen and when it was first seen at that value.
     observed: HashMap<String, (u64, Instant)>,
+    /// Per lease, the owner last seen and when this worker saw it change (`None`: not since it
+    /// started).
+    owners: HashMap<String, (Option<String>, Option<Instant>)>,
     /// Rounds so far (each tries free leases in an order of its own).
     rounds: u64,
     /// When the next round reads the whole table; `None`: at once.
@@ -96,8 +101,10 @@ impl LeaseManager {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let rounds = async {
             loop {
+                // Rounds start a renewal period apart, however long the last one took.
+                let started = Instant::now();
                 self.round().await;
-                tokio::time::sleep(self.renew_interval()).await;
+                tokio::time::sleep_until(started + self.renew_interval()).await;
             }
         };
         let watchdog = async {
@@ -151,11 +158,14 @@ impl LeaseManager {
     /// drained first: no wait. One that expired or was stolen may still have PutRecords of its
     /// previous owner in flight (the owner drops its queue as soon as it learns, but a request
     /// sent lands within its attempt timeout, [`super::settle_time`]); a stolen one also gives its
-    /// owner one and a half renewal periods to learn.
+    /// owner a failover time to learn. (Its next renewal tells it, unless that renewal fails, say
+    /// throttled: then its watchdog stops the shard once the lease has gone unconfirmed for a
+    /// failover time less a renewal period. Found by the fleet simulation, which read a stolen
+    /// shard twice at once when the delay was one and a half renewal periods.)
     fn takeover_delay(&self, stolen: bool, had_owner: bool) -> Duration {
         let settle = super::settle_time(self.failover);
         match (stolen, had_owner) {
-            (true, _) => self.renew_interval() + self.renew_interval() / 2 + settle,
+            (true, _) => self.failover + settle,
             (false, true) => settle,
             (false, false) => Duration::ZERO,
         }
@@ -225,11 +235,30 @@ impl LeaseManager {
         };
         let now = Instant::now();
         for lease in &leases {
-            let entry = state.observed.entry(lease.key.clone()).or_insert((lease.counter, now));
-            if entry.0 != lease.counter {
-                *entry = (lease.counter, now);
+            match state.observed.get_mut(&lease.key) {
+                Some(seen) if seen.0 == lease.counter => {}
+                Some(seen) => *seen = (lease.counter, now),
+                None => {
+                    state.observed.insert(lease.key.clone(), (lease.counter, now));
+                }
+            }
+            match state.owners.get_mut(&lease.key) {
+                Some(seen) if seen.0 == lease.owner => {}
+                Some(seen) => *seen = (lease.owner.clone(), Some(now)),
+                None => {
+                    state.owners.insert(lease.key.clone(), (lease.owner.clone(), None));
+                }
             }
         }
+        // A lease that changed hands less than a steal's wait ago may not be read yet by its new
+        // owner: stealing it would only restart that wait.
+        let settle = self.takeover_delay(true, true);
+        let settling: HashSet<String> = state
+            .owners
+            .iter()
+            .filter(|(_, (_, changed))| changed.is_some_and(|at| at.elapsed() < settle))
+            .map(|(k, _)| k.clone())
+            .collect();
         let expired: HashSet<String> = leases
             .iter()
             .filter(|l| l.owner.is_some())
@@ -248,7 +277,7 @@ impl LeaseManager {
                 l
             })
             .collect();
-        let takes = balance::choose(&view, &self.me, &expired, state.rounds);
+        let takes = balance::choose(&view, &self.me, &expired, &settling, state.rounds);
         // A worker with something to take looks again next round; one without, after a while.
         state.next_scan = if takes.is_empty() {
             Some(now + super::manager::scan_interval(self.failover) - self.renew_interval() / 2)
@@ -281,10 +310,11 @@ impl LeaseManager {
             match taken {
                 Ok(next) => {
                     tracing::info!(shard = %key, worker = %self.me, previous_owner = ?lease.owner, stolen, "Lease taken.");
-                    state.held.insert(key.clone(), Held { counter: next, since: Instant::now() });
-                    self.confirm(&key, Instant::now());
-                    state.observed.insert(key.clone(), (next, Instant::now()));
                     let delay = self.takeover_delay(stolen, lease.owner.is_some());
+                    let since = Instant::now();
+                    state.held.insert(key.clone(), Held { counter: next, since, ready: since + delay });
+                    self.confirm(&key, since);
+                    state.observed.insert(key.clone(), (next, since));
                     let _ = self.events.send(Assignment::Acquired {
                         shard: key,
                         position: lease.checkpoint.clone(),
@@ -308,14 +338,24 @@ impl LeaseManager {
         self.state.lock().await.held.keys().cloned().collect()
     }
 
-    /// Gives every held lease up (graceful shutdown), so other workers take them at once.
+    /// Gives every held lease up (graceful shutdown), so other workers take them at once. A
+    /// lease still waiting out its previous owner's requests (taken from a dead or robbed worker
+    /// moments ago, not read yet) is not given up: whoever took it next would read at once, while
+    /// those requests may still land. It expires instead.
     pub async fn release_all(&self) {
         let mut state = self.state.lock().await;
-        let held: Vec<(String, u64)> = state.held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
-        for (shard, counter) in held {
-            match self.table.release(&shard, counter, &self.me).await {
-                Ok(()) => tracing::info!(shard, worker = %self.me, "Lease released."),
-                Err(err) => tracing::warn!(shard, error = %err, "Releasing a lease failed; it will expire instead."),
+        let held: Vec<(String, u64, Instant)> =
+            state.held.iter().map(|(k, h)| (k.clone(), h.counter, h.ready)).collect();
+        for (shard, counter, ready) in held {
+            if ready > Instant::now() {
+                tracing::info!(shard, worker = %self.me, "Lease left to expire: its previous owner's requests may still land.");
+            } else {
+                match self.table.release(&shard, counter, &self.me).await {
+                    Ok(()) => tracing::info!(shard, worker = %self.me, "Lease released."),
+                    Err(err) => {
+                        tracing::warn!(shard, error = %err, "Releasing a lease failed; it will expire instead.")
+                    }
+                }
             }
             state.held.remove(&shard);
             self.unconfirm(&shard);

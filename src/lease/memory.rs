@@ -94,7 +94,7 @@ pub fn item_bytes(lease: &Lease) -> usize {
         + "leaseCounter".len()
         + number(lease.counter)
         + "checkpoint".len()
-        + lease.checkpoint.to_string().len()
+        + checkpoint_len(&lease.checkpoint)
         + "checkpointSubSequenceNumber".len()
         + 2
         + "ownerSwitchesSinceCheckpoint".len()
@@ -109,6 +109,15 @@ pub fn item_bytes(lease: &Lease) -> usize {
             "destinationCheckpoints".len()
                 + lease.destination_checkpoints.iter().map(|(k, v)| k.len() + v.as_str().len() + 3).sum::<usize>()
         }
+}
+
+/// How long the checkpoint is as text (without writing it out).
+fn checkpoint_len(position: &Position) -> usize {
+    match position {
+        Position::Sequence(seq) => seq.as_str().len(),
+        Position::At(seq) => seq.as_str().len() + 3,
+        _ => 12,
+    }
 }
 
 fn write_units(bytes: usize) -> f64 {

@@ -842,14 +842,67 @@ fn all_children_read(fleet: &Fleet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn paused(scenario: &Scenario) -> Report {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
         runtime.block_on(run(scenario))
     }
 
+    fn small(case: &str, shards: usize, workers: usize, event: Event, seed: u64) -> Scenario {
+        Scenario {
+            steady: Duration::from_secs(20),
+            patience: Duration::from_secs(900),
+            ..Scenario::new(case, shards, workers, event, seed)
+        }
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Start),
+            (1usize..3).prop_map(|added| Event::Add { added }),
+            (1usize..3).prop_map(|killed| Event::Kill { killed }),
+            (5u64..30).prop_map(|s| Event::RollingDeploy { pace: Duration::from_secs(s) }),
+            (1u32..4).prop_map(|failovers| Event::CutOff { failovers }),
+            (0.05f64..0.3).prop_map(|share| Event::Throttle { share }),
+            (1usize..8).prop_map(|split| Event::Reshard { split }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Small fleets, every kind of event, random seeds: the invariants hold at every step, and
+        /// the fleet balances again.
+        #[test]
+        fn small_fleets_keep_the_invariants(seed in any::<u64>(), shards in 4usize..40, workers in 3usize..8, event in event()) {
+            let report = paused(&small("property", shards, workers, event.clone(), seed));
+            prop_assert!(report.invariant_violations.is_empty(), "{event:?}: {:?}", report.invariant_violations);
+            prop_assert!(report.seconds_to_balance.is_some(), "{event:?}: never balanced");
+            prop_assert!(report.longest_failover_s <= report.failover_bound_s, "{event:?}");
+        }
+    }
+
     #[test]
-    fn a_small_fleet_starts_balanced_and_safe() {
+    fn a_seed_runs_the_same_every_time() {
+        let scenario = small("same", 30, 5, Event::Kill { killed: 2 }, 42);
+        let (a, b) = (paused(&scenario), paused(&scenario));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[test]
+    fn the_checks_catch_a_table_that_ignores_its_conditions() {
+        let scenario = Scenario { ignore_conditions: true, ..small("broken", 24, 6, Event::Kill { killed: 2 }, 3) };
+        let report = paused(&scenario);
+        assert!(
+            report.invariant_violations.iter().any(|v| v.contains("while") || v.contains("settle")),
+            "two workers read one shard at once: {:?}",
+            report.invariant_violations
+        );
+    }
+
+    #[test]
+    fn every_kind_of_event_balances_a_small_fleet_safely() {
         for (event, case) in [
             (Event::Start, "start"),
             (Event::Kill { killed: 2 }, "kill"),
@@ -859,10 +912,10 @@ mod tests {
             (Event::Reshard { split: 4 }, "reshard"),
             (Event::RollingDeploy { pace: Duration::from_secs(10) }, "deploy"),
         ] {
-            let report = paused(&Scenario::new(case, 24, 6, event, 7));
-            eprintln!("{report:?}");
+            let report = paused(&small(case, 24, 6, event, 7));
             assert!(report.invariant_violations.is_empty(), "{case}: {:?}", report.invariant_violations);
             assert!(report.seconds_to_balance.is_some(), "{case}");
+            assert!(report.takeovers > 0, "{case}");
         }
     }
 }
