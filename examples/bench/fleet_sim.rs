@@ -22,7 +22,7 @@ fn cases(smoke: bool) -> Vec<Scenario> {
         big("start-10000x100", Event::Start),
         big("add-20-to-80", Event::Add { added: 20 }),
         big("kill-10-of-100", Event::Kill { killed: 10 }),
-        big("rolling-deploy-100", Event::RollingDeploy { pace: Duration::from_secs(10) }),
+        big("rolling-deploy-100", Event::RollingDeploy { pace: Duration::from_secs(5) }),
         big("cut-off-3-failovers", Event::CutOff { failovers: 3 }),
         big("throttle-20pct", Event::Throttle { share: 0.2 }),
         big("reshard-1000", Event::Reshard { split: 1_000 }),
@@ -46,6 +46,14 @@ pub fn run(smoke: bool, only: Option<&str>) -> anyhow::Result<Vec<Map<String, Va
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the simulation panicked"))?;
+        eprintln!(
+            "fleet-sim {}: {:.0} s simulated in {:.1} s, balanced after {:?} s, {} violations",
+            report.case,
+            report.simulated_s,
+            started.elapsed().as_secs_f64(),
+            report.seconds_to_balance.map(|s| round(s, 1)),
+            report.invariant_violations.len()
+        );
         for violation in &report.invariant_violations {
             eprintln!("fleet-sim {}: INVARIANT VIOLATED: {violation}", report.case);
         }

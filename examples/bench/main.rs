@@ -1,12 +1,16 @@
 //! The benchmark: the real `kinesis-fanout` binary against the SDK's own floor, in one run.
 //!
 //! `cargo run --release --example bench -- [--scenario NAME] [--records N] [--record-size B]
-//! [--shards S] [--destinations D] [--smoke]`
+//! [--shards S] [--destinations D] [--smoke] [--case CASE]`
 //!
 //! Starts a Kinesis emulator in this process (ferrokinesis; shard limits off), runs the service
 //! binary as a child process with a generated config, and reads the child's CPU time and peak RSS
 //! from /proc. Prints a table and one JSON line per scenario. `--smoke` runs every scenario with
 //! tiny sizes (CI checks that it runs and prints valid JSON, not its speed).
+//!
+//! Two scenarios print one line per case: `fleet-sim` (the lease protocol of up to 100 workers
+//! and 10,000 shards, simulated on a paused clock; `--case` runs one) and `fleet` (worker
+//! processes sharing a lease table on dynoxide).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -27,11 +27,17 @@ pub fn active(leases: &[Lease]) -> Vec<&Lease> {
 /// Leases read to their end whose every child has started (checkpointed past its start): no
 /// worker needs them any more (the KCL's lease cleanup). A child's missing parent counts as done.
 pub fn finished(leases: &[Lease]) -> Vec<&str> {
+    let mut children: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
+    for lease in leases {
+        for parent in &lease.parents {
+            children.entry(parent.as_str()).or_default().push(lease);
+        }
+    }
     leases
         .iter()
         .filter(|l| l.checkpoint == Position::ShardEnd)
         .filter(|parent| {
-            let children: Vec<&Lease> = leases.iter().filter(|c| c.parents.contains(&parent.key)).collect();
+            let children = children.get(parent.key.as_str()).map(Vec::as_slice).unwrap_or_default();
             let named_ones_present = parent.children.iter().all(|k| children.iter().any(|c| &c.key == k));
             !children.is_empty()
                 && named_ones_present

@@ -259,25 +259,19 @@ impl LeaseManager {
             .filter(|(_, (_, changed))| changed.is_some_and(|at| at.elapsed() < settle))
             .map(|(k, _)| k.clone())
             .collect();
+        // Expired: the owner's counter has not moved for a failover time. Leases the table says
+        // are ours but this worker dropped (say, after losing the table for a while) are taken back
+        // like expired ones.
         let expired: HashSet<String> = leases
             .iter()
             .filter(|l| l.owner.is_some())
-            .filter(|l| state.observed.get(&l.key).is_some_and(|(_, since)| since.elapsed() > self.failover))
+            .filter(|l| {
+                state.observed.get(&l.key).is_some_and(|(_, since)| since.elapsed() > self.failover)
+                    || (l.owner.as_deref() == Some(self.me.as_str()) && !state.held.contains_key(&l.key))
+            })
             .map(|l| l.key.clone())
             .collect();
-        // Leases the table says are ours but this worker dropped (say, after losing the table for a
-        // while) are taken back like free ones.
-        let view: Vec<Lease> = leases
-            .iter()
-            .map(|l| {
-                let mut l = l.clone();
-                if l.owner.as_deref() == Some(self.me.as_str()) && !state.held.contains_key(&l.key) {
-                    l.owner = None;
-                }
-                l
-            })
-            .collect();
-        let takes = balance::choose(&view, &self.me, &expired, &settling, state.rounds);
+        let takes = balance::choose(&leases, &self.me, &expired, &settling, state.rounds);
         // A worker with something to take looks again next round; one without, after a while.
         state.next_scan = if takes.is_empty() {
             Some(now + super::manager::scan_interval(self.failover) - self.renew_interval() / 2)

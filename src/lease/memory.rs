@@ -46,7 +46,8 @@ pub struct Takeover {
 pub struct Faults {
     /// Every call takes this long.
     pub latency: Duration,
-    /// Share of calls refused with a throttling error (0.0 to 1.0).
+    /// Share of attempts refused with a throttling error (0.0 to 1.0); a call is retried as the
+    /// SDK does.
     pub throttle: f64,
     /// Clients whose calls time out after `timeout`.
     pub cut_off: BTreeSet<String>,
@@ -198,32 +199,48 @@ impl MemoryLink {
         LeaseError::DynamoDb { table: "memory".into(), operation, message: message.into(), transient: true }
     }
 
-    /// Waits the call's latency (or timeout), then decides whether it is throttled.
+    /// Waits the call's latency (or timeout), then decides whether it is throttled. A throttled
+    /// attempt is retried as the SDK's standard retry mode does (three attempts in all, with
+    /// backoff); the call fails only when every attempt was throttled.
     async fn call(&self, operation: &'static str, kind: Kind) -> Result<(), LeaseError> {
-        let (wait, outcome) = {
-            let mut inner = self.table.lock();
-            match kind {
-                Kind::Read => inner.usage.read_calls += 1,
-                Kind::Write => inner.usage.write_calls += 1,
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            // Decided under the lock, waited for outside it.
+            let (cut, throttled, wait) = {
+                let mut inner = self.table.lock();
+                if attempt == 1 {
+                    match kind {
+                        Kind::Read => inner.usage.read_calls += 1,
+                        Kind::Write => inner.usage.write_calls += 1,
+                    }
+                }
+                let share = inner.faults.throttle.clamp(0.0, 1.0);
+                if inner.faults.cut_off.contains(&self.client) {
+                    inner.usage.timed_out += 1;
+                    (true, false, inner.faults.timeout)
+                } else if share > 0.0 && inner.rng.random_bool(share) {
+                    inner.usage.throttled += 1;
+                    (false, true, inner.faults.latency)
+                } else {
+                    (false, false, inner.faults.latency)
+                }
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
-            if inner.faults.cut_off.contains(&self.client) {
-                inner.usage.timed_out += 1;
-                (inner.faults.timeout, Err(self.error(operation, "timed out: the table cannot be reached")))
-            } else if inner.faults.throttle > 0.0 && {
-                let share = inner.faults.throttle.min(1.0);
-                inner.rng.random_bool(share)
-            } {
-                inner.usage.throttled += 1;
-                let message = "ProvisionedThroughputExceededException: throttled (simulated)";
-                (inner.faults.latency, Err(self.error(operation, message)))
-            } else {
-                (inner.faults.latency, Ok(()))
+            if cut {
+                return Err(self.error(operation, "timed out: the table cannot be reached"));
             }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+            if !throttled {
+                return Ok(());
+            }
+            if attempt == ATTEMPTS {
+                return Err(self.error(operation, "ProvisionedThroughputExceededException: throttled (simulated)"));
+            }
+            // The SDK's backoff, doubling from 40 ms (without jitter: a seed's run stays the same).
+            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
         }
-        outcome
+        unreachable!("the last attempt returns")
     }
 
     pub(super) async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {

@@ -44,6 +44,8 @@ pub enum CheckpointError {
     WrongStream { path: PathBuf, found: String, expected: String },
     #[error("lease table {table}: {message}")]
     Lease { table: String, message: String },
+    #[error("the checkpoint store did not answer within {waited:?}")]
+    TimedOut { waited: std::time::Duration },
     #[error("cannot write checkpoint file {path}")]
     Write {
         path: PathBuf,

@@ -18,7 +18,7 @@ use super::{SourceError, list_shards};
 use crate::health::Health;
 use crate::lease::LeaseManager;
 use crate::position::Position;
-use crate::progress::{Checkpointer, Checkpoints, DestinationPositions, Snapshot};
+use crate::progress::{CheckpointError, Checkpointer, Checkpoints, DestinationPositions, Snapshot};
 use crate::record::SequenceNumber;
 
 /// Destination id → its own stored position in a shard.
@@ -177,6 +177,8 @@ impl Leases {
     }
 
     /// Creates leases for shards that have none (new children included); returns the shards.
+    /// The lease table's part is bounded by half a renewal period: meanwhile the coordinator hears
+    /// no lost lease, and a lost lease must stop its shard before the taker's wait is over.
     async fn sync(&self) -> Option<Vec<ShardInfo>> {
         let shards = match self.listing.shards.list(&self.listing.stream).await {
             Ok(shards) => shards,
@@ -185,8 +187,11 @@ impl Leases {
                 return None;
             }
         };
-        if let Err(err) = self.manager.sync(&shards, &self.listing.initial).await {
-            tracing::warn!(error = %err, "Creating leases failed; trying again later.");
+        let bound = self.manager.renew_interval() / 2;
+        match tokio::time::timeout(bound, self.manager.sync(&shards, &self.listing.initial)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "Creating leases failed; trying again later."),
+            Err(_) => tracing::warn!(waited = ?bound, "The lease table is slow; creating leases later."),
         }
         Some(shards)
     }
@@ -221,7 +226,12 @@ impl Assignments for Leases {
             Some(shards) => shards.into_iter().filter(|s| s.parents.iter().any(|p| p == shard)).map(|s| s.id).collect(),
             None => Vec::new(),
         };
-        match self.checkpointer.finish(shard, &children).await {
+        // Bounded as the sync is: the coordinator must hear lost leases in time.
+        let bound = self.manager.renew_interval() / 2;
+        let finished = tokio::time::timeout(bound, self.checkpointer.finish(shard, &children))
+            .await
+            .unwrap_or(Err(CheckpointError::TimedOut { waited: bound }));
+        match finished {
             Ok(()) => tracing::info!(shard = %shard, ?children, "Shard fully copied; its children may start."),
             Err(err) => {
                 tracing::warn!(shard = %shard, error = %err, "Could not record the end of the shard; whoever holds it next reads its tail again.")
