@@ -69,6 +69,8 @@ pub fn run(smoke: bool, only: Option<&str>) -> anyhow::Result<Vec<Map<String, Va
         line.insert("table_reads_per_s".into(), json!(round(report.table_reads_per_s, 1)));
         line.insert("table_writes_per_s".into(), json!(round(report.table_writes_per_s, 1)));
         line.insert("dollars_per_month".into(), json!(round(report.dollars_per_month, 2)));
+        line.insert("price_per_million_reads".into(), json!(simulation::PRICE_PER_MILLION_READS));
+        line.insert("price_per_million_writes".into(), json!(simulation::PRICE_PER_MILLION_WRITES));
         line.insert("longest_unread_s".into(), json!(round(report.longest_unread_s, 1)));
         line.insert("longest_failover_s".into(), json!(round(report.longest_failover_s, 1)));
         line.insert("failover_bound_s".into(), json!(round(report.failover_bound_s, 1)));

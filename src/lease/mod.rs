@@ -8,6 +8,8 @@
 //! - [`manager`]: the renew/take loop and graceful release.
 //! - [`checkpoint`]: checkpoints through the lease, conditional on its counter.
 //! - [`lifecycle`]: leases created for new shards and deleted for finished ones.
+//! - [`memory`]: the same table in memory, with DynamoDB's semantics and billing, and
+//!   [`simulation`]: a whole fleet of workers running this code against it on a paused clock.
 
 pub mod balance;
 pub mod checkpoint;

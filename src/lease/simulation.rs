@@ -336,7 +336,7 @@ fn millis(position: &Position, now_ms: u64) -> Option<u64> {
 struct Worker {
     id: String,
     sigterm: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
     /// Started, not killed nor stopped.
     live: bool,
 }
@@ -375,7 +375,7 @@ impl Fleet {
             checkpoint_interval: self.scenario.checkpoint_interval,
         };
         let task = tokio::spawn(reader.run(events, sigterm.clone(), lease_stop));
-        self.workers.push(Worker { id, sigterm, tasks: vec![task], live: true });
+        self.workers.push(Worker { id, sigterm, task, live: true });
     }
 
     /// SIGKILL: the worker's requests in flight land until the settle time passes.
@@ -383,9 +383,7 @@ impl Fleet {
         let now = Instant::now();
         let w = &mut self.workers[index];
         w.live = false;
-        for task in &w.tasks {
-            task.abort();
-        }
+        w.task.abort();
         let settle = super::settle_time(self.scenario.failover);
         let mut world = lock(&self.world);
         for shard in world.read_by(&w.id) {
@@ -782,9 +780,7 @@ pub async fn run(scenario: &Scenario) -> Report {
     let writes = (after.write_units - before.write_units) / window;
     let end = Instant::now();
     for w in &fleet.workers {
-        for task in &w.tasks {
-            task.abort();
-        }
+        w.task.abort();
     }
     let takeovers = table.takeovers();
     let steals = takeovers.iter().filter(|t| t.from.as_deref().is_some_and(|from| fleet.alive_at(from, t.at))).count();
