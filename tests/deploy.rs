@@ -38,17 +38,13 @@ fn malloc_tunables_agree_everywhere_the_binary_runs() {
         [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072")];
     let dockerfile = read("Dockerfile");
     let task = read("deploy/cloudformation/kinesis-fanout.yaml");
+    // Every benchmark scenario starts the binary through `run_binary` there.
     let bench = read("examples/bench/main.rs");
-    let fleet = read("examples/bench/fleet.rs");
     let crash = read("tests/service/crash.rs");
     for (name, value) in tunables {
         assert!(dockerfile.contains(&format!("{name}={value}")), "Dockerfile lacks {name}={value}");
         assert!(task.contains(&format!("- Name: {name}\n              Value: \"{value}\"")), "ECS task lacks {name}");
-        for (file, text) in [
-            ("examples/bench/main.rs", &bench),
-            ("examples/bench/fleet.rs", &fleet),
-            ("tests/service/crash.rs", &crash),
-        ] {
+        for (file, text) in [("examples/bench/main.rs", &bench), ("tests/service/crash.rs", &crash)] {
             assert!(text.contains(&format!(".env(\"{name}\", \"{value}\")")), "{file} lacks {name}={value}");
         }
     }

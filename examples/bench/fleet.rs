@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use kinesis_fanout::lease::{Lease, LeaseTable, Position, balance};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{Report, create, free_port, produce, round2, sdk};
+use super::{Report, create, free_port, produce, round2, run_binary, sdk};
 
 /// DynamoDB calls the workers made, by kind.
 #[derive(Default)]
@@ -179,20 +179,7 @@ level = "warn"
             dynamo = self.backends.dynamo,
             failover = self.failover,
         );
-        let path = self.dir.join(format!("{id}.toml"));
-        std::fs::write(&path, config)?;
-        let child = Command::new(self.bin)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("AWS_ACCESS_KEY_ID", "bench")
-            .env("AWS_SECRET_ACCESS_KEY", "bench")
-            .env("AWS_REGION", "us-east-1")
-            .env("MALLOC_ARENA_MAX", "2")
-            .env("MALLOC_MMAP_THRESHOLD_", "131072")
-            .env("MALLOC_TRIM_THRESHOLD_", "131072")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(format!("{id}.log")))?)
-            .spawn()?;
+        let child = run_binary(self.bin, self.dir, &id, &config)?;
         self.live.push(Process { id, child });
         Ok(())
     }
@@ -270,21 +257,9 @@ impl Watch {
     }
 }
 
+/// Balanced, once the table has leases at all.
 fn balanced(leases: &[Lease], live: &BTreeSet<String>) -> bool {
-    let mut load: BTreeMap<&str, usize> = live.iter().map(|w| (w.as_str(), 0)).collect();
-    let active = balance::active(leases);
-    if active.is_empty() {
-        return false;
-    }
-    for lease in active {
-        match lease.owner.as_deref().and_then(|o| load.get_mut(o)) {
-            Some(n) => *n += 1,
-            None => return false,
-        }
-    }
-    let min = load.values().min().copied().unwrap_or(0);
-    let max = load.values().max().copied().unwrap_or(0);
-    max - min <= 1
+    !balance::active(leases).is_empty() && balance::balanced(leases, live)
 }
 
 /// Samples the table once a second until the fleet is balanced and then `hold` more.
@@ -420,9 +395,7 @@ pub async fn run(smoke: bool, bin: &Path) -> anyhow::Result<Vec<Report>> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         watch.observe(&table.scan().await.unwrap_or_default());
     }
-    let restarted = Instant::now();
     let s = until_balanced(&table, &fleet, &mut watch, hold, limit).await?;
-    let _ = restarted;
     phase(format!("rolling-restart-{workers}"), s, began, r0, w0, &mut watch);
 
     // Stop the load, let the fleet copy the rest, stop it, and count.

@@ -227,22 +227,27 @@ level = "warn"
 "#,
         checkpoint = dir.join("checkpoints.json").display()
     );
-    let path = dir.join("bench.toml");
+    let child = run_binary(bin, dir, "bench", &config)?;
+    Ok(Service { child, metrics: format!("http://127.0.0.1:{port}/metrics") })
+}
+
+/// Starts `kinesis-fanout run` with `config` (written to `<name>.toml` in `dir`, its log to
+/// `<name>.log`), as the Dockerfile and the ECS task run it.
+fn run_binary(bin: &Path, dir: &Path, name: &str, config: &str) -> anyhow::Result<Child> {
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config)?;
-    let child = Command::new(bin)
+    Ok(Command::new(bin)
         .args(["run", "--config"])
         .arg(&path)
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench")
         .env("AWS_REGION", "us-east-1")
-        // As the Dockerfile and the ECS task run it.
         .env("MALLOC_ARENA_MAX", "2")
         .env("MALLOC_MMAP_THRESHOLD_", "131072")
         .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("service.log"))?)
-        .spawn()?;
-    Ok(Service { child, metrics: format!("http://127.0.0.1:{port}/metrics") })
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .spawn()?)
 }
 
 /// (CPU seconds, peak RSS MiB) of a running process, from /proc.

@@ -1,7 +1,7 @@
 //! Choosing leases to take: unowned and expired ones first, then at most one stolen per round
 //! from the most loaded worker, until every worker holds about `leases / workers`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::table::{Lease, Position};
 
@@ -47,6 +47,21 @@ pub fn finished(leases: &[Lease]) -> Vec<&str> {
         .collect()
 }
 
+/// Whether `workers` hold every active lease, none more than one lease above another: what the
+/// fleet simulation and the fleet benchmark call balanced.
+pub fn balanced(leases: &[Lease], workers: &BTreeSet<String>) -> bool {
+    let mut load: BTreeMap<&str, usize> = workers.iter().map(|w| (w.as_str(), 0)).collect();
+    for lease in active(leases) {
+        match lease.owner.as_deref().and_then(|o| load.get_mut(o)) {
+            Some(n) => *n += 1,
+            None => return false,
+        }
+    }
+    let min = load.values().min().copied().unwrap_or(0);
+    let max = load.values().max().copied().unwrap_or(0);
+    max - min <= 1
+}
+
 /// The owner of a lease unless it expired.
 fn live_owner<'a>(lease: &'a Lease, expired: &HashSet<String>) -> Option<&'a str> {
     lease.owner.as_deref().filter(|_| !expired.contains(&lease.key))
@@ -73,7 +88,7 @@ pub(super) fn order(me: &str, salt: u64, key: &str) -> u64 {
 /// most loaded workers, a quarter of its share at most per round, and only from a worker holding
 /// at least two more than this one (so that no two workers pass a lease back and forth). Leases in
 /// `settling` changed owner moments ago (their new owner may not even read them yet): they are
-/// not stolen.
+/// not stolen, and a worker's load here counts only the leases that could be stolen from it.
 pub fn choose(
     leases: &[Lease],
     me: &str,
@@ -120,15 +135,13 @@ pub fn choose(
     }
     let mut stolen = Vec::new();
     while mine < target && stolen.len() < budget {
-        let Some((victim, keys)) =
-            victims.iter_mut().max_by_key(|(owner, keys)| (keys.len(), std::cmp::Reverse(**owner)))
+        let Some((_, keys)) = victims.iter_mut().max_by_key(|(owner, keys)| (keys.len(), std::cmp::Reverse(**owner)))
         else {
             break;
         };
         if keys.len() <= mine + 1 {
             break;
         }
-        let _ = victim;
         let Some(key) = keys.pop() else { break };
         stolen.push(Take::Steal(key.to_string()));
         mine += 1;

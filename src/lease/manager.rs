@@ -1,7 +1,8 @@
-//! The lease loop of one worker: every `failover_time / 3` it renews what it holds, reads the
-//! table, notes whose counters stopped moving (as seen by this worker: no clock is compared across
-//! machines), and takes free, expired or (one per round) stolen leases. Shards come and go as
-//! [`Assignment`]s; checkpoints are written through the lease, conditional on its counter.
+//! The lease loop of one worker: every `failover_time / 3` it renews what it holds; every other
+//! round (every round while it has something to take) it reads the table, notes whose counters
+//! stopped moving (as seen by this worker: no clock is compared across machines), and takes free,
+//! expired or stolen leases (see [`balance::choose`]). Shards come and go as [`Assignment`]s;
+//! checkpoints are written through the lease, conditional on its counter.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -273,11 +274,8 @@ impl LeaseManager {
             .collect();
         let takes = balance::choose(&leases, &self.me, &expired, &settling, state.rounds);
         // A worker with something to take looks again next round; one without, after a while.
-        state.next_scan = if takes.is_empty() {
-            Some(now + super::manager::scan_interval(self.failover) - self.renew_interval() / 2)
-        } else {
-            None
-        };
+        state.next_scan =
+            if takes.is_empty() { Some(now + scan_interval(self.failover) - self.renew_interval() / 2) } else { None };
         let wanted: Vec<(Lease, bool)> = {
             let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
             takes

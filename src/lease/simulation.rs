@@ -428,17 +428,7 @@ impl Fleet {
 
     /// Every active lease held by a live worker, and no worker more than one lease above another.
     fn balanced(&self) -> bool {
-        let owners = self.owners();
-        let leases = self.table.leases();
-        let mut load: BTreeMap<&str, usize> = owners.iter().map(|o| (o.as_str(), 0)).collect();
-        for lease in balance::active(&leases) {
-            match lease.owner.as_deref().and_then(|o| load.get_mut(o)) {
-                Some(n) => *n += 1,
-                None => return false,
-            }
-        }
-        let (min, max) = (load.values().min().copied().unwrap_or(0), load.values().max().copied().unwrap_or(0));
-        max - min <= 1
+        balance::balanced(&self.table.leases(), &self.owners())
     }
 
     /// Samples once a second until balanced (returns how long it took) or out of patience.
