@@ -253,3 +253,46 @@ fn starting_point(position: &Position, initial: &Position) -> Option<Position> {
         other => Some(other.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseTable;
+    use crate::lease::memory::{Faults, MemoryTable};
+    use crate::metrics::Metrics;
+
+    /// A worker whose lease table stops answering must still hear about lost leases in time: the
+    /// end of a shard (a shard sync and the end-of-shard checkpoint, both on the table) gives up
+    /// after half a renewal period each instead of waiting out the table client's timeout.
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_a_shard_waits_on_an_unreachable_table_half_a_renewal_period_at_most() {
+        let failover = Duration::from_secs(3);
+        let faults = Faults { timeout: Duration::from_secs(5), ..Faults::default() };
+        let table = MemoryTable::new(1, faults.clone());
+        let (manager, events, _share) =
+            LeaseManager::new(LeaseTable::in_memory(Arc::clone(&table), "me"), "me".into(), failover);
+        let parent = ShardInfo { id: "shard-0".into(), parents: vec![], closed: true, hash_range: None };
+        let child =
+            ShardInfo { id: "shard-1".into(), parents: vec!["shard-0".into()], closed: false, hash_range: None };
+        let shards = vec![parent, child];
+        manager.sync(&shards[..1], &Position::TrimHorizon).await.unwrap();
+        manager.round().await;
+        assert_eq!(manager.held().await, vec!["shard-0".to_string()]);
+
+        let listed = shards.clone();
+        let listing = Listing {
+            shards: ShardList::Simulated(Arc::new(move || listed.clone())),
+            stream: "source".into(),
+            initial: Position::TrimHorizon,
+        };
+        let store = Arc::clone(&manager) as Arc<dyn crate::progress::CheckpointStore>;
+        let checkpointer = Checkpointer::new(store, Arc::new(Metrics::new()));
+        let mut leases = Leases::new(listing, Arc::clone(&manager), events, checkpointer, &Health::default());
+        table.set_faults(Faults { cut_off: ["me".to_string()].into(), ..faults });
+
+        let started = Instant::now();
+        leases.finished("shard-0").await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited <= manager.renew_interval(), "the end of a shard held the coordinator for {waited:?}");
+    }
+}
