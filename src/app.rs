@@ -202,19 +202,30 @@ impl Pipeline {
             buffers_bytes = memory.limit(),
             "Memory budget for everything buffered."
         );
+        let catch_ups: Arc<dyn crate::fanout::CatchUpStarter> = Arc::new(CatchUps {
+            client: clients.control.clone(),
+            stream: settings.source.stream_name.clone(),
+            progress: Arc::clone(&progress),
+            metrics: Arc::clone(&metrics),
+            stop: reading.clone(),
+            memory: memory.clone(),
+        });
+        // When readers wait for memory, the destination the others left behind lets go of it.
+        let relief = crate::fanout::Relief::new(
+            destinations.clone(),
+            Arc::clone(&progress),
+            Arc::clone(&catch_ups),
+            Arc::clone(&metrics),
+        );
+        memory.on_short(Arc::new(move |used| {
+            relief.relieve(used);
+        }));
         let source = Source {
             stream,
             consumer_arn,
             clients: clients.clone(),
             fanout: Fanout::new(destinations, Arc::clone(&progress))
-                .with_catch_up(Arc::new(CatchUps {
-                    client: clients.control.clone(),
-                    stream: settings.source.stream_name.clone(),
-                    progress: Arc::clone(&progress),
-                    metrics: Arc::clone(&metrics),
-                    stop: reading.clone(),
-                    memory: memory.clone(),
-                }))
+                .with_catch_up(catch_ups)
                 .with_memory(memory.clone()),
             progress: Arc::clone(&progress),
             metrics: Arc::clone(&metrics),

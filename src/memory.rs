@@ -9,7 +9,8 @@
 //!
 //! `max_in_flight_bytes` stays a per-destination cap inside the budget.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -37,11 +38,27 @@ fn cgroup_limit(text: &str) -> Option<u64> {
     (limit < 1 << 60).then_some(limit)
 }
 
+/// A reservation that cannot be met at once asks for relief after this long, and again as often
+/// while it waits.
+const SHORT_AFTER: Duration = Duration::from_millis(200);
+/// Catch-ups take memory only while this share of the budget stays free for the live feed.
+const LIVE_RESERVE_DIVISOR: u64 = 4;
+
+/// What the budget calls, with the bytes in use, when readers wait for it (see `fanout::relief`).
+pub type OnShort = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// The process's budget of buffered bytes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MemoryBudget {
     permits: Arc<Semaphore>,
     limit: u64,
+    on_short: Arc<OnceLock<OnShort>>,
+}
+
+impl std::fmt::Debug for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBudget").field("limit", &self.limit).field("used", &self.used()).finish()
+    }
 }
 
 impl MemoryBudget {
@@ -53,7 +70,12 @@ impl MemoryBudget {
     /// A budget of `limit` bytes of buffers.
     pub fn new(limit: u64) -> Self {
         let permits = usize::try_from(limit).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-        MemoryBudget { permits: Arc::new(Semaphore::new(permits)), limit: permits as u64 }
+        MemoryBudget { permits: Arc::new(Semaphore::new(permits)), limit: permits as u64, on_short: Arc::default() }
+    }
+
+    /// Calls `on_short` while a reservation waits (set once, when the service is wired).
+    pub fn on_short(&self, on_short: OnShort) {
+        let _ = self.on_short.set(on_short);
     }
 
     pub fn limit(&self) -> u64 {
@@ -65,10 +87,45 @@ impl MemoryBudget {
         self.limit.saturating_sub(self.permits.available_permits() as u64)
     }
 
+    fn permits_for(&self, bytes: usize) -> u32 {
+        (bytes as u64).clamp(1, self.limit.min(u64::from(u32::MAX))) as u32
+    }
+
     /// Waits until `bytes` are free (the whole budget at most, so that one huge event passes).
+    /// While it waits, it asks for relief now and then: the budget ran short.
     pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let wanted = (bytes as u64).clamp(1, self.limit.min(u64::from(u32::MAX))) as u32;
-        Arc::clone(&self.permits).acquire_many_owned(wanted).await.expect("the budget is never closed")
+        let wanted = self.permits_for(bytes);
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
+            return permit;
+        }
+        let acquire = Arc::clone(&self.permits).acquire_many_owned(wanted);
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => return permit.expect("the budget is never closed"),
+                _ = tokio::time::sleep(SHORT_AFTER) => {
+                    if let Some(on_short) = self.on_short.get() {
+                        on_short(self.used());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `bytes` can be taken while a quarter of the budget stays free for the live feed:
+    /// catch-ups read only then, so they never hold the live feed back.
+    pub fn has_spare(&self, bytes: usize) -> bool {
+        let free = self.permits.available_permits() as u64;
+        free >= u64::from(self.permits_for(bytes)) + self.limit / LIVE_RESERVE_DIVISOR
+    }
+
+    /// What is free now of `bytes`, never waiting (possibly nothing): for records already read
+    /// (a catch-up's page read when there was spare).
+    pub fn reserve_now(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let free = u32::try_from(self.permits.available_permits()).unwrap_or(u32::MAX);
+        Arc::clone(&self.permits)
+            .try_acquire_many_owned(self.permits_for(bytes).min(free))
+            .expect("the budget is never closed, and no more than is free is asked")
     }
 }
 
@@ -95,6 +152,34 @@ mod tests {
         assert_eq!(MemoryBudget::for_process(96 << 20).limit(), 52 << 20);
         assert_eq!(MemoryBudget::for_process(512 << 20).limit(), 416 << 20);
         assert_eq!(MemoryBudget::for_process(4 << 20).limit(), 2 << 20, "a small limit keeps half for buffers");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_that_waits_asks_for_relief_and_catch_ups_leave_a_quarter_free() {
+        let budget = MemoryBudget::new(1_000);
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        budget.on_short({
+            let asked = Arc::clone(&asked);
+            Arc::new(move |used| {
+                assert!(used >= 700, "what is in use is passed on");
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        });
+        let held = budget.reserve(700).await;
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0, "met at once: no relief asked");
+        assert!(budget.has_spare(50), "700 used: 50 leaves a quarter free");
+        assert!(!budget.has_spare(100), "100 would eat into the live feed's quarter");
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(600).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 5, "asked every 200 ms while it waits");
+        drop(held);
+        let got = waiting.await.unwrap();
+        assert_eq!(got.num_permits(), 600);
+        let now = budget.reserve_now(600);
+        assert_eq!(now.num_permits(), 400, "what is free, never more");
     }
 
     #[tokio::test]

@@ -18,10 +18,13 @@ pub enum Outcome {
     DestinationDeleted,
     /// Not sent because this worker lost the source shard's lease: the new owner sends it.
     LeaseLost,
+    /// Dropped from the queue because the destination was shed under memory pressure: its
+    /// catch-up reads it again.
+    Shed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Ok,
         Outcome::Retried,
         Outcome::Throttled,
@@ -29,6 +32,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::DestinationDeleted,
         Outcome::LeaseLost,
+        Outcome::Shed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::DestinationDeleted => "destination_deleted",
             Outcome::LeaseLost => "lease_lost",
+            Outcome::Shed => "shed",
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub destination_lag_seconds: GaugeVec,
     pub catch_up_records: IntCounterVec,
     pub records_expired: IntCounterVec,
+    pub destination_shed: IntCounterVec,
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
@@ -229,6 +230,11 @@ impl Metrics {
             records_expired: counter(
                 "destination_records_expired_total",
                 "Records that left the source's retention before a detached destination's catch-up could read them (counted when it rejoins the live feed; logged as an error).",
+                &["destination"],
+            ),
+            destination_shed: counter(
+                "destination_shed_total",
+                "Times a destination was shed because the memory budget ran short: it let go of everything it held (what the others were done with) and catches up from its own position.",
                 &["destination"],
             ),
             credential_refresh_errors: counter(

@@ -32,15 +32,45 @@ pub(super) struct Hold {
     backfill: bool,
     /// Records the live feed registered without it since it was detached, and records its
     /// catch-up handed on: what is missing when it joins expired before it could be read.
-    missed: u64,
+    pub(super) missed: u64,
     handed: u64,
+    /// The destination was shed while its catch-up ran: the catch-up reads again from the seam
+    /// (its lane was revoked and replaced).
+    pub(super) restart: bool,
 }
 
 impl Hold {
     /// A hold of `shard`'s reading with a fresh lane for its catch-up's chunks.
-    fn new(shard: &ShardProgress, seam: Option<SequenceNumber>, backfill: bool) -> Self {
+    pub(super) fn new(shard: &ShardProgress, seam: Option<SequenceNumber>, backfill: bool) -> Self {
         let lane = Arc::new(ShardProgress::new(Arc::clone(&shard.shard_id), Arc::clone(&shard.revocations)));
-        Hold { seam, lane, caught_up: false, backfill, missed: 0, handed: 0 }
+        Hold { seam, lane, caught_up: false, backfill, missed: 0, handed: 0, restart: false }
+    }
+
+    /// Records its catch-up handed on that the destination has not accepted yet.
+    pub(super) fn unaccepted(&self) -> u64 {
+        self.lane.state().outstanding.iter().filter(|o| !o.done).map(|o| o.records as u64).sum()
+    }
+
+    /// Bytes of the memory budget its catch-up's chunks hold.
+    pub(super) fn held(&self) -> usize {
+        self.lane.state().outstanding.iter().filter(|o| !o.done).map(|o| o.cost).sum()
+    }
+
+    /// Gives up its lane: the destination drops the lane's chunks, and nothing waits for them.
+    pub(super) fn revoke(&self) {
+        self.lane.revoked.store(true, Ordering::Release);
+    }
+
+    pub(super) fn backfill(&self) -> bool {
+        self.backfill
+    }
+
+    pub(super) fn caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    pub(super) fn pending(&self) -> u64 {
+        self.missed.saturating_sub(self.handed)
     }
 
     /// Below this, the destination has every record.
@@ -69,10 +99,65 @@ pub enum Route {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<SourceRecord>,
-    /// It read everything the shard holds now.
-    pub at_tip: bool,
+    /// It read to the end of a closed shard: no record follows these. (An empty page at the tip
+    /// of an open shard proves nothing: GetRecords may see a record later than Enhanced Fan-Out
+    /// delivered it.)
+    pub shard_end: bool,
     /// The batch's share of the process's memory budget.
     pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What a catch-up owes before its destination may join the live feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owed {
+    /// Every record up to and including this one.
+    Through(SequenceNumber),
+    /// Every record before this one (a reading anchored here has registered nothing yet).
+    Before(SequenceNumber),
+    /// Nothing: the live feed registered nothing without the destination.
+    Nothing,
+    /// Not known yet (a reading from LATEST or a timestamp before its first event): hand on
+    /// nothing and wait.
+    Unknown,
+}
+
+impl Owed {
+    /// What `hold`'s catch-up owes in `state`: up to the live feed's last registered record; while
+    /// the live feed registered nothing, a detached destination owes nothing and a backfill owes
+    /// what lies before the reading's own start (it is the only reader of that range).
+    fn of(state: &ShardState, backfill: bool) -> Owed {
+        if let Some(live) = &state.last_registered {
+            return Owed::Through(live.clone());
+        }
+        if !backfill {
+            return Owed::Nothing;
+        }
+        match (&state.anchor, &state.start) {
+            (Some(at), _) | (None, Some(Position::At(at))) => Owed::Before(at.clone()),
+            (None, Some(Position::Sequence(after))) => Owed::Through(after.clone()),
+            (None, Some(Position::TrimHorizon)) => Owed::Nothing,
+            _ => Owed::Unknown,
+        }
+    }
+
+    fn covers(&self, seq: &SequenceNumber) -> bool {
+        match self {
+            Owed::Through(last) => seq <= last,
+            Owed::Before(first) => seq < first,
+            Owed::Nothing | Owed::Unknown => false,
+        }
+    }
+
+    /// Whether everything owed was handed on: the catch-up handed on the last owed record, or
+    /// read a record past what is owed (records come in order, so none owed can follow).
+    fn reached(&self, handed: Option<&SequenceNumber>, read: Option<&SequenceNumber>) -> bool {
+        match self {
+            Owed::Through(last) => handed.is_some_and(|h| h >= last) || read.is_some_and(|r| r > last),
+            Owed::Before(first) => read.is_some_and(|r| r >= first),
+            Owed::Nothing => true,
+            Owed::Unknown => false,
+        }
+    }
 }
 
 /// What a catch-up learns after handing on a batch.
@@ -86,6 +171,9 @@ pub enum CatchUp {
     Joined { expired: u64 },
     /// The destination is no longer detached here (removed, or the reading revoked).
     Gone,
+    /// The destination was shed: what the catch-up handed on was dropped; it reads again from
+    /// here.
+    Restart(Position),
 }
 
 /// The lowest position every destination has reached, `None` while some destination has
@@ -97,6 +185,15 @@ pub(super) fn floor(state: &ShardState) -> Option<SequenceNumber> {
         floor = floor.min(hold.floor()?);
     }
     Some(floor)
+}
+
+/// Where a catch-up whose destination has every record up to `seam` starts reading.
+pub(super) fn resume_from(state: &ShardState, seam: Option<&SequenceNumber>) -> Position {
+    match (seam, &state.anchor) {
+        (Some(seq), _) => Position::Sequence(seq.clone()),
+        (None, Some(at)) => Position::At(at.clone()),
+        (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
+    }
 }
 
 /// No catch-up of the shard has anything outstanding; with `joined`, every one has also reached
@@ -132,11 +229,7 @@ impl ShardProgress {
             return None;
         }
         let seam = state.last_registered.clone();
-        let start = match (&seam, &state.anchor) {
-            (Some(seq), _) => Position::Sequence(seq.clone()),
-            (None, Some(at)) => Position::At(at.clone()),
-            (None, None) => state.start.clone().unwrap_or(Position::TrimHorizon),
-        };
+        let start = resume_from(&state, seam.as_ref());
         state.detached.insert(Arc::clone(destination), Hold::new(self, seam, false));
         Some(start)
     }
@@ -224,6 +317,8 @@ impl ShardProgress {
     ) -> (Arc<Chunk>, Vec<Arc<str>>) {
         let mut state = self.state();
         state.settling.retain(|(_, h)| !h.settled());
+        // Shed since the live feed routed the chunk: its catch-up brings it (its writer drops it).
+        owed.retain(|d| state.detached.get(d).is_none_or(|h| h.caught_up));
         let joined: Vec<Arc<str>> =
             state.detached.iter().filter(|(_, h)| h.caught_up).map(|(name, _)| Arc::clone(name)).collect();
         for name in &joined {
@@ -239,7 +334,7 @@ impl ShardProgress {
     /// A catch-up of `destination` read `records` (after its last one, in order). Hands on, as
     /// chunk `id` of its lane through `send`, those the live feed has registered already; the
     /// rest the live feed brings. `room`: the destination's buffer has room to join the live feed.
-    /// `at_tip`: the catch-up read everything the shard holds.
+    /// It joins only once it has handed on everything owed (see [`Owed`]).
     pub fn catch_up(
         &self,
         destination: &str,
@@ -248,15 +343,23 @@ impl ShardProgress {
         room: bool,
         send: impl FnOnce(Arc<Chunk>),
     ) -> CatchUp {
-        let Batch { records, at_tip, memory } = batch;
+        let Batch { records, shard_end, memory } = batch;
         let mut state = self.state();
         if self.revoked() {
             return CatchUp::Gone;
         }
-        let live = state.last_registered.clone();
-        let Some(hold) = state.detached.get_mut(destination) else { return CatchUp::Gone };
-        let owed: Vec<SourceRecord> =
-            records.into_iter().filter(|r| live.as_ref().is_some_and(|l| r.sequence_number <= *l)).collect();
+        let Some(backfill) = state.detached.get(destination).map(|h| h.backfill) else { return CatchUp::Gone };
+        let due = Owed::of(&state, backfill);
+        let restart = state.detached.get(destination).filter(|h| h.restart).map(|h| h.seam.clone());
+        if let Some(seam) = restart {
+            // Shed meanwhile: this batch was read from a position the destination gave up.
+            let from = resume_from(&state, seam.as_ref());
+            state.detached.get_mut(destination).expect("looked up above").restart = false;
+            return CatchUp::Restart(from);
+        }
+        let hold = state.detached.get_mut(destination).expect("looked up above");
+        let read = records.last().map(|r| r.sequence_number.clone());
+        let owed: Vec<SourceRecord> = records.into_iter().filter(|r| due.covers(&r.sequence_number)).collect();
         let last = owed.last().map(|r| r.sequence_number.clone());
         if !owed.is_empty() {
             hold.handed += owed.len() as u64;
@@ -266,12 +369,9 @@ impl ShardProgress {
             send(chunk);
         }
         let reached = last.clone().or_else(|| hold.lane.state().last_registered.clone()).or_else(|| hold.seam.clone());
-        // The catch-up handed on up to the live feed, or read everything there is; for a detached
-        // destination, also when nothing was registered live since the seam.
-        let mut caught_up = at_tip || (reached.is_some() && reached >= live);
-        if !hold.backfill {
-            caught_up |= live.is_none() || live == hold.seam;
-        }
+        // Joined only on proof that nothing owed is left: the last owed record handed on, a record
+        // past it read, or the end of a closed shard. An empty page proves nothing.
+        let caught_up = shard_end || due.reached(reached.as_ref(), read.as_ref());
         if caught_up && room {
             hold.caught_up = true;
             let expired = if hold.backfill { 0 } else { hold.missed.saturating_sub(hold.handed) };
@@ -288,7 +388,7 @@ mod tests {
     use crate::progress::tests::records;
 
     fn batch(records: Vec<SourceRecord>) -> Batch {
-        Batch { records, at_tip: false, memory: None }
+        Batch { records, shard_end: false, memory: None }
     }
 
     fn seq(n: u64) -> Option<SequenceNumber> {
@@ -373,5 +473,76 @@ mod tests {
         let outcome = shard.catch_up("slow", batch(records(&[4, 5])), progress.next_id(), true, |c| sent.push(c));
         assert_eq!(outcome, CatchUp::Joined { expired: 2 });
         assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_page_at_the_tip_is_no_proof_that_the_catch_up_has_everything() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        let (fast, slow): (Arc<str>, Arc<str>) = ("fast".into(), "slow".into());
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1, 2]), vec![fast.clone(), slow.clone()], None);
+        first.acknowledge("fast");
+        first.acknowledge("slow");
+        assert!(shard.detach(&slow).is_some());
+        // Records 3-4 arrive and are registered live without it, just after its GetRecords call
+        // came back empty at the tip (or GetRecords sees them later than Enhanced Fan-Out did).
+        let (live, _) = shard.begin_live(progress.next_id(), records(&[3, 4]), vec![fast.clone()], None);
+        live.acknowledge("fast");
+        let empty = Batch { records: Vec::new(), shard_end: false, memory: None };
+        let outcome = shard.catch_up("slow", empty, progress.next_id(), true, |_| {});
+        assert_eq!(outcome, CatchUp::Behind(seq(2)), "3-4 are in neither the catch-up nor the live chunks");
+        assert!(shard.is_detached("slow"));
+        assert_eq!(shard.acknowledged(), seq(2), "the checkpoint stays below what it lacks");
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("slow", batch(records(&[3, 4])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 });
+        assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
+    fn a_backfill_on_a_reading_that_registered_nothing_moves_on_to_the_reading_start() {
+        // Restarted at the shard checkpoint 10 on an idle shard; one destination's own position
+        // is 5 (its backfill was cut short by the stop).
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        shard.set_start(Position::Sequence(SequenceNumber::parse("10").unwrap()));
+        shard.set_skips(&std::collections::BTreeMap::from([
+            ("new".to_string(), SequenceNumber::parse("5").unwrap()),
+            ("old".to_string(), SequenceNumber::parse("10").unwrap()),
+        ]));
+        let new: Arc<str> = "new".into();
+        let from = shard.introduce(&new, &Position::TrimHorizon, false);
+        assert_eq!(from, Some(Position::Sequence(SequenceNumber::parse("5").unwrap())));
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("new", batch(records(&[6, 7])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Behind(seq(7)), "it is the only reader of 6-10: it hands them on");
+        let outcome = shard.catch_up("new", batch(records(&[8, 10, 11])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 });
+        let handed: Vec<&str> =
+            sent.iter().flat_map(|c| c.records.iter().map(|r| r.sequence_number.as_str())).collect();
+        assert_eq!(handed, ["6", "7", "8", "10"], "nothing past the reading's start: the live feed brings 11");
+    }
+
+    #[test]
+    fn a_backfill_of_a_closed_shard_joins_at_the_shard_end() {
+        // A reading anchored at 20 (from LATEST) on a shard closed since; the backfill owes what
+        // lies before 20, and the shard holds nothing more.
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        shard.set_start(Position::Latest);
+        shard.anchor(SequenceNumber::parse("20").unwrap());
+        shard.set_skips(&std::collections::BTreeMap::from([("old".to_string(), SequenceNumber::parse("3").unwrap())]));
+        let new: Arc<str> = "new".into();
+        assert!(shard.introduce(&new, &Position::TrimHorizon, true).is_some());
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("new", batch(records(&[1, 2, 3])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Behind(seq(3)), "records before the anchor are handed on");
+        let end = Batch { records: Vec::new(), shard_end: true, memory: None };
+        let outcome = shard.catch_up("new", end, progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "the end of a closed shard proves nothing follows");
+        let past = shard.introduce(&"other".into(), &Position::TrimHorizon, true);
+        assert!(past.is_some());
+        let outcome = shard.catch_up("other", batch(records(&[19, 20])), progress.next_id(), true, |_| {});
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "a record at the anchor proves the rest was read");
     }
 }

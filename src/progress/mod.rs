@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod checkpointer;
 mod detach;
 mod positions;
+mod shed;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +47,12 @@ impl Chunk {
     /// Returns true when that was the last destination: the chunk is now done everywhere.
     pub fn acknowledge(&self, destination: &str) -> bool {
         self.shard.acknowledge(self.id, destination)
+    }
+
+    /// Whether `destination` still owes the chunk: not when its reading was revoked, when the
+    /// destination was shed from it (its catch-up brings the records again), or when it is done.
+    pub fn owed_by(&self, destination: &str) -> bool {
+        !self.shard.revoked() && self.shard.owes(self.id, destination)
     }
 }
 
@@ -95,6 +102,12 @@ struct Outstanding {
     id: u64,
     last: SequenceNumber,
     done: bool,
+    /// How many records the chunk holds, and its share of the memory budget.
+    records: usize,
+    cost: usize,
+    /// How many destinations were owed the chunk when it was registered: fewer owe it now once
+    /// some are done with it.
+    owed_at_start: usize,
     /// Source arrival of the chunk's first record (the lag an operator alerts on).
     arrival: Option<SystemTime>,
     /// Destinations (ids) that have not yet accepted every record of the chunk.
@@ -148,7 +161,18 @@ impl ShardProgress {
         let nobody = owed.is_empty();
         state.seen.extend(owed.iter().cloned());
         detach::count_missed(state, &owed, records.len());
-        state.outstanding.push_back(Outstanding { id, last: last.clone(), done: false, arrival, owed });
+        let cost = memory.as_ref().map_or(0, |m| m.num_permits());
+        let (count, owed_at_start) = (records.len(), owed.len());
+        state.outstanding.push_back(Outstanding {
+            id,
+            last: last.clone(),
+            done: false,
+            records: count,
+            cost,
+            owed_at_start,
+            arrival,
+            owed,
+        });
         state.last_registered = Some(last.clone());
         let chunk = Arc::new(Chunk {
             id,
@@ -163,6 +187,12 @@ impl ShardProgress {
             Self::complete_in(state, id);
         }
         chunk
+    }
+
+    fn owes(&self, id: u64, destination: &str) -> bool {
+        let state = self.state();
+        let Ok(index) = state.outstanding.binary_search_by_key(&id, |o| o.id) else { return false };
+        state.outstanding[index].owed.iter().any(|d| &**d == destination)
     }
 
     /// `destination` is done with chunk `id`; true when nobody owes it any more.

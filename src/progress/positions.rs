@@ -54,7 +54,7 @@ pub(super) fn has_through(state: &ShardState, destination: &str, last: &Sequence
 }
 
 /// Below this, `destination` has every record of the shard.
-fn own_position(state: &ShardState, destination: &str) -> Option<SequenceNumber> {
+pub(super) fn own_position(state: &ShardState, destination: &str) -> Option<SequenceNumber> {
     // Live chunks it still owes: it has everything before the first one.
     let live = match state.outstanding.iter().position(|o| o.owed.iter().any(|d| &**d == destination)) {
         Some(0) => state.acknowledged.clone(),

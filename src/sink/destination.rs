@@ -70,6 +70,9 @@ pub struct DestinationTask {
     /// Asks discovery for a new shard map (by stream ARN): an aggregate landed in another shard
     /// than it was built for.
     pub remap: mpsc::UnboundedSender<Arc<str>>,
+    /// Wakes the writer from a rate-limiter or backoff wait when the destination was shed, so
+    /// that it lets go of what it no longer owes at once.
+    pub shed: Arc<tokio::sync::Notify>,
 }
 
 impl DestinationTask {

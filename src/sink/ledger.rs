@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
-
+use crate::fanout::Share;
 use crate::metrics::Metrics;
 use crate::progress::Chunk;
 
@@ -15,7 +14,7 @@ struct Ticket {
     remaining: usize,
     chunk: Arc<Chunk>,
     /// Returned to the source's budget for this destination when the ticket goes.
-    _permit: OwnedSemaphorePermit,
+    _permit: Share,
 }
 
 pub struct Ledger {
@@ -37,7 +36,7 @@ impl Ledger {
     }
 
     /// `entries` entries of `bytes` bytes were queued for `chunk`.
-    pub fn open(&mut self, chunk: Arc<Chunk>, permit: OwnedSemaphorePermit, entries: usize, bytes: usize) {
+    pub fn open(&mut self, chunk: Arc<Chunk>, permit: Share, entries: usize, bytes: usize) {
         self.buffered_bytes += bytes;
         if entries == 0 {
             // Only empty aggregates: nothing to write, nothing owed.
@@ -81,10 +80,12 @@ impl Ledger {
         self.buffered_bytes = 0;
     }
 
-    /// Forgets the chunks of readings whose lease was lost (`bytes` of their entries were still
-    /// queued): their budgets go back to the source, and nothing is acknowledged for them.
-    pub fn forget_revoked(&mut self, bytes: usize) {
-        self.tickets.retain(|_, t| !t.chunk.shard.revoked());
+    /// Forgets the chunks this destination no longer owes (their reading's lease was lost, or
+    /// it was shed from them; `bytes` of their entries were still queued): their budgets go back
+    /// to the source, and nothing is acknowledged for them.
+    pub fn forget_released(&mut self, bytes: usize) {
+        let id = Arc::clone(&self.id);
+        self.tickets.retain(|_, t| t.chunk.owed_by(&id));
         self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes);
     }
 }

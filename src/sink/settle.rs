@@ -86,7 +86,8 @@ impl Writer {
         self.update_gauges();
         let delay = if held_rejected { self.backoff.max() } else { self.backoff.next_delay(&mut rand::rng()) };
         tracing::debug!(destination = %self.task.name, throttled, retried, delay_ms = delay.as_millis() as u64, "Retrying failed records after a backoff.");
-        self.guard().run(tokio::time::sleep(delay)).await
+        // Shed meanwhile: the retry comes sooner, after the records it no longer owes are dropped.
+        self.guard().unless_shed(tokio::time::sleep(delay)).await.map(|_| ())
     }
 
     /// Sends rejected records to the dead-letter stream. Returns false when there is none, after

@@ -238,6 +238,7 @@ impl Supervisor {
             stop: self.writers.stop_signal(),
             gone: self.gone_tx.clone(),
             remap: self.remap_tx.clone(),
+            shed: handle.shed_signal(),
         };
         self.writers.spawn(async move {
             task.run().await;

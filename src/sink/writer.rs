@@ -59,9 +59,23 @@ pub(super) enum Interrupt {
 pub(super) struct Guard {
     stop: CancellationToken,
     removed: CancellationToken,
+    shed: Arc<tokio::sync::Notify>,
 }
 
 impl Guard {
+    /// As [`Guard::run`], and `None` when the destination is shed meanwhile: a wait (the rate
+    /// limiter, a backoff) that must not keep it from letting go of what it holds.
+    pub(super) async fn unless_shed<T>(self, work: impl Future<Output = T>) -> Result<Option<T>, Interrupt> {
+        let shed = Arc::clone(&self.shed);
+        self.run(async move {
+            tokio::select! {
+                _ = shed.notified() => None,
+                out = work => Some(out),
+            }
+        })
+        .await
+    }
+
     pub(super) async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
         tokio::select! {
             biased;
@@ -152,8 +166,9 @@ impl Writer {
 
     fn accept(&mut self, delivery: Delivery) {
         let Delivery { chunk, permit } = delivery;
-        if chunk.shard.revoked() {
-            self.count(Outcome::LeaseLost, chunk.records.len() as u64, chunk.bytes as u64);
+        if !chunk.owed_by(&self.task.id) {
+            let outcome = if chunk.shard.revoked() { Outcome::LeaseLost } else { Outcome::Shed };
+            self.count(outcome, chunk.records.len() as u64, chunk.bytes as u64);
             return;
         }
         let now = Instant::now();
@@ -183,35 +198,46 @@ impl Writer {
 
     /// The signals that cut a wait short, owned so the wait may borrow the writer.
     pub(super) fn guard(&self) -> Guard {
-        Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone() }
+        Guard { stop: self.task.stop.clone(), removed: self.task.removed.clone(), shed: Arc::clone(&self.task.shed) }
     }
 
-    /// Drops the records of source readings whose lease this worker lost: the new owner reads
-    /// them again from the stored checkpoint and sends them. A request already in flight
-    /// settles within the PutRecords attempt timeout, which the new owner waits out.
-    fn drop_revoked(&mut self) {
+    /// Drops the records this destination no longer owes: those of source readings whose lease
+    /// this worker lost (the new owner reads them again from the stored checkpoint and sends
+    /// them), and those it was shed from (its catch-up reads them again). A request already in
+    /// flight settles within the PutRecords attempt timeout, which a new owner waits out.
+    fn drop_released(&mut self) {
         let Some(front) = self.pending.front() else { return };
         let revocations = front.chunk.shard.revocations();
         if revocations == self.revocations {
             return;
         }
         self.revocations = revocations;
-        let (mut records, mut bytes) = (0u64, 0u64);
+        let id = Arc::clone(&self.task.id);
+        let (mut lost, mut shed, mut bytes) = ((0u64, 0u64), (0u64, 0u64), 0u64);
+        // Entries of one chunk stand together: ask each chunk once.
+        let mut last: Option<(u64, bool)> = None;
         self.pending.retain(|p| {
-            let keep = !p.chunk.shard.revoked();
-            if !keep {
-                records += 1;
+            let owed = match last {
+                Some((chunk, owed)) if chunk == p.chunk.id => owed,
+                _ => p.chunk.owed_by(&id),
+            };
+            last = Some((p.chunk.id, owed));
+            if !owed {
+                let count = if p.chunk.shard.revoked() { &mut lost } else { &mut shed };
+                count.0 += 1;
+                count.1 += p.size() as u64;
                 bytes += p.size() as u64;
             }
-            keep
+            owed
         });
-        if records == 0 {
+        if lost.0 + shed.0 == 0 {
             return;
         }
-        self.ledger.forget_revoked(bytes as usize);
-        self.count(Outcome::LeaseLost, records, bytes);
+        self.ledger.forget_released(bytes as usize);
+        self.count(Outcome::LeaseLost, lost.0, lost.1);
+        self.count(Outcome::Shed, shed.0, shed.1);
         self.update_gauges();
-        tracing::info!(destination = %self.task.name, records, "Dropped queued records of shards whose lease this worker lost; their new owner sends them.");
+        tracing::info!(destination = %self.task.name, lease_lost = lost.0, shed = shed.0, "Dropped queued records this destination no longer owes: of shards whose lease this worker lost (their new owner sends them), or that it was shed from (its catch-up reads them again).");
     }
 
     pub(super) fn count(&self, outcome: Outcome, records: u64, bytes: u64) {
@@ -223,7 +249,7 @@ impl Writer {
     }
 
     async fn send_batch(&mut self) -> Result<(), Interrupt> {
-        self.drop_revoked();
+        self.drop_released();
         let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
         if let Some(split) = self.split {
             count = count.min(split.size).min(split.suspect);
@@ -269,7 +295,10 @@ impl Writer {
                 .collect()
         };
 
-        let waited = self.guard().run(self.limiter.acquire(sent, bytes)).await?;
+        // Shed while it waits: nothing is sent; the next turn drops what it no longer owes.
+        let Some(waited) = self.guard().unless_shed(self.limiter.acquire(sent, bytes)).await? else {
+            return Ok(None);
+        };
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
 
         let started = Instant::now();
@@ -383,7 +412,7 @@ mod tests {
 
     use bytes::Bytes;
     use futures::future::BoxFuture;
-    use tokio::sync::{Semaphore, mpsc, watch};
+    use tokio::sync::{mpsc, watch};
 
     use super::*;
     use crate::metrics::Metrics;
@@ -468,6 +497,7 @@ mod tests {
             stop: stop.clone(),
             gone,
             remap,
+            shed: Arc::default(),
         };
         let progress = Arc::new(Progress::default());
         let shard = progress.shard("shardId-0");
@@ -483,7 +513,8 @@ mod tests {
             })
             .collect();
         let chunk = progress.begin(&shard, records, vec!["out".into()]);
-        let permit = Arc::new(Semaphore::new(1 << 20)).try_acquire_many_owned(1).unwrap();
+        let (handle, _) = crate::fanout::DestinationHandle::new("out".into(), "out".into(), 1 << 20);
+        let permit = handle.reserve_now(1).unwrap();
         queue_tx.send(Delivery { chunk, permit }).unwrap();
         // The queue stays open: the writer waits for more instead of stopping.
         std::mem::forget(queue_tx);

@@ -4,8 +4,10 @@
 //!
 //! GetRecords shares a shard's read quota (5 calls/s, 2 MB/s) with every other polling consumer,
 //! so a catch-up makes at most 2 calls a second per shard, 1 when it is near the tip, backs off on
-//! ProvisionedThroughputExceeded, and reads no faster than its destination writes: a batch is
-//! read only after the last one got budget.
+//! ProvisionedThroughputExceeded, and reads no faster than its destination writes: a page is read
+//! only while at most half the destination's budget is queued and the memory budget has room for
+//! it with a quarter left for the live feed. It waits for that room holding nothing, so a
+//! destination that refuses everything costs the others no memory beyond its own budget.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,6 +29,10 @@ const PAGE: i32 = 1_000;
 const BUSY_PAUSE: Duration = Duration::from_millis(500);
 /// Between calls near the tip, or at the end of a closed shard.
 const IDLE_PAUSE: Duration = Duration::from_secs(1);
+/// Between looks for room in the destination's budget and the memory budget.
+const ROOM_PAUSE: Duration = Duration::from_millis(200);
+/// What a page is expected to cost before one was read.
+const EXPECTED_PAGE_BYTES: usize = 1 << 20;
 
 /// Starts catch-ups as the fan-out detaches destinations.
 #[derive(Debug, Clone)]
@@ -79,14 +85,22 @@ impl Reader {
         let shard_id = self.shard.shard_id.to_string();
         let name: &str = &self.destination.name;
         let mut last: Option<SequenceNumber> = None;
+        let mut start = self.start.clone();
         let mut iterator: Option<String> = None;
+        // What the next page is expected to cost: it is read only once there is that much room.
+        let mut expected = EXPECTED_PAGE_BYTES;
         let mut backoff = Backoff::try_new(Duration::from_millis(500), Duration::from_secs(10)).expect("valid bounds");
         tracing::info!(destination = name, shard = %shard_id, from = %self.start, "Catch-up started.");
         loop {
             if self.shard.revoked() {
                 return CatchUp::Gone;
             }
-            let from = last.clone().map(Position::Sequence).unwrap_or_else(|| self.start.clone());
+            // Read only with room to hand on: nothing is held while waiting for it.
+            if !self.destination.has_room() || !self.up.memory.has_spare(expected) {
+                tokio::time::sleep(ROOM_PAUSE).await;
+                continue;
+            }
+            let from = last.clone().map(Position::Sequence).unwrap_or_else(|| start.clone());
             let current = match iterator.take() {
                 Some(it) => it,
                 None => match kinesis::shard_iterator(&self.up.client, &self.up.stream, &shard_id, &from).await {
@@ -108,10 +122,17 @@ impl Reader {
             backoff.reset();
             let records = self.fresh(page.records, last.as_ref());
             let read_through = records.last().map(|r| r.sequence_number.clone());
-            let at_tip = records.is_empty() && page.millis_behind_latest.is_none_or(|ms| ms == 0);
+            let shard_end = page.next.is_none();
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
-            match self.hand_on(records, at_tip).await {
+            let cost: usize = records.iter().map(SourceRecord::footprint).sum();
+            expected = expected.max(cost);
+            match self.hand_on(records, shard_end) {
                 CatchUp::Behind(reached) => last = reached.or(last),
+                CatchUp::Restart(from) => {
+                    tracing::info!(destination = name, shard = %shard_id, %from, "Destination was shed; its catch-up reads again from its own position.");
+                    (start, last, iterator) = (from, None, None);
+                    continue;
+                }
                 CatchUp::Joined { expired } if expired > 0 => {
                     self.up.metrics.records_expired.with_label_values(&[name]).inc_by(expired);
                     tracing::error!(
@@ -156,7 +177,9 @@ impl Reader {
     }
 
     /// Queues what the live feed registered already; says whether the destination joined it.
-    async fn hand_on(&self, records: Vec<SourceRecord>, at_tip: bool) -> CatchUp {
+    /// It never waits: the page was read only once there was room for it, and what it costs
+    /// beyond that (a page larger than expected) is taken as overdraft.
+    fn hand_on(&self, records: Vec<SourceRecord>, shard_end: bool) -> CatchUp {
         let name: &str = &self.destination.name;
         if let Some(age) = records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
             self.up.metrics.destination_lag_seconds.with_label_values(&[name]).set(age.as_secs_f64());
@@ -165,13 +188,13 @@ impl Reader {
         let (permit, memory) = if records.is_empty() {
             (None, None)
         } else {
-            let memory = self.up.memory.reserve(records.iter().map(SourceRecord::footprint).sum()).await;
-            match self.destination.reserve(bytes).await {
+            let memory = self.up.memory.reserve_now(records.iter().map(SourceRecord::footprint).sum());
+            match self.destination.reserve_now(bytes) {
                 Ok(permit) => (Some(permit), Some(memory)),
                 Err(_) => return CatchUp::Gone,
             }
         };
-        let batch = Batch { records, at_tip, memory };
+        let batch = Batch { records, shard_end, memory };
         let id = self.up.progress.next_id();
         let room = self.destination.has_room();
         let mut handed = 0u64;

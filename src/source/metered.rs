@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use aws_sdk_kinesis::config::interceptors::BeforeDeserializationInterceptorContextMut;
 use aws_sdk_kinesis::config::{ConfigBag, Intercept, RuntimeComponents};
@@ -20,6 +21,7 @@ use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 use crate::memory::MemoryBudget;
 
@@ -34,16 +36,84 @@ const DECODE_COST: usize = 3;
 /// The only message type whose decoding costs anything worth counting.
 const EVENT_TYPE: &[u8] = b"SubscribeToShardEvent";
 
+/// Called with `true` when an event starts waiting for budget and `false` when it got it.
+pub type OnWait = Arc<dyn Fn(bool) + Send + Sync>;
+
 /// The reservations of one subscription's events, oldest first.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EventMeter {
     budget: MemoryBudget,
     reserved: Arc<Mutex<VecDeque<OwnedSemaphorePermit>>>,
+    /// Whether an event waits for budget now, and when the last wait ended: a subscription
+    /// held back by the meter is not silent (no idle resubscribe, no stale readiness).
+    waits: Arc<Mutex<Waits>>,
+    on_wait: Option<OnWait>,
+}
+
+#[derive(Debug, Default)]
+struct Waits {
+    waiting: bool,
+    ended: Option<Instant>,
+}
+
+impl std::fmt::Debug for EventMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventMeter").field("budget", &self.budget).field("waits", &self.waits).finish_non_exhaustive()
+    }
 }
 
 impl EventMeter {
     pub fn new(budget: MemoryBudget) -> Self {
-        EventMeter { budget, reserved: Arc::default() }
+        EventMeter { budget, reserved: Arc::default(), waits: Arc::default(), on_wait: None }
+    }
+
+    /// Tells `on_wait` when an event starts and stops waiting for budget.
+    pub fn on_wait(mut self, on_wait: OnWait) -> Self {
+        self.on_wait = Some(on_wait);
+        self
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.waits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        let mut waits = self.waits();
+        if waits.waiting == waiting {
+            return;
+        }
+        waits.waiting = waiting;
+        if !waiting {
+            waits.ended = Some(Instant::now());
+        }
+        drop(waits);
+        if let Some(on_wait) = &self.on_wait {
+            on_wait(waiting);
+        }
+    }
+
+    /// When a subscription that delivered nothing may be judged idle, as far as the meter is
+    /// concerned: `within` after the meter last held it back (from now while it holds it back),
+    /// `None` when it never did.
+    fn idle_deadline(&self, within: Duration) -> Option<Instant> {
+        let waits = self.waits();
+        if waits.waiting { Some(Instant::now() + within) } else { waits.ended.map(|ended| ended + within) }
+    }
+
+    /// What `next` gives, or `None` once the subscription was silent for `idle` by no doing of
+    /// the service's own: time an event spent waiting here for budget is not silence.
+    pub async fn unless_idle<T>(&self, next: impl Future<Output = T>, idle: Duration) -> Option<T> {
+        tokio::pin!(next);
+        let mut deadline = Instant::now() + idle;
+        loop {
+            tokio::select! {
+                out = &mut next => return Some(out),
+                _ = tokio::time::sleep_until(deadline) => match self.idle_deadline(idle) {
+                    Some(later) if later > Instant::now() => deadline = later,
+                    _ => return None,
+                },
+            }
+        }
     }
 
     /// The reservation of the oldest event not yet taken: the one the SDK just handed over.
@@ -100,6 +170,14 @@ impl MeteredBody {
     }
 }
 
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if self.reserving.is_some() {
+            self.meter.set_waiting(false);
+        }
+    }
+}
+
 impl Body for MeteredBody {
     type Data = Bytes;
     type Error = aws_sdk_kinesis::error::BoxError;
@@ -109,7 +187,11 @@ impl Body for MeteredBody {
         loop {
             if let Some(reserving) = &mut this.reserving {
                 let future = reserving.get_mut().unwrap_or_else(|e| e.into_inner());
-                let permit = std::task::ready!(future.as_mut().poll(cx));
+                let Poll::Ready(permit) = future.as_mut().poll(cx) else {
+                    this.meter.set_waiting(true);
+                    return Poll::Pending;
+                };
+                this.meter.set_waiting(false);
                 this.meter.reserved.lock().unwrap_or_else(|e| e.into_inner()).push_back(permit);
                 this.reserving = None;
                 if let Some(head) = this.framing.paid() {
@@ -404,6 +486,45 @@ mod tests {
         assert!(meter.take().is_none(), "one reservation per event");
         drop(share);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_event_waiting_for_budget_is_reported_and_keeps_the_subscription_from_looking_idle() {
+        tokio::time::pause();
+        let event = message("SubscribeToShardEvent", 1_000);
+        let budget = MemoryBudget::new(4 * event.len() as u64);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let meter = EventMeter::new(budget.clone()).on_wait({
+            let seen = Arc::clone(&seen);
+            Arc::new(move |waiting| seen.lock().unwrap().push(waiting))
+        });
+        let idle = Duration::from_secs(60);
+        // Silent on its own: idle after the timeout.
+        let started = Instant::now();
+        assert_eq!(meter.unless_idle(std::future::pending::<()>(), idle).await, None);
+        assert_eq!(started.elapsed().as_secs(), 60);
+
+        // An event that waits five minutes for budget, then passes: the wait is reported, and the
+        // subscription is never judged idle meanwhile.
+        let held = budget.reserve(3 * event.len()).await;
+        let mut body = MeteredBody::new(SdkBody::from(event.clone()), meter.clone());
+        let release = async move {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            drop(held);
+            std::future::pending::<()>().await
+        };
+        let started = Instant::now();
+        let got = tokio::select! {
+            got = meter.unless_idle(next(&mut body), idle) => got,
+            _ = release => unreachable!("never ends"),
+        };
+        assert!(got.is_some_and(|frame| frame.is_some_and(|f| f.is_ok())), "the event passed after its wait");
+        assert_eq!(started.elapsed().as_secs(), 300);
+        assert_eq!(*seen.lock().unwrap(), vec![true, false], "the wait is reported once, and its end");
+        // Silent after the wait: idle a full timeout after the wait ended.
+        let started = Instant::now();
+        assert_eq!(meter.unless_idle(std::future::pending::<()>(), idle).await, None);
+        assert_eq!(started.elapsed().as_secs(), 60);
     }
 
     proptest! {

@@ -203,8 +203,12 @@ impl ShardReader {
     }
 
     async fn session(&mut self, cursor: &mut Cursor, backoff: &mut Backoff, stop: &CancellationToken) -> SessionEnd {
-        // Each event counts against the memory budget as soon as it starts to arrive.
-        let meter = EventMeter::new(self.fanout.memory().clone());
+        // Each event counts against the memory budget as soon as it starts to arrive. While one
+        // waits for budget, the shard is paused (healthy), not silent.
+        let health = Arc::clone(&self.health);
+        let shard = self.shard_id.clone();
+        let meter = EventMeter::new(self.fanout.memory().clone())
+            .on_wait(Arc::new(move |waiting| health.paused(&shard, waiting)));
         let request = kinesis::subscribe(
             &self.subscriber,
             &self.consumer_arn,
@@ -235,13 +239,13 @@ impl ShardReader {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return SessionEnd::Stop,
-                next = tokio::time::timeout(IDLE_TIMEOUT, events.next()) => next,
+                next = meter.unless_idle(events.next(), IDLE_TIMEOUT) => next,
             };
             let event = match next {
-                Err(_elapsed) => return SessionEnd::Resubscribe(ResubscribeReason::IdleTimeout),
-                Ok(Ok(None)) => return SessionEnd::Resubscribe(ResubscribeReason::SessionEnd),
-                Ok(Err(err)) => return SessionEnd::Failed(ResubscribeReason::StreamError, err.kind, err.cause),
-                Ok(Ok(Some(event))) => event,
+                None => return SessionEnd::Resubscribe(ResubscribeReason::IdleTimeout),
+                Some(Ok(None)) => return SessionEnd::Resubscribe(ResubscribeReason::SessionEnd),
+                Some(Err(err)) => return SessionEnd::Failed(ResubscribeReason::StreamError, err.kind, err.cause),
+                Some(Ok(Some(event))) => event,
             };
             backoff.reset();
             match self.handle(event, meter.take(), cursor, stop).await {

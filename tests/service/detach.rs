@@ -92,11 +92,15 @@ async fn records_that_expire_before_a_detached_destination_reads_them_are_counte
     emulator.faults.lock().unwrap().expire_partition_keys = Some("gone-".into());
     let gone: Vec<Rec> = (0..50).map(|i| (format!("gone-{i:03}"), format!("expired-{i}").into_bytes())).collect();
     put_all(&client, "in", &gone).await;
-    service.wait_accepted("out-a", 3_050).await;
+    // Records written after them are what proves to the catch-up that nothing it could still
+    // read is left before them (an empty page at the tip proves nothing).
+    let after = records(43, 20, 128);
+    put_all(&client, "in", &after).await;
+    service.wait_accepted("out-a", 3_070).await;
 
     emulator.faults.lock().unwrap().reject_puts_to = None;
     wait_until("the broken destination caught up and follows the live feed again", || async {
-        service.accepted("out-broken") >= 3_000 && detached(&service, "out-broken") == 0
+        service.accepted("out-broken") >= 3_020 && detached(&service, "out-broken") == 0
     })
     .await;
     let expired = |name: &str| service.metrics.records_expired.with_label_values(&[name]).get();
@@ -104,8 +108,12 @@ async fn records_that_expire_before_a_detached_destination_reads_them_are_counte
     assert_eq!(expired("out-a"), 0);
     service.stop().await.unwrap();
     emulator.faults.lock().unwrap().expire_partition_keys = None;
-    assert_eq!(contents(&client, "out-a").await, sorted(&[first.clone(), gone].concat()));
-    assert_eq!(contents(&client, "out-broken").await, sorted(&first), "everything that had not expired, once");
+    assert_eq!(contents(&client, "out-a").await, sorted(&[first.clone(), gone, after.clone()].concat()));
+    assert_eq!(
+        contents(&client, "out-broken").await,
+        sorted(&[first, after].concat()),
+        "everything that had not expired, once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,142 +1,40 @@
 //! Fan-out: every chunk read from the source goes to every destination known at that moment.
 //!
-//! Each destination has a queue and a byte budget (a semaphore of `max_in_flight_bytes` permits);
-//! a chunk takes permits before it is queued. A destination whose budget is full does not hold
-//! the live feed back: it still gets chunks, over its budget, for up to `detach_after`, and is then
-//! detached and catches up on its own (`source::catchup`). With `detach_after = "off"` the live
-//! feed waits for its budget instead: backpressure, as in a single pipeline.
+//! Each destination has a queue and a byte budget (`max_in_flight_bytes`, see [`handle`]); a
+//! chunk takes budget before it is queued. One destination never holds the live feed back (with
+//! a `detach_after`; with `detach_after = "off"` the live feed waits for its budget instead:
+//! backpressure, as in a single pipeline). The rule, stated once:
+//!
+//! - a destination whose budget is full still gets chunks, over its budget (an overdraft), up to
+//!   [`OVERDRAFT_FACTOR`] times its budget in all;
+//! - a shard's live feed detaches it when its queued bytes (overdraft included) have stayed over
+//!   its budget for `detach_after`, or at once when they reach the overdraft bound; it then
+//!   catches up on its own (`source::catchup`);
+//! - when the process's memory budget runs short, the destination holding the most of it that
+//!   another destination is already done with is shed: it lets go of everything it holds and
+//!   catches up from its own position ([`relief`]), rather than stop the readers for everyone.
+
+mod handle;
+pub mod relief;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
+
+pub use handle::{Closed, Delivery, DestinationHandle, Share};
+pub use relief::Relief;
 
 use crate::memory::MemoryBudget;
 use crate::position::Position;
-use crate::progress::{Chunk, Progress, Route, ShardProgress};
+use crate::progress::{Progress, Route, ShardProgress};
 use crate::record::SourceRecord;
 use crate::shutdown::Stopped;
 use crate::sink::QUEUED_ENTRY_BYTES;
 
-/// A chunk queued for one destination, with the share of that destination's budget it holds.
-#[derive(Debug)]
-pub struct Delivery {
-    pub chunk: Arc<Chunk>,
-    /// Returned to the budget when the destination is done with the chunk.
-    pub permit: OwnedSemaphorePermit,
-}
-
-/// The side of a destination that the source sees.
-#[derive(Debug, Clone)]
-pub struct DestinationHandle {
-    pub name: Arc<str>,
-    /// The destination's identity in progress and checkpoints: its stream ARN.
-    pub id: Arc<str>,
-    queue: mpsc::UnboundedSender<Delivery>,
-    /// Bytes queued or in flight for this destination; closed when the destination goes away so
-    /// that a source waiting on it moves on.
-    budget: Arc<Semaphore>,
-    max_permits: u32,
-    /// How long a shard's live feed waits for this destination's budget before it detaches it
-    /// (`None`: it waits as long as it takes).
-    pub detach_after: Option<Duration>,
-    /// Where it starts on a shard new to it (`Latest`: with the live feed; else a backfill).
-    pub start: Position,
-    /// It appeared while the service runs (not in the first discovery round).
-    pub appeared_while_running: bool,
-    /// Since when the live feed has found the buffer full (shared by every shard's reader).
-    full_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
-}
-
-/// The destination went away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Closed;
-
-impl DestinationHandle {
-    /// A handle and the receiving end of its queue.
-    pub fn new(name: Arc<str>, id: Arc<str>, max_in_flight_bytes: u64) -> (Self, mpsc::UnboundedReceiver<Delivery>) {
-        let max_permits = u32::try_from(max_in_flight_bytes)
-            .unwrap_or(u32::MAX)
-            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
-        let (queue, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Semaphore::new(max_permits as usize));
-        let handle = DestinationHandle {
-            name,
-            id,
-            queue,
-            budget,
-            max_permits,
-            detach_after: None,
-            start: Position::Latest,
-            appeared_while_running: false,
-            full_since: Arc::default(),
-        };
-        (handle, rx)
-    }
-
-    /// Stops accepting chunks: waiting sources give up on this destination.
-    pub fn close(&self) {
-        self.budget.close();
-    }
-
-    /// Permits for `bytes`: at least one, at most the whole budget.
-    fn permits_for(&self, bytes: usize) -> u32 {
-        u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max_permits)
-    }
-
-    /// Waits for `bytes` of budget (at most the whole budget).
-    pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
-        Arc::clone(&self.budget).acquire_many_owned(self.permits_for(bytes)).await.map_err(|_| Closed)
-    }
-
-    /// Budget for `bytes` if it is free now; `None` when the buffer is full (and since when is
-    /// noted), else the buffer is noted as not full.
-    pub fn try_reserve(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Closed> {
-        let mut full_since = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
-        match Arc::clone(&self.budget).try_acquire_many_owned(self.permits_for(bytes)) {
-            Ok(permit) => {
-                *full_since = None;
-                Ok(Some(permit))
-            }
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                full_since.get_or_insert_with(std::time::Instant::now);
-                Ok(None)
-            }
-            Err(tokio::sync::TryAcquireError::Closed) => Err(Closed),
-        }
-    }
-
-    /// How long the buffer has been full, as the live feed saw it.
-    fn full_for(&self) -> Duration {
-        let full_since = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
-        full_since.map(|since| since.elapsed()).unwrap_or_default()
-    }
-
-    /// An empty permit, for a chunk queued over the budget.
-    fn overdraft(&self) -> Result<OwnedSemaphorePermit, Closed> {
-        Arc::clone(&self.budget).try_acquire_many_owned(0).map_err(|_| Closed)
-    }
-
-    /// Budget for a chunk that must go now (a destination joining the live feed again): what is
-    /// free of `bytes`, possibly nothing.
-    fn reserve_now(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Closed> {
-        let free = u32::try_from(self.budget.available_permits()).unwrap_or(u32::MAX);
-        Arc::clone(&self.budget).try_acquire_many_owned(self.permits_for(bytes).min(free)).map_err(|_| Closed)
-    }
-
-    /// Whether at least half the budget is free: a catch-up joins the live feed only then.
-    pub fn has_room(&self) -> bool {
-        self.budget.available_permits() as u64 * 2 >= u64::from(self.max_permits)
-    }
-
-    /// Queues a chunk; a destination gone meanwhile owes nothing of it.
-    pub fn send(&self, delivery: Delivery) {
-        if let Err(returned) = self.queue.send(delivery) {
-            returned.0.chunk.acknowledge(&self.id);
-        }
-    }
-}
+/// A destination holds at most this many times its budget, overdraft included, before the live
+/// feed detaches it.
+pub const OVERDRAFT_FACTOR: usize = 2;
 
 /// Starts a catch-up for a destination the live feed of `shard` stopped waiting for: it reads
 /// from `start` until it reaches the live feed.
@@ -300,16 +198,21 @@ impl Fanout {
                 continue;
             };
             // The live feed never waits for one destination: a full one still gets the chunk, over
-            // its budget, for up to `detach_after`; then it is detached and catches up alone.
-            match destination.try_reserve(bytes) {
-                Ok(Some(permit)) => permits.push((destination, permit)),
-                Ok(None) if destination.full_for() < detach_after => {
-                    if let Ok(permit) = destination.overdraft() {
-                        permits.push((destination, permit));
-                    }
-                }
-                Ok(None) => self.detach(shard, destination),
-                Err(Closed) => {}
+            // its budget, until it has held more than its budget for `detach_after` or holds the
+            // most it may; then it is detached and catches up alone.
+            let bound = destination.budget().saturating_mul(OVERDRAFT_FACTOR);
+            let queued = destination.queued();
+            if destination.over_budget_for() >= detach_after || (queued > 0 && queued + bytes > bound) {
+                self.detach(shard, destination);
+                continue;
+            }
+            let share = match destination.try_reserve(bytes) {
+                Ok(Some(share)) => Ok(share),
+                Ok(None) => destination.overdraft(bytes),
+                Err(Closed) => Err(Closed),
+            };
+            if let Ok(share) = share {
+                permits.push((destination, share));
             }
         }
         let owed = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
