@@ -283,6 +283,10 @@ impl Fanout {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc::UnboundedReceiver;
+
     use super::*;
     use crate::record::SequenceNumber;
 
@@ -296,6 +300,136 @@ mod tests {
                 user_records: None,
             })
             .collect()
+    }
+
+    /// Records `from..from+n` of 1,000 bytes each.
+    fn event(from: u64, n: u64) -> Vec<SourceRecord> {
+        (from..from + n)
+            .map(|seq| SourceRecord {
+                sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
+                partition_key: format!("key-{}", seq % 7),
+                data: bytes::Bytes::from(vec![7; 1_000]),
+                arrival: None,
+                user_records: None,
+            })
+            .collect()
+    }
+
+    /// Remembers the catch-ups it was asked to start.
+    #[derive(Debug, Default)]
+    struct Starts(std::sync::Mutex<Vec<(String, String)>>);
+
+    impl CatchUpStarter for Starts {
+        fn start(&self, shard: Arc<ShardProgress>, destination: DestinationHandle, _start: Position) {
+            self.0.lock().unwrap().push((shard.shard_id.to_string(), destination.name.to_string()));
+        }
+    }
+
+    impl Starts {
+        fn of(&self, name: &str) -> usize {
+            self.0.lock().unwrap().iter().filter(|(_, d)| d == name).count()
+        }
+    }
+
+    fn destination(
+        name: &str,
+        budget: u64,
+        detach_after: Duration,
+    ) -> (DestinationHandle, UnboundedReceiver<Delivery>) {
+        let (mut handle, queue) = DestinationHandle::new(name.into(), format!("arn:{name}").into(), budget);
+        handle.detach_after = Some(detach_after);
+        (handle, queue)
+    }
+
+    /// Takes up to `n` deliveries off a queue, acknowledging them as written.
+    fn drain(queue: &mut UnboundedReceiver<Delivery>, id: &str, n: usize) {
+        for _ in 0..n {
+            let Ok(delivery) = queue.try_recv() else { return };
+            delivery.chunk.acknowledge(id);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_destination_that_still_drains_is_detached_and_its_overdraft_is_bounded() {
+        let (fast, mut fast_queue) = destination("fast", 64 << 10, Duration::from_secs(2));
+        let (slow, mut slow_queue) = destination("slow", 64 << 10, Duration::from_secs(2));
+        let (_set, destinations) = watch::channel(Arc::new(vec![fast, slow.clone()]));
+        let progress = Arc::new(Progress::default());
+        let starts = Arc::new(Starts::default());
+        let mut fanout = Fanout::new(destinations, Arc::clone(&progress))
+            .with_catch_up(Arc::clone(&starts) as Arc<dyn CatchUpStarter>)
+            .with_memory(MemoryBudget::new(64 << 20));
+        let shard = progress.shard("s");
+        let cancel = CancellationToken::new();
+        // 100 KB/s read; the fast destination writes everything, the slow one a third of it:
+        // it frees budget every 300 ms, but its queue only grows.
+        let mut peak = 0;
+        let mut detached_at = None;
+        for tick in 0..100u64 {
+            fanout.deliver(&shard, event(tick * 10 + 1, 10), None, &cancel).await.unwrap();
+            drain(&mut fast_queue, "arn:fast", usize::MAX);
+            if tick % 3 == 0 {
+                drain(&mut slow_queue, "arn:slow", 1);
+            }
+            peak = peak.max(slow.queued());
+            if detached_at.is_none() && starts.of("slow") > 0 {
+                detached_at = Some(tick);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let detached_at = detached_at.expect("the slow destination is detached although it drains now and then");
+        assert!(detached_at <= 40, "detached after {detached_at} ticks: over its budget from about tick 7, plus 2 s");
+        assert!(peak <= 2 * (64 << 10) + 10_000, "its queue stays within twice its budget: {peak} bytes");
+        assert_eq!(starts.of("fast"), 0, "the fast destination follows the live feed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusing_destination_is_shed_when_memory_runs_short_before_its_detach_after() {
+        let memory = MemoryBudget::new(200_000);
+        let (ok, mut ok_queue) = destination("ok", 32 << 20, Duration::from_secs(600));
+        let (broken, mut broken_queue) = destination("broken", 32 << 20, Duration::from_secs(600));
+        let (_set, destinations) = watch::channel(Arc::new(vec![broken.clone(), ok]));
+        let progress = Arc::new(Progress::default());
+        let starts = Arc::new(Starts::default());
+        let catch_up = Arc::clone(&starts) as Arc<dyn CatchUpStarter>;
+        let relief = Relief::new(
+            destinations.clone(),
+            Arc::clone(&progress),
+            Arc::clone(&catch_up),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        memory.on_short(Arc::new(move |used| {
+            relief.relieve(used);
+        }));
+        let mut fanout =
+            Fanout::new(destinations, Arc::clone(&progress)).with_catch_up(catch_up).with_memory(memory.clone());
+        // The broken destination's writer: it writes nothing, and lets go of what it was shed from.
+        let shed = broken.shed_signal();
+        let writer = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                shed.notified().await;
+                while let Ok(delivery) = broken_queue.try_recv() {
+                    held.push(delivery);
+                }
+                held.retain(|d: &Delivery| d.chunk.owed_by("arn:broken"));
+            }
+        });
+        let shard = progress.shard("s");
+        let cancel = CancellationToken::new();
+        // 2 MB read through a 200 KB budget: ten times what memory holds.
+        let read = async {
+            for n in 0..100u64 {
+                fanout.deliver(&shard, event(n * 20 + 1, 20), None, &cancel).await.unwrap();
+                drain(&mut ok_queue, "arn:ok", usize::MAX);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .expect("the readers never stop for the broken destination");
+        assert!(starts.of("broken") > 0, "it was shed and catches up on its own");
+        assert!(memory.used() <= 200_000);
+        writer.abort();
     }
 
     #[tokio::test]

@@ -56,8 +56,10 @@ impl Hold {
         self.lane.state().outstanding.iter().filter(|o| !o.done).map(|o| o.cost).sum()
     }
 
-    /// Gives up its lane: the destination drops the lane's chunks, and nothing waits for them.
+    /// Gives up its lane (its destination was shed): the destination drops the lane's chunks,
+    /// and nothing waits for them.
     pub(super) fn revoke(&self) {
+        self.lane.shed.store(true, Ordering::Release);
         self.lane.revoked.store(true, Ordering::Release);
     }
 

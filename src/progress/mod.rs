@@ -66,6 +66,8 @@ pub struct ShardProgress {
     /// The lease of this reading was lost: its records are the new owner's to send, and
     /// destinations drop what they still hold of it.
     revoked: AtomicBool,
+    /// A catch-up's lane given up because its destination was shed (revoked too).
+    shed: AtomicBool,
     /// Revocations so far in the process (shared by every tracker), so a destination looks
     /// through its queue only when something was revoked.
     revocations: Arc<AtomicU64>,
@@ -121,6 +123,7 @@ impl ShardProgress {
             state: Mutex::new(ShardState::default()),
             drained: Notify::new(),
             revoked: AtomicBool::new(false),
+            shed: AtomicBool::new(false),
             revocations,
         }
     }
@@ -128,6 +131,11 @@ impl ShardProgress {
     /// Whether this reading's lease was lost.
     pub fn revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Whether this is a catch-up's lane given up because its destination was shed.
+    pub fn was_shed(&self) -> bool {
+        self.shed.load(Ordering::Acquire)
     }
 
     /// How many readings were revoked in this process so far.

@@ -167,7 +167,8 @@ impl Writer {
     fn accept(&mut self, delivery: Delivery) {
         let Delivery { chunk, permit } = delivery;
         if !chunk.owed_by(&self.task.id) {
-            let outcome = if chunk.shard.revoked() { Outcome::LeaseLost } else { Outcome::Shed };
+            let outcome =
+                if chunk.shard.revoked() && !chunk.shard.was_shed() { Outcome::LeaseLost } else { Outcome::Shed };
             self.count(outcome, chunk.records.len() as u64, chunk.bytes as u64);
             return;
         }
@@ -223,7 +224,8 @@ impl Writer {
             };
             last = Some((p.chunk.id, owed));
             if !owed {
-                let count = if p.chunk.shard.revoked() { &mut lost } else { &mut shed };
+                let lease_lost = p.chunk.shard.revoked() && !p.chunk.shard.was_shed();
+                let count = if lease_lost { &mut lost } else { &mut shed };
                 count.0 += 1;
                 count.1 += p.size() as u64;
                 bytes += p.size() as u64;

@@ -14,6 +14,7 @@ mod kpl;
 mod leases;
 mod network;
 mod operate;
+mod pressure;
 mod regions;
 mod replication;
 mod resharding;

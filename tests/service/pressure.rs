@@ -1,0 +1,323 @@
+//! The pressure tier: the real service under sustained traffic, with the emulator's AWS-like shard
+//! limits on, and invariants checked while it runs, not only at the end.
+//!
+//! Short variants run in the default suite. `KINESIS_FANOUT_PRESSURE_SECONDS` stretches every
+//! producer (the long variants: see CONTRIBUTING in the README's Testing section).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use ferrokinesis::store::StoreOptions;
+
+use crate::helpers::*;
+
+/// How long producers run, in seconds (`default` unless stretched for a long run).
+fn seconds(default: u64) -> u64 {
+    std::env::var("KINESIS_FANOUT_PRESSURE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// An emulator with AWS-like shard limits (1,000 records/s and 1 MiB/s written per shard, 5
+/// GetRecords calls/s per shard) and events of at most 500 records.
+async fn limited(streams: &[(&str, i32)]) -> (Emulator, Client) {
+    let emulator = Emulator::with_options(StoreOptions {
+        enforce_limits: true,
+        subscribe_to_shard_event_record_limit: 500,
+        ..store_options()
+    })
+    .await;
+    emulator.faults.lock().unwrap().honour_starting_position = true;
+    let client = emulator.client();
+    for (name, shards) in streams {
+        create_stream(&client, name, *shards).await;
+    }
+    (emulator, client)
+}
+
+/// A config with one destination group per entry of `groups` (each its pattern and settings),
+/// `top` appended at the end (e.g. a `[memory]` section).
+fn config(url: &str, checkpoint: &Path, groups: &[(&str, &str)], top: &str) -> String {
+    let mut toml = format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{url}"
+
+[source]
+stream_name = "in"
+consumer_name = "fanout-test"
+
+[checkpoint]
+backend = "file"
+path = "{checkpoint}"
+interval = "200ms"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[shutdown]
+grace_period = "10s"
+"#,
+        checkpoint = checkpoint.display()
+    );
+    for (pattern, settings) in groups {
+        toml += &format!(
+            "\n[[destinations]]\npattern = \"{pattern}\"\nrefresh_interval = \"1s\"\nlinger = \"20ms\"\ninitial_backoff = \"20ms\"\nmax_backoff = \"500ms\"\n{settings}\n"
+        );
+    }
+    toml + "\n" + top
+}
+
+/// A steady producer: `rate` records a second over 40 keys, for `seconds`, each record's data
+/// naming its key and its index within the key (`key:index:` then padding to `size` bytes).
+struct Producer {
+    produced: Arc<AtomicU64>,
+    running: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Rec>>,
+}
+
+impl Producer {
+    fn start(client: &Client, tag: &str, rate: usize, seconds: u64, size: usize) -> Producer {
+        let produced = Arc::new(AtomicU64::new(0));
+        let running = Arc::new(AtomicBool::new(true));
+        let (client, tag) = (client.clone(), tag.to_string());
+        let task = tokio::spawn({
+            let (produced, running) = (Arc::clone(&produced), Arc::clone(&running));
+            async move {
+                let mut all = Vec::new();
+                let mut index: BTreeMap<usize, u64> = BTreeMap::new();
+                let tick = Duration::from_millis(100);
+                let per_tick = (rate / 10).max(1);
+                let mut clock = tokio::time::interval(tick);
+                for round in 0..seconds * 10 {
+                    clock.tick().await;
+                    let batch: Vec<Rec> = (0..per_tick)
+                        .map(|i| {
+                            let key = (round as usize * per_tick + i) % 40;
+                            let n = index.entry(key).or_default();
+                            *n += 1;
+                            let mut data = format!("{tag}-{key:02}:{n:08}:").into_bytes();
+                            data.resize(size.max(data.len()), b'.');
+                            (format!("{tag}-{key:02}"), data)
+                        })
+                        .collect();
+                    put_all(&client, "in", &batch).await;
+                    produced.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                    all.extend(batch);
+                }
+                running.store(false, Ordering::SeqCst);
+                all
+            }
+        });
+        Producer { produced, running, task }
+    }
+
+    fn produced(&self) -> u64 {
+        self.produced.load(Ordering::SeqCst)
+    }
+
+    fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// Samples, every 200 ms while the producer runs, how far each of `fast` is behind it (records
+/// produced and not yet accepted there); returns the largest gap seen per destination.
+async fn watch_lag(service: &Running, producer: &Producer, fast: &[&str]) -> BTreeMap<String, u64> {
+    let mut worst: BTreeMap<String, u64> = BTreeMap::new();
+    while producer.running() {
+        let produced = producer.produced();
+        for name in fast {
+            let gap = produced.saturating_sub(service.accepted(name));
+            let entry = worst.entry(name.to_string()).or_default();
+            *entry = (*entry).max(gap);
+        }
+        let used = service.metrics.memory.get().map(|m| (m.used(), m.limit()));
+        if let Some((used, limit)) = used {
+            assert!(used <= limit, "buffered {used} bytes over the {limit}-byte budget");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worst
+}
+
+/// Checks that per destination shard, every key's records stand in the order they were
+/// produced, and returns how many records stand more than once.
+async fn check_order_per_key(client: &Client, stream: &str) -> usize {
+    let mut last: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut duplicates = 0;
+    for (shard, key, data) in read_all(client, stream).await {
+        let text = String::from_utf8_lossy(&data);
+        let index: u64 = text.split(':').nth(1).and_then(|n| n.parse().ok()).expect("a produced record");
+        if !seen.insert(data.clone()) {
+            duplicates += 1;
+            continue;
+        }
+        let previous = last.insert((shard.clone(), key.clone()), index);
+        assert!(
+            previous.is_none_or(|p| p < index),
+            "{stream} {shard}: record {index} of {key} stands after record {previous:?} of that key"
+        );
+    }
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_destination_that_still_drains_holds_no_one_back_under_a_small_memory_limit() {
+    let (emulator, client) = limited(&[("in", 4), ("out-fast-a", 4), ("out-fast-b", 4), ("out-slow", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // 12 MiB of buffers for a backlog of about 20 MB owed to the slow destination.
+    let toml =
+        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"2s\"")], "[memory]\nlimit = \"24MiB\"\n");
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("three destinations", || async { service.metrics.destinations.get() == 3 }).await;
+
+    // 2,000 records/s of 700 bytes: twice what the 1-shard destination can take.
+    let producer = Producer::start(&client, "slow", 2_000, seconds(15), 700);
+    let worst = watch_lag(&service, &producer, &["out-fast-a", "out-fast-b"]).await;
+    let input = producer.task.await.unwrap();
+    let total = input.len() as u64;
+    // Bound: the fast destinations are never more than 5 s of traffic behind the producer.
+    for (name, gap) in &worst {
+        assert!(*gap <= 10_000, "{name} fell {gap} records behind the producer: it waited for the slow one");
+    }
+    for name in ["out-fast-a", "out-fast-b"] {
+        service.wait_accepted(name, total).await;
+    }
+    assert!(service.accepted("out-slow") < total, "the slow destination is still behind when the fast ones are done");
+    service.wait_accepted("out-slow", total).await;
+    service.stop().await.unwrap();
+    for name in ["out-fast-a", "out-fast-b"] {
+        assert_eq!(contents(&client, name).await, sorted(&input), "{name}: every record exactly once");
+    }
+    assert!(all_hold(&client, &["out-slow"], &input).await, "the slow destination got every record");
+    eprintln!("slow-but-draining: worst gaps {worst:?}, slow duplicates {}", duplicates_in(&client, "out-slow").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_refuses_everything_holds_no_one_back_under_a_small_memory_limit() {
+    let (emulator, client) = limited(&[("in", 4), ("out-fast-a", 4), ("out-broken", 1)]).await;
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    // No dead-letter stream, and a detach_after far longer than memory lasts.
+    let toml =
+        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"10m\"")], "[memory]\nlimit = \"24MiB\"\n");
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
+
+    let producer = Producer::start(&client, "refused", 1_500, seconds(12), 700);
+    let worst = watch_lag(&service, &producer, &["out-fast-a"]).await;
+    let input = producer.task.await.unwrap();
+    let total = input.len() as u64;
+    assert!(worst["out-fast-a"] <= 7_500, "the healthy destination fell {worst:?} records behind");
+    service.wait_accepted("out-fast-a", total).await;
+    assert_eq!(service.accepted("out-broken"), 0, "still refusing");
+    assert!(service.metrics.destination_shed.with_label_values(&["out-broken"]).get() > 0, "it was shed");
+
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    service.wait_accepted("out-broken", total).await;
+    service.stop().await.unwrap();
+    assert_eq!(contents(&client, "out-fast-a").await, sorted(&input), "every record exactly once");
+    assert!(all_hold(&client, &["out-broken"], &input).await, "the refusing destination got every record once fixed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_destination_rejoins_the_live_feed_while_records_keep_arriving_without_gap_or_duplicate() {
+    let (emulator, client) = limited(&[("in", 2), ("out-fast", 2), ("out-slow", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // The slow one is held below its shard's limit, so that no record of it is throttled (a
+    // retried record may land after a newer one of its key in batched mode; see issue 28).
+    let slow = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"\nrecords_per_second = \"600\"";
+    let fast = "max_in_flight_bytes = \"4MiB\"\ndetach_after = \"1s\"\nrecords_per_second = \"1200\"";
+    let toml = config(&emulator.url, &checkpoint, &[("^out-slow$", slow), ("^out-fast$", fast)], "");
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
+    let detached = || service.metrics.destination_detached.with_label_values(&["out-slow"]).get();
+
+    // Twice what the slow one takes: it is detached.
+    let burst = Producer::start(&client, "burst", 1_200, seconds(6), 1_000);
+    let input = burst.task.await.unwrap();
+    assert!(
+        service.metrics.catch_up_records.with_label_values(&["out-slow"]).get() > 0 || detached() > 0,
+        "the slow destination was detached"
+    );
+    // Then a steady trickle it can follow: it catches up and rejoins while records keep arriving.
+    let trickle = Producer::start(&client, "trickle", 200, seconds(20), 1_000);
+    let mut rejoined_while_producing = false;
+    while trickle.running() {
+        if detached() == 0 && service.accepted("out-slow") >= input.len() as u64 {
+            rejoined_while_producing = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let more = trickle.task.await.unwrap();
+    assert!(rejoined_while_producing, "the slow destination rejoined the live feed while records kept arriving");
+    let everything = [input, more].concat();
+    for name in ["out-fast", "out-slow"] {
+        service.wait_accepted(name, everything.len() as u64).await;
+    }
+    assert_eq!(service.metrics.records_expired.with_label_values(&["out-slow"]).get(), 0, "no false expiry");
+    service.stop().await.unwrap();
+    for name in ["out-fast", "out-slow"] {
+        assert_eq!(check_order_per_key(&client, name).await, 0, "{name}: no duplicate, at the seam or anywhere");
+        assert_eq!(contents(&client, name).await, sorted(&everything), "{name}: no gap");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_cut_short_on_an_idle_shard_resumes_after_a_restart_and_finishes_when_the_shard_splits() {
+    let (emulator, client) = limited(&[("in", 1), ("out-a", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let groups = [
+        (
+            "^out-new$",
+            "start_position = \"trim_horizon\"\nrecords_per_second = \"150\"\nmax_in_flight_bytes = \"1MiB\"",
+        ),
+        ("^out-a$", "start_position = \"trim_horizon\""),
+    ];
+    let toml = config(&emulator.url, &checkpoint, &groups, "");
+    let input = records(91, 2_000, 3_000);
+    put_all(&client, "in", &input).await;
+    let first = Running::start(&toml, &emulator.url);
+    first.wait_accepted("out-a", 2_000).await;
+
+    // A destination created while running backfills the shard at 150 records/s, a page at a
+    // time (its budget is 1 MiB); it is stopped gracefully early on. The shard is idle from here.
+    create_stream(&client, "out-new", 1).await;
+    wait_until("the backfill is under way", || async { first.accepted("out-new") >= 300 }).await;
+    first.stop().await.unwrap();
+    let before = contents(&client, "out-new").await.len();
+    assert!(before < 2_000, "the backfill was cut short ({before} of 2,000)");
+
+    // Restarted on the idle shard: the backfill moves on from its own position.
+    let second = Running::start(&toml, &emulator.url);
+    wait_until("the backfill finished on the idle shard", || async { all_hold(&client, &["out-new"], &input).await })
+        .await;
+    // The shard is split: its end is reached, and its children are read.
+    let shards = client.list_shards().stream_name("in").send().await.unwrap();
+    let parent = shards.shards()[0].shard_id().to_string();
+    client
+        .split_shard()
+        .stream_name("in")
+        .shard_to_split(&parent)
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "in").await;
+    let after = records(92, 400, 200);
+    put_all(&client, "in", &after).await;
+    second.wait_accepted("out-a", 400).await;
+    wait_until("the new destination has the children's records", || async {
+        all_hold(&client, &["out-new"], &after).await
+    })
+    .await;
+    second.stop().await.unwrap();
+    let everything = sorted(&[input, after].concat());
+    assert_eq!(contents(&client, "out-a").await, everything, "out-a: every record exactly once");
+    assert!(all_hold(&client, &["out-new"], &everything).await, "out-new: every record");
+}
