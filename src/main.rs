@@ -10,6 +10,12 @@ use kinesis_fanout::config::{ConfigError, LogFormat, LogSettings};
 use kinesis_fanout::{Service, Settings};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, with the settings compiled in from `.cargo/config.toml`: resident memory keeps within
+/// `memory.limit` whatever environment the binary starts in.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Copies one Kinesis stream to every stream matching a pattern, through Enhanced Fan-Out.
 #[derive(Debug, Parser)]
 #[command(name = "kinesis-fanout", version)]

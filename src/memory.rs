@@ -112,11 +112,15 @@ impl MemoryBudget {
         }
     }
 
-    /// Whether `bytes` can be taken while a quarter of the budget stays free for the live feed:
-    /// catch-ups read only then, so they never hold the live feed back.
-    pub fn has_spare(&self, bytes: usize) -> bool {
+    /// `bytes` if they can be taken while a quarter of the budget stays free for the live feed,
+    /// never waiting: catch-ups read only then, so they never hold the live feed back.
+    pub fn try_reserve_spare(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let wanted = self.permits_for(bytes);
         let free = self.permits.available_permits() as u64;
-        free >= u64::from(self.permits_for(bytes)) + self.limit / LIVE_RESERVE_DIVISOR
+        if free < u64::from(wanted) + self.limit / LIVE_RESERVE_DIVISOR {
+            return None;
+        }
+        Arc::clone(&self.permits).try_acquire_many_owned(wanted).ok()
     }
 
     /// What is free now of `bytes`, never waiting (possibly nothing): for records already read
@@ -167,8 +171,8 @@ mod tests {
         });
         let held = budget.reserve(700).await;
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0, "met at once: no relief asked");
-        assert!(budget.has_spare(50), "700 used: 50 leaves a quarter free");
-        assert!(!budget.has_spare(100), "100 would eat into the live feed's quarter");
+        assert!(budget.try_reserve_spare(100).is_none(), "100 would eat into the live feed's quarter");
+        assert_eq!(budget.try_reserve_spare(50).map(|p| p.num_permits()), Some(50), "50 leaves a quarter free");
         let waiting = tokio::spawn({
             let budget = budget.clone();
             async move { budget.reserve(600).await }

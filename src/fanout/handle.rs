@@ -52,11 +52,20 @@ impl Load {
     }
 
     fn add(&self, bytes: usize) {
+        self.add_within(bytes, usize::MAX);
+    }
+
+    /// Adds `bytes` if the total stays within `bound` (or nothing is queued); says whether it did.
+    fn add_within(&self, bytes: usize, bound: usize) -> bool {
         let mut state = self.state();
+        if state.0 > 0 && state.0.saturating_add(bytes) > bound {
+            return false;
+        }
         state.0 += bytes;
         if state.0 > self.max {
             state.1.get_or_insert_with(Instant::now);
         }
+        true
     }
 
     fn remove(&self, bytes: usize) {
@@ -148,10 +157,14 @@ impl DestinationHandle {
         }
     }
 
-    /// A share for `bytes` queued over the budget.
-    pub fn overdraft(&self, bytes: usize) -> Result<Share, Closed> {
+    /// A share for `bytes` queued over the budget, if the queued total stays within `bound`
+    /// (checked and added at once, so readers of several shards cannot pass it together).
+    pub fn overdraft_within(&self, bytes: usize, bound: usize) -> Result<Option<Share>, Closed> {
         let permit = Arc::clone(&self.budget).try_acquire_many_owned(0).map_err(|_| Closed)?;
-        Ok(self.share(permit, bytes))
+        if !self.load.add_within(bytes, bound) {
+            return Ok(None);
+        }
+        Ok(Some(Share { _permit: permit, bytes, load: Arc::clone(&self.load) }))
     }
 
     /// Budget for a chunk that must go now (a destination joining the live feed again, a
@@ -161,6 +174,11 @@ impl DestinationHandle {
         let permit =
             Arc::clone(&self.budget).try_acquire_many_owned(self.permits_for(bytes).min(free)).map_err(|_| Closed)?;
         Ok(self.share(permit, bytes))
+    }
+
+    /// The destination went away.
+    pub fn closed(&self) -> bool {
+        self.budget.is_closed()
     }
 
     /// Its budget, `max_in_flight_bytes`.
@@ -211,7 +229,8 @@ mod tests {
         let (handle, _queue) = DestinationHandle::new("d".into(), "arn:d".into(), 1_000);
         let within = handle.try_reserve(800).unwrap().expect("free");
         assert!(handle.try_reserve(400).unwrap().is_none(), "only 200 free");
-        let over = handle.overdraft(400).unwrap();
+        let over = handle.overdraft_within(400, 2_000).unwrap().expect("within twice the budget");
+        assert!(handle.overdraft_within(900, 2_000).unwrap().is_none(), "past twice the budget");
         assert_eq!(handle.queued(), 1_200);
         assert!(!handle.has_room());
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -200,27 +200,30 @@ impl Fanout {
             // The live feed never waits for one destination: a full one still gets the chunk, over
             // its budget, until it has held more than its budget for `detach_after` or holds the
             // most it may; then it is detached and catches up alone.
-            let bound = destination.budget().saturating_mul(OVERDRAFT_FACTOR);
-            let queued = destination.queued();
-            if destination.over_budget_for() >= detach_after || (queued > 0 && queued + bytes > bound) {
+            if destination.over_budget_for() >= detach_after {
                 self.detach(shard, destination);
                 continue;
             }
+            let bound = destination.budget().saturating_mul(OVERDRAFT_FACTOR);
             let share = match destination.try_reserve(bytes) {
-                Ok(Some(share)) => Ok(share),
-                Ok(None) => destination.overdraft(bytes),
-                Err(Closed) => Err(Closed),
+                Ok(None) => destination.overdraft_within(bytes, bound),
+                other => other,
             };
-            if let Ok(share) = share {
-                permits.push((destination, share));
+            match share {
+                Ok(Some(share)) => permits.push((destination, share)),
+                Ok(None) => self.detach(shard, destination),
+                Err(Closed) => {}
             }
         }
         let owed = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
         let (chunk, joined) = shard.begin_live(self.progress.next_id(), records, owed, memory);
+        let sent: Vec<Arc<str>> = permits.iter().map(|(d, _)| Arc::clone(&d.id)).collect();
         for (destination, permit) in permits {
             destination.send(Delivery { chunk: Arc::clone(&chunk), permit });
         }
-        for id in joined {
+        // A destination that joins with this chunk and was routed to it already (it was shed and
+        // caught up again meanwhile) gets it once.
+        for id in joined.into_iter().filter(|id| !sent.contains(id)) {
             let permit = set.iter().find(|d| d.id == id).map(|d| (d, d.reserve_now(bytes)));
             match permit {
                 Some((destination, Ok(permit))) => {

@@ -2,9 +2,9 @@
 //! destination the others left furthest behind is shed (see `progress::shed`).
 //!
 //! Chosen is the destination holding the most memory that another destination is already done
-//! with (its live chunks others finished, and its catch-ups' chunks), among those that may be
-//! detached (`detach_after` is not `off`), and only when that is at least a quarter of what is
-//! buffered: when every destination is as far behind as the others (a backlog drained by healthy
+//! with (its live chunks another destination acknowledged), among those that may be detached
+//! (`detach_after` is not `off`) and are not backfilling there, and only when that is at least a
+//! quarter of what is buffered: when every destination is as far behind as the others (a backlog drained by healthy
 //! destinations), shedding would help nobody, and the readers wait instead.
 
 use std::collections::BTreeMap;
@@ -14,9 +14,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{CatchUpStarter, DestinationSet};
+use super::{CatchUpStarter, DestinationHandle, DestinationSet};
 use crate::metrics::Metrics;
 use crate::progress::Progress;
+use crate::progress::Shed;
 
 /// At most one destination is shed this often: what a shed destination gives back takes a
 /// moment to come back (its writer drops its entries at its next turn).
@@ -48,40 +49,51 @@ impl Relief {
     /// Readers wait for memory, `used` bytes of it are buffered: sheds the destination the others
     /// left furthest behind, if one holds enough to matter. Returns its name.
     pub fn relieve(&self, used: u64) -> Option<Arc<str>> {
-        {
-            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|at| at.elapsed() < AT_MOST_EVERY) {
-                return None;
-            }
-            *last = Some(Instant::now());
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < AT_MOST_EVERY) {
+            return None;
         }
         let mut held = BTreeMap::new();
-        for shard in self.progress.all() {
+        let shards = self.progress.all();
+        for shard in &shards {
             shard.lagging(&mut held);
         }
+        let used = usize::try_from(used).unwrap_or(usize::MAX);
         let set = self.destinations.borrow().clone();
-        let (destination, bytes) = set
+        let mut candidates: Vec<(&DestinationHandle, usize)> = set
             .iter()
             .filter(|d| d.detach_after.is_some())
             .map(|d| (d, held.get(&d.id).copied().unwrap_or(0)))
-            .max_by_key(|(_, bytes)| *bytes)?;
-        let used = usize::try_from(used).unwrap_or(usize::MAX);
-        if bytes == 0 || bytes.saturating_mul(SHARE_DIVISOR) < used {
-            return None;
-        }
-        tracing::warn!(
-            destination = %destination.name,
-            held_bytes = bytes,
-            buffered_bytes = used,
-            "Memory budget ran short: the destination the others left furthest behind lets go of what it holds, and catches up on its own from its own position."
-        );
-        self.metrics.destination_shed.with_label_values(&[&*destination.name]).inc();
-        for shard in self.progress.all() {
-            if let Some(start) = shard.shed(&destination.id) {
-                self.catch_up.start(shard, destination.clone(), start);
+            .filter(|(_, bytes)| *bytes > 0 && bytes.saturating_mul(SHARE_DIVISOR) >= used)
+            .collect();
+        candidates.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+        // The first one that lets go of something (what it held may have been written meanwhile).
+        for (destination, bytes) in candidates {
+            let mut released = false;
+            for shard in &shards {
+                match shard.shed(&destination.id) {
+                    Shed::Nothing => {}
+                    Shed::Restarted => released = true,
+                    Shed::CatchUpFrom(start) => {
+                        released = true;
+                        self.catch_up.start(Arc::clone(shard), destination.clone(), start);
+                    }
+                }
             }
+            if !released {
+                continue;
+            }
+            *last = Some(Instant::now());
+            destination.notify_shed();
+            self.metrics.destination_shed.with_label_values(&[&*destination.name]).inc();
+            tracing::warn!(
+                destination = %destination.name,
+                held_bytes = bytes,
+                buffered_bytes = used,
+                "Memory budget ran short: the destination the others left furthest behind lets go of what it holds, and catches up on its own from its own position."
+            );
+            return Some(Arc::clone(&destination.name));
         }
-        destination.notify_shed();
-        Some(Arc::clone(&destination.name))
+        None
     }
 }

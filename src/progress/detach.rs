@@ -51,11 +51,6 @@ impl Hold {
         self.lane.state().outstanding.iter().filter(|o| !o.done).map(|o| o.records as u64).sum()
     }
 
-    /// Bytes of the memory budget its catch-up's chunks hold.
-    pub(super) fn held(&self) -> usize {
-        self.lane.state().outstanding.iter().filter(|o| !o.done).map(|o| o.cost).sum()
-    }
-
     /// Gives up its lane (its destination was shed): the destination drops the lane's chunks,
     /// and nothing waits for them.
     pub(super) fn revoke(&self) {
@@ -114,8 +109,6 @@ pub struct Batch {
 enum Owed {
     /// Every record up to and including this one.
     Through(SequenceNumber),
-    /// Every record before this one (a reading anchored here has registered nothing yet).
-    Before(SequenceNumber),
     /// Nothing: the live feed registered nothing without the destination.
     Nothing,
     /// Not known yet (a reading from LATEST or a timestamp before its first event): hand on
@@ -134,8 +127,11 @@ impl Owed {
         if !backfill {
             return Owed::Nothing;
         }
+        // An anchor with nothing registered after it is a continuation sequence number (or a
+        // stored place): the live feed may never hand that record on, so the backfill brings it
+        // too (at worst once more than needed), never neither.
         match (&state.anchor, &state.start) {
-            (Some(at), _) | (None, Some(Position::At(at))) => Owed::Before(at.clone()),
+            (Some(at), _) | (None, Some(Position::At(at))) => Owed::Through(at.clone()),
             (None, Some(Position::Sequence(after))) => Owed::Through(after.clone()),
             (None, Some(Position::TrimHorizon)) => Owed::Nothing,
             _ => Owed::Unknown,
@@ -145,7 +141,6 @@ impl Owed {
     fn covers(&self, seq: &SequenceNumber) -> bool {
         match self {
             Owed::Through(last) => seq <= last,
-            Owed::Before(first) => seq < first,
             Owed::Nothing | Owed::Unknown => false,
         }
     }
@@ -155,7 +150,6 @@ impl Owed {
     fn reached(&self, handed: Option<&SequenceNumber>, read: Option<&SequenceNumber>) -> bool {
         match self {
             Owed::Through(last) => handed.is_some_and(|h| h >= last) || read.is_some_and(|r| r > last),
-            Owed::Before(first) => read.is_some_and(|r| r >= first),
             Owed::Nothing => true,
             Owed::Unknown => false,
         }
@@ -328,6 +322,7 @@ impl ShardProgress {
                 state.settling.push((Arc::clone(name), hold));
             }
         }
+        owed.retain(|d| !joined.contains(d));
         owed.extend(joined.iter().cloned());
         let chunk = self.register(&mut state, id, records, owed, memory);
         (chunk, joined)
@@ -527,8 +522,9 @@ mod tests {
 
     #[test]
     fn a_backfill_of_a_closed_shard_joins_at_the_shard_end() {
-        // A reading anchored at 20 (from LATEST) on a shard closed since; the backfill owes what
-        // lies before 20, and the shard holds nothing more.
+        // A reading anchored at 20 (from LATEST: its first event had no record, so 20 is its
+        // continuation) on a shard closed since; the backfill owes up to 20, and the shard holds
+        // nothing more.
         let progress = Progress::default();
         let shard = progress.shard("s");
         shard.set_start(Position::Latest);
@@ -544,7 +540,26 @@ mod tests {
         assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "the end of a closed shard proves nothing follows");
         let past = shard.introduce(&"other".into(), &Position::TrimHorizon, true);
         assert!(past.is_some());
-        let outcome = shard.catch_up("other", batch(records(&[19, 20])), progress.next_id(), true, |_| {});
-        assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "a record at the anchor proves the rest was read");
+        let mut handed = Vec::new();
+        let outcome = shard.catch_up("other", batch(records(&[19, 20])), progress.next_id(), true, |c| handed.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "the record at the anchor handed on proves the rest was");
+        assert_eq!(handed[0].records.len(), 2, "the anchor's own record too: the live feed may never hand it on");
+    }
+
+    #[test]
+    fn a_backfill_finished_on_an_idle_shard_keeps_its_position() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        shard.set_start(Position::Sequence(SequenceNumber::parse("10").unwrap()));
+        shard.set_skips(&std::collections::BTreeMap::from([
+            ("new".to_string(), SequenceNumber::parse("5").unwrap()),
+            ("old".to_string(), SequenceNumber::parse("10").unwrap()),
+        ]));
+        assert!(shard.introduce(&"new".into(), &Position::TrimHorizon, false).is_some());
+        let mut sent = Vec::new();
+        let outcome = shard.catch_up("new", batch(records(&[6, 10, 11])), progress.next_id(), true, |c| sent.push(c));
+        assert_eq!(outcome, CatchUp::Joined { expired: 0 });
+        sent[0].acknowledge("new");
+        assert_eq!(shard.destination_positions().get("new"), seq(10).as_ref(), "a restart does not backfill it again");
     }
 }

@@ -25,6 +25,7 @@ pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
 pub use checkpointer::Checkpointer;
 pub use detach::{Batch, CatchUp, Route};
 pub use positions::DestinationPositions;
+pub use shed::Shed;
 
 /// A run of records read from one shard, shared by every destination it is copied to.
 #[derive(Debug)]
@@ -107,9 +108,9 @@ struct Outstanding {
     /// How many records the chunk holds, and its share of the memory budget.
     records: usize,
     cost: usize,
-    /// How many destinations were owed the chunk when it was registered: fewer owe it now once
-    /// some are done with it.
-    owed_at_start: usize,
+    /// How many destinations acknowledged it so far: a destination that still owes a chunk
+    /// another one finished is behind (taking a shed destination off it does not count).
+    acked: usize,
     /// Source arrival of the chunk's first record (the lag an operator alerts on).
     arrival: Option<SystemTime>,
     /// Destinations (ids) that have not yet accepted every record of the chunk.
@@ -170,14 +171,13 @@ impl ShardProgress {
         state.seen.extend(owed.iter().cloned());
         detach::count_missed(state, &owed, records.len());
         let cost = memory.as_ref().map_or(0, |m| m.num_permits());
-        let (count, owed_at_start) = (records.len(), owed.len());
         state.outstanding.push_back(Outstanding {
             id,
             last: last.clone(),
             done: false,
-            records: count,
+            records: records.len(),
             cost,
-            owed_at_start,
+            acked: 0,
             arrival,
             owed,
         });
@@ -210,7 +210,11 @@ impl ShardProgress {
         let entry = &mut state.outstanding[index];
         let before = entry.owed.len();
         entry.owed.retain(|d| &**d != destination);
-        if entry.owed.len() == before || !entry.owed.is_empty() {
+        if entry.owed.len() == before {
+            return false;
+        }
+        entry.acked += 1;
+        if !entry.owed.is_empty() {
             return false;
         }
         let empty = Self::complete_in(&mut state, id);

@@ -55,11 +55,13 @@ pub(super) fn has_through(state: &ShardState, destination: &str, last: &Sequence
 
 /// Below this, `destination` has every record of the shard.
 pub(super) fn own_position(state: &ShardState, destination: &str) -> Option<SequenceNumber> {
-    // Live chunks it still owes: it has everything before the first one.
+    // Live chunks it still owes: it has everything before the first one. A reading that has
+    // registered nothing says nothing about it (a backfill that finished on an idle shard has
+    // what its catch-up brought).
     let live = match state.outstanding.iter().position(|o| o.owed.iter().any(|d| &**d == destination)) {
-        Some(0) => state.acknowledged.clone(),
-        Some(i) => Some(state.outstanding[i - 1].last.clone()),
-        None => state.last_registered.clone().or_else(|| state.acknowledged.clone()),
+        Some(0) => Some(state.acknowledged.clone()),
+        Some(i) => Some(Some(state.outstanding[i - 1].last.clone())),
+        None => state.last_registered.clone().or_else(|| state.acknowledged.clone()).map(Some),
     };
     // Records its catch-up has not handed on, or that it has not accepted yet.
     let detached = state.detached.get(destination).map(|h| h.floor());
@@ -67,10 +69,12 @@ pub(super) fn own_position(state: &ShardState, destination: &str) -> Option<Sequ
     let mut position = live;
     for floor in detached.into_iter().chain(settling) {
         position = match (position, floor) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            _ => None,
+            (Some(Some(a)), Some(b)) => Some(Some(a.min(b))),
+            (None, floor) => Some(floor),
+            _ => Some(None),
         };
     }
+    let position = position.flatten();
     // A stored position ahead of this reading's is still the destination's.
     match (position, state.skips.get(destination)) {
         (Some(p), Some(skip)) => Some(p.max(skip.clone())),

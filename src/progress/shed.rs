@@ -16,35 +16,30 @@ use super::positions::own_position;
 use super::{Position, ShardProgress, ShardState};
 
 impl ShardProgress {
-    /// Adds to `held`, per destination, the bytes of the memory budget it holds on this shard
-    /// that some other destination is done with: its live chunks another destination finished,
-    /// and its catch-up's chunks.
+    /// Adds to `held`, per destination, the bytes of the memory budget that shedding it here
+    /// would give back and that another destination is already done with: its live chunks some
+    /// other destination acknowledged. (Catch-ups' chunks are not counted: a destination's
+    /// catch-ups read only while it has little queued and a quarter of the budget is free, so
+    /// they never hold the live feed back; shedding them would only read them again.)
     pub fn lagging(&self, held: &mut BTreeMap<Arc<str>, usize>) {
         let state = self.state();
-        for chunk in state.outstanding.iter().filter(|o| !o.done && o.owed.len() < o.owed_at_start) {
-            for destination in &chunk.owed {
+        for chunk in state.outstanding.iter().filter(|o| !o.done && o.acked > 0) {
+            for destination in chunk.owed.iter().filter(|d| !backfilling(&state, d)) {
                 *held.entry(Arc::clone(destination)).or_default() += chunk.cost;
             }
-        }
-        let holds = state.detached.iter().chain(state.settling.iter().map(|(d, h)| (d, h)));
-        for (destination, hold) in holds {
-            *held.entry(Arc::clone(destination)).or_default() += hold.held();
         }
     }
 
     /// Takes `destination` off everything it owes on this shard and detaches it at its own
-    /// position. Returns where a new catch-up starts; `None` when it holds nothing here, when it
-    /// is backfilling here (a backfill reads only while there is room, so it never holds the
-    /// readers back), or when its running catch-up restarts by itself.
-    pub fn shed(self: &Arc<Self>, destination: &Arc<str>) -> Option<Position> {
+    /// position. Nothing is done where it owes nothing live, or where it is backfilling (a
+    /// backfill reads only while there is room, so it never holds the readers back).
+    pub fn shed(self: &Arc<Self>, destination: &Arc<str>) -> Shed {
         let mut state = self.state();
         if self.revoked() || backfilling(&state, destination) {
-            return None;
+            return Shed::Nothing;
         }
-        let owes_live = state.outstanding.iter().any(|o| !o.done && o.owed.contains(destination));
-        let holds = state.detached.contains_key(destination) || state.settling.iter().any(|(d, _)| d == destination);
-        if !owes_live && !holds {
-            return None;
+        if !state.outstanding.iter().any(|o| !o.done && o.owed.contains(destination)) {
+            return Shed::Nothing;
         }
         let seam = own_position(&state, destination);
         let mut missed = 0u64;
@@ -77,8 +72,19 @@ impl ShardProgress {
         // Destinations look through their queues for what they no longer owe.
         self.revocations.fetch_add(1, Ordering::AcqRel);
         self.drained.notify_waiters();
-        (!running).then_some(start)
+        if running { Shed::Restarted } else { Shed::CatchUpFrom(start) }
     }
+}
+
+/// What shedding a destination did on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shed {
+    /// It owed nothing live here (or backfills here): nothing changed.
+    Nothing,
+    /// It let go; its running catch-up reads again from its own position.
+    Restarted,
+    /// It let go; a new catch-up reads from here.
+    CatchUpFrom(Position),
 }
 
 /// Whether `destination` backfills on this shard (or still settles a backfill).
@@ -122,7 +128,7 @@ mod tests {
         assert_eq!(shard.acknowledged(), Some(seq(2)));
 
         // Shed: its chunks complete for the fast one, and their memory returns.
-        assert_eq!(shard.shed(&slow), Some(Position::Sequence(seq(2))), "its catch-up reads after 2");
+        assert_eq!(shard.shed(&slow), Shed::CatchUpFrom(Position::Sequence(seq(2))), "its catch-up reads after 2");
         assert!(!second.owed_by("slow") && !third.owed_by("slow"));
         drop((first, second, third));
         assert_eq!(memory.used(), 0, "nothing is held for the shed destination");
@@ -159,7 +165,8 @@ mod tests {
         );
 
         // Shed: the queued live chunk and the catch-up's chunk are given up; it accepted nothing.
-        assert_eq!(shard.shed(&slow), None, "its running catch-up restarts");
+        assert_eq!(shard.shed(&slow), Shed::Restarted, "its running catch-up restarts");
+        assert_eq!(shard.shed(&slow), Shed::Nothing, "nothing left to let go of");
         assert!(!first.owed_by("slow"));
         assert!(!sent[0].owed_by("slow"), "the catch-up's chunk is dropped too");
         assert_eq!(shard.acknowledged(), None, "it has nothing of this reading");
@@ -172,5 +179,42 @@ mod tests {
         assert_eq!(outcome, CatchUp::Joined { expired: 0 }, "every record it missed was read again");
         let again: Vec<&str> = sent[1].records.iter().map(|r| r.sequence_number.as_str()).collect();
         assert_eq!(again, ["1", "2", "3", "4"]);
+    }
+
+    #[tokio::test]
+    async fn only_what_another_destination_acknowledged_counts_and_never_a_backfill() {
+        let progress = Progress::default();
+        let shard = progress.shard("s");
+        let memory = crate::memory::MemoryBudget::new(10_000);
+        let (a, b, slow): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "slow".into());
+        let all = || vec![a.clone(), b.clone(), slow.clone()];
+        let (first, _) = shard.begin_live(progress.next_id(), records(&[1]), all(), Some(memory.reserve(100).await));
+        let (second, _) = shard.begin_live(progress.next_id(), records(&[2]), all(), Some(memory.reserve(200).await));
+        first.acknowledge("a");
+        // Shed before anyone finished the second chunk: the others owing it are not behind.
+        assert!(matches!(shard.shed(&slow), Shed::CatchUpFrom(_)));
+        let mut held = BTreeMap::new();
+        shard.lagging(&mut held);
+        assert_eq!(held.get(&b), Some(&100), "b owes only the chunk a finished");
+        assert_eq!(held.get(&a), None);
+        drop(second);
+
+        // A backfill settling on this shard owes live chunks, but is never shed: not counted.
+        let new: Arc<str> = "new".into();
+        shard.set_skips(&BTreeMap::from([("a".to_string(), seq(1))]));
+        assert!(shard.introduce(&new, &Position::TrimHorizon, true).is_some());
+        let batch = Batch { records: records(&[1, 2]), shard_end: false, memory: None };
+        let mut lane = Vec::new();
+        assert_eq!(
+            shard.catch_up("new", batch, progress.next_id(), true, |c| lane.push(c)),
+            CatchUp::Joined { expired: 0 }
+        );
+        let (third, joined) = shard.begin_live(progress.next_id(), records(&[3]), vec![a.clone()], None);
+        assert_eq!(joined, vec![new.clone()]);
+        third.acknowledge("a");
+        let mut held = BTreeMap::new();
+        shard.lagging(&mut held);
+        assert_eq!(held.get(&new), None, "a settling backfill is not a candidate");
+        assert_eq!(shard.shed(&new), Shed::Nothing);
     }
 }

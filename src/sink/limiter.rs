@@ -50,9 +50,12 @@ impl Limiter {
     /// returns how long that took.
     pub async fn acquire(&mut self, records: usize, bytes: usize) -> Duration {
         let start = Instant::now();
-        let (debt_records, debt_bytes) = std::mem::take(&mut self.debt);
+        // The debt is settled only once paid: a wait cut short (the destination was shed) pays
+        // it again next time rather than lose it.
+        let (debt_records, debt_bytes) = self.debt;
         wait_for(&self.records, self.records_burst, records as u64 + debt_records).await;
         wait_for(&self.bytes, self.bytes_burst, bytes as u64 + debt_bytes).await;
+        self.debt = (0, 0);
         start.elapsed()
     }
 

@@ -3,6 +3,8 @@
 //! backoff with jitter, and refused ones are dead-lettered, or held when there is no dead-letter
 //! stream (the destination then stops advancing, loudly, until the cause is fixed).
 
+use std::sync::Arc;
+
 use super::dead_letter::Rejected;
 use super::entries::Pending;
 use super::retry::EntryOutcome;
@@ -95,6 +97,7 @@ impl Writer {
     async fn dead_letter_or_hold(&mut self, rejected: &mut Vec<(Pending, String, String)>) -> Result<bool, Interrupt> {
         let bytes: u64 = rejected.iter().map(|(p, _, _)| p.size() as u64).sum();
         let (code, message) = (rejected[0].1.clone(), rejected[0].2.clone());
+        let shed = Arc::clone(&self.task.shed);
         let Some(dead_letter) = self.dead_letter.as_mut() else {
             self.set_stalled(true);
             let newly_held = rejected.iter_mut().filter(|(p, _, _)| !p.held).map(|(p, _, _)| p.held = true).count();
@@ -127,8 +130,18 @@ impl Writer {
             .collect();
         tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
         let stop = self.task.stop.clone();
-        let written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop).await;
+        // A dead-letter stream that refuses too keeps this write going; a shed must not wait for
+        // it: the records are held for now (and dropped if no longer owed), and the wait that
+        // follows is cut short too.
+        let written = tokio::select! {
+            _ = shed.notified() => None,
+            written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop) => Some(written),
+        };
         drop(entries);
+        let Some(written) = written else {
+            shed.notify_one();
+            return Ok(false);
+        };
         let Ok(unwrapped) = written else {
             return Err(Interrupt::Stop);
         };

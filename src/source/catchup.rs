@@ -4,14 +4,16 @@
 //!
 //! GetRecords shares a shard's read quota (5 calls/s, 2 MB/s) with every other polling consumer,
 //! so a catch-up makes at most 2 calls a second per shard, 1 when it is near the tip, backs off on
-//! ProvisionedThroughputExceeded, and reads no faster than its destination writes: a page is read
-//! only while at most half the destination's budget is queued and the memory budget has room for
-//! it with a quarter left for the live feed. It waits for that room holding nothing, so a
-//! destination that refuses everything costs the others no memory beyond its own budget.
+//! ProvisionedThroughputExceeded, and reads no faster than its destination writes: a page, sized to
+//! an eighth of the memory budget by what records cost so far, is read only while the destination
+//! has at most half its budget (and at most that eighth) queued, and once the memory budget
+//! reserved it with a quarter left for the live feed. It waits for that room holding nothing, so a
+//! destination that refuses everything costs the others little memory, and never their quarter.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::reader::source_record;
@@ -31,8 +33,11 @@ const BUSY_PAUSE: Duration = Duration::from_millis(500);
 const IDLE_PAUSE: Duration = Duration::from_secs(1);
 /// Between looks for room in the destination's budget and the memory budget.
 const ROOM_PAUSE: Duration = Duration::from_millis(200);
-/// What a page is expected to cost before one was read.
-const EXPECTED_PAGE_BYTES: usize = 1 << 20;
+/// What a record is expected to cost before a page was read.
+const RECORD_GUESS: usize = 1 << 10;
+/// A page may cost this share of the memory budget (and a destination's catch-ups together may
+/// hold this share queued): several catch-ups and the live feed fit beside each other.
+const PAGE_DIVISOR: u64 = 8;
 
 /// Starts catch-ups as the fan-out detaches destinations.
 #[derive(Debug, Clone)]
@@ -87,19 +92,25 @@ impl Reader {
         let mut last: Option<SequenceNumber> = None;
         let mut start = self.start.clone();
         let mut iterator: Option<String> = None;
-        // What the next page is expected to cost: it is read only once there is that much room.
-        let mut expected = EXPECTED_PAGE_BYTES;
+        // A page is sized to a share of the memory budget by what records cost so far, and read
+        // only once that much is reserved.
+        let page_bytes = usize::try_from(self.up.memory.limit() / PAGE_DIVISOR).unwrap_or(usize::MAX).max(1);
+        let mut per_record = RECORD_GUESS;
         let mut backoff = Backoff::try_new(Duration::from_millis(500), Duration::from_secs(10)).expect("valid bounds");
         tracing::info!(destination = name, shard = %shard_id, from = %self.start, "Catch-up started.");
         loop {
             if self.shard.revoked() {
                 return CatchUp::Gone;
             }
+            if self.destination.closed() {
+                return CatchUp::Gone;
+            }
             // Read only with room to hand on: nothing is held while waiting for it.
-            if !self.destination.has_room() || !self.up.memory.has_spare(expected) {
+            let limit = (page_bytes / per_record).clamp(1, PAGE as usize);
+            let Some(memory) = self.room(page_bytes, limit * per_record) else {
                 tokio::time::sleep(ROOM_PAUSE).await;
                 continue;
-            }
+            };
             let from = last.clone().map(Position::Sequence).unwrap_or_else(|| start.clone());
             let current = match iterator.take() {
                 Some(it) => it,
@@ -111,7 +122,7 @@ impl Reader {
                     }
                 },
             };
-            let page = match kinesis::get_records(&self.up.client, &current, PAGE).await {
+            let page = match kinesis::get_records(&self.up.client, &current, limit as i32).await {
                 Ok(page) => page,
                 Err(err) => {
                     // An expired iterator is asked for again from the last record handed on.
@@ -125,8 +136,11 @@ impl Reader {
             let shard_end = page.next.is_none();
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
             let cost: usize = records.iter().map(SourceRecord::footprint).sum();
-            expected = expected.max(cost);
-            match self.hand_on(records, shard_end) {
+            if !records.is_empty() {
+                per_record = (cost / records.len()).max(1);
+            }
+            let memory = self.fit(memory, cost);
+            match self.hand_on(records, shard_end, memory) {
                 CatchUp::Behind(reached) => last = reached.or(last),
                 CatchUp::Restart(from) => {
                     tracing::info!(destination = name, shard = %shard_id, %from, "Destination was shed; its catch-up reads again from its own position.");
@@ -176,32 +190,54 @@ impl Reader {
         out
     }
 
+    /// Room to read a page expected to cost `expected`: the destination's catch-ups hold at most
+    /// half its budget, and at most `page_bytes` (a share of the memory budget), queued; and the
+    /// memory budget has `expected` to spare with a quarter left for the live feed. The page's
+    /// share of the memory budget, reserved.
+    fn room(&self, page_bytes: usize, expected: usize) -> Option<OwnedSemaphorePermit> {
+        let cap = (self.destination.budget() / 2).min(page_bytes);
+        if self.destination.queued() > cap {
+            return None;
+        }
+        self.up.memory.try_reserve_spare(expected)
+    }
+
+    /// The reservation made for a page, fitted to what it cost: the surplus given back, or what
+    /// is free of the excess taken (a page dearer than expected is let through, counted as far
+    /// as the budget allows; the next one is sized by it).
+    fn fit(&self, mut memory: OwnedSemaphorePermit, cost: usize) -> Option<OwnedSemaphorePermit> {
+        if cost == 0 {
+            return None;
+        }
+        let held = memory.num_permits();
+        if held > cost {
+            drop(memory.split(held - cost));
+        } else if cost > held {
+            memory.merge(self.up.memory.reserve_now(cost - held));
+        }
+        Some(memory)
+    }
+
     /// Queues what the live feed registered already; says whether the destination joined it.
-    /// It never waits: the page was read only once there was room for it, and what it costs
-    /// beyond that (a page larger than expected) is taken as overdraft.
-    fn hand_on(&self, records: Vec<SourceRecord>, shard_end: bool) -> CatchUp {
+    /// It never waits: the page was read only once there was room for it.
+    fn hand_on(&self, records: Vec<SourceRecord>, shard_end: bool, memory: Option<OwnedSemaphorePermit>) -> CatchUp {
         let name: &str = &self.destination.name;
         if let Some(age) = records.first().and_then(|r| r.arrival).and_then(|a| a.elapsed().ok()) {
             self.up.metrics.destination_lag_seconds.with_label_values(&[name]).set(age.as_secs_f64());
         }
-        let bytes: usize = records.iter().map(SourceRecord::size).sum();
-        let (permit, memory) = if records.is_empty() {
-            (None, None)
-        } else {
-            let memory = self.up.memory.reserve_now(records.iter().map(SourceRecord::footprint).sum());
-            match self.destination.reserve_now(bytes) {
-                Ok(permit) => (Some(permit), Some(memory)),
-                Err(_) => return CatchUp::Gone,
-            }
-        };
         let batch = Batch { records, shard_end, memory };
         let id = self.up.progress.next_id();
         let room = self.destination.has_room();
         let mut handed = 0u64;
         let outcome = self.shard.catch_up(&self.destination.id, batch, id, room, |chunk| {
             handed = chunk.records.len() as u64;
-            let permit = permit.expect("a permit was taken for a non-empty batch");
-            self.destination.send(Delivery { chunk, permit });
+            // The destination's budget counts what it was handed, not the whole page.
+            match self.destination.reserve_now(chunk.bytes) {
+                Ok(permit) => self.destination.send(Delivery { chunk, permit }),
+                Err(_) => {
+                    chunk.acknowledge(&self.destination.id);
+                }
+            }
         });
         if handed > 0 {
             self.up.metrics.catch_up_records.with_label_values(&[name]).inc_by(handed);

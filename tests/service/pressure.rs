@@ -170,20 +170,21 @@ async fn check_order_per_key(client: &Client, stream: &str) -> usize {
 async fn a_slow_destination_that_still_drains_holds_no_one_back_under_a_small_memory_limit() {
     let (emulator, client) = limited(&[("in", 4), ("out-fast-a", 4), ("out-fast-b", 4), ("out-slow", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    // 12 MiB of buffers for a backlog of about 20 MB owed to the slow destination.
+    // 8 MiB of buffers for a backlog of about 25 MB owed to the slow destination.
     let toml =
-        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"2s\"")], "[memory]\nlimit = \"24MiB\"\n");
+        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"2s\"")], "[memory]\nlimit = \"16MiB\"\n");
     let service = Running::start(&toml, &emulator.url);
     wait_until("three destinations", || async { service.metrics.destinations.get() == 3 }).await;
 
     // 2,000 records/s of 700 bytes: twice what the 1-shard destination can take.
-    let producer = Producer::start(&client, "slow", 2_000, seconds(15), 700);
+    let producer = Producer::start(&client, "slow", 2_000, seconds(20), 700);
     let worst = watch_lag(&service, &producer, &["out-fast-a", "out-fast-b"]).await;
+    eprintln!("slow-but-draining: worst gaps behind the producer {worst:?}");
     let input = producer.task.await.unwrap();
     let total = input.len() as u64;
-    // Bound: the fast destinations are never more than 5 s of traffic behind the producer.
+    // Bound: the fast destinations are never more than 1.5 s of traffic behind the producer.
     for (name, gap) in &worst {
-        assert!(*gap <= 10_000, "{name} fell {gap} records behind the producer: it waited for the slow one");
+        assert!(*gap <= 3_000, "{name} fell {gap} records behind the producer: it waited for the slow one");
     }
     for name in ["out-fast-a", "out-fast-b"] {
         service.wait_accepted(name, total).await;
@@ -195,7 +196,7 @@ async fn a_slow_destination_that_still_drains_holds_no_one_back_under_a_small_me
         assert_eq!(contents(&client, name).await, sorted(&input), "{name}: every record exactly once");
     }
     assert!(all_hold(&client, &["out-slow"], &input).await, "the slow destination got every record");
-    eprintln!("slow-but-draining: worst gaps {worst:?}, slow duplicates {}", duplicates_in(&client, "out-slow").await);
+    eprintln!("slow-but-draining: slow duplicates {}", duplicates_in(&client, "out-slow").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,15 +206,17 @@ async fn a_destination_that_refuses_everything_holds_no_one_back_under_a_small_m
     let (_dir, checkpoint) = temp_checkpoint();
     // No dead-letter stream, and a detach_after far longer than memory lasts.
     let toml =
-        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"10m\"")], "[memory]\nlimit = \"24MiB\"\n");
+        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"10m\"")], "[memory]\nlimit = \"16MiB\"\n");
     let service = Running::start(&toml, &emulator.url);
     wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
 
-    let producer = Producer::start(&client, "refused", 1_500, seconds(12), 700);
+    let producer = Producer::start(&client, "refused", 1_500, seconds(15), 700);
     let worst = watch_lag(&service, &producer, &["out-fast-a"]).await;
+    eprintln!("refusing: worst gap behind the producer {worst:?}");
     let input = producer.task.await.unwrap();
     let total = input.len() as u64;
-    assert!(worst["out-fast-a"] <= 7_500, "the healthy destination fell {worst:?} records behind");
+    // Bound: the healthy destination is never more than 2 s of traffic behind the producer.
+    assert!(worst["out-fast-a"] <= 3_000, "the healthy destination fell {worst:?} records behind");
     service.wait_accepted("out-fast-a", total).await;
     assert_eq!(service.accepted("out-broken"), 0, "still refusing");
     assert!(service.metrics.destination_shed.with_label_values(&["out-broken"]).get() > 0, "it was shed");
