@@ -232,7 +232,7 @@ level = "warn"
 }
 
 /// Starts `kinesis-fanout run` with `config` (written to `<name>.toml` in `dir`, its log to
-/// `<name>.log`), as the Dockerfile and the ECS task run it.
+/// `<name>.log`): the bare binary, with no allocator variables (it configures its own).
 fn run_binary(bin: &Path, dir: &Path, name: &str, config: &str) -> anyhow::Result<Child> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config)?;
@@ -242,9 +242,6 @@ fn run_binary(bin: &Path, dir: &Path, name: &str, config: &str) -> anyhow::Resul
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench")
         .env("AWS_REGION", "us-east-1")
-        .env("MALLOC_ARENA_MAX", "2")
-        .env("MALLOC_MMAP_THRESHOLD_", "131072")
-        .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
         .spawn()?)
@@ -430,6 +427,62 @@ async fn big_events(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     r.insert("cpu_s", json!(round2(cpu)));
     r.insert("peak_rss_mib", json!(round2(rss)));
     r.insert("memory_limit_mib", json!(limit_mib));
+    r.extend(slow_but_draining(opts, bin, 10_000, 96).await?);
+    Ok(r)
+}
+
+/// A slow destination that still drains (rate-limited to a quarter of the source's rate) beside
+/// healthy ones, under a memory limit far below its backlog, with the bare binary: the healthy
+/// destinations' share of what was produced and p99 lag behind the producer while it runs, how
+/// long the slow one takes to get everything after the load ends, and peak RSS against the limit.
+/// `event_records`: the most records the emulator puts in one SubscribeToShard event.
+async fn slow_but_draining(opts: &Opts, bin: &Path, event_records: usize, limit_mib: u64) -> anyhow::Result<Report> {
+    let emulator = start_emulator_with(event_records).await?;
+    let client = Client::new(&sdk(&emulator.url));
+    create(&client, "bench-in", opts.shards).await?;
+    let healthy: Vec<String> = (0..opts.destinations.max(2) - 1).map(|i| format!("bench-out-{i}")).collect();
+    for name in &healthy {
+        create(&client, name, 4).await?;
+    }
+    let slow = "bench-slow-0".to_string();
+    create(&client, &slow, 1).await?;
+    let (rate, slow_rate) = (3_000, 1_000);
+    let extra = format!(
+        "detach_after = \"2s\"\n[[destinations]]\npattern = \"^bench-slow-.*$\"\nrefresh_interval = \"5s\"\n\
+         records_per_second = \"{slow_rate}\"\nlinger = \"50ms\"\ndetach_after = \"2s\"\n[memory]\nlimit = \"{limit_mib}MiB\""
+    );
+    let dir = tempfile::tempdir()?;
+    let service = spawn_service_with(bin, dir.path(), &emulator.url, "32MiB", &extra)?;
+    let seconds = if opts.smoke { 2 } else { 20 };
+    let per_tick = rate / 10;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut put, mut lags) = (0usize, Vec::new());
+    let mut healthy_at_end = 0.0;
+    for _ in 0..seconds * 10 {
+        tick.tick().await;
+        produce(&client, "bench-in", put, put + per_tick, opts.record_size).await?;
+        put += per_tick;
+        let page = scrape(&service.metrics).await;
+        let slowest = healthy.iter().map(|d| delivered(&page, d)).fold(f64::INFINITY, f64::min);
+        lags.push((put as f64 - slowest).max(0.0) / rate as f64 * 1000.0);
+        healthy_at_end = slowest;
+    }
+    wait_delivered(&service, &healthy, put, Duration::from_secs(120)).await?;
+    let ended = Instant::now();
+    wait_delivered(&service, std::slice::from_ref(&slow), put, Duration::from_secs(900)).await?;
+    let slow_done = ended.elapsed().as_secs_f64();
+    let (_, rss) = usage(service.child.id());
+    let page = scrape(&service.metrics).await;
+    stop(service);
+    lags.sort_by(f64::total_cmp);
+    let p99 = lags.get(((lags.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+    let mut r = Report::new();
+    r.insert("slow_healthy_share", json!(round2(healthy_at_end / put as f64)));
+    r.insert("slow_healthy_lag_p99_ms", json!(round2(p99)));
+    r.insert("slow_done_after_load_s", json!(round2(slow_done)));
+    r.insert("slow_sheds", json!(sum(&page, "kinesis_fanout_destination_shed_total", &slow)));
+    r.insert("slow_peak_rss_mib", json!(round2(rss)));
+    r.insert("slow_memory_limit_mib", json!(limit_mib));
     Ok(r)
 }
 
@@ -526,6 +579,7 @@ async fn stall(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     r.insert("catch_up_records", json!(sum(&page, "kinesis_fanout_destination_catch_up_records_total", &broken)));
     r.insert("cpu_s", json!(round2(cpu)));
     r.insert("peak_rss_mib", json!(round2(rss)));
+    r.extend(slow_but_draining(opts, bin, 1_000, 64).await?);
     Ok(r)
 }
 

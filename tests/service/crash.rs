@@ -32,9 +32,6 @@ pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
         .env("RUST_LOG", "error")
-        .env("MALLOC_ARENA_MAX", "2")
-        .env("MALLOC_MMAP_THRESHOLD_", "131072")
-        .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
