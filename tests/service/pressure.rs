@@ -341,3 +341,32 @@ async fn a_backfill_cut_short_on_an_idle_shard_resumes_after_a_restart_and_finis
     assert_eq!(contents(&client, "out-a").await, everything, "out-a: every record exactly once");
     assert!(all_hold(&client, &["out-new"], &everything).await, "out-new: every record");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_for_memory_stays_ready_and_keeps_its_subscription() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // Backpressure by choice (never detached, never shed), and a memory budget (2 MiB of buffers)
+    // far below the destination's buffer: the reader ends up waiting for memory, not for buffer.
+    let groups = [("^out-.*$", "detach_after = \"off\"")];
+    let toml = config(&emulator.url, &checkpoint, &groups, "[memory]\nlimit = \"4MiB\"\n");
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
+    emulator.faults.lock().unwrap().throttle_puts_to = Some("out-1".into());
+    let input = records(1900, 15_000, 100);
+    put_all(&client, "in", &input).await;
+    let budget = service.metrics.memory.get().expect("the budget is set").clone();
+    wait_until("the reader waits for memory", || async { budget.used() * 10 >= budget.limit() * 9 }).await;
+    let resubscribes = service.metrics.resubscribes.with_label_values(&["idle_timeout"]).get();
+    let until = tokio::time::Instant::now() + kinesis_fanout::health::SUBSCRIPTION_STALE + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let (status, body) = service.get("/readyz").await;
+        assert_eq!(status, 200, "waiting for memory is not a failure: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(service.metrics.resubscribes.with_label_values(&["idle_timeout"]).get(), resubscribes);
+    emulator.faults.lock().unwrap().throttle_puts_to = None;
+    service.wait_accepted("out-1", input.len() as u64).await;
+    service.stop().await.unwrap();
+    assert_eq!(contents(&client, "out-1").await, sorted(&input));
+}
