@@ -142,7 +142,7 @@ impl Pipeline {
                 Err(err) => return Err(err.into()),
             };
         health.consumer_active();
-        let backend = Backend::open(&settings, &identities, &clients, &stream).await?;
+        let backend = Backend::open(&settings, &identities, &clients, &stream, &metrics).await?;
         let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 
@@ -302,6 +302,7 @@ impl Backend {
         identities: &Identities,
         clients: &KinesisClients,
         stream: &source::SourceStream,
+        metrics: &Metrics,
     ) -> Result<Backend, RunError> {
         match &settings.checkpoint.backend {
             CheckpointBackend::File { path } => {
@@ -316,7 +317,8 @@ impl Backend {
                 let aws = lease.aws(&settings.source.aws);
                 let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
                 let client = crate::aws::dynamodb_client(&identities.sdk, &aws, credentials, lease);
-                let table = LeaseTable::new(client, lease.table_name.clone());
+                let table = LeaseTable::new(client, lease.table_name.clone())
+                    .count_unreadable(metrics.lease_items_unreadable.clone());
                 table.ensure(lease.create_table).await?;
                 let me = match &lease.worker_id {
                     Some(id) => id.clone(),

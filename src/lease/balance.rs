@@ -13,15 +13,29 @@ pub enum Take {
     Steal(String),
 }
 
-/// Whether every parent of a lease has been read to its end (a missing parent has aged out).
-fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>) -> bool {
-    lease.parents.iter().all(|p| by_key.get(p.as_str()).is_none_or(|parent| parent.checkpoint == Position::ShardEnd))
+/// Whether every parent of a lease has been read to its end. A parent without a lease is done
+/// when the child has started already (a finished parent's lease is deleted only once every
+/// child started), or when the stream no longer lists it (`listed`: it aged out). One still
+/// listed, or not known to be gone (`listed` unknown), is not done: its lease is about to be
+/// created, and its records come first.
+fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>, listed: Option<&HashSet<String>>) -> bool {
+    let started = matches!(lease.checkpoint, Position::Sequence(_));
+    lease.parents.iter().all(|p| match by_key.get(p.as_str()) {
+        Some(parent) => parent.checkpoint == Position::ShardEnd,
+        None => started || listed.is_some_and(|listed| !listed.contains(p)),
+    })
 }
 
-/// The leases someone should be reading now: not read to their end, and with every parent done.
+/// The leases someone should be reading now: not read to their end, and with every parent done
+/// (see [`active_in`]; without the stream's listing, a parent with no lease is taken as listed).
 pub fn active(leases: &[Lease]) -> Vec<&Lease> {
+    active_in(leases, None)
+}
+
+/// As [`active`], knowing which shards the stream lists now.
+pub fn active_in<'a>(leases: &'a [Lease], listed: Option<&HashSet<String>>) -> Vec<&'a Lease> {
     let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
-    leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key)).collect()
+    leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key, listed)).collect()
 }
 
 /// Leases read to their end whose every child has started (checkpointed past its start): no
@@ -95,8 +109,9 @@ pub fn choose(
     expired: &HashSet<String>,
     settling: &HashSet<String>,
     salt: u64,
+    listed: Option<&HashSet<String>>,
 ) -> Vec<Take> {
-    let active = active(leases);
+    let active = active_in(leases, listed);
     if active.is_empty() {
         return Vec::new();
     }
@@ -158,7 +173,7 @@ mod tests {
     }
 
     fn simulate(leases: &mut [Lease], worker: &str) {
-        for take in choose(leases, worker, &HashSet::new(), &HashSet::new(), 0) {
+        for take in choose(leases, worker, &HashSet::new(), &HashSet::new(), 0, None) {
             let key = match take {
                 Take::Free(k) | Take::Steal(k) => k,
             };
@@ -190,8 +205,8 @@ mod tests {
     fn expired_leases_are_free_and_steals_are_bounded_per_round() {
         let leases: Vec<Lease> = (0..4).map(|i| lease(&format!("s{i}"), Some("dead"))).collect();
         let expired: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
-        assert_eq!(choose(&leases, "me", &expired, &HashSet::new(), 0).len(), 4);
-        let steals = choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0);
+        assert_eq!(choose(&leases, "me", &expired, &HashSet::new(), 0, None).len(), 4);
+        let steals = choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0, None);
         assert_eq!(steals.len(), 1, "a quarter of a share of two: one");
         assert!(matches!(&steals[0], Take::Steal(_)));
     }
@@ -210,13 +225,13 @@ mod tests {
     #[test]
     fn workers_take_free_leases_in_orders_of_their_own() {
         let leases: Vec<Lease> = (0..100).map(|i| lease(&format!("s{i:03}"), None)).collect();
-        let a = choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1);
-        let b = choose(&leases, "b", &HashSet::new(), &HashSet::new(), 1);
+        let a = choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1, None);
+        let b = choose(&leases, "b", &HashSet::new(), &HashSet::new(), 1, None);
         let overlap = a.iter().filter(|t| b.contains(t)).count();
         assert!(overlap < FIRST_TAKE / 2, "{overlap} of {FIRST_TAKE} alike");
         assert_eq!(
             a,
-            choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1),
+            choose(&leases, "a", &HashSet::new(), &HashSet::new(), 1, None),
             "the same order for the same worker and round"
         );
     }
@@ -230,13 +245,13 @@ mod tests {
                 leases.push(lease(&format!("{w}{i}"), Some(w)));
             }
         }
-        let steals = choose(&leases, "f", &HashSet::new(), &HashSet::new(), 0);
+        let steals = choose(&leases, "f", &HashSet::new(), &HashSet::new(), 0, None);
         assert_eq!(steals.len(), 1, "{steals:?}");
-        assert!(choose(&leases, "a", &HashSet::new(), &HashSet::new(), 0).is_empty(), "a holds its share");
+        assert!(choose(&leases, "a", &HashSet::new(), &HashSet::new(), 0, None).is_empty(), "a holds its share");
         // Leases that changed owner moments ago are not stolen.
         let settling: HashSet<String> =
             leases.iter().filter(|l| l.owner.as_deref() != Some("f")).map(|l| l.key.clone()).collect();
-        assert!(choose(&leases, "f", &HashSet::new(), &settling, 0).is_empty());
+        assert!(choose(&leases, "f", &HashSet::new(), &settling, 0, None).is_empty());
     }
 
     #[test]
@@ -264,10 +279,29 @@ mod tests {
         child.parents = vec!["p".into()];
         let leases = vec![parent.clone(), child.clone()];
         assert!(
-            choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0).iter().all(|t| *t != Take::Free("c".into()))
+            choose(&leases, "me", &HashSet::new(), &HashSet::new(), 0, None)
+                .iter()
+                .all(|t| *t != Take::Free("c".into()))
         );
         parent.checkpoint = Position::ShardEnd;
         child.parents = vec!["p".into()];
-        assert_eq!(choose(&[parent, child], "me", &HashSet::new(), &HashSet::new(), 0), vec![Take::Free("c".into())]);
+        assert_eq!(
+            choose(&[parent, child], "me", &HashSet::new(), &HashSet::new(), 0, None),
+            vec![Take::Free("c".into())]
+        );
+    }
+
+    #[test]
+    fn a_parent_without_a_lease_holds_its_unstarted_child_back_while_the_stream_lists_it() {
+        let mut child = lease("c", None);
+        child.parents = vec!["p".into()];
+        let alone = [child.clone()];
+        let listed: HashSet<String> = ["p".to_string(), "c".to_string()].into();
+        assert!(active_in(&alone, Some(&listed)).is_empty(), "p is listed: its lease comes, and its records first");
+        assert!(active(&alone).is_empty(), "without the listing, p is taken as listed");
+        let aged_out: HashSet<String> = ["c".to_string()].into();
+        assert_eq!(active_in(&alone, Some(&aged_out)).len(), 1, "p aged out of the stream: nothing to wait for");
+        child.checkpoint = Position::Sequence(crate::record::SequenceNumber::parse("9").unwrap());
+        assert_eq!(active_in(&[child], Some(&listed)).len(), 1, "a started child's parent was finished and deleted");
     }
 }

@@ -2,6 +2,7 @@
 //! included) and deleted once a shard was read to its end and every child started.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::{StreamExt, stream};
 
@@ -33,15 +34,23 @@ impl LeaseManager {
     }
 
     /// Creates leases for shards that have none: roots at the initial position (closed roots are
-    /// skipped at LATEST), children at their beginning. A closed shard with a descendant that has
-    /// a lease gets none: it was read to its end and its lease deleted.
+    /// skipped at LATEST), children at their beginning. A closed shard with a descendant that
+    /// has started gets none: it was read to its end and its lease deleted.
+    ///
+    /// Parents first: a lease is created only once every listed parent has one (created in an
+    /// earlier generation of the same sync, or before); when a parent's creation fails or the
+    /// sync is cut off, its children wait for the next sync. Together with
+    /// [`balance::active_in`], which holds back a child whose listed parent has no lease, no
+    /// child is read before its parents.
     ///
     /// Which leases exist comes from the lease loop's last look at the table when it is recent
     /// (usually nothing is missing, and nothing is read); a strongly consistent scan confirms
     /// what seems missing before anything is created, so that a lease deleted since is not made
-    /// again. Leases are created side by side, in an order of this worker's own, so that workers
-    /// starting together do not all try the same ones.
+    /// again. Each generation is created side by side, in an order of this worker's own, so that
+    /// workers starting together do not all try the same ones.
     pub async fn sync(&self, shards: &[ShardInfo], initial: &Position) -> Result<(), LeaseError> {
+        let listed: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(listed));
         let recent = self
             .view
             .lock()
@@ -54,18 +63,35 @@ impl LeaseManager {
             _ => missing(shards, initial, &self.table.scan().await?),
         };
         missing.sort_by_cached_key(|l| balance::order(&self.me, 0, &l.key));
-        let created: Vec<(Lease, Result<bool, LeaseError>)> = stream::iter(missing)
-            .map(|lease| async move {
-                let created = self.table.create_if_absent(&lease).await;
-                (lease, created)
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        for (lease, created) in created {
-            if created? {
-                tracing::info!(shard = %lease.key, checkpoint = %lease.checkpoint, "Lease created.");
+        while !missing.is_empty() {
+            // This generation: the leases none of whose parents is still to be created.
+            let waiting: HashSet<String> = missing.iter().map(|l| l.key.clone()).collect();
+            let (ready, later): (Vec<Lease>, Vec<Lease>) =
+                missing.into_iter().partition(|l| l.parents.iter().all(|p| !waiting.contains(p)));
+            if ready.is_empty() {
+                break; // a cycle in the listing: nothing can come first
             }
+            let created: Vec<(Lease, Result<bool, LeaseError>)> = stream::iter(ready)
+                .map(|lease| async move {
+                    let created = self.table.create_if_absent(&lease).await;
+                    (lease, created)
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            let mut failed = None;
+            for (lease, created) in created {
+                match created {
+                    Ok(true) => tracing::info!(shard = %lease.key, checkpoint = %lease.checkpoint, "Lease created."),
+                    Ok(false) => {}
+                    Err(err) => failed = Some(err),
+                }
+            }
+            // A parent whose lease could not be created keeps its children waiting.
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            missing = later;
         }
         Ok(())
     }
@@ -75,7 +101,14 @@ impl LeaseManager {
 fn missing(shards: &[ShardInfo], initial: &Position, leases: &[Lease]) -> Vec<Lease> {
     let known: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
     let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
-    let descended = leased_descendants(shards, &known);
+    // Only a descendant that has started proves its ancestors were read (their leases are
+    // deleted once every child started); one created and not started yet proves nothing.
+    let started: HashSet<String> = leases
+        .iter()
+        .filter(|l| matches!(l.checkpoint, Position::Sequence(_) | Position::ShardEnd))
+        .map(|l| l.key.clone())
+        .collect();
+    let descended = leased_descendants(shards, &started);
     shards
         .iter()
         .filter(|s| !known.contains(&s.id) && !descended.contains(s.id.as_str()))
@@ -99,7 +132,7 @@ fn missing(shards: &[ShardInfo], initial: &Position, leases: &[Lease]) -> Vec<Le
         .collect()
 }
 
-/// Listed shards with a descendant (child, grandchild...) that has a lease.
+/// Listed shards with a descendant (child, grandchild...) among `known`.
 fn leased_descendants<'a>(shards: &'a [ShardInfo], known: &HashSet<String>) -> HashSet<&'a str> {
     // Walk up from every leased shard: each ancestor is covered (and visited once).
     let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.id.as_str(), s)).collect();
@@ -128,6 +161,26 @@ mod tests {
             closed: false,
             hash_range: None,
         }
+    }
+
+    #[test]
+    fn a_listed_parent_of_a_child_that_has_not_started_gets_its_lease() {
+        let shards = vec![ShardInfo { closed: true, ..shard("0", &[]) }, shard("1", &["0"]), shard("2", &["0"])];
+        let child = |key: &str, checkpoint: Position| Lease {
+            key: key.into(),
+            checkpoint,
+            parents: vec!["0".into()],
+            ..Lease::default()
+        };
+        // The children's leases were created and the parent's was not (failed, or cut off).
+        let unstarted = [child("1", Position::TrimHorizon), child("2", Position::TrimHorizon)];
+        let made: Vec<String> =
+            missing(&shards, &Position::TrimHorizon, &unstarted).into_iter().map(|l| l.key).collect();
+        assert_eq!(made, ["0"], "the parent's retained records are read, first");
+        // Once a child started, the parent was read to its end and its lease deleted.
+        let seq = crate::record::SequenceNumber::parse("7").unwrap();
+        let started = [child("1", Position::Sequence(seq)), child("2", Position::TrimHorizon)];
+        assert!(missing(&shards, &Position::TrimHorizon, &started).is_empty());
     }
 
     #[test]

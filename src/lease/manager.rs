@@ -69,6 +69,9 @@ pub struct LeaseManager {
     draining: std::sync::atomic::AtomicBool,
     /// The table as of the last scan, and when: shard syncs read it instead of scanning again.
     pub(super) view: std::sync::Mutex<Option<(Instant, Arc<Vec<Lease>>)>>,
+    /// The shards the stream listed at the last sync: a parent without a lease that is no longer
+    /// listed has aged out, and holds its children back no more.
+    pub(super) listed: std::sync::Mutex<Option<Arc<HashSet<String>>>>,
 }
 
 impl LeaseManager {
@@ -90,6 +93,7 @@ impl LeaseManager {
             revoked: Default::default(),
             draining: Default::default(),
             view: Default::default(),
+            listed: Default::default(),
         };
         (Arc::new(manager), receiver, share_rx)
     }
@@ -272,7 +276,8 @@ impl LeaseManager {
             })
             .map(|l| l.key.clone())
             .collect();
-        let takes = balance::choose(&leases, &self.me, &expired, &settling, state.rounds);
+        let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let takes = balance::choose(&leases, &self.me, &expired, &settling, state.rounds, listed.as_deref());
         // A worker with something to take looks again next round; one without, after a while.
         state.next_scan =
             if takes.is_empty() { Some(now + scan_interval(self.failover) - self.renew_interval() / 2) } else { None };
@@ -319,7 +324,7 @@ impl LeaseManager {
             }
         }
         let leases = self.clean_up(leases).await;
-        let active = balance::active(&leases).len().max(1);
+        let active = balance::active_in(&leases, listed.as_deref()).len().max(1);
         let share = (state.held.len() as f64 / active as f64).clamp(1.0 / active as f64, 1.0);
         self.share.send_if_modified(|s| std::mem::replace(s, share) != share);
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, Arc::new(leases)));

@@ -322,9 +322,10 @@ impl MemoryLink {
             inner.usage.write_units += write_units(before);
             return Err(lost());
         }
+        let next = super::table::next_counter("memory", key, expected)?;
         let previous = lease.clone();
         change(lease);
-        lease.counter = expected + 1;
+        lease.counter = next;
         inner.usage.write_units += write_units(before.max(item_bytes(lease)));
         if lease.owner != previous.owner
             && let Some(to) = &lease.owner

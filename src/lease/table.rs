@@ -7,7 +7,8 @@
 //! Every write is conditional on `leaseCounter` (and the owner), the fencing token: a worker that
 //! lost a lease, however slow, can no longer move its checkpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
@@ -60,6 +61,14 @@ pub enum LeaseError {
     NotActive { table: String, waited: Duration },
 }
 
+/// The counter after `counter` in table `table`, refused at the top of the range.
+pub(crate) fn next_counter(table: &str, key: &str, counter: u64) -> Result<u64, LeaseError> {
+    counter.checked_add(1).ok_or_else(|| LeaseError::Malformed {
+        table: table.to_string(),
+        reason: format!("lease {key}: leaseCounter {counter} is at its maximum and cannot move on"),
+    })
+}
+
 /// Items whose key starts with this are notes of the operator tools, never leases (a shard id
 /// cannot start with it).
 pub const NOTE_PREFIX: &str = "dead-letters/";
@@ -69,6 +78,37 @@ pub const NOTE_PREFIX: &str = "dead-letters/";
 pub struct LeaseTable {
     backend: Backend,
     name: String,
+    /// Items that cannot be read as leases, each logged and counted once.
+    unreadable: Arc<UnreadableLog>,
+}
+
+/// An item of the lease table that is not a lease this service can read: skipped by every scan,
+/// so no worker takes or steals it (and one bad row never stops the takeovers of the others).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Its `leaseKey`, when it has a readable one.
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+/// Which unreadable items were reported already.
+#[derive(Debug, Default)]
+struct UnreadableLog {
+    seen: Mutex<BTreeSet<String>>,
+    counter: OnceLock<prometheus::IntCounter>,
+}
+
+impl UnreadableLog {
+    fn note(&self, table: &str, item: &Unreadable) {
+        let id = item.key.clone().unwrap_or_else(|| format!("(no leaseKey) {}", item.reason));
+        if !self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+            return;
+        }
+        if let Some(counter) = self.counter.get() {
+            counter.inc();
+        }
+        tracing::warn!(table, key = item.key.as_deref().unwrap_or("(none)"), reason = %item.reason, "A lease table item cannot be read; it is skipped: no worker takes or steals it. Fix or delete it.");
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +127,13 @@ fn n(v: u64) -> AttributeValue {
 
 impl LeaseTable {
     pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
-        LeaseTable { backend: Backend::DynamoDb(client), name: name.into() }
+        LeaseTable { backend: Backend::DynamoDb(client), name: name.into(), unreadable: Arc::default() }
+    }
+
+    /// Counts unreadable items (each once) in `counter`.
+    pub fn count_unreadable(self, counter: prometheus::IntCounter) -> Self {
+        let _ = self.unreadable.counter.set(counter);
+        self
     }
 
     /// `client`'s way into an in-memory table (the fleet simulation).
@@ -95,6 +141,7 @@ impl LeaseTable {
         LeaseTable {
             backend: Backend::Memory(super::memory::MemoryLink { table, client: client.into() }),
             name: "memory".into(),
+            unreadable: Arc::default(),
         }
     }
 
@@ -238,6 +285,16 @@ impl LeaseTable {
     }
 
     async fn scan_with(&self, consistent: bool) -> Result<Vec<Lease>, LeaseError> {
+        Ok(self.scan_all(consistent).await?.0)
+    }
+
+    /// Every lease, and every item that cannot be read as one (strongly consistent), for the
+    /// operator's `leases` command.
+    pub async fn scan_with_unreadable(&self) -> Result<(Vec<Lease>, Vec<Unreadable>), LeaseError> {
+        self.scan_all(true).await
+    }
+
+    async fn scan_all(&self, consistent: bool) -> Result<(Vec<Lease>, Vec<Unreadable>), LeaseError> {
         if let Some(memory) = self.memory() {
             let mut leases = Vec::new();
             let mut start: Option<String> = None;
@@ -246,11 +303,11 @@ impl LeaseTable {
                 leases.extend(page.into_iter().filter(|l| !l.key.starts_with(NOTE_PREFIX)));
                 match next {
                     Some(key) => start = Some(key),
-                    None => return Ok(leases),
+                    None => return Ok((leases, Vec::new())),
                 }
             }
         }
-        let mut leases = Vec::new();
+        let (mut leases, mut unreadable) = (Vec::new(), Vec::new());
         let mut start: Option<Item> = None;
         loop {
             let page = self
@@ -263,19 +320,27 @@ impl LeaseTable {
                 .await
                 .map_err(|e| self.failed("Scan", e))?;
             for item in page.items() {
-                // Other tools' notes (a dead-letter replay's position) are not leases.
+                // Other tools' notes (a dead-letter replay's position) are not leases, nor are
+                // rows of other kinds (KCL 3's single-table mode marks them with `entityType`).
                 let key = item.get("leaseKey").and_then(|v| v.as_s().ok());
-                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) {
+                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) || other_kind(item) {
                     continue;
                 }
-                leases.push(self.parse(item)?);
+                match self.parse(item) {
+                    Ok(lease) => leases.push(lease),
+                    Err(err) => {
+                        let bad = Unreadable { key: key.cloned(), reason: err.to_string() };
+                        self.unreadable.note(&self.name, &bad);
+                        unreadable.push(bad);
+                    }
+                }
             }
             match page.last_evaluated_key() {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
                 _ => break,
             }
         }
-        Ok(leases)
+        Ok((leases, unreadable))
     }
 
     fn parse(&self, item: &Item) -> Result<Lease, LeaseError> {
@@ -358,12 +423,18 @@ impl LeaseTable {
         }
     }
 
+    /// The counter after `counter`. An item at the top of the range (hostile or corrupt) is
+    /// refused with its key: never wrapped, never a panic.
+    fn next_counter(&self, key: &str, counter: u64) -> Result<u64, LeaseError> {
+        next_counter(&self.name, key, counter)
+    }
+
     /// Takes a lease whose counter is `expected` (free, expired, or stolen). Returns the new counter.
     pub async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
         if let Some(memory) = self.memory() {
             return memory.take(key, expected, me).await;
         }
-        let next = expected + 1;
+        let next = self.next_counter(key, expected)?;
         self.conditional(
             key,
             "SET leaseOwner = :me, leaseCounter = :next ADD ownerSwitchesSinceCheckpoint :one",
@@ -379,7 +450,7 @@ impl LeaseTable {
         if let Some(memory) = self.memory() {
             return memory.renew(key, counter, me).await;
         }
-        let next = counter + 1;
+        let next = self.next_counter(key, counter)?;
         self.conditional(
             key,
             "SET leaseCounter = :next",
@@ -414,7 +485,7 @@ impl LeaseTable {
         if let Some(memory) = self.memory() {
             return memory.write_checkpoint(key, counter, me, write).await;
         }
-        let next = counter + 1;
+        let next = self.next_counter(key, counter)?;
         let mut values = vec![(":next", n(next)), (":expected", n(counter)), (":me", s(me))];
         let mut update = "SET leaseCounter = :next".to_string();
         if let Some(position) = write.position {
@@ -442,11 +513,12 @@ impl LeaseTable {
         if let Some(memory) = self.memory() {
             return memory.release(key, counter, me).await;
         }
+        let next = self.next_counter(key, counter)?;
         self.conditional(
             key,
             "REMOVE leaseOwner SET leaseCounter = :next",
             "leaseCounter = :expected AND leaseOwner = :me",
-            &[(":next", n(counter + 1)), (":expected", n(counter)), (":me", s(me))],
+            &[(":next", n(next)), (":expected", n(counter)), (":me", s(me))],
         )
         .await
     }
@@ -498,6 +570,11 @@ impl LeaseTable {
     }
 }
 
+/// A row of another kind than a lease: one with an `entityType` that does not say lease.
+fn other_kind(item: &Item) -> bool {
+    item.get("entityType").is_some_and(|v| v.as_s().map_or(true, |kind| !kind.eq_ignore_ascii_case("lease")))
+}
+
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
     err: &aws_sdk_dynamodb::error::SdkError<E, R>,
 ) -> bool {
@@ -509,20 +586,79 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn offline_table() -> LeaseTable {
+        LeaseTable::new(
+            aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::builder().behavior_version_latest().build()),
+            "t",
+        )
+    }
+
+    #[tokio::test]
+    async fn a_counter_at_its_maximum_is_refused_without_a_panic() {
+        let table = offline_table();
+        for result in [
+            table.take("k", u64::MAX, "me").await.map(|_| ()),
+            table.renew("k", u64::MAX, "me").await.map(|_| ()),
+            table.release("k", u64::MAX, "me").await,
+        ] {
+            let err = result.expect_err("refused before any call");
+            assert!(matches!(err, LeaseError::Malformed { .. }), "{err}");
+            assert!(err.to_string().contains("lease k"), "{err}");
+        }
+    }
+
+    /// Any attribute value DynamoDB can hold, numbers at and past their extremes included.
+    fn attribute() -> impl Strategy<Value = AttributeValue> {
+        let number = prop_oneof![
+            Just("18446744073709551615".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("-1".to_string()),
+            Just("1e400".to_string()),
+            Just("0.5".to_string()),
+            ".{0,24}",
+        ];
+        let leaf = prop_oneof![
+            ".{0,40}".prop_map(AttributeValue::S),
+            number.prop_map(AttributeValue::N),
+            proptest::collection::vec(".{0,12}", 0..4).prop_map(AttributeValue::Ss),
+            proptest::collection::vec("[0-9]{0,25}", 0..3).prop_map(AttributeValue::Ns),
+            any::<bool>().prop_map(AttributeValue::Bool),
+            Just(AttributeValue::Null(true)),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(|b| AttributeValue::B(b.into())),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
+                proptest::collection::hash_map(".{0,8}", inner, 0..4).prop_map(AttributeValue::M),
+            ]
+        })
+    }
+
     proptest! {
         #[test]
         fn arbitrary_items_never_panic(key in ".{0,20}", counter in ".{0,20}", checkpoint in ".{0,30}") {
-            let table = LeaseTable::new(
-                aws_sdk_dynamodb::Client::from_conf(
-                    aws_sdk_dynamodb::Config::builder().behavior_version_latest().build(),
-                ),
-                "t",
-            );
             let mut item = Item::new();
             item.insert("leaseKey".into(), s(key));
             item.insert("leaseCounter".into(), AttributeValue::N(counter));
             item.insert("checkpoint".into(), s(checkpoint));
-            let _ = table.parse(&item);
+            let _ = offline_table().parse(&item);
+        }
+
+        #[test]
+        fn items_of_any_shape_parse_or_are_refused_without_a_panic(
+            values in proptest::collection::vec(attribute(), 12),
+            extra in proptest::collection::hash_map(".{0,12}", attribute(), 0..3),
+        ) {
+            let names = [
+                "leaseKey", "leaseCounter", "leaseOwner", "checkpoint", "checkpointSubSequenceNumber",
+                "ownerSwitchesSinceCheckpoint", "parentShardId", "childShardIds", "destinationCheckpoints",
+                "hashKeyRange", "entityType", "pendingCheckpoint",
+            ];
+            let mut item: Item = extra;
+            item.extend(names.iter().map(|n| n.to_string()).zip(values));
+            if let Ok(lease) = offline_table().parse(&item) {
+                let _ = next_counter("t", &lease.key, lease.counter);
+            }
         }
     }
 }

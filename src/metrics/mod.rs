@@ -43,6 +43,7 @@ pub struct Metrics {
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
+    pub lease_items_unreadable: prometheus::IntCounter,
     pub oldest_unacknowledged_age_seconds: GaugeVec,
     pub end_to_end_seconds: Histogram,
     pub delivery_seconds: Histogram,
@@ -242,6 +243,15 @@ impl Metrics {
                 "Failed attempts to assume a group's role (source, checkpoint, destinations[N]); the group's calls wait and try again.",
                 &["group"],
             ),
+            lease_items_unreadable: {
+                let c = prometheus::IntCounter::with_opts(opts(
+                    "lease_items_unreadable_total",
+                    "Lease table items that cannot be read as leases (each counted once, logged once with its key): skipped, so no worker takes or steals them.",
+                ))
+                .expect("valid metric");
+                register(Box::new(c.clone()));
+                c
+            },
             checkpoint_writes: counter(
                 "checkpoint_writes_total",
                 "Checkpoint writes, by outcome (ok, error).",

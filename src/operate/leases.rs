@@ -34,12 +34,16 @@ pub struct LeaseRow {
     pub destinations: BTreeMap<String, String>,
     pub parents: Vec<String>,
     pub children: Vec<String>,
-    /// `owned`, `free`, `expired`, `finished`, or `file` (the file backend has no owners).
+    /// `owned`, `free`, `expired`, `finished`, `file` (the file backend has no owners), or
+    /// `unreadable` (an item no worker can read as a lease; `lag_note` says why).
     pub state: &'static str,
     /// Age of the first record after the checkpoint; 0 at the tip; `None` when it cannot be read.
     pub lag_seconds: Option<f64>,
     /// Why there is no lag figure.
     pub lag_note: Option<String>,
+    /// Why an `unreadable` item cannot be read as a lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Every lease (or checkpointed shard), in shard order.
@@ -76,6 +80,7 @@ pub async fn rows(
                     state: if *position == Position::ShardEnd { "finished" } else { "file" },
                     lag_seconds: None,
                     lag_note: None,
+                    problem: None,
                 })
                 .collect::<Vec<_>>()
         }
@@ -83,13 +88,14 @@ pub async fn rows(
             let aws = lease.aws(source);
             let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
             let table = LeaseTable::new(crate::aws::dynamodb_client(sdk, &aws, credentials, lease), &lease.table_name);
-            let first = table.scan().await?;
+            let (first, _) = table.scan_with_unreadable().await?;
             let wait = observe.unwrap_or(lease.failover_time);
-            let second = if wait.is_zero() {
-                None
+            let (second, unreadable) = if wait.is_zero() {
+                (None, table.scan_with_unreadable().await?.1)
             } else {
                 tokio::time::sleep(wait).await;
-                Some(table.scan().await?)
+                let (leases, unreadable) = table.scan_with_unreadable().await?;
+                (Some(leases), unreadable)
             };
             let counters: BTreeMap<String, u64> = first.iter().map(|l| (l.key.clone(), l.counter)).collect();
             let latest = second.unwrap_or(first);
@@ -114,8 +120,22 @@ pub async fn rows(
                         state,
                         lag_seconds: None,
                         lag_note: None,
+                        problem: None,
                     }
                 })
+                .chain(unreadable.into_iter().map(|item| LeaseRow {
+                    shard: item.key.unwrap_or_else(|| "(no leaseKey)".into()),
+                    owner: None,
+                    counter: None,
+                    checkpoint: String::new(),
+                    destinations: BTreeMap::new(),
+                    parents: Vec::new(),
+                    children: Vec::new(),
+                    state: "unreadable",
+                    lag_seconds: None,
+                    lag_note: None,
+                    problem: Some(item.reason),
+                }))
                 .collect()
         }
     };
@@ -128,7 +148,7 @@ pub async fn rows(
             }
         }
     }
-    for row in &mut rows {
+    for row in rows.iter_mut().filter(|r| r.problem.is_none()) {
         lag(&kinesis, stream, row).await;
     }
     rows.sort_by(|a, b| a.shard.cmp(&b.shard));
@@ -198,6 +218,9 @@ pub fn render(rows: &[LeaseRow]) -> String {
         }
         if let Some(note) = &row.lag_note {
             let _ = writeln!(out, "{:<22}   lag: {note}", "");
+        }
+        if let Some(problem) = &row.problem {
+            let _ = writeln!(out, "{:<22}   unreadable: {problem}", "");
         }
     }
     out

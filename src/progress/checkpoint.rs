@@ -177,7 +177,11 @@ impl FileCheckpointStore {
     async fn save_file(&self, snapshot: &Snapshot) -> Result<(), CheckpointError> {
         let mut current = self.write_lock.lock().await;
         let mut next = current.clone();
-        next.shards.extend(snapshot.shards.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // SHARD_END is final: a snapshot taken before the shard ended, written after it, must not
+        // put an older position back (a crash would then read the parent's tail after its
+        // children).
+        let ended = |shard: &String| current.shards.get(shard) == Some(&Position::ShardEnd);
+        next.shards.extend(snapshot.shards.iter().filter(|(k, _)| !ended(k)).map(|(k, v)| (k.clone(), v.clone())));
         next.destinations.extend(snapshot.destinations.iter().map(|(k, v)| (k.clone(), v.clone())));
         // A shard read to its end needs no destination positions any more.
         next.destinations.retain(|shard, _| next.shards.get(shard) != Some(&Position::ShardEnd));
@@ -281,6 +285,27 @@ mod tests {
         assert_eq!(loaded.get("shardId-000000000002"), Some(&Position::At(SequenceNumber::parse("77").unwrap())));
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_taken_before_a_shard_ended_never_replaces_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoints.json");
+        let store = FileCheckpointStore::new(&path, "app-input");
+        let parent = "shardId-000000000000".to_string();
+        // The periodic snapshot is taken, the shard ends meanwhile, then the snapshot is written.
+        let stale = Snapshot {
+            shards: Checkpoints::from([(parent.clone(), seq("100"))]),
+            destinations: DestinationPositions::from([(
+                parent.clone(),
+                BTreeMap::from([("arn:d".to_string(), SequenceNumber::parse("100").unwrap())]),
+            )]),
+        };
+        store.finish(&parent, &[]).await.unwrap();
+        store.save_snapshot(&stale, tokio::time::Instant::now()).await.unwrap();
+        let loaded = FileCheckpointStore::new(&path, "app-input").load_snapshot().await.unwrap();
+        assert_eq!(loaded.shards.get(&parent), Some(&Position::ShardEnd), "SHARD_END stays");
+        assert!(loaded.destinations.is_empty(), "no positions come back for an ended shard");
     }
 
     #[tokio::test]

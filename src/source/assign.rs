@@ -177,18 +177,25 @@ impl Leases {
     }
 
     /// Creates leases for shards that have none (new children included); returns the shards.
-    /// The lease table's part is bounded by half a renewal period: meanwhile the coordinator hears
-    /// no lost lease, and a lost lease must stop its shard before the taker's wait is over.
+    /// The whole of it, ListShards and the lease table's part, is bounded by half a renewal
+    /// period: meanwhile the coordinator hears no lost lease, and a lost lease must stop its shard
+    /// before the taker's wait is over. (A slow or throttled control plane, with the control
+    /// client's own timeout and retries, could otherwise hold it for minutes.)
     async fn sync(&self) -> Option<Vec<ShardInfo>> {
-        let shards = match self.listing.shards.list(&self.listing.stream).await {
-            Ok(shards) => shards,
-            Err(err) => {
+        let bound = self.manager.renew_interval() / 2;
+        let deadline = Instant::now() + bound;
+        let shards = match tokio::time::timeout_at(deadline, self.listing.shards.list(&self.listing.stream)).await {
+            Ok(Ok(shards)) => shards,
+            Ok(Err(err)) => {
                 tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
                 return None;
             }
+            Err(_) => {
+                tracing::warn!(waited = ?bound, "ListShards is slow; listing the shards again later.");
+                return None;
+            }
         };
-        let bound = self.manager.renew_interval() / 2;
-        match tokio::time::timeout(bound, self.manager.sync(&shards, &self.listing.initial)).await {
+        match tokio::time::timeout_at(deadline, self.manager.sync(&shards, &self.listing.initial)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(error = %err, "Creating leases failed; trying again later."),
             Err(_) => tracing::warn!(waited = ?bound, "The lease table is slow; creating leases later."),

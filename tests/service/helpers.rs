@@ -53,6 +53,9 @@ pub struct Faults {
     /// an STS stand-in issued); others get 400 ExpiredTokenException and are counted under
     /// `calls["RejectedSignature"]`.
     pub require_keys: Option<Arc<Mutex<HashMap<String, std::time::SystemTime>>>>,
+    /// ListShards requests for this stream are held this long before they reach the emulator (a
+    /// slow or throttled control plane); counted under `calls["ListShards(<stream>)"]`.
+    pub stall_list_shards: Option<(String, Duration)>,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
 }
@@ -147,6 +150,7 @@ async fn inject_faults(
     let honour_position;
     let hidden;
     let expired;
+    let stall;
     {
         let mut faults = faults.lock().unwrap();
         *faults.calls.entry(operation.clone()).or_default() += 1;
@@ -180,9 +184,18 @@ async fn inject_faults(
             faults.subscribe_in_use -= 1;
             return error_response(StatusCode::BAD_REQUEST, "ResourceInUseException");
         }
+        stall = faults.stall_list_shards.clone().filter(|(stream, _)| {
+            operation == "ListShards" && contains(&bytes, format!("\"StreamName\":\"{stream}\"").as_bytes())
+        });
+        if let Some((stream, _)) = &stall {
+            *faults.calls.entry(format!("ListShards({stream})")).or_default() += 1;
+        }
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
         hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
         expired = faults.expire_partition_keys.clone().filter(|_| operation == "GetRecords");
+    }
+    if let Some((_, stall)) = stall {
+        tokio::time::sleep(stall).await;
     }
     if let Some(hidden) = hidden {
         let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;

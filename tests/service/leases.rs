@@ -401,3 +401,149 @@ async fn a_replays_note_in_the_lease_table_is_never_taken_for_a_lease() {
     );
     assert!(table.scan().await.unwrap().is_empty(), "a note is not a lease");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_lease_item_is_skipped_and_counted_and_the_takeovers_go_on() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let (emulator, dynamo) = setup(4).await;
+    let first = start_workers(&emulator, &dynamo, &["w1"]);
+    wait_settled(&dynamo, &first, vec![4]).await;
+    // A hand-edited row, and a row of another kind (KCL 3's single-table mode), beside the leases.
+    let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config(&dynamo.url)).endpoint_url(&dynamo.url).build();
+    let raw = aws_sdk_dynamodb::Client::from_conf(config);
+    let s = |v: &str| AttributeValue::S(v.into());
+    for item in [
+        vec![("leaseKey", s("shardId-hand-edited")), ("leaseCounter", s("seven"))],
+        vec![("leaseKey", s("worker-metrics-w9")), ("entityType", s("WORKER_METRICS"))],
+    ] {
+        let mut put = raw.put_item().table_name("leases");
+        for (name, value) in item {
+            put = put.item(name, value);
+        }
+        put.send().await.unwrap();
+    }
+    // The worker holding every lease dies without releasing them; a new one must take them over.
+    for worker in first {
+        worker.kill().await;
+    }
+    let second = start_workers(&emulator, &dynamo, &["w2"]);
+    wait_settled(&dynamo, &second, vec![4]).await;
+    let input = records(64, 400, 64);
+    put_all(&emulator.client(), "in", &input).await;
+    let refs: Vec<&Worker> = second.iter().collect();
+    wait_all_delivered(&emulator, &refs, &input).await;
+    assert_eq!(
+        second[0].metrics.lease_items_unreadable.get(),
+        1,
+        "the hand-edited row, once; the other kind is ignored"
+    );
+    let rows = dynamo.table("leases").scan_with_unreadable().await.unwrap();
+    assert_eq!(rows.1.len(), 1);
+    assert_eq!(rows.1[0].key.as_deref(), Some("shardId-hand-edited"));
+    assert!(rows.1[0].reason.contains("leaseCounter"), "{:?}", rows.1);
+    // The operator's `leases` command shows it, with why.
+    let settings =
+        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "op")).unwrap();
+    let shown = kinesis_fanout::operate::leases::rows(&settings, &sdk_config(&emulator.url), Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let bad = shown.iter().find(|r| r.shard == "shardId-hand-edited").expect("the unreadable item is listed");
+    assert_eq!(bad.state, "unreadable");
+    assert!(bad.problem.as_deref().is_some_and(|p| p.contains("leaseCounter")), "{bad:?}");
+    assert!(!shown.iter().any(|r| r.shard == "worker-metrics-w9"), "rows of other kinds are not leases");
+    assert!(kinesis_fanout::operate::leases::render(&shown).contains("unreadable: "));
+    for worker in second {
+        worker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_whose_lease_was_never_created_is_read_before_its_children() {
+    let (emulator, dynamo) = setup(1).await;
+    let client = emulator.client();
+    // Records before and after a split, the stream resharded within its retention.
+    let keys: Vec<String> = (0..10).map(|k| format!("key-{k}")).collect();
+    let round =
+        |r: usize| -> Vec<Rec> { keys.iter().map(|k| (k.clone(), format!("{k}:{r:04}").into_bytes())).collect() };
+    let before: Vec<Rec> = (0..30).flat_map(round).collect();
+    put_all(&client, "in", &before).await;
+    let shards = client.list_shards().stream_name("in").send().await.unwrap();
+    let parent = shards.shards()[0].shard_id().to_string();
+    client
+        .split_shard()
+        .stream_name("in")
+        .shard_to_split(&parent)
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "in").await;
+    let after: Vec<Rec> = (30..60).flat_map(round).collect();
+    put_all(&client, "in", &after).await;
+    // A first start was cut off after the children's leases were created and before the
+    // parent's was.
+    let table = dynamo.table("leases");
+    table.ensure(true).await.unwrap();
+    let listed = client.list_shards().stream_name("in").send().await.unwrap();
+    for child in listed.shards().iter().filter(|s| s.parent_shard_id() == Some(parent.as_str())) {
+        let lease = kinesis_fanout::lease::table::Lease {
+            key: child.shard_id().to_string(),
+            checkpoint: Position::TrimHorizon,
+            parents: vec![parent.clone()],
+            ..Default::default()
+        };
+        assert!(table.create_if_absent(&lease).await.unwrap());
+    }
+    let workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
+    let refs: Vec<&Worker> = workers.iter().collect();
+    let input = [before, after].concat();
+    wait_all_delivered(&emulator, &refs, &input).await;
+    for worker in workers {
+        worker.stop().await.unwrap();
+    }
+    // Per key, the parent's records stand before the children's on every destination.
+    for name in DESTINATIONS {
+        for (key, data) in crate::resharding::per_key(&client, name).await {
+            // First landings only: a handover may repeat a record, never put an older one later.
+            let mut landed = BTreeSet::new();
+            let firsts: Vec<String> = data
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).to_string())
+                .filter(|r| landed.insert(r.clone()))
+                .collect();
+            let mut sorted = firsts.clone();
+            sorted.sort();
+            assert_eq!(firsts, sorted, "{name} {key}: the parent's records first, in order");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_list_shards_never_keeps_a_worker_from_stopping_a_lost_shard() {
+    let (emulator, dynamo) = setup(1).await;
+    let workers = start_workers(&emulator, &dynamo, &["w1"]);
+    wait_settled(&dynamo, &workers, vec![1]).await;
+    // The control plane stalls: the coordinator's next relist (every 30 s) hangs in ListShards.
+    emulator.faults.lock().unwrap().stall_list_shards = Some(("in".into(), Duration::from_secs(120)));
+    wait_until("the coordinator is in a stalled ListShards", || async { emulator.calls("ListShards(in)") > 0 }).await;
+    // Meanwhile another worker takes the lease (the renewals race it: try until it holds).
+    let table = dynamo.table("leases");
+    let stolen = Instant::now();
+    wait_until("the lease is taken from w1", || async {
+        let leases = table.scan().await.unwrap_or_default();
+        let Some(lease) = leases.first() else { return false };
+        lease.owner.as_deref() == Some("thief") || table.take(&lease.key, lease.counter, "thief").await.is_ok()
+    })
+    .await;
+    // w1 hears it within a renewal period (1 s here) and the coordinator's bound (half of one).
+    wait_until("w1 stopped reading the shard", || async {
+        workers[0].spans().iter().any(|s| s.started < stolen.into() && s.stopped.is_some())
+    })
+    .await;
+    let heard = stolen.elapsed();
+    assert!(heard < Duration::from_secs(5), "w1 read a shard it had lost for {heard:?}");
+    emulator.faults.lock().unwrap().stall_list_shards = None;
+    for worker in workers {
+        worker.kill().await;
+    }
+}
