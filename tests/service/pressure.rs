@@ -370,3 +370,30 @@ async fn a_reader_waiting_for_memory_stays_ready_and_keeps_its_subscription() {
     service.stop().await.unwrap();
     assert_eq!(contents(&client, "out-1").await, sorted(&input));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_ups_of_a_refusing_destination_on_many_shards_hold_no_memory_while_they_wait() {
+    let (emulator, client) = limited(&[("in", 16), ("out-fast-a", 8), ("out-broken", 4)]).await;
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    // Detached within a second on every shard (its buffer is 1 MiB): sixteen catch-ups, each of
+    // which could hold a page (half a megabyte and more of 8 KB records) waiting for a
+    // destination that never frees room, beside 6 MiB of buffers.
+    let group = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config(&emulator.url, &checkpoint, &[("^out-.*$", group)], "[memory]\nlimit = \"12MiB\"\n");
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
+
+    let producer = Producer::start(&client, "pages", 480, seconds(15), 8_000);
+    let worst = watch_lag(&service, &producer, &["out-fast-a"]).await;
+    eprintln!("many catch-ups: worst gap behind the producer {worst:?}");
+    let input = producer.task.await.unwrap();
+    // Bound: 2 s of traffic.
+    assert!(worst["out-fast-a"] <= 960, "the healthy destination fell {worst:?} records behind");
+    service.wait_accepted("out-fast-a", input.len() as u64).await;
+    assert!(service.metrics.destination_detached.with_label_values(&["out-broken"]).get() > 0);
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    wait_drained(&service, "out-broken", input.len() as u64).await;
+    service.stop().await.unwrap();
+    assert!(all_hold(&client, &["out-broken"], &input).await);
+}
