@@ -8,8 +8,8 @@
 //! - a destination whose budget is full still gets chunks, over its budget (an overdraft), up to
 //!   [`OVERDRAFT_FACTOR`] times its budget in all;
 //! - a shard's live feed detaches it when its queued bytes (overdraft included) have stayed over
-//!   its budget for `detach_after`, or at once when they reach the overdraft bound; it then
-//!   catches up on its own (`source::catchup`);
+//!   its budget for `detach_after`; at the overdraft bound the live feed waits for its room, but
+//!   only until then; it then catches up on its own (`source::catchup`);
 //! - when the process's memory budget runs short, the destination holding the most of it that
 //!   another destination is already done with is shed: it lets go of everything it holds and
 //!   catches up from its own position ([`relief`]), rather than stop the readers for everyone.
@@ -197,9 +197,9 @@ impl Fanout {
                 }
                 continue;
             };
-            // The live feed never waits for one destination: a full one still gets the chunk, over
-            // its budget, until it has held more than its budget for `detach_after` or holds the
-            // most it may; then it is detached and catches up alone.
+            // The live feed does not wait for one destination: a full one still gets the chunk, over
+            // its budget, until it has held more than its budget for `detach_after`; then it is
+            // detached and catches up alone.
             if destination.over_budget_for() >= detach_after {
                 self.detach(shard, destination);
                 continue;
@@ -211,7 +211,23 @@ impl Fanout {
             };
             match share {
                 Ok(Some(share)) => permits.push((destination, share)),
-                Ok(None) => self.detach(shard, destination),
+                // It holds the most it may: the live feed waits for its room, but only until it
+                // has been over its budget for `detach_after` (a burst does not detach a healthy
+                // destination; a slow one holds the others back that long at most).
+                Ok(None) => {
+                    let left = detach_after.saturating_sub(destination.over_budget_for());
+                    let room = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Err(Stopped),
+                        permit = destination.reserve(bytes) => Some(permit),
+                        _ = tokio::time::sleep(left) => None,
+                    };
+                    match room {
+                        Some(Ok(permit)) => permits.push((destination, permit)),
+                        Some(Err(Closed)) => {}
+                        None => self.detach(shard, destination),
+                    }
+                }
                 Err(Closed) => {}
             }
         }
