@@ -143,6 +143,11 @@ impl Pipeline {
             };
         health.consumer_active();
         let backend = Backend::open(&settings, &identities, &clients, &stream, &metrics).await?;
+        // With a lease table, a destination sends a shard's records only while this worker can
+        // prove it holds the shard's lease (checked right before each PutRecords).
+        if let Some(manager) = &backend.manager {
+            progress.fence_with(Arc::clone(manager) as Arc<dyn crate::progress::LeaseProof>);
+        }
         let checkpointer = Checkpointer::new(Arc::clone(&backend.store), Arc::clone(&metrics));
         let lease_loop = backend.manager.clone().map(|m| Task::spawn("leases", move |stop| m.run(stop)));
 

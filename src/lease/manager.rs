@@ -159,6 +159,21 @@ impl LeaseManager {
         }
     }
 
+    /// Whether the table confirmed the hold of `shard` recently enough, by this worker's own
+    /// monotonic clock, that no other worker can have taken it: less than a failover time less a
+    /// renewal period ago (the watchdog's line). Another worker takes a lease only after seeing
+    /// its counter unchanged for a whole failover time, and reads it only a settle time later;
+    /// a request started before the line lands within its attempt timeout, the settle time. A
+    /// process paused past the line sends nothing when it wakes until the table confirms the hold
+    /// again (or the watchdog gives it up).
+    fn proves(&self, shard: &str) -> bool {
+        if self.revoked.lock().unwrap_or_else(|p| p.into_inner()).contains(shard) {
+            return false;
+        }
+        let confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        confirmed.get(shard).is_some_and(|at| at.elapsed() + self.renew_interval() <= self.failover)
+    }
+
     /// How long a taken lease waits before its shard is read. A lease given up gracefully was
     /// drained first: no wait. One that expired or was stolen may still have PutRecords of its
     /// previous owner in flight (the owner drops its queue as soon as it learns, but a request
@@ -357,5 +372,11 @@ impl LeaseManager {
             state.held.remove(&shard);
             self.unconfirm(&shard);
         }
+    }
+}
+
+impl crate::progress::LeaseProof for LeaseManager {
+    fn proven(&self, shard: &str) -> bool {
+        self.proves(shard)
     }
 }

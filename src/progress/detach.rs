@@ -42,7 +42,11 @@ pub(super) struct Hold {
 impl Hold {
     /// A hold of `shard`'s reading with a fresh lane for its catch-up's chunks.
     pub(super) fn new(shard: &ShardProgress, seam: Option<SequenceNumber>, backfill: bool) -> Self {
-        let lane = Arc::new(ShardProgress::new(Arc::clone(&shard.shard_id), Arc::clone(&shard.revocations)));
+        let lane = Arc::new(ShardProgress::new(
+            Arc::clone(&shard.shard_id),
+            Arc::clone(&shard.revocations),
+            shard.proof.clone(),
+        ));
         Hold { seam, lane, caught_up: false, backfill, missed: 0, handed: 0, restart: false }
     }
 

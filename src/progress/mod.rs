@@ -72,6 +72,21 @@ pub struct ShardProgress {
     /// Revocations so far in the process (shared by every tracker), so a destination looks
     /// through its queue only when something was revoked.
     revocations: Arc<AtomicU64>,
+    /// Whether this worker can prove now that it holds the shard's lease (none without a lease
+    /// table): a destination sends the shard's records only then.
+    proof: Option<Arc<dyn LeaseProof>>,
+}
+
+/// Proof, by this process's own monotonic clock, that it still holds a shard's lease: the lease
+/// table confirmed the hold recently enough that no other worker can have taken it yet.
+pub trait LeaseProof: Send + Sync {
+    fn proven(&self, shard: &str) -> bool;
+}
+
+impl std::fmt::Debug for dyn LeaseProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseProof")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -118,8 +133,9 @@ struct Outstanding {
 }
 
 impl ShardProgress {
-    fn new(shard_id: Arc<str>, revocations: Arc<AtomicU64>) -> Self {
+    fn new(shard_id: Arc<str>, revocations: Arc<AtomicU64>, proof: Option<Arc<dyn LeaseProof>>) -> Self {
         ShardProgress {
+            proof,
             shard_id,
             state: Mutex::new(ShardState::default()),
             drained: Notify::new(),
@@ -127,6 +143,12 @@ impl ShardProgress {
             shed: AtomicBool::new(false),
             revocations,
         }
+    }
+
+    /// Whether this worker can prove now that it holds the shard's lease (always, without a
+    /// lease table). Not proven is not lost: the lease may be confirmed again, or be revoked.
+    pub fn proven(&self) -> bool {
+        self.proof.as_ref().is_none_or(|proof| proof.proven(&self.shard_id))
     }
 
     /// Whether this reading's lease was lost.
@@ -303,11 +325,22 @@ pub struct Progress {
     shards: Mutex<HashMap<Arc<str>, Arc<ShardProgress>>>,
     next_chunk: AtomicU64,
     revocations: Arc<AtomicU64>,
+    /// Set once when readings are fenced by a lease table.
+    proof: std::sync::OnceLock<Arc<dyn LeaseProof>>,
 }
 
 impl Progress {
     fn shards(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<ShardProgress>>> {
         self.shards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Readings of this process send only what `proof` says this worker holds.
+    pub fn fence_with(&self, proof: Arc<dyn LeaseProof>) {
+        let _ = self.proof.set(proof);
+    }
+
+    fn tracker(&self, id: &Arc<str>) -> Arc<ShardProgress> {
+        Arc::new(ShardProgress::new(Arc::clone(id), Arc::clone(&self.revocations), self.proof.get().cloned()))
     }
 
     /// The tracker of a shard, created on first use.
@@ -317,7 +350,7 @@ impl Progress {
             return Arc::clone(existing);
         }
         let id: Arc<str> = shard_id.into();
-        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id), Arc::clone(&self.revocations)));
+        let tracker = self.tracker(&id);
         shards.insert(id, Arc::clone(&tracker));
         tracker
     }
@@ -326,7 +359,7 @@ impl Progress {
     /// an earlier reading, if any, is revoked and no longer holds it back.
     pub fn restart(&self, shard_id: &str) -> Arc<ShardProgress> {
         let id: Arc<str> = shard_id.into();
-        let tracker = Arc::new(ShardProgress::new(Arc::clone(&id), Arc::clone(&self.revocations)));
+        let tracker = self.tracker(&id);
         let earlier = self.shards().insert(id, Arc::clone(&tracker));
         if let Some(earlier) = earlier {
             self.revoked(&earlier);

@@ -48,6 +48,9 @@ pub(super) struct Split {
     size: usize,
 }
 
+/// How long a writer waits before it looks again at a lease that is not proven.
+const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Request-level error codes that mean "something in this request is invalid".
 pub(super) const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
 
@@ -301,6 +304,12 @@ impl Writer {
         let Some(waited) = self.guard().unless_shed(self.limiter.acquire(sent, bytes)).await? else {
             return Ok(None);
         };
+        // The fence, at the moment of sending (the wait can outlast a lease): every record still
+        // owed, and its shard's lease proven by this worker's own clock. Else nothing is sent:
+        // the next turn drops what is no longer owed, and a lease not proven is waited for.
+        if !self.fenced(count).await? {
+            return Ok(None);
+        }
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
 
         let started = Instant::now();
@@ -348,6 +357,24 @@ impl Writer {
         };
         let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
         Ok(Some(merge(answers, &batch)))
+    }
+
+    /// Whether the first `count` entries may be sent now: still owed, and their shards' leases
+    /// proven. When a lease is not proven (the table has not confirmed it lately), waits a
+    /// moment before the writer tries again.
+    async fn fenced(&mut self, count: usize) -> Result<bool, Interrupt> {
+        let batch = || self.pending.iter().take(count);
+        if batch().any(|p| !p.chunk.owed_by(&self.task.id)) {
+            // The next turn looks through the whole queue.
+            self.revocations = u64::MAX;
+            return Ok(false);
+        }
+        if batch().all(|p| p.chunk.shard.proven()) {
+            return Ok(true);
+        }
+        tracing::debug!(destination = %self.task.name, "A lease is not proven now; waiting before sending its records.");
+        self.guard().unless_shed(tokio::time::sleep(UNPROVEN_PAUSE)).await?;
+        Ok(false)
     }
 
     /// Aggregates are built for one destination shard: one that landed elsewhere says the shard
@@ -418,7 +445,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::progress::Progress;
+    use crate::progress::{LeaseProof, Progress};
     use crate::record::{SequenceNumber, SourceRecord};
     use crate::sink::entries::ShardMap;
     use crate::sink::put::PutEdge;
@@ -464,6 +491,11 @@ mod tests {
 
     /// A writer for "out" fed one chunk of records with the given partition keys.
     fn start(keys: &[&str], respond: Box<Respond>) -> Harness {
+        start_fenced(keys, respond, None)
+    }
+
+    /// As [`start`], the shard's lease proven (or not) by `proof`.
+    fn start_fenced(keys: &[&str], respond: Box<Respond>, proof: Option<Arc<dyn LeaseProof>>) -> Harness {
         let settings = crate::Settings::from_toml(
             r#"
             [source]
@@ -502,6 +534,9 @@ mod tests {
             shed: Arc::default(),
         };
         let progress = Arc::new(Progress::default());
+        if let Some(proof) = proof {
+            progress.fence_with(proof);
+        }
         let shard = progress.shard("shardId-0");
         let records = keys
             .iter()
@@ -609,5 +644,30 @@ mod tests {
                 > 1
         });
         assert!(!accepted_twice, "a valid entry is sent in one accepted request only: {requests:?}");
+    }
+
+    /// A lease proof switched by the test.
+    #[derive(Default)]
+    struct Switch(std::sync::atomic::AtomicBool);
+
+    impl LeaseProof for Switch {
+        fn proven(&self, _shard: &str) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_sent_while_the_shard_s_lease_is_not_proven() {
+        let proof = Arc::new(Switch::default());
+        let respond = Box::new(|keys: &[String]| Ok(keys.iter().map(|_| answer(None)).collect()));
+        let h = start_fenced(&["a", "b"], respond, Some(Arc::clone(&proof) as Arc<dyn LeaseProof>));
+        // A minute of an unconfirmed lease (a lease table out of reach, a paused process): the
+        // writer looks again and again, and sends nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(h.fake.requests.lock().unwrap().is_empty(), "sent while the lease was not proven");
+        assert_eq!(h.progress.outstanding(), 1);
+        proof.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        h.until("both records accepted once the lease is proven", |h| h.count(Outcome::Ok) == 2).await;
+        assert_eq!(h.stop().await, vec![vec!["a", "b"]]);
     }
 }

@@ -118,8 +118,20 @@ impl Dynamo {
 
 /// A config using the lease table, for worker `id`.
 pub fn worker_toml(emulator: &Emulator, dynamo: &Dynamo, source: &str, pattern: &str, id: &str) -> String {
+    worker_toml_with(emulator, dynamo, source, pattern, id, "")
+}
+
+/// As [`worker_toml`], with `extra` keys for the destination group.
+pub fn worker_toml_with(
+    emulator: &Emulator,
+    dynamo: &Dynamo,
+    source: &str,
+    pattern: &str,
+    id: &str,
+    extra: &str,
+) -> String {
     let dir = std::env::temp_dir();
-    let base = config_toml(&emulator.url, source, pattern, &dir.join("unused.json"), "");
+    let base = config_toml(&emulator.url, source, pattern, &dir.join("unused.json"), extra);
     let checkpoint = format!(
         r#"[checkpoint]
 backend = "dynamodb"
@@ -148,8 +160,22 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(id: &str, toml: &str, url: &str) -> Worker {
+        Self::start_signing_as(id, toml, url, "test")
+    }
+
+    /// A worker whose requests are signed with access key id `key` (the fault layer tells
+    /// workers apart by it).
+    pub fn start_signing_as(id: &str, toml: &str, url: &str, key: &str) -> Worker {
         let settings = Settings::from_toml(toml).expect("worker config is valid");
-        let service = Service::new(settings, &sdk_config(url)).expect("admin port binds");
+        let sdk = aws_config::SdkConfig::builder()
+            .credentials_provider(aws_sdk_kinesis::config::SharedCredentialsProvider::new(
+                aws_sdk_kinesis::config::Credentials::new(key, "test", None, None, "test"),
+            ))
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .endpoint_url(url)
+            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+            .build();
+        let service = Service::new(settings, &sdk).expect("admin port binds");
         let (metrics, health) = (service.metrics(), service.health());
         let stop = CancellationToken::new();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();

@@ -56,8 +56,21 @@ pub struct Faults {
     /// ListShards requests for this stream are held this long before they reach the emulator (a
     /// slow or throttled control plane); counted under `calls["ListShards(<stream>)"]`.
     pub stall_list_shards: Option<(String, Duration)>,
+    /// Every PutRecords request is noted in `puts` as it arrives.
+    pub log_puts: bool,
+    pub puts: Vec<PutSeen>,
     /// Calls seen, by operation.
     pub calls: HashMap<String, u64>,
+}
+
+/// A PutRecords request as it arrived at the emulator.
+#[derive(Debug, Clone)]
+pub struct PutSeen {
+    pub at: std::time::Instant,
+    /// The access key id it was signed with: which worker sent it.
+    pub key: String,
+    pub stream: String,
+    pub partition_keys: Vec<String>,
 }
 
 /// The access key id of a SigV4 `Authorization` header.
@@ -161,6 +174,21 @@ async fn inject_faults(
                 *faults.calls.entry("RejectedSignature".into()).or_default() += 1;
                 return error_response(StatusCode::BAD_REQUEST, "ExpiredTokenException");
             }
+        }
+        if operation == "PutRecords"
+            && faults.log_puts
+            && let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            let stream = body.get("StreamName").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            let partition_keys = body
+                .get("Records")
+                .and_then(|v| v.as_array())
+                .map(|records| {
+                    records.iter().filter_map(|r| r.get("PartitionKey")?.as_str().map(str::to_string)).collect()
+                })
+                .unwrap_or_default();
+            let key = signing_key(&parts).unwrap_or_default();
+            faults.puts.push(PutSeen { at: std::time::Instant::now(), key, stream, partition_keys });
         }
         if operation == "PutRecords"
             && let Some(stream) = &faults.reject_puts_to

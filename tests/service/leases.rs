@@ -547,3 +547,78 @@ async fn a_stalled_list_shards_never_keeps_a_worker_from_stopping_a_lost_shard()
         worker.kill().await;
     }
 }
+
+/// The shard of `in` whose hash range holds `partition_key` (Kinesis: MD5 of the key as a
+/// 128-bit number).
+fn shard_of(ranges: &[(String, u128, u128)], partition_key: &str) -> String {
+    use md5::{Digest, Md5};
+    let hash = u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into());
+    ranges.iter().find(|(_, lo, hi)| (*lo..=*hi).contains(&hash)).map(|(id, _, _)| id.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
+    let (emulator, dynamo) = setup(2).await;
+    let client = emulator.client();
+    emulator.faults.lock().unwrap().log_puts = true;
+    // The old owner is rate-limited so that a full batch waits on its limiter far longer than
+    // the new owner's wait of a failover time plus the settle time (500 records at 15/s: 33 s);
+    // the new owner is not, so that its first request comes soon after its wait.
+    let slow = "records_per_second = \"15\"";
+    let w1 = Worker::start_signing_as(
+        "w1",
+        &worker_toml_with(&emulator, &dynamo, "in", "^out-.*$", "w1", slow),
+        &emulator.url,
+        "AKIDW1",
+    );
+    wait_settled(&dynamo, std::slice::from_ref(&w1), vec![2]).await;
+    let producing = tokio::spawn({
+        let client = client.clone();
+        async move {
+            for round in 0..120u64 {
+                put_all(&client, "in", &records(500 + round, 25, 64)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A second worker steals one of w1's two leases while w1 has batches waiting.
+    let w2 = Worker::start_signing_as(
+        "w2",
+        &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w2"),
+        &emulator.url,
+        "AKIDW2",
+    );
+    wait_until("w2 holds a lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&1) }).await;
+    let stolen = dynamo.leases("leases").await.into_iter().find(|l| l.owner.as_deref() == Some("w2")).unwrap().key;
+    let shards = client.list_shards().stream_name("in").send().await.unwrap();
+    let ranges: Vec<(String, u128, u128)> = shards
+        .shards()
+        .iter()
+        .map(|s| {
+            let r = s.hash_key_range().unwrap();
+            (s.shard_id().to_string(), r.starting_hash_key().parse().unwrap(), r.ending_hash_key().parse().unwrap())
+        })
+        .collect();
+    let carries =
+        |p: &PutSeen| p.stream.starts_with("out-") && p.partition_keys.iter().any(|k| shard_of(&ranges, k) == stolen);
+    wait_until("the new owner wrote the stolen shard's records", || async {
+        emulator.faults.lock().unwrap().puts.iter().any(|p| p.key == "AKIDW2" && carries(p))
+    })
+    .await;
+    // Long enough for every batch w1 had waiting to have been sent, had it been sent.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    producing.abort();
+    let puts = emulator.faults.lock().unwrap().puts.clone();
+    let first_new = puts.iter().filter(|p| p.key == "AKIDW2" && carries(p)).map(|p| p.at).min().unwrap();
+    let late: Vec<&PutSeen> = puts.iter().filter(|p| p.key == "AKIDW1" && carries(p) && p.at > first_new).collect();
+    assert!(
+        late.is_empty(),
+        "{} PutRecords of the old owner carried {stolen}'s records after the new owner's first (the first {:?} later)",
+        late.len(),
+        late.first().map(|p| p.at - first_new)
+    );
+    assert!(puts.iter().any(|p| p.key == "AKIDW1" && carries(p)), "w1 wrote the shard before it lost it");
+    w1.kill().await;
+    w2.kill().await;
+}
