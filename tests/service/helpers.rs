@@ -316,6 +316,23 @@ pub async fn with_streams(streams: &[(&str, i32)]) -> (Emulator, Client) {
     (emulator, client)
 }
 
+/// Splits the first shard of `stream` in the middle of its hash range, waits until the stream
+/// is ACTIVE again, and returns the parent's id.
+pub async fn split_first_shard(client: &Client, stream: &str) -> String {
+    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
+    let parent = shards.shards()[0].shard_id().to_string();
+    client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(&parent)
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(client, stream).await;
+    parent
+}
+
 pub async fn wait_active(client: &Client, name: &str) {
     wait_until(&format!("stream {name} ACTIVE"), || async {
         let out = client.describe_stream_summary().stream_name(name).send().await;

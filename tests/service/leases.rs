@@ -357,17 +357,7 @@ async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents
     put_all(&client, "in", &records(69, 100, 32)).await;
     service.wait_accepted("out-a", 100).await;
     // A split: the parent is read to its end.
-    let shards = client.list_shards().stream_name("in").send().await.unwrap();
-    let parent = shards.shards()[0].shard_id().to_string();
-    client
-        .split_shard()
-        .stream_name("in")
-        .shard_to_split(&parent)
-        .new_starting_hash_key((u128::MAX / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    wait_active(&client, "in").await;
+    let parent = split_first_shard(&client, "in").await;
     put_all(&client, "in", &records(70, 100, 32)).await;
     service.wait_accepted("out-a", 200).await;
     service.stop().await.unwrap();
@@ -467,17 +457,7 @@ async fn a_parent_whose_lease_was_never_created_is_read_before_its_children() {
         |r: usize| -> Vec<Rec> { keys.iter().map(|k| (k.clone(), format!("{k}:{r:04}").into_bytes())).collect() };
     let before: Vec<Rec> = (0..30).flat_map(round).collect();
     put_all(&client, "in", &before).await;
-    let shards = client.list_shards().stream_name("in").send().await.unwrap();
-    let parent = shards.shards()[0].shard_id().to_string();
-    client
-        .split_shard()
-        .stream_name("in")
-        .shard_to_split(&parent)
-        .new_starting_hash_key((u128::MAX / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    wait_active(&client, "in").await;
+    let parent = split_first_shard(&client, "in").await;
     let after: Vec<Rec> = (30..60).flat_map(round).collect();
     put_all(&client, "in", &after).await;
     // A first start was cut off after the children's leases were created and before the

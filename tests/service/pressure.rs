@@ -318,17 +318,7 @@ async fn a_backfill_cut_short_on_an_idle_shard_resumes_after_a_restart_and_finis
     wait_until("the backfill finished on the idle shard", || async { all_hold(&client, &["out-new"], &input).await })
         .await;
     // The shard is split: its end is reached, and its children are read.
-    let shards = client.list_shards().stream_name("in").send().await.unwrap();
-    let parent = shards.shards()[0].shard_id().to_string();
-    client
-        .split_shard()
-        .stream_name("in")
-        .shard_to_split(&parent)
-        .new_starting_hash_key((u128::MAX / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    wait_active(&client, "in").await;
+    split_first_shard(&client, "in").await;
     let after = records(92, 400, 200);
     put_all(&client, "in", &after).await;
     second.wait_accepted("out-a", 400).await;
