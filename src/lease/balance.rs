@@ -14,16 +14,31 @@ pub enum Take {
 }
 
 /// Whether every parent of a lease has been read to its end. A parent without a lease is done
-/// when the child has started already (a finished parent's lease is deleted only once every
-/// child started), or when the stream no longer lists it (`listed`: it aged out). One still
+/// when a child of it has started already (a finished parent's lease is deleted only once every
+/// child it named started), or when the stream no longer lists it (`listed`: it aged out). One still
 /// listed, or not known to be gone (`listed` unknown), is not done: its lease is about to be
 /// created, and its records come first.
-fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>, listed: Option<&HashSet<String>>) -> bool {
-    let started = matches!(lease.checkpoint, Position::Sequence(_));
+fn parents_done(
+    lease: &Lease,
+    by_key: &BTreeMap<&str, &Lease>,
+    started_children_of: &HashSet<&str>,
+    listed: Option<&HashSet<String>>,
+) -> bool {
     lease.parents.iter().all(|p| match by_key.get(p.as_str()) {
         Some(parent) => parent.checkpoint == Position::ShardEnd,
-        None => started || listed.is_some_and(|listed| !listed.contains(p)),
+        // A child of it (this one, or a sibling) started: it was read to its end, and its lease
+        // deleted since (the same proof that keeps a lease from being made for it again).
+        None => started_children_of.contains(p.as_str()) || listed.is_some_and(|listed| !listed.contains(p)),
     })
+}
+
+/// Shards with a child whose lease has started (checkpointed past its start).
+fn with_started_children(leases: &[Lease]) -> HashSet<&str> {
+    leases
+        .iter()
+        .filter(|l| matches!(l.checkpoint, Position::Sequence(_) | Position::ShardEnd))
+        .flat_map(|l| l.parents.iter().map(String::as_str))
+        .collect()
 }
 
 /// The leases someone should be reading now: not read to their end, and with every parent done
@@ -35,7 +50,8 @@ pub fn active(leases: &[Lease]) -> Vec<&Lease> {
 /// As [`active`], knowing which shards the stream lists now.
 pub fn active_in<'a>(leases: &'a [Lease], listed: Option<&HashSet<String>>) -> Vec<&'a Lease> {
     let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
-    leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key, listed)).collect()
+    let started = with_started_children(leases);
+    leases.iter().filter(|l| l.checkpoint != Position::ShardEnd && parents_done(l, &by_key, &started, listed)).collect()
 }
 
 /// Leases read to their end whose every child has started (checkpointed past its start): no
@@ -301,6 +317,12 @@ mod tests {
         assert!(active(&alone).is_empty(), "without the listing, p is taken as listed");
         let aged_out: HashSet<String> = ["c".to_string()].into();
         assert_eq!(active_in(&alone, Some(&aged_out)).len(), 1, "p aged out of the stream: nothing to wait for");
+        // A sibling that started proves the parent was read to its end (and its lease deleted),
+        // even when this child's lease came later (its creation was cut off).
+        let mut sibling = lease("s", None);
+        sibling.parents = vec!["p".into()];
+        sibling.checkpoint = Position::Sequence(crate::record::SequenceNumber::parse("9").unwrap());
+        assert_eq!(active_in(&[child.clone(), sibling], Some(&listed)).len(), 2, "a sibling started: p is done");
         child.checkpoint = Position::Sequence(crate::record::SequenceNumber::parse("9").unwrap());
         assert_eq!(active_in(&[child], Some(&listed)).len(), 1, "a started child's parent was finished and deleted");
     }

@@ -63,6 +63,8 @@ impl LeaseManager {
             _ => missing(shards, initial, &self.table.scan().await?),
         };
         missing.sort_by_cached_key(|l| balance::order(&self.me, 0, &l.key));
+        let mut failed: HashSet<String> = HashSet::new();
+        let mut first_error = None;
         while !missing.is_empty() {
             // This generation: the leases none of whose parents is still to be created.
             let waiting: HashSet<String> = missing.iter().map(|l| l.key.clone()).collect();
@@ -79,21 +81,34 @@ impl LeaseManager {
                 .buffer_unordered(32)
                 .collect()
                 .await;
-            let mut failed = None;
             for (lease, created) in created {
                 match created {
                     Ok(true) => tracing::info!(shard = %lease.key, checkpoint = %lease.checkpoint, "Lease created."),
                     Ok(false) => {}
-                    Err(err) => failed = Some(err),
+                    Err(err) => {
+                        failed.insert(lease.key.clone());
+                        first_error.get_or_insert(err);
+                    }
                 }
             }
-            // A parent whose lease could not be created keeps its children waiting.
-            if let Some(err) = failed {
-                return Err(err);
-            }
+            // A parent whose lease could not be created keeps its descendants waiting; the rest
+            // go on.
             missing = later;
+            loop {
+                let before = failed.len();
+                let blocked: Vec<String> = missing
+                    .iter()
+                    .filter(|l| l.parents.iter().any(|p| failed.contains(p)))
+                    .map(|l| l.key.clone())
+                    .collect();
+                failed.extend(blocked);
+                if failed.len() == before {
+                    break;
+                }
+            }
+            missing.retain(|l| !failed.contains(&l.key));
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

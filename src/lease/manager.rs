@@ -309,15 +309,18 @@ impl LeaseManager {
                 })
                 .collect()
         };
-        let attempts: Vec<(Lease, bool, Result<u64, LeaseError>)> = stream::iter(wanted)
+        let attempts: Vec<(Lease, bool, Instant, Result<u64, LeaseError>)> = stream::iter(wanted)
             .map(|(lease, stolen)| async move {
+                // The hold is confirmed as of before the request: another worker may time the new
+                // counter from the moment it lands, and the proof must not outlast its line.
+                let attempt = Instant::now();
                 let taken = self.table.take(&lease.key, lease.counter, &self.me).await;
-                (lease, stolen, taken)
+                (lease, stolen, attempt, taken)
             })
             .buffer_unordered(32)
             .collect()
             .await;
-        for (lease, stolen, taken) in attempts {
+        for (lease, stolen, attempt, taken) in attempts {
             let key = lease.key.clone();
             match taken {
                 Ok(next) => {
@@ -325,7 +328,7 @@ impl LeaseManager {
                     let delay = self.takeover_delay(stolen, lease.owner.is_some());
                     let since = Instant::now();
                     state.held.insert(key.clone(), Held { counter: next, since, ready: since + delay });
-                    self.confirm(&key, since);
+                    self.confirm(&key, attempt);
                     state.observed.insert(key.clone(), (next, since));
                     let _ = self.events.send(Assignment::Acquired {
                         shard: key,

@@ -364,9 +364,14 @@ impl LeaseTable {
             }
         };
         let key = text("leaseKey").ok_or_else(|| malformed("an item has no leaseKey".into()))?;
+        // Every lease has a counter and a checkpoint from its creation on: a row without them is
+        // someone else's, never a free lease to take.
+        if !item.contains_key("leaseCounter") {
+            return Err(malformed(format!("lease {key}: no leaseCounter (not a lease)")));
+        }
         let checkpoint = match text("checkpoint") {
             Some(cp) => Position::parse(&cp).map_err(|e| malformed(format!("lease {key}: checkpoint {e}")))?,
-            None => Position::TrimHorizon,
+            None => return Err(malformed(format!("lease {key}: no checkpoint (not a lease)"))),
         };
         Ok(Lease {
             owner: text("leaseOwner").filter(|o| !o.is_empty()),

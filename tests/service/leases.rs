@@ -403,8 +403,10 @@ async fn an_unreadable_lease_item_is_skipped_and_counted_and_the_takeovers_go_on
     let raw = aws_sdk_dynamodb::Client::from_conf(config);
     let s = |v: &str| AttributeValue::S(v.into());
     for item in [
-        vec![("leaseKey", s("shardId-hand-edited")), ("leaseCounter", s("seven"))],
+        vec![("leaseKey", s("shardId-hand-edited")), ("leaseCounter", s("seven")), ("checkpoint", s("TRIM_HORIZON"))],
         vec![("leaseKey", s("worker-metrics-w9")), ("entityType", s("WORKER_METRICS"))],
+        // Another tool's row with neither counter nor checkpoint: never taken for a free lease.
+        vec![("leaseKey", s("app:other-stream:shardId-000000000000"))],
     ] {
         let mut put = raw.put_item().table_name("leases");
         for (name, value) in item {
@@ -424,13 +426,14 @@ async fn an_unreadable_lease_item_is_skipped_and_counted_and_the_takeovers_go_on
     wait_all_delivered(&emulator, &refs, &input).await;
     assert_eq!(
         second[0].metrics.lease_items_unreadable.get(),
-        1,
-        "the hand-edited row, once; the other kind is ignored"
+        2,
+        "the hand-edited row and the foreign one, once each; the other kind is ignored"
     );
     let rows = dynamo.table("leases").scan_with_unreadable().await.unwrap();
-    assert_eq!(rows.1.len(), 1);
-    assert_eq!(rows.1[0].key.as_deref(), Some("shardId-hand-edited"));
-    assert!(rows.1[0].reason.contains("leaseCounter"), "{:?}", rows.1);
+    let mut bad: Vec<&str> = rows.1.iter().filter_map(|u| u.key.as_deref()).collect();
+    bad.sort();
+    assert_eq!(bad, ["app:other-stream:shardId-000000000000", "shardId-hand-edited"]);
+    assert!(rows.1.iter().all(|u| u.reason.contains("leaseCounter")), "{:?}", rows.1);
     // The operator's `leases` command shows it, with why.
     let settings =
         kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "op")).unwrap();
