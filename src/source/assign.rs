@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::shards::{self, ShardInfo};
@@ -157,11 +158,15 @@ impl Assignments for Plan {
 
 /// The lease table decides: shards come and go as this worker's leases do.
 pub struct Leases {
-    listing: Listing,
+    listing: Arc<Listing>,
     manager: Arc<LeaseManager>,
     events: mpsc::UnboundedReceiver<Assignment>,
     checkpointer: Checkpointer,
     next_list: Instant,
+    /// The shard sync under way, if any: it runs beside the coordinator, so that a slow control
+    /// plane or lease table (a stream of thousands of shards lists in several pages) never keeps
+    /// the coordinator from hearing a lost lease, and is never cut short by it.
+    syncing: Option<JoinHandle<Option<Vec<ShardInfo>>>>,
 }
 
 impl Leases {
@@ -173,40 +178,66 @@ impl Leases {
         health: &Health,
     ) -> Self {
         health.shards_assigned();
-        Leases { listing, manager, events, checkpointer, next_list: Instant::now() + RELIST_INTERVAL }
+        Leases {
+            listing: Arc::new(listing),
+            manager,
+            events,
+            checkpointer,
+            next_list: Instant::now() + RELIST_INTERVAL,
+            syncing: None,
+        }
     }
 
-    /// Creates leases for shards that have none (new children included); returns the shards.
-    /// The whole of it, ListShards and the lease table's part, is bounded by half a renewal
-    /// period: meanwhile the coordinator hears no lost lease, and a lost lease must stop its shard
-    /// before the taker's wait is over. (A slow or throttled control plane, with the control
-    /// client's own timeout and retries, could otherwise hold it for minutes.)
-    async fn sync(&self) -> Option<Vec<ShardInfo>> {
-        let bound = self.manager.renew_interval() / 2;
-        let deadline = Instant::now() + bound;
-        let shards = match tokio::time::timeout_at(deadline, self.listing.shards.list(&self.listing.stream)).await {
-            Ok(Ok(shards)) => shards,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
-                return None;
+    /// Starts a shard sync unless one runs: lists the shards and creates leases for those that
+    /// have none (new children included); its result is the shards.
+    fn start_sync(&mut self) {
+        if self.syncing.is_some() {
+            return;
+        }
+        let (listing, manager) = (Arc::clone(&self.listing), Arc::clone(&self.manager));
+        self.syncing = Some(tokio::spawn(async move {
+            let shards = match listing.shards.list(&listing.stream).await {
+                Ok(shards) => shards,
+                Err(err) => {
+                    tracing::warn!(error = %crate::aws::chain(&err), "ListShards failed; trying again later.");
+                    return None;
+                }
+            };
+            if let Err(err) = manager.sync(&shards, &listing.initial).await {
+                tracing::warn!(error = %err, "Creating leases failed; trying again later.");
+            }
+            Some(shards)
+        }));
+    }
+
+    /// Waits up to `bound` for the sync under way; its shards if it ended.
+    async fn synced(&mut self, bound: Duration) -> Option<Vec<ShardInfo>> {
+        let running = self.syncing.as_mut()?;
+        match tokio::time::timeout(bound, running).await {
+            Ok(result) => {
+                self.syncing = None;
+                result.ok().flatten()
             }
             Err(_) => {
-                tracing::warn!(waited = ?bound, "ListShards is slow; listing the shards again later.");
-                return None;
+                tracing::warn!(waited = ?bound, "The shard sync is slow; it goes on beside the coordinator.");
+                None
             }
-        };
-        match tokio::time::timeout_at(deadline, self.manager.sync(&shards, &self.listing.initial)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(error = %err, "Creating leases failed; trying again later."),
-            Err(_) => tracing::warn!(waited = ?bound, "The lease table is slow; creating leases later."),
         }
-        Some(shards)
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        if let Some(running) = self.syncing.take() {
+            running.abort();
+        }
     }
 }
 
 impl Assignments for Leases {
     async fn next(&mut self) -> Result<Assignment, SourceError> {
         loop {
+            let syncing = self.syncing.is_some();
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(Assignment::Acquired { shard, position, delay, destinations }) => {
@@ -217,24 +248,29 @@ impl Assignments for Leases {
                     Some(lost) => return Ok(lost),
                     None => return Err(SourceError::Reader("the lease loop is gone".into())),
                 },
-                _ = tokio::time::sleep_until(self.next_list) => {
+                _ = async { self.syncing.as_mut().expect("running").await }, if syncing => {
+                    self.syncing = None;
+                }
+                _ = tokio::time::sleep_until(self.next_list), if !syncing => {
                     self.next_list = Instant::now() + RELIST_INTERVAL;
-                    self.sync().await;
+                    self.start_sync();
                 }
             }
         }
     }
 
     /// Through the lease, naming the children, so that any worker may take them. A failure is not
-    /// fatal: whoever holds the lease next reads the shard's tail again.
+    /// fatal: whoever holds the lease next reads the shard's tail again. The coordinator waits
+    /// half a renewal period for the shard sync and half a one for the end-of-shard checkpoint at
+    /// most, so that it hears lost leases in time.
     async fn finished(&mut self, shard: &str) -> Result<(), SourceError> {
         // One listing serves both: leases for the children, and their names on the parent.
-        let children: Vec<String> = match self.sync().await {
+        let bound = self.manager.renew_interval() / 2;
+        self.start_sync();
+        let children: Vec<String> = match self.synced(bound).await {
             Some(shards) => shards.into_iter().filter(|s| s.parents.iter().any(|p| p == shard)).map(|s| s.id).collect(),
             None => Vec::new(),
         };
-        // Bounded as the sync is: the coordinator must hear lost leases in time.
-        let bound = self.manager.renew_interval() / 2;
         let finished = tokio::time::timeout(bound, self.checkpointer.finish(shard, &children))
             .await
             .unwrap_or(Err(CheckpointError::TimedOut { waited: bound }));
