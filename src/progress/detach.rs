@@ -500,17 +500,22 @@ mod tests {
         assert_eq!(sent.len(), 1);
     }
 
-    #[test]
-    fn a_backfill_on_a_reading_that_registered_nothing_moves_on_to_the_reading_start() {
-        // Restarted at the shard checkpoint 10 on an idle shard; one destination's own position
-        // is 5 (its backfill was cut short by the stop).
-        let progress = Progress::default();
+    /// A reading restarted at the shard checkpoint 10 on an idle shard, where destination "new"
+    /// has its own position 5 (its backfill was cut short by the stop) and "old" has 10.
+    fn restarted_at_10_with_a_backfill_at_5(progress: &Progress) -> Arc<ShardProgress> {
         let shard = progress.shard("s");
         shard.set_start(Position::Sequence(SequenceNumber::parse("10").unwrap()));
         shard.set_skips(&std::collections::BTreeMap::from([
             ("new".to_string(), SequenceNumber::parse("5").unwrap()),
             ("old".to_string(), SequenceNumber::parse("10").unwrap()),
         ]));
+        shard
+    }
+
+    #[test]
+    fn a_backfill_on_a_reading_that_registered_nothing_moves_on_to_the_reading_start() {
+        let progress = Progress::default();
+        let shard = restarted_at_10_with_a_backfill_at_5(&progress);
         let new: Arc<str> = "new".into();
         let from = shard.introduce(&new, &Position::TrimHorizon, false);
         assert_eq!(from, Some(Position::Sequence(SequenceNumber::parse("5").unwrap())));
@@ -553,12 +558,7 @@ mod tests {
     #[test]
     fn a_backfill_finished_on_an_idle_shard_keeps_its_position() {
         let progress = Progress::default();
-        let shard = progress.shard("s");
-        shard.set_start(Position::Sequence(SequenceNumber::parse("10").unwrap()));
-        shard.set_skips(&std::collections::BTreeMap::from([
-            ("new".to_string(), SequenceNumber::parse("5").unwrap()),
-            ("old".to_string(), SequenceNumber::parse("10").unwrap()),
-        ]));
+        let shard = restarted_at_10_with_a_backfill_at_5(&progress);
         assert!(shard.introduce(&"new".into(), &Position::TrimHorizon, false).is_some());
         let mut sent = Vec::new();
         let outcome = shard.catch_up("new", batch(records(&[6, 10, 11])), progress.next_id(), true, |c| sent.push(c));
