@@ -48,6 +48,12 @@ pub(super) struct Split {
     size: usize,
 }
 
+/// Why a destination no longer owes a chunk: its reading's lease was lost, or the destination
+/// was shed from it (a catch-up's lane given up by a shed is revoked too).
+fn released(chunk: &crate::progress::Chunk) -> Outcome {
+    if chunk.shard.revoked() && !chunk.shard.was_shed() { Outcome::LeaseLost } else { Outcome::Shed }
+}
+
 /// How long a writer waits before it looks again at a lease that is not proven.
 const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -170,9 +176,7 @@ impl Writer {
     fn accept(&mut self, delivery: Delivery) {
         let Delivery { chunk, permit } = delivery;
         if !chunk.owed_by(&self.task.id) {
-            let outcome =
-                if chunk.shard.revoked() && !chunk.shard.was_shed() { Outcome::LeaseLost } else { Outcome::Shed };
-            self.count(outcome, chunk.records.len() as u64, chunk.bytes as u64);
+            self.count(released(&chunk), chunk.records.len() as u64, chunk.bytes as u64);
             return;
         }
         let now = Instant::now();
@@ -227,8 +231,7 @@ impl Writer {
             };
             last = Some((p.chunk.id, owed));
             if !owed {
-                let lease_lost = p.chunk.shard.revoked() && !p.chunk.shard.was_shed();
-                let count = if lease_lost { &mut lost } else { &mut shed };
+                let count = if released(&p.chunk) == Outcome::LeaseLost { &mut lost } else { &mut shed };
                 count.0 += 1;
                 count.1 += p.size() as u64;
                 bytes += p.size() as u64;
