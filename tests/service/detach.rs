@@ -22,8 +22,13 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
     }
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    // The healthy ones' buffers hold the whole burst: a destination whose queue stays over its
+    // buffer for `detach_after` is detached however fast it writes, and on a loaded machine a
+    // 1-shard destination can take longer than a second to write 6 MiB.
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"\n\n[[destinations]]\npattern = \"^out-[ab]$\"\n\
+                 refresh_interval = \"1s\"\nlinger = \"20ms\"\ninitial_backoff = \"20ms\"\nmax_backoff = \"500ms\"\n\
+                 max_in_flight_bytes = \"8MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-broken$", &checkpoint, extra);
     let service = Running::start(&toml, &emulator.url);
 
     // 6 MiB: six times the broken destination's buffer.
