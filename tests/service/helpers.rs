@@ -435,6 +435,28 @@ pub async fn duplicates_in(client: &Client, stream: &str) -> usize {
     held.len() - unique.len()
 }
 
+/// How `stream`'s contents compare with `expected`: counts only, so a failure prints no payloads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Records of `expected` the stream does not hold.
+    pub missing: usize,
+    /// Copies beyond the first of records the stream holds.
+    pub duplicates: usize,
+    /// Records the stream holds that `expected` does not.
+    pub foreign: usize,
+}
+
+pub async fn delivery(client: &Client, stream: &str, expected: &[Rec]) -> Delivery {
+    let held = contents(client, stream).await;
+    let unique: BTreeSet<&Rec> = held.iter().collect();
+    let wanted: BTreeSet<&Rec> = expected.iter().collect();
+    Delivery {
+        missing: wanted.difference(&unique).count(),
+        duplicates: held.len() - unique.len(),
+        foreign: unique.difference(&wanted).count(),
+    }
+}
+
 pub fn sorted(records: &[Rec]) -> Vec<Rec> {
     let mut v = records.to_vec();
     v.sort();
