@@ -4,17 +4,45 @@
 //! errors and retries. The limiter keeps a destination under its configured (or shard-derived)
 //! rate, and throttled records add a debt that the next batch pays, so the rate backs off when the
 //! estimate was too generous (hot shards, other writers).
+//!
+//! The limiter keeps time with tokio's clock, as every other wait of the service does: a paused
+//! clock (the fleet simulation, tests) pauses it too.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
+
+/// tokio's clock, as governor sees it: the time since the limiter was made.
+#[derive(Debug, Clone, Copy)]
+struct TokioClock {
+    base: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+}
+
+type Direct = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+fn direct(per_second: NonZeroU32) -> (Direct, TokioClock) {
+    let clock = TokioClock { base: Instant::now() };
+    (RateLimiter::direct_with_clock(Quota::per_second(per_second), clock), clock)
+}
 
 #[derive(Debug)]
 pub struct Limiter {
-    records: DefaultDirectRateLimiter,
-    bytes: DefaultDirectRateLimiter,
+    records: Direct,
+    bytes: Direct,
+    clock: TokioClock,
     records_burst: NonZeroU32,
     bytes_burst: NonZeroU32,
     /// Records and bytes charged by throttling, paid by the next acquire.
@@ -31,9 +59,12 @@ impl Limiter {
     pub fn new(records_per_second: u64, bytes_per_second: u64) -> Self {
         let records_burst = nonzero(records_per_second);
         let bytes_burst = nonzero(bytes_per_second);
+        let (records, clock) = direct(records_burst);
+        let (bytes, _) = direct(bytes_burst);
         Limiter {
-            records: RateLimiter::direct(Quota::per_second(records_burst)),
-            bytes: RateLimiter::direct(Quota::per_second(bytes_burst)),
+            records,
+            bytes,
+            clock,
             records_burst,
             bytes_burst,
             debt: (0, 0),
@@ -53,8 +84,8 @@ impl Limiter {
         // The debt is settled only once paid: a wait cut short (the destination was shed) pays
         // it again next time rather than lose it.
         let (debt_records, debt_bytes) = self.debt;
-        wait_for(&self.records, self.records_burst, records as u64 + debt_records).await;
-        wait_for(&self.bytes, self.bytes_burst, bytes as u64 + debt_bytes).await;
+        wait_for(&self.records, self.clock, self.records_burst, records as u64 + debt_records).await;
+        wait_for(&self.bytes, self.clock, self.bytes_burst, bytes as u64 + debt_bytes).await;
         self.debt = (0, 0);
         start.elapsed()
     }
@@ -67,13 +98,15 @@ impl Limiter {
 }
 
 /// Waits for `amount` cells in pieces no larger than the burst (governor refuses larger asks).
-async fn wait_for(limiter: &DefaultDirectRateLimiter, burst: NonZeroU32, mut amount: u64) {
+async fn wait_for(limiter: &Direct, clock: TokioClock, burst: NonZeroU32, mut amount: u64) {
     while amount > 0 {
         let piece = amount.min(u64::from(burst.get()));
         let n = NonZeroU32::new(piece as u32).expect("piece is positive");
-        // Cannot fail: `n` never exceeds the burst.
-        let _ = limiter.until_n_ready(n).await;
-        amount -= piece;
+        match limiter.check_n(n) {
+            // Never refused for capacity: `n` never exceeds the burst.
+            Ok(Ok(())) | Err(_) => amount -= piece,
+            Ok(Err(not_until)) => tokio::time::sleep(not_until.wait_time_from(clock.now())).await,
+        }
     }
 }
 
@@ -95,5 +128,18 @@ mod tests {
         let mut limiter = Limiter::new(1_000_000, 4 << 20);
         limiter.penalize(1, 1);
         let _ = tokio::time::timeout(Duration::from_secs(5), limiter.acquire(10, 5 << 20)).await.expect("completes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_keeps_time_with_tokio_s_clock() {
+        // 100 records/s: the first 100 are the burst, the next 300 take three seconds of the
+        // paused clock, which passes only as tokio lets it.
+        let mut limiter = Limiter::new(100, 1 << 20);
+        limiter.acquire(100, 100).await;
+        let waited = limiter.acquire(300, 300).await;
+        assert!(
+            waited >= Duration::from_millis(2_900) && waited <= Duration::from_millis(3_100),
+            "waited {waited:?} of tokio's clock"
+        );
     }
 }
