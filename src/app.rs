@@ -272,12 +272,14 @@ impl Pipeline {
         let as_of = tokio::time::Instant::now();
         let last = progress.snapshot();
         let saved = checkpointer.save_snapshot(&last, as_of).await;
-        // 4. Only now may the leases go: they were renewed through the drain.
+        // 4. Only now may the leases go: they were renewed through the drain. A shard whose
+        //    records were still being sent when the grace period ran out keeps its lease until
+        //    it expires: its next owner then waits out those requests.
         if let Some(lease_loop) = lease_loop {
             lease_loop.stop().await;
         }
         if let Some(manager) = &backend.manager {
-            manager.release_all().await;
+            manager.release_all_except(&progress.unsettled()).await;
         }
         match (&outcome, saved) {
             (Ok(()), Err(err)) => return Err(err.into()),

@@ -358,12 +358,21 @@ impl LeaseManager {
     /// moments ago, not read yet) is not given up: whoever took it next would read at once, while
     /// those requests may still land. It expires instead.
     pub async fn release_all(&self) {
+        self.release_all_except(&BTreeSet::new()).await
+    }
+
+    /// As [`LeaseManager::release_all`], but the leases of `unsettled` shards (their records may
+    /// still be on the wire: the grace period ran out before every destination accepted them)
+    /// expire instead, so that their next owner waits out those requests.
+    pub async fn release_all_except(&self, unsettled: &BTreeSet<String>) {
         let mut state = self.state.lock().await;
         let held: Vec<(String, u64, Instant)> =
             state.held.iter().map(|(k, h)| (k.clone(), h.counter, h.ready)).collect();
         for (shard, counter, ready) in held {
             if ready > Instant::now() {
                 tracing::info!(shard, worker = %self.me, "Lease left to expire: its previous owner's requests may still land.");
+            } else if unsettled.contains(&shard) {
+                tracing::info!(shard, worker = %self.me, "Lease left to expire: records of it were still being sent when the grace period ran out.");
             } else {
                 match self.table.release(&shard, counter, &self.me).await {
                     Ok(()) => tracing::info!(shard, worker = %self.me, "Lease released."),

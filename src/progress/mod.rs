@@ -12,7 +12,7 @@ mod detach;
 mod positions;
 mod shed;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
@@ -418,6 +418,16 @@ impl Progress {
     /// Chunks not yet done, over all shards.
     pub fn outstanding(&self) -> usize {
         self.all().iter().map(|s| s.outstanding()).sum()
+    }
+
+    /// Shards whose destinations may still be sending records of theirs: chunks not done by the
+    /// live feed or by a catch-up (what [`Progress::drained`] waits for).
+    pub fn unsettled(&self) -> BTreeSet<String> {
+        self.all()
+            .into_iter()
+            .filter(|s| !s.revoked() && (s.outstanding() > 0 || !detach::settled(&s.state(), false)))
+            .map(|s| s.shard_id.to_string())
+            .collect()
     }
 
     /// Waits until every shard has drained.

@@ -1,9 +1,10 @@
 //! The read side: the source stream's shards, read through Enhanced Fan-Out.
 //!
-//! [`Source::run`] is the coordinator: it starts a [`reader::ShardReader`] for each shard an
+//! [`coordinate`] is the coordinator: it starts a reading for each shard an
 //! [`assign::Assignments`] source hands it (the single-worker plan or the lease table), stops it
 //! when the shard is lost, and reports a shard read to its end back to the same source, which
-//! records `SHARD_END` durably before any child starts.
+//! records `SHARD_END` durably before any child starts. [`Source::run`] runs it with
+//! [`reader::ShardReader`]s.
 
 pub mod assign;
 pub mod catchup;
@@ -16,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -101,8 +103,7 @@ struct Readers {
 }
 
 impl Readers {
-    fn start(&mut self, reader: ShardReader, delay: Duration, token: CancellationToken) {
-        let shard = reader.shard_id.clone();
+    fn start(&mut self, shard: String, reading: Reading, delay: Duration, token: CancellationToken) {
         self.stop(&shard);
         self.generation += 1;
         let generation = self.generation;
@@ -114,7 +115,7 @@ impl Readers {
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-            (shard, generation, reader.run(token).await)
+            (shard, generation, reading(token).await)
         });
     }
 
@@ -135,43 +136,67 @@ impl Readers {
     }
 }
 
+/// A shard's reading, started when the coordinator is ready (after the delay its lease came with)
+/// and stopped by cancelling its token.
+pub type Reading = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ReaderExit> + Send>;
+
+/// What the coordinator starts for each shard it is handed: the service reads through Enhanced
+/// Fan-Out; the fleet simulation (`crate::lease::simulation`) reads simulated shards.
+pub trait Readings {
+    fn reading(&self, shard: &str, start: Position, destinations: &assign::DestinationSkips) -> Reading;
+}
+
+/// The coordinator: reads the shards `assignments` hands out until `stop`, or until a fatal
+/// error. A lost shard's reading stops and what destinations still hold of it is revoked (the new
+/// owner sends it); a shard read to its end is reported back, which records `SHARD_END` durably
+/// before any child starts.
+pub async fn coordinate(
+    mut assignments: impl Assignments,
+    readings: &impl Readings,
+    progress: &Progress,
+    stop: CancellationToken,
+) -> Result<(), SourceError> {
+    let readers_stop = stop.child_token();
+    let mut readers = Readers::default();
+    let result = loop {
+        let exit = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            assignment = assignments.next() => match assignment {
+                Ok(Assignment::Acquired { shard, position, delay, destinations }) => {
+                    let reading = readings.reading(&shard, position, &destinations);
+                    readers.start(shard, reading, delay, readers_stop.child_token());
+                    continue;
+                }
+                Ok(Assignment::Lost { shard }) => {
+                    readers.stop(&shard);
+                    // What destinations still hold of it is the new owner's to send.
+                    progress.revoke(&shard);
+                    continue;
+                }
+                Err(err) => break Err(err),
+            },
+            exit = readers.next_exit(), if !readers.tasks.is_empty() => exit,
+        };
+        match exit {
+            Ok((shard, ReaderExit::Ended)) => {
+                if let Err(err) = assignments.finished(&shard).await {
+                    break Err(err);
+                }
+            }
+            Ok((_, ReaderExit::Stopped)) => {}
+            Ok((_, ReaderExit::Fatal(err))) | Err(err) => break Err(err),
+        }
+    };
+    readers_stop.cancel();
+    while readers.tasks.join_next().await.is_some() {}
+    result
+}
+
 impl Source {
     /// Reads the shards `assignments` hands out until `stop`, or until a fatal error.
-    pub async fn run(self, mut assignments: impl Assignments, stop: CancellationToken) -> Result<(), SourceError> {
-        let readers_stop = stop.child_token();
-        let mut readers = Readers::default();
-        let result = loop {
-            let exit = tokio::select! {
-                _ = stop.cancelled() => break Ok(()),
-                assignment = assignments.next() => match assignment {
-                    Ok(Assignment::Acquired { shard, position, delay, destinations }) => {
-                        let reader = self.reader(&shard, position, &destinations);
-                        readers.start(reader, delay, readers_stop.child_token());
-                        continue;
-                    }
-                    Ok(Assignment::Lost { shard }) => {
-                        readers.stop(&shard);
-                        // What destinations still hold of it is the new owner's to send.
-                        self.progress.revoke(&shard);
-                        continue;
-                    }
-                    Err(err) => break Err(err),
-                },
-                exit = readers.next_exit(), if !readers.tasks.is_empty() => exit,
-            };
-            match exit {
-                Ok((shard, ReaderExit::Ended)) => {
-                    if let Err(err) = assignments.finished(&shard).await {
-                        break Err(err);
-                    }
-                }
-                Ok((_, ReaderExit::Stopped)) => {}
-                Ok((_, ReaderExit::Fatal(err))) | Err(err) => break Err(err),
-            }
-        };
-        readers_stop.cancel();
-        while readers.tasks.join_next().await.is_some() {}
-        result
+    pub async fn run(self, assignments: impl Assignments, stop: CancellationToken) -> Result<(), SourceError> {
+        let progress = Arc::clone(&self.progress);
+        coordinate(assignments, &self, &progress, stop).await
     }
 
     /// A reading of `shard` from `start`, with a fresh tracker: an earlier reading of the shard,
@@ -195,5 +220,12 @@ impl Source {
             checkpointer: self.checkpointer.clone(),
             started_at: tokio::time::Instant::now(),
         }
+    }
+}
+
+impl Readings for Source {
+    fn reading(&self, shard: &str, start: Position, destinations: &assign::DestinationSkips) -> Reading {
+        let reader = self.reader(shard, start, destinations);
+        Box::new(move |token| Box::pin(reader.run(token)))
     }
 }
