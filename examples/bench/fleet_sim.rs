@@ -1,6 +1,7 @@
 //! `--scenario fleet-sim`: the lease protocol at fleet scale, simulated (see
-//! `kinesis_fanout::lease::simulation`): the real lease code of every worker against an in-memory
-//! table with DynamoDB's semantics, on a paused clock. One JSON line per case.
+//! `kinesis_fanout::lease::simulation`): the real lease code, coordinator and destination writer of
+//! every worker against an in-memory table with DynamoDB's semantics, on a paused clock. One JSON
+//! line per case.
 
 use std::time::{Duration, Instant};
 
@@ -47,11 +48,12 @@ pub fn run(smoke: bool, only: Option<&str>) -> anyhow::Result<Vec<Map<String, Va
         .join()
         .map_err(|_| anyhow::anyhow!("the simulation panicked"))?;
         eprintln!(
-            "fleet-sim {}: {:.0} s simulated in {:.1} s, balanced after {:?} s, {} violations",
+            "fleet-sim {}: {:.0} s simulated in {:.1} s, balanced after {:?} s, {} requests checked, {} violations",
             report.case,
             report.simulated_s,
             started.elapsed().as_secs_f64(),
             report.seconds_to_balance.map(|s| round(s, 1)),
+            report.requests,
             report.invariant_violations.len()
         );
         for violation in &report.invariant_violations {
@@ -76,6 +78,8 @@ pub fn run(smoke: bool, only: Option<&str>) -> anyhow::Result<Vec<Map<String, Va
         line.insert("failover_bound_s".into(), json!(round(report.failover_bound_s, 1)));
         line.insert("simulated_s".into(), json!(round(report.simulated_s, 0)));
         line.insert("throttled_calls".into(), json!(report.usage.throttled));
+        line.insert("put_requests_checked".into(), json!(report.requests));
+        line.insert("records_written".into(), json!(report.records_written));
         line.insert("wall_s".into(), json!(round(started.elapsed().as_secs_f64(), 1)));
         lines.push(line);
     }
