@@ -117,9 +117,14 @@ pub struct Scenario {
     pub patience: Duration,
     /// Prove the checks work: the table accepts every write whatever its condition.
     pub ignore_conditions: bool,
-    /// Prove the checks work: requests land up to four times the attempt timeout after they
-    /// were sent, as they could if writers had no attempt timeout.
+    /// Prove the checks work: requests land one to four attempt timeouts after they were sent,
+    /// as they could if writers had no attempt timeout.
     pub late_requests: bool,
+    /// The destination's capacity, fleet-wide, over the rate records arrive.
+    pub write_capacity: f64,
+    /// Every PutRecords takes up to the attempt timeout (a slow destination), not only one in
+    /// twenty.
+    pub slow_puts: bool,
 }
 
 impl Scenario {
@@ -137,6 +142,8 @@ impl Scenario {
             patience: Duration::from_secs(1800),
             ignore_conditions: false,
             late_requests: false,
+            write_capacity: WRITE_CAPACITY,
+            slow_puts: false,
         }
     }
 }
@@ -171,6 +178,8 @@ pub struct Report {
     /// records they carried.
     pub requests: usize,
     pub records_written: usize,
+    /// Records the readings handed their writers.
+    pub records_read: usize,
     pub usage: Usage,
 }
 
@@ -197,6 +206,7 @@ struct World {
     violations: Vec<String>,
     requests: usize,
     records_written: usize,
+    records_read: usize,
     /// Shards whose reader died at the instant, not read again yet.
     orphans: BTreeMap<String, Instant>,
     longest_unread: Duration,
@@ -411,12 +421,10 @@ impl Fleet {
             worker: id.clone(),
             world: Arc::clone(&self.world),
             rng: Mutex::new(StdRng::seed_from_u64(self.rng.random())),
-            longest: if self.scenario.late_requests {
-                4 * super::settle_time(self.scenario.failover)
-            } else {
-                // Within the attempt timeout, with room for the clock's granularity.
-                super::settle_time(self.scenario.failover) - Duration::from_millis(10)
-            },
+            // The attempt timeout, with room for the clock's granularity.
+            timeout: super::settle_time(self.scenario.failover) - Duration::from_millis(10),
+            slow: self.scenario.slow_puts,
+            late: self.scenario.late_requests,
         };
         let (out, (writer_stop, writer_task)) = spawn_writer(&self.scenario, Arc::new(edge), share);
         let writer = writer_task.abort_handle();
@@ -535,13 +543,15 @@ impl Fleet {
 }
 
 /// The put edge of the simulated destination: a request lands (and the world checks who sent it)
-/// after a random latency, whether or not its sender still waits for the answer; it accepts
-/// every record.
+/// after a random latency (5 to 200 ms, one in twenty up to the attempt timeout), whether or not
+/// its sender still waits for the answer; it accepts every record.
 struct SimEdge {
     worker: String,
     world: Arc<Mutex<World>>,
     rng: Mutex<StdRng>,
-    longest: Duration,
+    timeout: Duration,
+    slow: bool,
+    late: bool,
 }
 
 impl std::fmt::Debug for SimEdge {
@@ -558,8 +568,20 @@ impl PutEdge for SimEdge {
     ) -> BoxFuture<'a, Result<Vec<EntryAnswer>, CallError>> {
         let shards: BTreeSet<String> = entries.iter().filter_map(|e| e.partition_key().map(str::to_string)).collect();
         let records = entries.len();
-        let millis = self.longest.as_millis().max(1) as u64;
-        let latency = Duration::from_millis(lock(&self.rng).random_range(5..millis.max(6)));
+        // Mostly quick; one request in twenty takes up to the attempt timeout (every one for
+        // `Scenario::slow_puts`; one to four attempt timeouts for `Scenario::late_requests`).
+        let timeout = self.timeout.as_millis().max(300) as u64;
+        let latency = {
+            let mut rng = lock(&self.rng);
+            let millis = if self.late {
+                rng.random_range(timeout..4 * timeout)
+            } else if self.slow || rng.random_bool(0.05) {
+                rng.random_range(5..timeout)
+            } else {
+                rng.random_range(5..200)
+            };
+            Duration::from_millis(millis)
+        };
         let (world, worker) = (Arc::clone(&self.world), self.worker.clone());
         // On the wire: it lands even if the writer stops waiting or the worker dies.
         tokio::spawn(async move {
@@ -587,7 +609,7 @@ fn spawn_writer(
     share: watch::Receiver<f64>,
 ) -> (DestinationHandle, (CancellationToken, JoinHandle<Exit>)) {
     let arriving = scenario.shards as f64 / READ_EVERY.as_secs_f64();
-    let rate = (arriving * WRITE_CAPACITY).ceil().max(1.0) as u64;
+    let rate = (arriving * scenario.write_capacity).ceil().max(1.0) as u64;
     let settings = crate::Settings::from_toml(&format!(
         "[source]\nstream_name = \"source\"\n[[destinations]]\npattern = \"^{DESTINATION}$\"\n\
          records_per_second = \"{rate}\"\nbytes_per_second = \"{}\"\nlinger = \"1s\"\n",
@@ -739,6 +761,7 @@ impl Readings for SimReadings {
                             permit = out.reserve(RECORD_BYTES) => permit,
                         };
                         let Ok(permit) = permit else { return stopped(&world) };
+                        lock(&world).records_read += 1;
                         let chunk = progress.begin(&tracker, vec![record], vec![DESTINATION.into()]);
                         out.send(Delivery { chunk, permit });
                     }
@@ -792,6 +815,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         violations: Vec::new(),
         requests: 0,
         records_written: 0,
+        records_read: 0,
         orphans: BTreeMap::new(),
         longest_unread: Duration::ZERO,
         longest_failover: Duration::ZERO,
@@ -921,6 +945,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         simulated_s: (end - epoch).as_secs_f64(),
         requests: world.requests,
         records_written: world.records_written,
+        records_read: world.records_read,
         usage: table.usage(),
     }
 }
@@ -986,8 +1011,8 @@ mod tests {
         /// Small fleets, every kind of event, random seeds: the invariants hold at every step, and
         /// the fleet balances again.
         #[test]
-        fn small_fleets_keep_the_invariants(seed in any::<u64>(), shards in 4usize..40, workers in 3usize..8, event in event()) {
-            let report = paused(&small("property", shards, workers, event.clone(), seed));
+        fn small_fleets_keep_the_invariants(seed in any::<u64>(), shards in 4usize..40, workers in 3usize..8, event in event(), slow_puts in any::<bool>()) {
+            let report = paused(&Scenario { slow_puts, ..small("property", shards, workers, event.clone(), seed) });
             prop_assert!(report.invariant_violations.is_empty(), "{event:?}: {:?}", report.invariant_violations);
             prop_assert!(report.seconds_to_balance.is_some(), "{event:?}: never balanced");
             prop_assert!(report.longest_failover_s <= report.failover_bound_s, "{event:?}");
@@ -1028,11 +1053,18 @@ mod tests {
         // Found by the property test once it drove real writers: a SIGTERMed worker whose writer
         // had not drained released every lease, its next owner read at once, and requests the old
         // worker had sent landed after that. Those leases now expire instead.
-        let scenario =
-            small("grace", 31, 6, Event::RollingDeploy { pace: Duration::from_secs(13) }, 2341142947943043223);
-        let report = paused(&scenario);
-        assert!(report.invariant_violations.is_empty(), "{:?}", report.invariant_violations);
-        assert!(report.requests > 0, "the writers sent requests");
+        // Slow writers at a third of the rate records arrive: a stopped worker has not drained,
+        // and its last request is often still on the wire.
+        for seed in 0..20 {
+            let scenario = Scenario {
+                write_capacity: 0.3,
+                slow_puts: true,
+                ..small("grace", 40, 6, Event::RollingDeploy { pace: Duration::from_secs(10) }, seed)
+            };
+            let report = paused(&scenario);
+            assert!(report.invariant_violations.is_empty(), "seed {seed}: {:?}", report.invariant_violations);
+            assert!(report.requests > 0, "the writers sent requests");
+        }
     }
 
     #[test]
@@ -1048,8 +1080,8 @@ mod tests {
         ] {
             let report = paused(&small(case, 24, 6, event, 7));
             eprintln!(
-                "{case}: {:.0} s, {} requests, {} records",
-                report.simulated_s, report.requests, report.records_written
+                "{case}: {:.0} s, {} requests, {} records written of {} read",
+                report.simulated_s, report.requests, report.records_written, report.records_read
             );
             assert!(report.invariant_violations.is_empty(), "{case}: {:?}", report.invariant_violations);
             assert!(report.seconds_to_balance.is_some(), "{case}");
