@@ -14,7 +14,6 @@ use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
 use super::put::{CallError, PutEdge};
 use super::retry::Backoff;
 use crate::aws::ErrorKind;
-use crate::shutdown::Stopped;
 
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -124,6 +123,15 @@ impl Letter {
     }
 }
 
+/// Why a dead-letter write ended before every record was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// The service is stopping.
+    Stopped,
+    /// A record is no longer owed, or its shard's lease is not proven now.
+    Fenced,
+}
+
 impl DeadLetter {
     pub fn new(stream: String, edge: Arc<dyn PutEdge>, backoff: Backoff) -> Self {
         DeadLetter { stream, edge, backoff }
@@ -131,13 +139,18 @@ impl DeadLetter {
 
     /// Writes every rejected record, in requests within Kinesis's limits (500 records, 5 MiB),
     /// retrying until all are accepted or `stop` fires. Returns how many went unwrapped.
+    ///
+    /// `fence` is asked right before each request, as the destination writer asks before each
+    /// PutRecords: when it says no (a record is no longer owed, or its lease is not proven now),
+    /// nothing more is sent and the records are held.
     pub async fn write(
         &mut self,
         source_stream: &str,
         destination: &str,
         rejected: &[Rejected<'_>],
         stop: &CancellationToken,
-    ) -> Result<u64, Stopped> {
+        fence: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<u64, Unsent> {
         let mut letters: Vec<Letter> = rejected.iter().map(|r| Letter::new(source_stream, destination, r)).collect();
         let mut unwrapped = 0;
         for (letter, r) in letters.iter().zip(rejected) {
@@ -155,10 +168,13 @@ impl DeadLetter {
         }
         while !letters.is_empty() {
             let take = batch::fits(letters.iter().map(Letter::encoded_size), BatchLimits::default());
+            if !fence() {
+                return Err(Unsent::Fenced);
+            }
             let batch: Vec<Letter> = letters.drain(..take).collect();
             let request = self.edge.put_records(&self.stream, batch.iter().map(Letter::entry).collect());
             let result = tokio::select! {
-                _ = stop.cancelled() => return Err(Stopped),
+                _ = stop.cancelled() => return Err(Unsent::Stopped),
                 r = request => r,
             };
             let failed: Vec<Letter> = match result {
@@ -182,7 +198,7 @@ impl DeadLetter {
             letters.splice(0..0, failed);
             let delay = self.backoff.next_delay(&mut rand::rng()).max(Duration::from_millis(10));
             tokio::select! {
-                _ = stop.cancelled() => return Err(Stopped),
+                _ = stop.cancelled() => return Err(Unsent::Stopped),
                 _ = tokio::time::sleep(delay) => {}
             }
         }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::dead_letter::Rejected;
+use super::dead_letter::{Rejected, Unsent};
 use super::entries::Pending;
 use super::retry::EntryOutcome;
 use super::writer::{Interrupt, VALIDATION_CODES, Writer};
@@ -130,20 +130,31 @@ impl Writer {
             .collect();
         tracing::warn!(destination = %self.task.name, records = entries.len(), error_code = %code, dead_letter_stream = %dead_letter.stream, "Destination rejects records; sending them to the dead-letter stream.");
         let stop = self.task.stop.clone();
+        // Fenced as the writer's own requests are: checked right before each request.
+        let chunks: Vec<Arc<crate::progress::Chunk>> = rejected.iter().map(|(p, _, _)| Arc::clone(&p.chunk)).collect();
+        let id = Arc::clone(&self.task.id);
+        let fence = move || chunks.iter().all(|c| c.owed_by(&id) && c.shard.proven());
         // A dead-letter stream that refuses too keeps this write going; a shed must not wait for
         // it: the records are held for now (and dropped if no longer owed), and the wait that
         // follows is cut short too.
         let written = tokio::select! {
             _ = shed.notified() => None,
-            written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop) => Some(written),
+            written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop, &fence) => Some(written),
         };
         drop(entries);
         let Some(written) = written else {
             shed.notify_one();
             return Ok(false);
         };
-        let Ok(unwrapped) = written else {
-            return Err(Interrupt::Stop);
+        let unwrapped = match written {
+            Ok(unwrapped) => unwrapped,
+            Err(Unsent::Stopped) => return Err(Interrupt::Stop),
+            // Held: the next turn drops what is no longer owed, and waits for an unproven lease.
+            Err(Unsent::Fenced) => {
+                tracing::debug!(destination = %self.task.name, "A dead-letter write stopped at the fence; holding its records.");
+                self.guard().unless_shed(tokio::time::sleep(super::writer::UNPROVEN_PAUSE)).await?;
+                return Ok(false);
+            }
         };
         if unwrapped > 0 {
             self.task.metrics.dead_letters_unwrapped.with_label_values(&[&*self.task.name]).inc_by(unwrapped);

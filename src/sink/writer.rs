@@ -55,7 +55,7 @@ fn released(chunk: &crate::progress::Chunk) -> Outcome {
 }
 
 /// How long a writer waits before it looks again at a lease that is not proven.
-const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+pub(super) const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Request-level error codes that mean "something in this request is invalid".
 pub(super) const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
@@ -499,7 +499,17 @@ mod tests {
 
     /// As [`start`], the shard's lease proven (or not) by `proof`.
     fn start_fenced(keys: &[&str], respond: Box<Respond>, proof: Option<Arc<dyn LeaseProof>>) -> Harness {
-        let settings = crate::Settings::from_toml(
+        start_configured(keys, respond, proof, "")
+    }
+
+    /// As [`start_fenced`], with more of the destination group's settings (`extra`: TOML lines).
+    fn start_configured(
+        keys: &[&str],
+        respond: Box<Respond>,
+        proof: Option<Arc<dyn LeaseProof>>,
+        extra: &str,
+    ) -> Harness {
+        let settings = crate::Settings::from_toml(&format!(
             r#"
             [source]
             stream_name = "in"
@@ -509,8 +519,9 @@ mod tests {
             initial_backoff = "1ms"
             max_backoff = "5ms"
             records_per_second = "100000"
-            "#,
-        )
+            {extra}
+            "#
+        ))
         .unwrap();
         let fake = Arc::new(Fake { respond, requests: Mutex::new(Vec::new()) });
         let metrics = Arc::new(Metrics::new());
@@ -672,5 +683,33 @@ mod tests {
         proof.0.store(true, std::sync::atomic::Ordering::SeqCst);
         h.until("both records accepted once the lease is proven", |h| h.count(Outcome::Ok) == 2).await;
         assert_eq!(h.stop().await, vec![vec!["a", "b"]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_write_stops_at_the_fence() {
+        let proof = Arc::new(Switch(true.into()));
+        // The destination refuses the record for good; the dead-letter stream throttles it.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let respond = Box::new(move |keys: &[String]| {
+            let code = match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => "AccessDeniedException",
+                _ => "ProvisionedThroughputExceededException",
+            };
+            Ok(keys.iter().map(|_| answer(Some(code))).collect())
+        });
+        let h = start_configured(
+            &["a"],
+            respond,
+            Some(Arc::clone(&proof) as Arc<dyn LeaseProof>),
+            "dead_letter_stream = \"dlq\"",
+        );
+        let requests = |h: &Harness| h.fake.requests.lock().unwrap().len();
+        h.until("the dead-letter stream is retried", |h| requests(h) >= 3).await;
+        // The lease is no longer proven: nothing more goes out, to the dead-letter stream either.
+        proof.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        let sent = requests(&h);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(requests(&h) <= sent + 1, "{} requests after the lease stopped being proven", requests(&h) - sent);
+        assert_eq!(h.progress.outstanding(), 1, "the record is held, not dead-lettered");
     }
 }
