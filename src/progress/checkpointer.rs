@@ -53,6 +53,7 @@ impl Checkpointer {
         let mut last_written = Snapshot::default();
         loop {
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }

@@ -46,6 +46,7 @@ impl Hold {
             Arc::clone(&shard.shard_id),
             Arc::clone(&shard.revocations),
             shard.proof.clone(),
+            Arc::clone(&shard.in_doubt),
         ));
         Hold { seam, lane, caught_up: false, backfill, missed: 0, handed: 0, restart: false }
     }

@@ -75,7 +75,12 @@ pub struct ShardProgress {
     /// Whether this worker can prove now that it holds the shard's lease (none without a lease
     /// table): a destination sends the shard's records only then.
     proof: Option<Arc<dyn LeaseProof>>,
+    /// Shards (of every tracker in the process) a request was given up on before its answer: it
+    /// may still land, so their leases are left to expire rather than released.
+    in_doubt: InDoubt,
 }
+
+type InDoubt = Arc<Mutex<BTreeSet<Arc<str>>>>;
 
 /// Proof, by this process's own monotonic clock, that it still holds a shard's lease: the lease
 /// table confirmed the hold recently enough that no other worker can have taken it yet.
@@ -133,9 +138,15 @@ struct Outstanding {
 }
 
 impl ShardProgress {
-    fn new(shard_id: Arc<str>, revocations: Arc<AtomicU64>, proof: Option<Arc<dyn LeaseProof>>) -> Self {
+    fn new(
+        shard_id: Arc<str>,
+        revocations: Arc<AtomicU64>,
+        proof: Option<Arc<dyn LeaseProof>>,
+        in_doubt: InDoubt,
+    ) -> Self {
         ShardProgress {
             proof,
+            in_doubt,
             shard_id,
             state: Mutex::new(ShardState::default()),
             drained: Notify::new(),
@@ -143,6 +154,12 @@ impl ShardProgress {
             shed: AtomicBool::new(false),
             revocations,
         }
+    }
+
+    /// A request carrying records of this shard was given up before its answer (the service
+    /// stops, a destination was shed or removed): it may still land.
+    pub fn mark_in_doubt(&self) {
+        self.in_doubt.lock().unwrap_or_else(|p| p.into_inner()).insert(Arc::clone(&self.shard_id));
     }
 
     /// Whether this worker can prove now that it holds the shard's lease (always, without a
@@ -327,6 +344,7 @@ pub struct Progress {
     revocations: Arc<AtomicU64>,
     /// Set once when readings are fenced by a lease table.
     proof: std::sync::OnceLock<Arc<dyn LeaseProof>>,
+    in_doubt: InDoubt,
 }
 
 impl Progress {
@@ -340,7 +358,12 @@ impl Progress {
     }
 
     fn tracker(&self, id: &Arc<str>) -> Arc<ShardProgress> {
-        Arc::new(ShardProgress::new(Arc::clone(id), Arc::clone(&self.revocations), self.proof.get().cloned()))
+        Arc::new(ShardProgress::new(
+            Arc::clone(id),
+            Arc::clone(&self.revocations),
+            self.proof.get().cloned(),
+            Arc::clone(&self.in_doubt),
+        ))
     }
 
     /// The tracker of a shard, created on first use.
@@ -420,14 +443,17 @@ impl Progress {
         self.all().iter().map(|s| s.outstanding()).sum()
     }
 
-    /// Shards whose destinations may still be sending records of theirs: chunks not done by the
-    /// live feed or by a catch-up (what [`Progress::drained`] waits for).
+    /// Shards whose records may still be on their way: chunks not done by the live feed or by a
+    /// catch-up (what [`Progress::drained`] waits for), or a request given up before its answer.
     pub fn unsettled(&self) -> BTreeSet<String> {
-        self.all()
+        let mut out: BTreeSet<String> = self
+            .all()
             .into_iter()
             .filter(|s| !s.revoked() && (s.outstanding() > 0 || !detach::settled(&s.state(), false)))
             .map(|s| s.shard_id.to_string())
-            .collect()
+            .collect();
+        out.extend(self.in_doubt.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|s| s.to_string()));
+        out
     }
 
     /// Waits until every shard has drained.
@@ -475,6 +501,21 @@ mod tests {
         first.acknowledge("d1");
         assert_eq!(shard.acknowledged().unwrap().as_str(), "3");
         assert_eq!(shard.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_shard_is_unsettled_while_records_of_it_may_still_land() {
+        let progress = Progress::default();
+        let (a, b, c) = (progress.shard("a"), progress.shard("b"), progress.shard("c"));
+        let _waiting = progress.begin(&a, records(&[1]), owed(1));
+        progress.begin(&b, records(&[2]), owed(1)).acknowledge("d0");
+        progress.begin(&c, records(&[3]), owed(1)).acknowledge("d0");
+        // Done for every destination, but a request with its records was given up before its
+        // answer (a shed destination's writer stopped at teardown): it may still land.
+        c.mark_in_doubt();
+        let _lost = progress.begin(&progress.shard("d"), records(&[4]), owed(1));
+        progress.revoke("d");
+        assert_eq!(progress.unsettled(), BTreeSet::from(["a".to_string(), "c".to_string()]));
     }
 
     #[test]

@@ -54,6 +54,35 @@ fn released(chunk: &crate::progress::Chunk) -> Outcome {
     if chunk.shard.revoked() && !chunk.shard.was_shed() { Outcome::LeaseLost } else { Outcome::Shed }
 }
 
+/// The shards a request carries records of. Dropped before its answer (the writer stops or is
+/// removed meanwhile), it marks them in doubt: the request may still land, so their leases are
+/// left to expire rather than released.
+pub(super) struct InFlight(Vec<Arc<crate::progress::ShardProgress>>);
+
+impl InFlight {
+    pub(super) fn of<'p>(entries: impl Iterator<Item = &'p Pending>) -> Self {
+        let mut shards: Vec<Arc<crate::progress::ShardProgress>> = Vec::new();
+        for p in entries {
+            if !shards.iter().any(|s| Arc::ptr_eq(s, &p.chunk.shard)) {
+                shards.push(Arc::clone(&p.chunk.shard));
+            }
+        }
+        InFlight(shards)
+    }
+
+    pub(super) fn answered(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for shard in &self.0 {
+            shard.mark_in_doubt();
+        }
+    }
+}
+
 /// How long a writer waits before it looks again at a lease that is not proven.
 pub(super) const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -316,8 +345,10 @@ impl Writer {
         self.task.metrics.rate_limiter_wait_seconds.with_label_values(&[self.name()]).inc_by(waited.as_secs_f64());
 
         let started = Instant::now();
+        let in_flight = InFlight::of(self.pending.iter().take(count));
         let request = self.task.edge.put_records(&self.task.stream, entries);
         let result = self.guard().run(request).await?;
+        in_flight.answered();
         self.task
             .metrics
             .put_records_seconds
@@ -366,6 +397,10 @@ impl Writer {
     /// proven. When a lease is not proven (the table has not confirmed it lately), waits a
     /// moment before the writer tries again.
     async fn fenced(&mut self, count: usize) -> Result<bool, Interrupt> {
+        #[cfg(test)]
+        if tests::UNFENCED.with(std::cell::Cell::get) {
+            return Ok(true);
+        }
         let batch = || self.pending.iter().take(count);
         if batch().any(|p| !p.chunk.owed_by(&self.task.id)) {
             // The next turn looks through the whole queue.
@@ -438,7 +473,7 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -454,6 +489,12 @@ mod tests {
     use crate::sink::put::PutEdge;
 
     type Respond = dyn Fn(&[String]) -> Result<Vec<EntryAnswer>, CallError> + Send + Sync;
+
+    thread_local! {
+        /// Writers on this thread send without their fence: for the fleet simulation's proof that
+        /// it sees what the fence prevents.
+        pub(crate) static UNFENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     /// A put edge that answers by the partition keys of each request, and remembers them.
     struct Fake {

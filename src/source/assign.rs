@@ -239,6 +239,7 @@ impl Assignments for Leases {
         loop {
             let syncing = self.syncing.is_some();
             tokio::select! {
+                biased;
                 event = self.events.recv() => match event {
                     Some(Assignment::Acquired { shard, position, delay, destinations }) => {
                         if let Some(position) = starting_point(&position, &self.listing.initial) {

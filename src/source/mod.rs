@@ -111,6 +111,7 @@ impl Readers {
         self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::select! {
+                    biased;
                     _ = token.cancelled() => return (shard, generation, ReaderExit::Stopped),
                     _ = tokio::time::sleep(delay) => {}
                 }
@@ -160,6 +161,7 @@ pub async fn coordinate(
     let mut readers = Readers::default();
     let result = loop {
         let exit = tokio::select! {
+            biased;
             _ = stop.cancelled() => break Ok(()),
             assignment = assignments.next() => match assignment {
                 Ok(Assignment::Acquired { shard, position, delay, destinations }) => {
