@@ -202,14 +202,25 @@ impl Discovery {
     ) -> Result<Vec<Change>, DiscoveryError> {
         let names = list_stream_names(&place.client, Some(&place.list_pace)).await?;
         let listed: HashSet<String> = names.iter().cloned().collect();
-        place.tags.lock().unwrap_or_else(|e| e.into_inner()).retain(|name, _| listed.contains(name));
-        let candidates = self.candidates(index, place, names).await;
+        // The tags of a destination left out of one answer are kept: one answer is no proof.
+        place
+            .tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| listed.contains(name) || current.contains(name));
+        let (candidates, unknown) = self.candidates(index, place, names).await;
         let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
         let mut changes = Vec::new();
         for name in current.iter().filter(|n| !wanted.contains(n.as_str())) {
+            if unknown.contains(name) {
+                // Its tags could not be read: nothing says they changed.
+                tracing::warn!(destination = %name, "The tags of this destination could not be read; keeping it until they can.");
+                continue;
+            }
             if listed.contains(name) {
-                // Listed, matching by name (patterns do not change), but not selected: its tags
-                // no longer say it belongs to the group.
+                // Listed, matching by name (patterns do not change), but not selected: its tags,
+                // read this round or last read within the refresh interval, no longer say it
+                // belongs to the group.
                 changes.push(Change::Gone {
                     place: index,
                     name: name.clone(),
@@ -251,17 +262,26 @@ impl Discovery {
 impl Discovery {
     /// The destinations among a place's streams, reading the tags of those whose group asks for
     /// tags (once, then again only every refresh interval; the last tags known stand in when a
-    /// read fails).
-    async fn candidates(&self, index: usize, place: &Place, names: Vec<String>) -> Vec<Candidate> {
-        let mut out = Vec::new();
+    /// read fails), and the streams whose tags are needed but unknown (a read failed and none
+    /// was read before): those are neither selected nor removed.
+    async fn candidates(&self, index: usize, place: &Place, names: Vec<String>) -> (Vec<Candidate>, HashSet<String>) {
+        let (mut out, mut unknown) = (Vec::new(), HashSet::new());
         for name in names {
-            let tags =
-                if self.settings.needs_tags(&place.aws, &name) { self.tags_of(place, &name).await } else { None };
+            let tags = if self.settings.needs_tags(&place.aws, &name) {
+                let tags = self.tags_of(place, &name).await;
+                if tags.is_none() {
+                    unknown.insert(name.clone());
+                    continue;
+                }
+                tags
+            } else {
+                None
+            };
             if let Verdict::Destination(group) = explain(&self.settings, &place.aws, &name, tags.as_ref()) {
                 out.push(Candidate { name, group, place: index });
             }
         }
-        out
+        (out, unknown)
     }
 
     async fn tags_of(&self, place: &Place, name: &str) -> Option<Tags> {

@@ -46,6 +46,11 @@ pub struct Faults {
     pub honour_starting_position: bool,
     /// ListStreams answers leave this stream out (as a page boundary or a lagging index could).
     pub hide_from_list_streams: Option<String>,
+    /// ListTagsForStream gets 400 LimitExceededException (5 TPS per account).
+    pub throttle_list_tags: bool,
+    /// GetRecords answers carry a malformed sequence number for records whose partition key
+    /// starts with this.
+    pub malform_sequence_numbers: Option<String>,
     /// GetRecords answers leave out records whose partition key starts with this, as Kinesis does
     /// once records have left the stream's retention period (ferrokinesis keeps at least 24 h).
     pub expire_partition_keys: Option<String>,
@@ -163,6 +168,7 @@ async fn inject_faults(
     let honour_position;
     let hidden;
     let expired;
+    let malformed;
     let stall;
     {
         let mut faults = faults.lock().unwrap();
@@ -208,6 +214,9 @@ async fn inject_faults(
         {
             return error_response(StatusCode::BAD_REQUEST, "AccessDeniedException");
         }
+        if operation == "ListTagsForStream" && faults.throttle_list_tags {
+            return error_response(StatusCode::BAD_REQUEST, "LimitExceededException");
+        }
         if operation == "SubscribeToShard" && faults.subscribe_in_use > 0 {
             faults.subscribe_in_use -= 1;
             return error_response(StatusCode::BAD_REQUEST, "ResourceInUseException");
@@ -221,6 +230,7 @@ async fn inject_faults(
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
         hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
         expired = faults.expire_partition_keys.clone().filter(|_| operation == "GetRecords");
+        malformed = faults.malform_sequence_numbers.clone().filter(|_| operation == "GetRecords");
     }
     if let Some((_, stall)) = stall {
         tokio::time::sleep(stall).await;
@@ -233,6 +243,17 @@ async fn inject_faults(
             }
             if let Some(summaries) = json.get_mut("StreamSummaries").and_then(|v| v.as_array_mut()) {
                 summaries.retain(|s| s.get("StreamName").and_then(|n| n.as_str()) != Some(&hidden));
+            }
+        })
+        .await;
+    }
+    if let Some(prefix) = malformed {
+        let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+        return rewritten(answer, |json| {
+            for record in json.get_mut("Records").and_then(|v| v.as_array_mut()).into_iter().flatten() {
+                if record.get("PartitionKey").and_then(|k| k.as_str()).is_some_and(|k| k.starts_with(&prefix)) {
+                    record["SequenceNumber"] = serde_json::Value::from("not-a-sequence-number");
+                }
             }
         })
         .await;

@@ -104,3 +104,57 @@ async fn a_streams_tags_are_read_once_per_refresh_interval() {
     }
     assert_eq!(emulator.calls("ListTagsForStream"), 2, "out-a and out-b, once each over three rounds");
 }
+
+/// The destinations a discovery round found writable, and those it says are gone.
+fn found_and_gone(changes: Vec<kinesis_fanout::discovery::Change>) -> (Vec<String>, Vec<String>) {
+    let (mut found, mut gone) = (Vec::new(), Vec::new());
+    for change in changes {
+        match change {
+            kinesis_fanout::discovery::Change::Writable { candidate, .. } => found.push(candidate.name),
+            kinesis_fanout::discovery::Change::Gone { name, .. } => gone.push(name),
+        }
+    }
+    (found, gone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_selected_destination_stays_while_its_tags_cannot_be_read() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-a"] {
+        create_stream(&client, name, 1).await;
+    }
+    tag(&client, "out-a").await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "tags = { fanout = \"enabled\" }");
+    let settings = std::sync::Arc::new(kinesis_fanout::Settings::from_toml(&toml).unwrap());
+    let discovery = kinesis_fanout::discovery::Discovery::new(settings, vec![client.clone()]);
+    let (found, _) = found_and_gone(discovery.changes(&Default::default()).await.unwrap());
+    assert_eq!(found, vec!["out-a".to_string()]);
+    let current = std::collections::BTreeSet::from([(0usize, "out-a".to_string())]);
+
+    // One ListStreams answer leaves it out (a page boundary, a lagging index): it still exists,
+    // so it stays.
+    emulator.faults.lock().unwrap().hide_from_list_streams = Some("out-a".into());
+    let (_, gone) = found_and_gone(discovery.changes(&current).await.unwrap());
+    assert!(gone.is_empty(), "left out of one listing, but it exists: {gone:?}");
+
+    // Listed again, but its tags cannot be read (throttled): nothing says they changed.
+    {
+        let mut faults = emulator.faults.lock().unwrap();
+        faults.hide_from_list_streams = None;
+        faults.throttle_list_tags = true;
+    }
+    let before = emulator.calls("ListTagsForStream");
+    for _ in 0..3 {
+        let (_, gone) = found_and_gone(discovery.changes(&current).await.unwrap());
+        assert!(gone.is_empty(), "removed on a failed tag read: {gone:?}");
+    }
+    assert!(emulator.calls("ListTagsForStream") > before, "its tags were asked for");
+
+    // Read, and no longer matching: that is evidence, and it goes.
+    client.remove_tags_from_stream().stream_name("out-a").tag_keys("fanout").send().await.unwrap();
+    emulator.faults.lock().unwrap().throttle_list_tags = false;
+    let (_, gone) = found_and_gone(discovery.changes(&current).await.unwrap());
+    assert_eq!(gone, vec!["out-a".to_string()], "its tags were read and no longer match");
+}
