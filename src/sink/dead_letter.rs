@@ -178,12 +178,22 @@ impl DeadLetter {
                 r = request => r,
             };
             let failed: Vec<Letter> = match result {
-                Ok(answers) if answers.iter().all(|a| a.error_code.is_none()) => {
-                    self.backoff.reset();
-                    continue;
-                }
                 Ok(answers) => {
-                    batch.into_iter().zip(answers).filter(|(_, a)| a.error_code.is_some()).map(|(e, _)| e).collect()
+                    if answers.len() != batch.len() {
+                        tracing::warn!(stream = %self.stream, sent = batch.len(), answered = answers.len(), "PutRecords answered a different number of entries; retrying those without an answer.");
+                    }
+                    // An entry without an answer (a short answer) was not written: retried.
+                    let failed: Vec<Letter> = batch
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| answers.get(*i).is_none_or(|a| a.error_code.is_some()))
+                        .map(|(_, letter)| letter)
+                        .collect();
+                    if failed.is_empty() {
+                        self.backoff.reset();
+                        continue;
+                    }
+                    failed
                 }
                 Err(CallError { kind, cause, .. }) => {
                     let permanent = kind != ErrorKind::Transient;
@@ -209,6 +219,7 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::put::EntryAnswer;
 
     fn rejected<'a>(data: &'a bytes::Bytes, partition_key: &'a str) -> Rejected<'a> {
         Rejected {
@@ -257,5 +268,47 @@ mod tests {
             assert!(origin.starts_with(&letter.partition_key), "keyed by (as much as fits of) its origin");
             assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok(), "{size}");
         }
+    }
+
+    /// A put edge whose first answer covers only the first entry; every later answer is whole.
+    /// It remembers the partition keys of every request.
+    #[derive(Debug, Default)]
+    struct ShortFirst {
+        requests: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl PutEdge for ShortFirst {
+        fn put_records<'a>(
+            &'a self,
+            _stream: &'a str,
+            entries: Vec<aws_sdk_kinesis::types::PutRecordsRequestEntry>,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<EntryAnswer>, CallError>> {
+            let keys: Vec<String> = entries.iter().map(|e| e.partition_key().unwrap_or_default().to_string()).collect();
+            let mut requests = self.requests.lock().unwrap();
+            let answered = if requests.is_empty() { 1 } else { keys.len() };
+            requests.push(keys);
+            Box::pin(async move { Ok(vec![EntryAnswer::default(); answered]) })
+        }
+
+        fn deleted<'a>(&'a self, _stream: &'a str) -> futures::future::BoxFuture<'a, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_a_short_answer_leaves_out_are_written_again() {
+        let edge = Arc::new(ShortFirst::default());
+        let backoff = Backoff::try_new(Duration::from_millis(1), Duration::from_millis(5)).unwrap();
+        let mut dead_letter = DeadLetter::new("dlq".into(), Arc::clone(&edge) as Arc<dyn PutEdge>, backoff);
+        let data = bytes::Bytes::from_static(b"hello");
+        let rejected = [rejected(&data, "pk-1"), rejected(&data, "pk-2"), rejected(&data, "pk-3")];
+        let written = dead_letter.write("in", "out", &rejected, &CancellationToken::new(), &|| true).await;
+        assert_eq!(written, Ok(0));
+        let requests = edge.requests.lock().unwrap().clone();
+        assert_eq!(
+            requests,
+            vec![vec!["pk-1", "pk-2", "pk-3"], vec!["pk-2", "pk-3"]],
+            "the two without an answer, again"
+        );
     }
 }
