@@ -39,6 +39,7 @@ pub struct Metrics {
     pub destination_lag_seconds: GaugeVec,
     pub catch_up_records: IntCounterVec,
     pub records_expired: IntCounterVec,
+    pub catch_up_stopped: IntCounterVec,
     pub destination_shed: IntCounterVec,
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
@@ -232,6 +233,11 @@ impl Metrics {
                 "destination_records_expired_total",
                 "Records that left the source's retention before a detached destination's catch-up could read them (counted when it rejoins the live feed; logged as an error).",
                 &["destination"],
+            ),
+            catch_up_stopped: counter(
+                "destination_catch_up_stopped_total",
+                "Catch-ups stopped by an error reading cannot fix (GetRecords returned a malformed sequence number): the destination stays detached on that shard, and the shard's checkpoint stays behind it, until a restart reads it again (logged as an error).",
+                &["destination", "reason"],
             ),
             destination_shed: counter(
                 "destination_shed_total",

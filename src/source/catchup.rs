@@ -60,6 +60,11 @@ impl CatchUpStarter for CatchUps {
     }
 }
 
+/// A catch-up that cannot go on: GetRecords returned a record whose sequence number is not one.
+struct Stuck {
+    sequence_number: String,
+}
+
 struct Reader {
     up: CatchUps,
     shard: Arc<ShardProgress>,
@@ -76,6 +81,21 @@ impl Reader {
             outcome = self.read() => Some(outcome),
         };
         let metrics = &self.up.metrics;
+        let outcome = match outcome {
+            Some(Err(Stuck { sequence_number })) => {
+                // Still detached here: its hold keeps the shard's checkpoint behind what it lacks.
+                metrics.catch_up_stopped.with_label_values(&[&*name, "malformed_sequence_number"]).inc();
+                tracing::error!(
+                    destination = %name,
+                    shard = %self.shard.shard_id,
+                    sequence_number = %sequence_number,
+                    "GetRecords returned a record with a malformed sequence number: this catch-up stops, the destination stays detached on this shard, and the shard's checkpoint stays behind it until a restart reads it again."
+                );
+                return;
+            }
+            Some(Ok(outcome)) => Some(outcome),
+            None => None,
+        };
         metrics.destination_detached.with_label_values(&[&*name]).dec();
         if metrics.destination_detached.with_label_values(&[&*name]).get() <= 0 {
             metrics.destination_lag_seconds.with_label_values(&[&*name]).set(0.0);
@@ -85,8 +105,9 @@ impl Reader {
         }
     }
 
-    /// Reads until the destination joined the live feed, went away, or the reading was revoked.
-    async fn read(&self) -> CatchUp {
+    /// Reads until the destination joined the live feed, went away, or the reading was revoked;
+    /// or until a record cannot be placed in the shard's order.
+    async fn read(&self) -> Result<CatchUp, Stuck> {
         let shard_id = self.shard.shard_id.to_string();
         let name: &str = &self.destination.name;
         let mut last: Option<SequenceNumber> = None;
@@ -100,10 +121,10 @@ impl Reader {
         tracing::info!(destination = name, shard = %shard_id, from = %self.start, "Catch-up started.");
         loop {
             if self.shard.revoked() {
-                return CatchUp::Gone;
+                return Ok(CatchUp::Gone);
             }
             if self.destination.closed() {
-                return CatchUp::Gone;
+                return Ok(CatchUp::Gone);
             }
             // Read only with room to hand on: nothing is held while waiting for it.
             let limit = (page_bytes / per_record).clamp(1, PAGE as usize);
@@ -131,7 +152,7 @@ impl Reader {
                 }
             };
             backoff.reset();
-            let records = self.fresh(page.records, last.as_ref());
+            let records = self.fresh(page.records, last.as_ref())?;
             let read_through = records.last().map(|r| r.sequence_number.clone());
             let shard_end = page.next.is_none();
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
@@ -156,11 +177,11 @@ impl Reader {
                         after = %self.start,
                         "Records expired from the source before this destination got them: the live feed read them while it was detached, and they left the stream's retention before its catch-up could read them again."
                     );
-                    return CatchUp::Joined { expired };
+                    return Ok(CatchUp::Joined { expired });
                 }
                 done => {
                     tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
-                    return done;
+                    return Ok(done);
                 }
             }
             // At the end of a closed shard, wait for the live feed to register the same records.
@@ -169,13 +190,17 @@ impl Reader {
         }
     }
 
-    /// Records newer than the last one handed on, decoded.
-    fn fresh(&self, page: Vec<aws_sdk_kinesis::types::Record>, last: Option<&SequenceNumber>) -> Vec<SourceRecord> {
+    /// Records newer than the last one handed on, decoded. A record whose sequence number
+    /// cannot be read cannot be placed in the shard's order: nothing of the page is handed on.
+    fn fresh(
+        &self,
+        page: Vec<aws_sdk_kinesis::types::Record>,
+        last: Option<&SequenceNumber>,
+    ) -> Result<Vec<SourceRecord>, Stuck> {
         let mut out = Vec::with_capacity(page.len());
         for record in page {
             let Ok(seq) = SequenceNumber::parse(&record.sequence_number) else {
-                tracing::warn!(destination = %self.destination.name, shard = %self.shard.shard_id, "GetRecords returned a malformed sequence number; skipping it.");
-                continue;
+                return Err(Stuck { sequence_number: record.sequence_number });
             };
             if last.is_some_and(|l| seq <= *l) {
                 continue;
@@ -187,7 +212,7 @@ impl Reader {
             }
             out.push(record);
         }
-        out
+        Ok(out)
     }
 
     /// Room to read a page expected to cost `expected`: the destination's catch-ups hold at most

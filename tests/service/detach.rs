@@ -122,6 +122,53 @@ async fn records_that_expire_before_a_detached_destination_reads_them_are_counte
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_sequence_number_stops_a_catch_up_loudly_and_loses_nothing() {
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    for name in ["out-a", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let service = Running::start(&toml, &emulator.url);
+    let first = records(45, 3_000, 1_024);
+    put_all(&client, "in", &first).await;
+    service.wait_accepted("out-a", 3_000).await;
+    wait_until("the broken destination is detached", || async { detached(&service, "out-broken") > 0 }).await;
+
+    // While it is detached, GetRecords answers one record with a sequence number that is none.
+    emulator.faults.lock().unwrap().malform_sequence_numbers = Some("bad-".into());
+    let bad: Vec<Rec> = vec![("bad-0".into(), b"malformed on the catch-up's read".to_vec())];
+    let after = records(47, 20, 128);
+    put_all(&client, "in", &bad).await;
+    put_all(&client, "in", &after).await;
+    service.wait_accepted("out-a", 3_021).await;
+    emulator.faults.lock().unwrap().reject_puts_to = None;
+    let stopped =
+        || service.metrics.catch_up_stopped.with_label_values(&["out-broken", "malformed_sequence_number"]).get();
+    wait_until("the catch-up stops at the malformed record", || async { stopped() > 0 }).await;
+    assert!(detached(&service, "out-broken") > 0, "it stays detached: no gap is skipped over");
+    assert!(
+        !contents(&client, "out-broken").await.iter().any(|r| r.0.starts_with("bad-") || after.contains(r)),
+        "nothing at or after the malformed record was sent"
+    );
+    service.stop().await.unwrap();
+
+    // The checkpoint stayed behind it: once GetRecords answers well, a restart sends it all.
+    emulator.faults.lock().unwrap().malform_sequence_numbers = None;
+    let service = Running::start(&toml, &emulator.url);
+    let everything = [first, bad, after].concat();
+    wait_until("out-broken holds every record", || async { all_hold(&client, &["out-broken"], &everything).await })
+        .await;
+    service.stop().await.unwrap();
+    assert_eq!(delivery(&client, "out-a", &everything).await.missing, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_detachment_resumes_each_destination_from_its_own_position() {
     let emulator =
         Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
