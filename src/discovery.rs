@@ -52,6 +52,25 @@ pub enum Verdict {
     Not(String),
 }
 
+/// Decides one stream of `place` as discovery does, its tags read when a group asks for tags
+/// (`dead-letters replay` resolves the destinations its letters name with it). A tag read that
+/// fails decides nothing: an error, never "not a destination".
+pub async fn decide(
+    settings: &Settings,
+    place: &AwsSettings,
+    client: &aws_sdk_kinesis::Client,
+    name: &str,
+) -> Result<Verdict, crate::aws::CallError> {
+    let tags = if settings.needs_tags(place, name) { Some(kinesis::list_tags(client, name).await?) } else { None };
+    Ok(explain(settings, place, name, tags.as_ref()))
+}
+
+/// The region and account of a stream ARN (`arn:aws:kinesis:<region>:<account>:stream/<name>`).
+pub fn arn_place(arn: &str) -> (&str, &str) {
+    let mut parts = arn.split(':').skip(3);
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+}
+
 /// Decides one stream of `place` (`tags`: its tags, when read). The source stream and
 /// dead-letter streams are never destinations, whatever the patterns say; a stream of the
 /// source's name in another region or account is (a disaster-recovery copy).

@@ -23,7 +23,7 @@ use super::OperateError;
 use crate::aws::credentials::Identities;
 use crate::aws::{ErrorKind, KinesisClients, kinesis};
 use crate::config::{AwsSettings, CheckpointBackend, Settings};
-use crate::discovery::{Verdict, explain};
+use crate::discovery::{Verdict, decide};
 use crate::lease::LeaseTable;
 use crate::position::Position;
 use crate::record::SequenceNumber;
@@ -86,6 +86,14 @@ pub enum ReplayError {
     UnknownDeadLetterStream(String),
     #[error("`{0}` is not a destination: no stream of that name matches a destination group")]
     UnknownDestination(String),
+    #[error(
+        "cannot tell whether `{destination}` is a destination now; nothing of this page was sent, and the replay position stays before it"
+    )]
+    Undecided {
+        destination: String,
+        #[source]
+        cause: crate::aws::CallError,
+    },
     #[error("reading the dead-letter stream failed")]
     Read(#[source] crate::aws::CallError),
     #[error("PutRecords to {destination} kept failing after {attempts} attempts: {cause}")]
@@ -132,7 +140,7 @@ pub async fn replay(
 
     let mut targets: BTreeMap<String, Option<Target>> = BTreeMap::new();
     if let Some(name) = &args.destination {
-        let found = resolve(settings, &identities, name).await;
+        let found = resolve(settings, &identities, name).await?;
         if found.is_none() {
             return Err(ReplayError::UnknownDestination(name.clone()).into());
         }
@@ -208,14 +216,21 @@ pub async fn replay(
                     Err(err) => summary.unreadable.push(format!("{origin}: {err}")),
                 }
             }
-            for (destination, entries) in by_destination {
-                if !targets.contains_key(&destination) {
-                    let found = resolve(settings, &identities, &destination).await;
+            // Every destination of the page is resolved before anything is sent: a page whose
+            // destinations cannot all be told stops the run where it began.
+            for destination in by_destination.keys() {
+                if !targets.contains_key(destination) {
+                    let found = resolve(settings, &identities, destination).await?;
                     targets.insert(destination.clone(), found);
                 }
+            }
+            for (destination, entries) in by_destination {
                 let Some(target) = targets.get_mut(&destination).and_then(Option::as_mut) else {
+                    // Reported as refused: a run moves past it only saying so.
+                    let counts = summary.destinations.entry(destination.clone()).or_default();
+                    counts.rejected_again += entries.len() as u64;
                     for (origin, _) in entries {
-                        summary.unreadable.push(format!("{origin}: names `{destination}`, which is not a destination"));
+                        summary.refused.push(format!("{origin} -> {destination}: not a destination"));
                     }
                     continue;
                 };
@@ -246,27 +261,40 @@ pub async fn replay(
     Ok(summary)
 }
 
-/// Finds the destination a label names (`name`, `region/name` or `account/region/name`).
-async fn resolve(settings: &Settings, identities: &Identities, label: &str) -> Option<Target> {
+/// Finds the destination a label names (`name`, `region/name` or `account/region/name`, as the
+/// service labels destinations), selecting streams exactly as discovery does
+/// ([`crate::discovery::decide`]: patterns, excludes, tags). `Ok(None)`: no place has such a
+/// destination; an error when a place could not tell (a tag read or DescribeStreamSummary
+/// failed), so that the caller does not move past records it could not send.
+async fn resolve(settings: &Settings, identities: &Identities, label: &str) -> Result<Option<Target>, ReplayError> {
     let parts: Vec<&str> = label.split('/').collect();
-    let (region, name) = match parts.as_slice() {
-        [name] => (None, *name),
-        [region, name] | [_, region, name] => (Some(*region), *name),
-        _ => return None,
+    let (account, region, name) = match parts.as_slice() {
+        [name] => (None, None, *name),
+        [region, name] => (None, Some(*region), *name),
+        [account, region, name] => (Some(*account), Some(*region), *name),
+        _ => return Ok(None),
     };
+    let undecided = |cause: crate::aws::CallError| ReplayError::Undecided { destination: label.to_string(), cause };
     for (index, aws) in settings.destination_places().iter().enumerate() {
-        if region.is_some_and(|r| aws.region.as_deref() != Some(r)) {
-            continue;
-        }
         let group_label = format!("destinations[{index}]");
         let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group_label).await;
         let clients = KinesisClients::new(&identities.sdk, aws, credentials, settings.put_attempt_timeout());
-        let Verdict::Destination(group) = explain(settings, aws, name, None) else { continue };
-        let Ok(Some(summary)) = kinesis::describe_stream(&clients.control, name).await else { continue };
+        let Verdict::Destination(group) = decide(settings, aws, &clients.control, name).await.map_err(undecided)?
+        else {
+            continue;
+        };
+        let Some(summary) = kinesis::describe_stream(&clients.control, name).await.map_err(undecided)? else {
+            continue;
+        };
+        // The label's region and account are the stream's own, as its ARN says.
+        let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
+        if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
+            continue;
+        }
         let limiter = limiter(settings, group, summary.open_shards);
-        return Some(Target { stream: name.to_string(), group, clients, limiter });
+        return Ok(Some(Target { stream: name.to_string(), group, clients, limiter }));
     }
-    None
+    Ok(None)
 }
 
 fn limiter(settings: &Settings, group: usize, open_shards: u32) -> Limiter {

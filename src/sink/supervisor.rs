@@ -14,7 +14,7 @@ use super::DestinationTask;
 use super::entries::ShardMap;
 use super::put::PutEdge;
 use crate::config::{KplMode, Settings};
-use crate::discovery::{Candidate, Change, Discovery};
+use crate::discovery::{Candidate, Change, Discovery, arn_place};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -312,10 +312,4 @@ impl Supervisor {
     pub fn current(&self) -> Vec<String> {
         self.running.values().map(|r| r.handle.name.to_string()).collect()
     }
-}
-
-/// The region and account of a stream ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
-fn arn_place(arn: &str) -> (&str, &str) {
-    let mut parts = arn.split(':').skip(3);
-    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
 }

@@ -108,3 +108,55 @@ async fn a_replay_resends_each_dead_letter_once_and_reports_what_it_cannot() {
         assert_eq!(copies, 1, "{stream} got its late record once");
     }
 }
+
+/// A dead-letter envelope naming `destination`.
+fn envelope(destination: &str, key: &str) -> Rec {
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(format!("{destination}:{key}"));
+    let json = serde_json::json!({
+        "source_stream": "in", "shard_id": "shardId-000000000000", "sequence_number": "1",
+        "destination": destination, "error_code": "AccessDeniedException", "error_message": "no",
+        "partition_key": key, "data": data,
+    });
+    (key.to_string(), serde_json::to_vec(&json).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_selects_destinations_as_discovery_does_and_never_moves_past_what_it_could_not_tell() {
+    let emulator = Emulator::start().await;
+    let client = emulator.client();
+    for name in ["in", "out-tagged", "out-untagged", "dlq"] {
+        create_stream(&client, name, 1).await;
+    }
+    client.add_tags_to_stream().stream_name("out-tagged").tags("fanout", "enabled").send().await.unwrap();
+    // A group selected by tags, naming no region (the SDK's default region applies).
+    let (_dir, checkpoint) = temp_checkpoint();
+    let extra = "tags = { fanout = \"enabled\" }\ndead_letter_stream = \"dlq\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra).replace("region = \"us-east-1\"\n", "");
+    let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
+    // Labels as the service writes them: by name, by region and name, by account, region and
+    // name (the emulator's account is 000000000000); and two that are no destination.
+    let letters = vec![
+        envelope("out-tagged", "by-name"),
+        envelope("us-east-1/out-tagged", "by-region"),
+        envelope("000000000000/us-east-1/out-tagged", "by-account"),
+        envelope("111111111111/us-east-1/out-tagged", "other-account"),
+        envelope("out-untagged", "untagged"),
+    ];
+    put_all(&client, "dlq", &letters).await;
+    let args = ReplayArgs { stream: "dlq".into(), ..Default::default() };
+
+    // Tags that cannot be read decide nothing: the run stops, sending nothing, moving nothing.
+    emulator.faults.lock().unwrap().throttle_list_tags = true;
+    let err = replay(&settings, &sdk_config(&emulator.url), &args, |_| {}).await.unwrap_err();
+    assert!(format!("{err}").contains("cannot tell whether"), "{err}");
+    assert!(contents(&client, "out-tagged").await.is_empty());
+
+    emulator.faults.lock().unwrap().throttle_list_tags = false;
+    let summary = run(&settings, &emulator.url, &args).await;
+    let keys: Vec<String> = contents(&client, "out-tagged").await.into_iter().map(|r| r.0).collect();
+    assert_eq!(keys, vec!["by-account", "by-name", "by-region"], "{summary:?}");
+    assert_eq!(summary.refused.len(), 2, "{:?}", summary.refused);
+    assert!(summary.refused.iter().all(|r| r.contains("not a destination")), "{:?}", summary.refused);
+    assert!(contents(&client, "out-untagged").await.is_empty());
+}
