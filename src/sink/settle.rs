@@ -21,12 +21,14 @@ impl Writer {
         if self.pending.capacity() > 1024 && self.pending.len() * 4 < self.pending.capacity() {
             self.pending.shrink_to(self.pending.len() * 2);
         }
-        let mut again: Vec<Pending> = Vec::new();
+        // Entries to send again, with their place in the request: they go back in that order.
+        let mut again: Vec<(usize, Pending)> = Vec::new();
         let mut rejected: Vec<(Pending, String, String)> = Vec::new();
+        let mut rejected_at: Vec<usize> = Vec::new();
         let (mut ok, mut ok_bytes) = (0u64, 0u64);
         let (mut throttled, mut throttled_bytes) = (0u64, 0u64);
         let (mut retried, mut retried_bytes) = (0u64, 0u64);
-        for (mut p, outcome) in sent.into_iter().zip(outcomes) {
+        for (at, (mut p, outcome)) in sent.into_iter().zip(outcomes).enumerate() {
             let size = p.size() as u64;
             match outcome {
                 EntryOutcome::Accepted => {
@@ -38,13 +40,13 @@ impl Writer {
                     throttled += 1;
                     throttled_bytes += size;
                     p.retry = true;
-                    again.push(p);
+                    again.push((at, p));
                 }
                 EntryOutcome::Retry { .. } => {
                     retried += 1;
                     retried_bytes += size;
                     p.retry = true;
-                    again.push(p);
+                    again.push((at, p));
                 }
                 EntryOutcome::Reject { code, message } => {
                     if p.invalid.is_none() && VALIDATION_CODES.contains(&code.as_str()) {
@@ -52,7 +54,8 @@ impl Writer {
                         // held it cannot hold up the entries behind it.
                         p.invalid = Some(InvalidEntry::Refused { code: code.clone(), message: message.clone() });
                     }
-                    rejected.push((p, code, message))
+                    rejected.push((p, code, message));
+                    rejected_at.push(at);
                 }
             }
         }
@@ -64,12 +67,14 @@ impl Writer {
         if !rejected.is_empty() {
             held_rejected = !self.dead_letter_or_hold(&mut rejected).await?;
             if held_rejected {
-                again.extend(rejected.into_iter().map(|(mut p, _, _)| {
+                again.extend(rejected.into_iter().zip(rejected_at).map(|((mut p, _, _), at)| {
                     p.retry = true;
-                    p
+                    (at, p)
                 }));
-                // Keep the original order: retried and held records interleave as they were sent.
-                again.sort_by_key(|p| (p.chunk.id, p.index));
+                // Keep the order they were sent in: retried and held records interleave as in
+                // the request (never by chunk id: a catch-up's chunk can have a higher id than
+                // the live chunk queued after it).
+                again.sort_by_key(|(at, _)| *at);
             }
         }
 
@@ -82,7 +87,7 @@ impl Writer {
             self.update_gauges();
             return Ok(());
         }
-        for p in again.into_iter().rev() {
+        for (_, p) in again.into_iter().rev() {
             self.pending.push_front(p);
         }
         self.update_gauges();

@@ -550,6 +550,17 @@ pub(crate) mod tests {
         proof: Option<Arc<dyn LeaseProof>>,
         extra: &str,
     ) -> Harness {
+        start_chunks(&[(1, keys)], respond, proof, extra)
+    }
+
+    /// As [`start_configured`], fed chunks (id, partition keys) in this order, each of its own
+    /// tracker (`shardId-<n>`), their records numbered in this order too.
+    fn start_chunks(
+        chunks: &[(u64, &[&str])],
+        respond: Box<Respond>,
+        proof: Option<Arc<dyn LeaseProof>>,
+        extra: &str,
+    ) -> Harness {
         let settings = crate::Settings::from_toml(&format!(
             r#"
             [source]
@@ -592,22 +603,28 @@ pub(crate) mod tests {
         if let Some(proof) = proof {
             progress.fence_with(proof);
         }
-        let shard = progress.shard("shardId-0");
-        let records = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| SourceRecord {
-                sequence_number: SequenceNumber::parse(&(i + 1).to_string()).unwrap(),
-                partition_key: k.to_string(),
-                data: Bytes::from_static(b"data"),
-                arrival: None,
-                user_records: None,
-            })
-            .collect();
-        let chunk = progress.begin(&shard, records, vec!["out".into()]);
         let (handle, _) = crate::fanout::DestinationHandle::new("out".into(), "out".into(), 1 << 20);
-        let permit = handle.reserve_now(1).unwrap();
-        queue_tx.send(Delivery { chunk, permit }).unwrap();
+        let mut sequence = 0;
+        for (n, (id, keys)) in chunks.iter().enumerate() {
+            // Each chunk on a tracker of its own, as a catch-up lane's chunks are.
+            let shard = progress.shard(&format!("shardId-{n}"));
+            let records = keys
+                .iter()
+                .map(|k| {
+                    sequence += 1;
+                    SourceRecord {
+                        sequence_number: SequenceNumber::parse(&sequence.to_string()).unwrap(),
+                        partition_key: k.to_string(),
+                        data: Bytes::from_static(b"data"),
+                        arrival: None,
+                        user_records: None,
+                    }
+                })
+                .collect();
+            let chunk = shard.begin(*id, records, vec!["out".into()]);
+            let permit = handle.reserve_now(1).unwrap();
+            queue_tx.send(Delivery { chunk, permit }).unwrap();
+        }
         // The queue stays open: the writer waits for more instead of stopping.
         std::mem::forget(queue_tx);
         let writer = tokio::spawn(task.run());
@@ -752,5 +769,23 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(requests(&h) <= sent + 1, "{} requests after the lease stopped being proven", requests(&h) - sent);
         assert_eq!(h.progress.outstanding(), 1, "the record is held, not dead-lettered");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_records_keep_their_order_whatever_their_chunks_ids() {
+        // A catch-up's chunk can take a higher id than the live chunk queued after it (the live
+        // feed takes its id before the shard's lock): order is the queue's, never the ids'.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let respond = Box::new(move |keys: &[String]| {
+            let code = match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Some("AccessDeniedException"),
+                _ => None,
+            };
+            Ok(keys.iter().map(|_| answer(code)).collect())
+        });
+        let h = start_chunks(&[(10, &["k1", "k2"]), (5, &["k3", "k4"])], respond, None, "");
+        h.until("every record accepted once the cause is fixed", |h| h.count(Outcome::Ok) == 4).await;
+        let requests = h.stop().await;
+        assert_eq!(requests.last().unwrap(), &vec!["k1", "k2", "k3", "k4"], "{requests:?}");
     }
 }
