@@ -122,12 +122,17 @@ mod tests {
         assert_eq!(limiter.rates(), (1_000, 1 << 20));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn asks_beyond_the_burst_are_split() {
-        // 5 MiB against a 1 MiB/s limit must not fail; it waits instead (not asserted in time).
+        // 5 MiB (and a byte of debt) against a 4 MiB/s limit: governor refuses asks beyond the
+        // burst, so the first 4 MiB go at once and the rest waits its quarter second.
         let mut limiter = Limiter::new(1_000_000, 4 << 20);
         limiter.penalize(1, 1);
-        let _ = tokio::time::timeout(Duration::from_secs(5), limiter.acquire(10, 5 << 20)).await.expect("completes");
+        let waited = limiter.acquire(10, 5 << 20).await;
+        assert!(
+            waited >= Duration::from_millis(240) && waited <= Duration::from_millis(270),
+            "waited {waited:?} for the mebibyte beyond the burst"
+        );
     }
 
     #[tokio::test(start_paused = true)]
