@@ -130,6 +130,14 @@ pub async fn list_tags(client: &Client, stream: &str) -> Result<HashMap<String, 
         tags.extend(page.tags().iter().map(|t| (t.key().to_string(), t.value().unwrap_or_default().to_string())));
         match last {
             Some(last) if page.has_more_tags() => after = Some(last),
+            // More promised, and no key to go on from: a partial answer is no tag set.
+            None if page.has_more_tags() => {
+                return Err(CallError {
+                    kind: ErrorKind::Transient,
+                    code: "IncompleteTags".into(),
+                    cause: format!("ListTagsForStream on {stream} said more tags follow, but gave none to go on from"),
+                });
+            }
             _ => return Ok(tags),
         }
     }

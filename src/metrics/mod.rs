@@ -39,7 +39,7 @@ pub struct Metrics {
     pub destination_lag_seconds: GaugeVec,
     pub catch_up_records: IntCounterVec,
     pub records_expired: IntCounterVec,
-    pub catch_up_stopped: IntCounterVec,
+    pub catch_up_errors: IntCounterVec,
     pub destination_shed: IntCounterVec,
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
@@ -234,9 +234,9 @@ impl Metrics {
                 "Records that left the source's retention before a detached destination's catch-up could read them (counted when it rejoins the live feed; logged as an error).",
                 &["destination"],
             ),
-            catch_up_stopped: counter(
-                "destination_catch_up_stopped_total",
-                "Catch-ups stopped by an error reading cannot fix (GetRecords returned a malformed sequence number): the destination stays detached on that shard, and the shard's checkpoint stays behind it, until a restart reads it again (logged as an error).",
+            catch_up_errors: counter(
+                "destination_catch_up_errors_total",
+                "Pages a catch-up could not hand on for an error in what GetRecords returned (reason malformed_sequence_number: a record whose sequence number is none). The catch-up never moves past it: it reads the page again after a backoff, the destination stays detached on that shard and the shard's checkpoint behind it (logged as an error, once a minute).",
                 &["destination", "reason"],
             ),
             destination_shed: counter(

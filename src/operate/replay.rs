@@ -87,6 +87,10 @@ pub enum ReplayError {
     #[error("`{0}` is not a destination: no stream of that name matches a destination group")]
     UnknownDestination(String),
     #[error(
+        "destination `{0}` does not take writes now (being created, updated or deleted); nothing of this page was sent, and the replay position stays before it"
+    )]
+    NotWritable(String),
+    #[error(
         "cannot tell whether `{destination}` is a destination now; nothing of this page was sent, and the replay position stays before it"
     )]
     Undecided {
@@ -230,7 +234,9 @@ pub async fn replay(
                     let counts = summary.destinations.entry(destination.clone()).or_default();
                     counts.rejected_again += entries.len() as u64;
                     for (origin, _) in entries {
-                        summary.refused.push(format!("{origin} -> {destination}: not a destination"));
+                        summary
+                            .refused
+                            .push(format!("{origin} -> {destination}: no existing stream is that destination"));
                     }
                     continue;
                 };
@@ -279,17 +285,22 @@ async fn resolve(settings: &Settings, identities: &Identities, label: &str) -> R
         let group_label = format!("destinations[{index}]");
         let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group_label).await;
         let clients = KinesisClients::new(&identities.sdk, aws, credentials, settings.put_attempt_timeout());
+        // Is there such a stream here, and is it the one the label names (the label's region
+        // and account are the stream's own, as its ARN says)? Only then ask its tags.
+        let Some(summary) = kinesis::describe_stream(&clients.control, name).await.map_err(undecided)? else {
+            continue;
+        };
+        let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
+        if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
+            continue;
+        }
         let Verdict::Destination(group) = decide(settings, aws, &clients.control, name).await.map_err(undecided)?
         else {
             continue;
         };
-        let Some(summary) = kinesis::describe_stream(&clients.control, name).await.map_err(undecided)? else {
-            continue;
-        };
-        // The label's region and account are the stream's own, as its ARN says.
-        let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
-        if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
-            continue;
+        if !summary.writable {
+            // Being created or updated: discovery would wait for it, and so does the replay.
+            return Err(ReplayError::NotWritable(label.to_string()));
         }
         let limiter = limiter(settings, group, summary.open_shards);
         return Ok(Some(Target { stream: name.to_string(), group, clients, limiter }));

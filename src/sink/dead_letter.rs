@@ -179,14 +179,17 @@ impl DeadLetter {
             };
             let failed: Vec<Letter> = match result {
                 Ok(answers) => {
-                    if answers.len() != batch.len() {
-                        tracing::warn!(stream = %self.stream, sent = batch.len(), answered = answers.len(), "PutRecords answered a different number of entries; retrying those without an answer.");
+                    // Answers are matched to entries by place: a different count says nothing of
+                    // which entry was written, so the whole request is written again (a duplicate
+                    // dead letter costs less than a lost one).
+                    let mismatched = answers.len() != batch.len();
+                    if mismatched {
+                        tracing::warn!(stream = %self.stream, sent = batch.len(), answered = answers.len(), "PutRecords answered a different number of entries; writing them all again.");
                     }
-                    // An entry without an answer (a short answer) was not written: retried.
                     let failed: Vec<Letter> = batch
                         .into_iter()
                         .enumerate()
-                        .filter(|(i, _)| answers.get(*i).is_none_or(|a| a.error_code.is_some()))
+                        .filter(|(i, _)| mismatched || answers[*i].error_code.is_some())
                         .map(|(_, letter)| letter)
                         .collect();
                     if failed.is_empty() {
@@ -296,7 +299,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn entries_a_short_answer_leaves_out_are_written_again() {
+    async fn a_short_answer_writes_the_whole_request_again() {
         let edge = Arc::new(ShortFirst::default());
         let backoff = Backoff::try_new(Duration::from_millis(1), Duration::from_millis(5)).unwrap();
         let mut dead_letter = DeadLetter::new("dlq".into(), Arc::clone(&edge) as Arc<dyn PutEdge>, backoff);
@@ -307,8 +310,8 @@ mod tests {
         let requests = edge.requests.lock().unwrap().clone();
         assert_eq!(
             requests,
-            vec![vec!["pk-1", "pk-2", "pk-3"], vec!["pk-2", "pk-3"]],
-            "the two without an answer, again"
+            vec![vec!["pk-1", "pk-2", "pk-3"], vec!["pk-1", "pk-2", "pk-3"]],
+            "a short answer says nothing of which entry was written: all of them, again"
         );
     }
 }

@@ -60,7 +60,10 @@ impl CatchUpStarter for CatchUps {
     }
 }
 
-/// A catch-up that cannot go on: GetRecords returned a record whose sequence number is not one.
+/// How often a catch-up stuck at a malformed record says so again.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A page a catch-up cannot hand on: GetRecords returned a record whose sequence number is none.
 struct Stuck {
     sequence_number: String,
 }
@@ -81,21 +84,6 @@ impl Reader {
             outcome = self.read() => Some(outcome),
         };
         let metrics = &self.up.metrics;
-        let outcome = match outcome {
-            Some(Err(Stuck { sequence_number })) => {
-                // Still detached here: its hold keeps the shard's checkpoint behind what it lacks.
-                metrics.catch_up_stopped.with_label_values(&[&*name, "malformed_sequence_number"]).inc();
-                tracing::error!(
-                    destination = %name,
-                    shard = %self.shard.shard_id,
-                    sequence_number = %sequence_number,
-                    "GetRecords returned a record with a malformed sequence number: this catch-up stops, the destination stays detached on this shard, and the shard's checkpoint stays behind it until a restart reads it again."
-                );
-                return;
-            }
-            Some(Ok(outcome)) => Some(outcome),
-            None => None,
-        };
         metrics.destination_detached.with_label_values(&[&*name]).dec();
         if metrics.destination_detached.with_label_values(&[&*name]).get() <= 0 {
             metrics.destination_lag_seconds.with_label_values(&[&*name]).set(0.0);
@@ -105,9 +93,8 @@ impl Reader {
         }
     }
 
-    /// Reads until the destination joined the live feed, went away, or the reading was revoked;
-    /// or until a record cannot be placed in the shard's order.
-    async fn read(&self) -> Result<CatchUp, Stuck> {
+    /// Reads until the destination joined the live feed, went away, or the reading was revoked.
+    async fn read(&self) -> CatchUp {
         let shard_id = self.shard.shard_id.to_string();
         let name: &str = &self.destination.name;
         let mut last: Option<SequenceNumber> = None;
@@ -118,13 +105,14 @@ impl Reader {
         let page_bytes = usize::try_from(self.up.memory.limit() / PAGE_DIVISOR).unwrap_or(usize::MAX).max(1);
         let mut per_record = RECORD_GUESS;
         let mut backoff = Backoff::try_new(Duration::from_millis(500), Duration::from_secs(10)).expect("valid bounds");
+        let mut stuck_warning: Option<tokio::time::Instant> = None;
         tracing::info!(destination = name, shard = %shard_id, from = %self.start, "Catch-up started.");
         loop {
             if self.shard.revoked() {
-                return Ok(CatchUp::Gone);
+                return CatchUp::Gone;
             }
             if self.destination.closed() {
-                return Ok(CatchUp::Gone);
+                return CatchUp::Gone;
             }
             // Read only with room to hand on: nothing is held while waiting for it.
             let limit = (page_bytes / per_record).clamp(1, PAGE as usize);
@@ -152,7 +140,27 @@ impl Reader {
                 }
             };
             backoff.reset();
-            let records = self.fresh(page.records, last.as_ref())?;
+            let records = match self.fresh(page.records, last.as_ref()) {
+                Ok(records) => records,
+                Err(Stuck { sequence_number }) => {
+                    // Never past it: the page is read again, from the last record handed on,
+                    // after a backoff; the destination stays detached here meanwhile.
+                    self.up.metrics.catch_up_errors.with_label_values(&[name, "malformed_sequence_number"]).inc();
+                    if stuck_warning.is_none_or(|at: tokio::time::Instant| at.elapsed() >= STUCK_LOG_EVERY) {
+                        stuck_warning = Some(tokio::time::Instant::now());
+                        tracing::error!(
+                            destination = name,
+                            shard = %shard_id,
+                            sequence_number = %sequence_number,
+                            "GetRecords returned a record with a malformed sequence number: this catch-up stops there and reads the page again after a backoff; the destination stays detached on this shard and the shard's checkpoint behind it."
+                        );
+                    }
+                    iterator = None;
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
             let read_through = records.last().map(|r| r.sequence_number.clone());
             let shard_end = page.next.is_none();
             let busy = !records.is_empty() && page.millis_behind_latest.is_some_and(|ms| ms > 0);
@@ -177,11 +185,11 @@ impl Reader {
                         after = %self.start,
                         "Records expired from the source before this destination got them: the live feed read them while it was detached, and they left the stream's retention before its catch-up could read them again."
                     );
-                    return Ok(CatchUp::Joined { expired });
+                    return CatchUp::Joined { expired };
                 }
                 done => {
                     tracing::info!(destination = name, shard = %shard_id, "Catch-up reached the live feed.");
-                    return Ok(done);
+                    return done;
                 }
             }
             // At the end of a closed shard, wait for the live feed to register the same records.
