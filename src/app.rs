@@ -114,6 +114,7 @@ impl Service {
 impl Pipeline {
     async fn replicate(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let Pipeline { settings, metrics, progress, health, sdk } = self;
+        // This worker's one id: the lease owner, and the STS session name of roles it assumes.
         let worker = match &settings.checkpoint.backend {
             CheckpointBackend::DynamoDb(lease) if lease.worker_id.is_some() => {
                 lease.worker_id.clone().unwrap_or_default()
@@ -327,10 +328,9 @@ impl Backend {
                 let table = LeaseTable::new(client, lease.table_name.clone())
                     .count_unreadable(metrics.lease_items_unreadable.clone());
                 table.ensure(lease.create_table).await?;
-                let me = match &lease.worker_id {
-                    Some(id) => id.clone(),
-                    None => crate::lease::default_worker_id().await,
-                };
+                // The worker id was settled once (`replicate`): the lease owner and the STS
+                // session name are the same.
+                let me = identities.worker.clone();
                 tracing::info!(worker = %me, table = %lease.table_name, failover_ms = lease.failover_time.as_millis() as u64, "Sharing shards through the lease table.");
                 let (manager, events, share) = LeaseManager::new(table, me, lease.failover_time);
                 let shards = source::list_shards(&clients.control, &stream.name).await?;

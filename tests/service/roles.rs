@@ -23,6 +23,8 @@ const EXTERNAL_ID: &str = "fanout-ext-1";
 struct Sts {
     url: String,
     issued: Arc<Mutex<HashMap<String, SystemTime>>>,
+    /// Every RoleSessionName asked for.
+    sessions: Arc<Mutex<Vec<String>>>,
     down: Arc<AtomicBool>,
     _stop: tokio_util::sync::DropGuard,
 }
@@ -30,6 +32,7 @@ struct Sts {
 #[derive(Clone)]
 struct StsState {
     issued: Arc<Mutex<HashMap<String, SystemTime>>>,
+    sessions: Arc<Mutex<Vec<String>>>,
     down: Arc<AtomicBool>,
     serial: Arc<AtomicU32>,
     lifetime: Duration,
@@ -47,6 +50,9 @@ async fn assume_role(State(state): State<StsState>, body: String) -> Response {
     let asked = (form.get("Action"), form.get("RoleArn"), form.get("ExternalId"));
     if asked != (Some(&"AssumeRole".to_string()), Some(&ROLE.to_string()), Some(&EXTERNAL_ID.to_string())) {
         return sts_error(StatusCode::FORBIDDEN, "AccessDenied");
+    }
+    if let Some(session) = form.get("RoleSessionName") {
+        state.sessions.lock().unwrap().push(session.clone());
     }
     let key = format!("ASIATESTKEY{:09}", state.serial.fetch_add(1, Ordering::SeqCst));
     let expiry = SystemTime::now() + state.lifetime;
@@ -91,8 +97,15 @@ fn percent_decode(v: &str) -> String {
 
 impl Sts {
     async fn start(lifetime: Duration) -> Sts {
-        let state = StsState { issued: Arc::default(), down: Arc::default(), serial: Arc::default(), lifetime };
-        let (issued, down) = (Arc::clone(&state.issued), Arc::clone(&state.down));
+        let state = StsState {
+            issued: Arc::default(),
+            sessions: Arc::default(),
+            down: Arc::default(),
+            serial: Arc::default(),
+            lifetime,
+        };
+        let (issued, down, sessions) =
+            (Arc::clone(&state.issued), Arc::clone(&state.down), Arc::clone(&state.sessions));
         let app = axum::Router::new().route("/", axum::routing::post(assume_role)).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -101,7 +114,7 @@ impl Sts {
         tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(async move { until.cancelled().await }).await
         });
-        Sts { url, issued, down, _stop: stop.drop_guard() }
+        Sts { url, issued, sessions, down, _stop: stop.drop_guard() }
     }
 }
 
@@ -199,4 +212,40 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
         .unwrap()
         .render(&settings, false);
     assert!(report.contains("unreachable: ListStreams failed"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_assumes_roles_under_the_name_it_holds_leases_by() {
+    use crate::cluster::{Dynamo, Worker, owners, worker_toml};
+    let sts = Sts::start(Duration::from_secs(900)).await;
+    let home = Emulator::start().await;
+    let other = Emulator::with_options(StoreOptions { aws_account_id: "222222222222".into(), ..store_options() }).await;
+    create_stream(&home.client(), "in", 2).await;
+    create_stream(&other.client(), "shared-orders", 1).await;
+    let dynamo = Dynamo::start().await;
+    let group = format!(
+        "\n[[destinations]]\npattern = \"^shared-.*$\"\nendpoint_url = \"{}\"\nrole_arn = \"{ROLE}\"\n\
+         external_id = \"{EXTERNAL_ID}\"\nrefresh_interval = \"1s\"\n",
+        other.url
+    );
+    // No worker_id: outside ECS the worker names itself (host name and a random suffix), once.
+    let toml = worker_toml(&home, &dynamo, "in", "^out-none$", "unused")
+        .replace("worker_id = \"unused\"\n", "")
+        .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
+        + &group;
+    assert!(!toml.contains("worker_id"), "{toml}");
+    let worker = Worker::start("w", &toml, &home.url);
+    wait_until("the worker holds both leases and assumed the role", || async {
+        owners(&dynamo.leases("leases").await).values().sum::<usize>() == 2 && !sts.sessions.lock().unwrap().is_empty()
+    })
+    .await;
+    let owner = owners(&dynamo.leases("leases").await).into_keys().next().unwrap();
+    let sessions = sts.sessions.lock().unwrap().clone();
+    worker.stop().await.unwrap();
+    let expected: String = format!("kinesis-fanout-{owner}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "=,.@-_".contains(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    assert!(sessions.iter().all(|s| *s == expected), "lease owner {owner}, STS sessions {sessions:?}");
 }
