@@ -575,6 +575,19 @@ mod tests {
     }
 
     #[test]
+    fn a_backoff_that_would_not_back_off_is_refused_with_its_key() {
+        for (initial, max) in [("0s", "10s"), ("2s", "1s")] {
+            let err = Settings::from_toml(&format!(
+                "[source]\nstream_name = \"in\"\n[[destinations]]\npattern = \"^out$\"\n\
+                 initial_backoff = \"{initial}\"\nmax_backoff = \"{max}\"\n"
+            ))
+            .unwrap_err();
+            let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, vec!["destinations[0].initial_backoff"], "{initial}..{max}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let err = Settings::from_toml(
             r#"

@@ -124,6 +124,9 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         "off" => Ok(None),
         other => units::parse_duration(other).map(Some),
     });
+    if initial_backoff.is_some_and(|d| d.is_zero()) {
+        s.problem("initial_backoff", "must be more than 0: retries would not back off at all");
+    }
     if let (Some(min), Some(max)) = (initial_backoff, max_backoff)
         && min > max
     {

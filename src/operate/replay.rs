@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -326,8 +326,7 @@ async fn send(
     refused: &mut Vec<String>,
 ) -> Result<(), ReplayError> {
     let group = &settings.destinations[target.group];
-    let mut backoff = Backoff::try_new(group.initial_backoff, group.max_backoff)
-        .unwrap_or_else(|_| Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10)).expect("valid"));
+    let mut backoff = Backoff::for_group(group);
     while !entries.is_empty() {
         let sizes: Vec<usize> = entries
             .iter()

@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -78,8 +77,7 @@ pub struct DestinationTask {
 impl DestinationTask {
     pub async fn run(self) -> Exit {
         let group = Arc::clone(&self.group);
-        let backoff = Backoff::try_new(group.initial_backoff, group.max_backoff)
-            .unwrap_or_else(|_| Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10)).expect("valid"));
+        let backoff = Backoff::for_group(&group);
         let shards = *self.open_shards.borrow();
         let share = *self.share.borrow();
         let dead_letter = group

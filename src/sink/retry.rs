@@ -67,6 +67,14 @@ impl Backoff {
         Ok(Backoff { initial, max, attempt: 0 })
     }
 
+    /// A destination group's backoff. Its bounds were checked when the configuration was loaded
+    /// (more than zero, initial at most max), so this cannot fail: bounds that were not checked
+    /// are raised to the nearest valid ones rather than replaced by other defaults.
+    pub fn for_group(group: &crate::config::DestinationGroup) -> Self {
+        let initial = group.initial_backoff.max(Duration::from_millis(1));
+        Backoff { initial, max: group.max_backoff.max(initial), attempt: 0 }
+    }
+
     /// The ceiling of the next wait, before jitter.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(30)).unwrap_or(u32::MAX);
