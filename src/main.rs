@@ -219,11 +219,14 @@ fn load(path: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(path)
 }
 
-/// Logs to stderr as text or JSON; `RUST_LOG` overrides the configured level.
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides the configured level. Text is coloured
+/// only on a terminal, and never with `NO_COLOR` set.
 fn init_logging(settings: &LogSettings) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match settings.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
         LogFormat::Text => builder.init(),

@@ -198,6 +198,25 @@ async fn dead_letters_replay_refuses_to_send_unasked_and_counts_a_dry_run() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("`nope` is not the dead_letter_stream"), "an unknown stream");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_no_colour_when_stderr_is_not_a_terminal() {
+    let emulator = Emulator::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(&emulator.url, "nope", "^out-.*$", &dir.path().join("c.json"), "");
+    let path = write(dir.path(), "c.toml", &config);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("RUST_LOG", "kinesis_fanout=debug"),
+    ];
+    let out = run_cli(&["run", "--config", &path], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the source does not exist: {stderr}");
+    assert!(stderr.contains("INFO") && stderr.contains("Serving /metrics"), "it logged: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape codes in a log written to a pipe: {stderr:?}");
+}
+
 #[test]
 fn the_demo_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
