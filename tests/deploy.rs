@@ -55,11 +55,11 @@ fn the_binary_configures_its_own_allocator_and_nothing_else_does() {
     }
 }
 
-/// Every alert has its Runbook entry in the README.
+/// Every alert has its Runbook entry in docs/operations.md.
 #[test]
 fn every_alert_has_a_runbook_entry() {
     let alerts = read("deploy/prometheus/alerts.yml");
-    let readme = read("README.md");
+    let readme = read("docs/operations.md");
     let runbook = readme.split("## Runbook").nth(1).expect("a Runbook section").split("\n## ").next().unwrap();
     let names: Vec<&str> = alerts.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
     assert!(names.len() >= 9, "{names:?}");
@@ -96,19 +96,93 @@ fn alerts_use_real_metrics() {
 
 #[test]
 fn readme_documents_every_metric() {
-    let readme = read("README.md");
+    let docs = read("docs/operations.md");
     for name in kinesis_fanout::metrics::Metrics::new().names() {
-        assert!(readme.contains(name.as_str()), "README.md does not document {name}");
+        assert!(docs.contains(name.as_str()), "docs/operations.md does not document {name}");
     }
 }
 
 #[test]
 fn readme_documents_every_outcome_and_resubscribe_reason() {
-    let readme = read("README.md");
+    let docs = read("docs/operations.md");
     for outcome in kinesis_fanout::metrics::Outcome::ALL {
-        assert!(readme.contains(&format!("`{}`", outcome.as_str())), "README.md does not document outcome {outcome:?}");
+        let documented = docs.contains(&format!("`{}`", outcome.as_str()));
+        assert!(documented, "docs/operations.md does not document outcome {outcome:?}");
     }
     for reason in kinesis_fanout::metrics::ResubscribeReason::ALL {
-        assert!(readme.contains(&format!("`{}`", reason.as_str())), "README.md does not document reason {reason:?}");
+        let documented = docs.contains(&format!("`{}`", reason.as_str()));
+        assert!(documented, "docs/operations.md does not document reason {reason:?}");
     }
+}
+
+/// The pages a reader follows: the README and what it links to.
+const PAGES: [&str; 8] = [
+    "README.md",
+    "CONTRIBUTING.md",
+    "docs/operations.md",
+    "docs/configuration.md",
+    "docs/scaling.md",
+    "docs/performance.md",
+    "docs/design.md",
+    "docs/guarantees.md",
+];
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut broken = Vec::new();
+    for page in PAGES {
+        let text = read(page);
+        let dir = Path::new(page).parent().unwrap_or(Path::new(""));
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("](") {
+            let target: String = rest[at + 2..].chars().take_while(|c| *c != ')').collect();
+            rest = &rest[at + 2..];
+            if target.starts_with("http") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, fragment) = target.split_once('#').unwrap_or((target.as_str(), ""));
+            let file = if path.is_empty() { root.join(page) } else { root.join(dir).join(path) };
+            if !file.exists() {
+                broken.push(format!("{page}: {target} (no such file)"));
+                continue;
+            }
+            if !fragment.is_empty() && file.extension().is_some_and(|e| e == "md") {
+                let headings = std::fs::read_to_string(&file).unwrap_or_default();
+                let found = headings
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .any(|h| anchor(h.trim_start_matches('#')) == fragment);
+                if !found {
+                    broken.push(format!("{page}: {target} (no such heading)"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links: {broken:#?}");
+}
+
+#[test]
+fn the_readme_is_a_front_door() {
+    let readme = read("README.md");
+    assert!(readme.len() < 20 * 1024, "README.md is {} bytes: details belong in docs/", readme.len());
+    // Its minimal config is config/minimal.toml, word for word, and it loads.
+    let minimal = read("config/minimal.toml");
+    assert!(readme.contains(minimal.trim()), "README.md shows config/minimal.toml as it is");
+    let settings =
+        kinesis_fanout::Settings::load_with_env(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/minimal.toml"), [])
+            .expect("config/minimal.toml is valid");
+    assert_eq!(settings.source.stream_name, "app-input");
+    assert!(settings.destinations[0].matches("app-output-orders"));
 }
