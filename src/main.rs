@@ -223,8 +223,12 @@ fn load(path: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
 /// only on a terminal, and never with `NO_COLOR` set.
 fn init_logging(settings: &LogSettings) {
     use std::io::IsTerminal;
+    // The SDK's own warnings (a region or credentials looked for on an instance metadata service
+    // that is not there) are noise unless debugging: the real error is said once, in one line.
+    let quiet_sdk = !matches!(settings.level.as_str(), "debug" | "trace");
+    let level = if quiet_sdk { format!("{},aws_config=error", settings.level) } else { settings.level.clone() };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match settings.format {
@@ -270,12 +274,33 @@ fn chain(err: &anyhow::Error) -> String {
     err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
-async fn sdk_config() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await
+/// The SDK's configuration, in the region the configuration names (else the SDK's own chain), and
+/// checked for what a first run most often lacks, a region and credentials: each missing piece is
+/// one short line naming what to set.
+async fn sdk_config(settings: &Settings) -> anyhow::Result<aws_config::SdkConfig> {
+    use aws_sdk_kinesis::config::ProvideCredentials;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = settings.aws.region.clone().or_else(|| settings.source.aws.region.clone()) {
+        loader = loader.region(aws_config::Region::new(region));
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_none() {
+        anyhow::bail!("no AWS region: set AWS_REGION, or `region` under [aws] in the configuration");
+    }
+    if let Some(provider) = sdk.credentials_provider()
+        && let Err(err) = provider.provide_credentials().await
+    {
+        tracing::debug!(error = %err, "The SDK's credential chain found no credentials.");
+        anyhow::bail!(
+            "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a task or \
+             instance role (against an emulator: `endpoint_url` under [aws] and any keys)"
+        );
+    }
+    Ok(sdk)
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let sdk = sdk_config().await;
+    let sdk = sdk_config(&settings).await?;
     let grace = settings.shutdown.grace_period;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), grace));
@@ -304,7 +329,7 @@ async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) 
 }
 
 async fn check(settings: Settings, explain: bool, json: bool) -> anyhow::Result<()> {
-    let sdk = sdk_config().await;
+    let sdk = sdk_config(&settings).await?;
     let report = kinesis_fanout::operate::check::report(&settings, &sdk).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -315,7 +340,7 @@ async fn check(settings: Settings, explain: bool, json: bool) -> anyhow::Result<
 }
 
 async fn leases(settings: Settings, observe: Option<std::time::Duration>, json: bool) -> anyhow::Result<()> {
-    let sdk = sdk_config().await;
+    let sdk = sdk_config(&settings).await?;
     let rows = kinesis_fanout::operate::leases::rows(&settings, &sdk, observe).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -343,7 +368,7 @@ async fn replay(
             anyhow::bail!("not confirmed; nothing sent");
         }
     }
-    let sdk = sdk_config().await;
+    let sdk = sdk_config(&settings).await?;
     let terminal = std::io::stderr().is_terminal();
     let bar = terminal.then(|| {
         let bar = indicatif::ProgressBar::new_spinner();

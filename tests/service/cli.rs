@@ -198,6 +198,30 @@ async fn dead_letters_replay_refuses_to_send_unasked_and_counts_a_dry_run() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("`nope` is not the dead_letter_stream"), "an unknown stream");
 }
 
+#[tokio::test]
+async fn a_first_run_without_a_region_or_credentials_says_what_to_set_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_region = write(dir.path(), "a.toml", GOOD);
+    let with_region = write(dir.path(), "b.toml", &format!("[aws]\nregion = \"us-east-1\"\n{GOOD}"));
+    for (config, says) in [
+        (no_region, "no AWS region: set AWS_REGION, or `region` under [aws]"),
+        (with_region, "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ] {
+        // A newcomer's shell: nothing of AWS set, no ~/.aws.
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(["check", "--config", &config])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path());
+        let out = tokio::time::timeout(WAIT, command.output()).await.expect("it finishes").expect("it runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line, none of the SDK's warnings: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_carry_no_colour_when_stderr_is_not_a_terminal() {
     let emulator = Emulator::start().await;
