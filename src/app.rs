@@ -202,6 +202,7 @@ impl Pipeline {
         let reading = shutdown.child_token();
         let memory = crate::memory::MemoryBudget::for_process(settings.memory_limit);
         metrics.memory_limit_bytes.set(settings.memory_limit as i64);
+        metrics.memory_budget_bytes.set(i64::try_from(memory.limit()).unwrap_or(i64::MAX));
         let _ = metrics.memory.set(memory.clone());
         tracing::info!(
             limit_bytes = settings.memory_limit,

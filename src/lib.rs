@@ -9,10 +9,14 @@
 //!   records, with a dead-letter stream for what can never succeed;
 //! - [`progress`]: a chunk is done when every destination accepted it; checkpoints follow.
 //!
+//! What travels: a [`record`] (a source record, sequence numbers, what PutRecords accepts) and its
+//! [`kpl`] aggregates; a [`position`] in a shard. What bounds it: the [`memory`] budget. Who reads
+//! which shard: [`lease`]s in a DynamoDB table shared by the workers.
+//!
 //! Around it: [`discovery`] of destination streams, [`config`], [`metrics`] and the [`admin`]
 //! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], [`shutdown`] handles, and
 //! [`app`], which wires it all and tears it down in order. The operator subcommands (`check`,
-//! `leases`) are in [`operate`].
+//! `leases`, `dead-letters replay`) are in [`operate`].
 
 #![forbid(unsafe_code)]
 

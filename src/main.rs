@@ -270,8 +270,9 @@ fn healthcheck(addr: &str) -> ExitCode {
     }
 }
 
+/// The cause chain, as every layer logs it ([`kinesis_fanout::aws::chain`]).
 fn chain(err: &anyhow::Error) -> String {
-    err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    kinesis_fanout::aws::chain(err.as_ref())
 }
 
 /// The SDK's configuration, in the region the configuration names (else the SDK's own chain), and

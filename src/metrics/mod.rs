@@ -51,6 +51,7 @@ pub struct Metrics {
     // Process.
     pub memory_limit_bytes: IntGauge,
     pub memory_used_bytes: IntGauge,
+    pub memory_budget_bytes: IntGauge,
     /// The budget `memory_used_bytes` reads at scrape time.
     pub memory: std::sync::Arc<std::sync::OnceLock<crate::memory::MemoryBudget>>,
     pub idle: IntGauge,
@@ -269,7 +270,11 @@ impl Metrics {
             memory_limit_bytes: gauge("memory_limit_bytes", "[memory] limit: bytes the process may buffer."),
             memory_used_bytes: gauge(
                 "memory_used_bytes",
-                "Bytes buffered now against [memory] limit: source events being fanned out, queued chunks, catch-up reads.",
+                "Bytes buffered now against the buffer budget (memory_budget_bytes): source events being fanned out, queued chunks, catch-up reads.",
+            ),
+            memory_budget_bytes: gauge(
+                "memory_budget_bytes",
+                "The buffer budget memory_used_bytes counts against: [memory] limit less the process's headroom (readers wait when it is spent).",
             ),
             memory: Default::default(),
             idle: gauge(

@@ -262,7 +262,9 @@ async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
     })
     .await;
     assert_eq!(service.metrics.memory_limit_bytes.get(), 4 << 20);
-    assert!(peak <= 4 << 20, "buffered {peak} bytes, over the 4 MiB budget");
+    let budget = service.metrics.memory_budget_bytes.get() as u64;
+    assert!(budget > 0 && budget < 4 << 20, "the buffer budget ({budget}) is the limit less the headroom");
+    assert!(peak <= budget, "buffered {peak} bytes, over the {budget}-byte buffer budget");
     assert!(peak > 0, "the budget was used");
     let shed = |name: &str| service.metrics.destination_shed.with_label_values(&[name]).get() as usize;
     let shed = [shed("out-a"), shed("out-b")];
