@@ -3,10 +3,12 @@
 //! Starts a Kinesis emulator in-process (ferrokinesis), creates `app-input` (4 shards) and three
 //! `app-output-*` streams, produces a steady stream of sample records, and runs the real service
 //! on `config/demo.toml`. Every second it prints one line per destination; halfway it creates a
-//! fourth `app-output-*` stream to show live discovery. Ctrl-C stops it gracefully.
+//! fourth `app-output-*` stream to show live discovery. Ctrl-C stops it gracefully. At the end it
+//! reads every destination back and tallies what was produced against what each one holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
@@ -42,12 +44,17 @@ async fn create(client: &Client, name: &str, shards: i32) -> anyhow::Result<()> 
     anyhow::bail!("stream {name} did not become ACTIVE")
 }
 
-/// A steady stream of order-like JSON records with random customer ids as partition keys.
-async fn produce(client: Client, stop: CancellationToken) {
+/// Order numbers the source stream accepted, and when each was accepted.
+type Produced = Arc<Mutex<Vec<(u64, tokio::time::Instant)>>>;
+
+/// A steady stream of order-like JSON records with random customer ids as partition keys; notes
+/// the order numbers the source accepted.
+async fn produce(client: Client, stop: CancellationToken, produced: Produced) {
     let mut n = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while !stop.is_cancelled() {
         tick.tick().await;
+        let first = n + 1;
         let entries: Vec<PutRecordsRequestEntry> = (0..RECORDS_PER_SECOND / 10)
             .map(|_| {
                 n += 1;
@@ -60,8 +67,56 @@ async fn produce(client: Client, stop: CancellationToken) {
                     .expect("complete entry")
             })
             .collect();
-        let _ = client.put_records().stream_name("app-input").set_records(Some(entries)).send().await;
+        if let Ok(out) = client.put_records().stream_name("app-input").set_records(Some(entries)).send().await {
+            let now = tokio::time::Instant::now();
+            let mut produced = produced.lock().unwrap();
+            for (i, entry) in out.records().iter().enumerate() {
+                if entry.error_code().is_none() {
+                    produced.push((first + i as u64, now));
+                }
+            }
+        }
     }
+}
+
+/// The order numbers a stream holds, one per record (duplicates kept).
+async fn orders_in(client: &Client, stream: &str) -> anyhow::Result<Vec<u64>> {
+    let mut orders = Vec::new();
+    let shards = client.list_shards().stream_name(stream).send().await?;
+    for shard in shards.shards() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await?
+            .shard_iterator
+            .unwrap_or_default();
+        loop {
+            let page = match client.get_records().shard_iterator(&iterator).send().await {
+                Ok(page) => page,
+                // The emulator keeps GetRecords' limits: wait and ask again.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            for record in page.records() {
+                let body = String::from_utf8_lossy(record.data().as_ref()).into_owned();
+                let order: Option<u64> =
+                    body.split("\"order\":").nth(1).and_then(|r| r.split(',').next()).and_then(|d| d.parse().ok());
+                orders.extend(order);
+            }
+            match page.next_shard_iterator() {
+                Some(next) if !page.records().is_empty() || page.millis_behind_latest().is_some_and(|ms| ms > 0) => {
+                    iterator = next.to_string();
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(orders)
 }
 
 fn total(metrics: &kinesis_fanout::metrics::Metrics, destination: &str, outcome: &str) -> u64 {
@@ -112,10 +167,14 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(service.run(shutdown.clone()));
     let producer_stop = CancellationToken::new();
-    tokio::spawn(produce(client.clone(), producer_stop.clone()));
+    let produced: Produced = Arc::default();
+    let producer = tokio::spawn(produce(client.clone(), producer_stop.clone(), Arc::clone(&produced)));
+    println!("in: records/s read from app-input; out: records/s the destination accepted; lag: age of the");
+    println!("oldest record not yet accepted by every destination; total: records the destination accepted.\n");
 
     let mut previous: HashMap<String, u64> = HashMap::new();
     let mut read_before = 0u64;
+    let mut late_since = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     for second in 1..=seconds {
@@ -125,7 +184,10 @@ async fn main() -> anyhow::Result<()> {
         }
         if second == seconds / 2 {
             create(&client, LATE_OUTPUT, 1).await?;
-            println!("+ created {LATE_OUTPUT}: discovery picks it up within 2 s");
+            late_since = Some(tokio::time::Instant::now());
+            println!(
+                "+ created {LATE_OUTPUT}: discovery picks it up within 2 s, and it gets what is read from then on"
+            );
         }
         let read: u64 = ["0", "1", "2", "3"]
             .iter()
@@ -155,9 +217,45 @@ async fn main() -> anyhow::Result<()> {
         read_before = read;
     }
     producer_stop.cancel();
+    producer.await?;
+    // Let the service write what it read, then stop it.
+    let everything = produced.lock().unwrap().len() as u64;
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while OUTPUTS.iter().any(|name| total(&metrics, name, "ok") < everything) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let _ = drained.await;
     shutdown.cancel();
     running.await??;
     println!("\nStopped cleanly; checkpoints are in ./data/demo-checkpoints.json.");
+
+    // The tally: every destination read back.
+    let produced = produced.lock().unwrap().clone();
+    let all: BTreeSet<u64> = produced.iter().map(|(n, _)| *n).collect();
+    println!("\n{} records produced to app-input. What each destination holds:", all.len());
+    for name in OUTPUTS.iter().chain([LATE_OUTPUT].iter()) {
+        let held = orders_in(&client, name).await?;
+        let unique: BTreeSet<u64> = held.iter().copied().collect();
+        let duplicates = held.len() - unique.len();
+        if *name == LATE_OUTPUT {
+            // It starts at LATEST: what was produced before discovery found it is not its.
+            let after: BTreeSet<u64> =
+                produced.iter().filter(|(_, at)| late_since.is_some_and(|t| *at > t)).map(|(n, _)| *n).collect();
+            println!(
+                "  {name:<20} {:>6} records (from its discovery on; {} produced after it was created), {duplicates} duplicates",
+                unique.len(),
+                after.len()
+            );
+            continue;
+        }
+        let missing = all.difference(&unique).count();
+        println!(
+            "  {name:<20} {:>6} of {} records, {missing} missing, {duplicates} duplicates",
+            unique.len(),
+            all.len()
+        );
+    }
     emulator_stop.cancel();
     Ok(())
 }
