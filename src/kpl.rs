@@ -5,8 +5,6 @@
 //! Decoding never panics: anything that has the magic bytes but not a valid body is reported as a
 //! [`KplError`], and the caller copies it unchanged as a plain record (what the KCL does).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use prost::Message;
@@ -47,13 +45,7 @@ pub struct Tag {
     pub value: Option<String>,
 }
 
-/// One user record out of an aggregate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserRecord {
-    pub partition_key: String,
-    pub explicit_hash_key: Option<String>,
-    pub data: Bytes,
-}
+pub use crate::record::{UserRecord, UserRecords};
 
 impl UserRecord {
     /// The 128-bit hash key that routes this record: its explicit hash key, else the MD5 of its
@@ -273,9 +265,6 @@ pub fn aggregate(records: &[UserRecord], max_bytes: usize) -> Vec<Packed> {
     out.extend(aggregator.finish());
     out
 }
-
-/// User records decoded once at the source and shared by every destination.
-pub type UserRecords = Arc<[UserRecord]>;
 
 #[cfg(test)]
 mod tests {

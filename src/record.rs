@@ -7,6 +7,9 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+/// Kinesis accepts records of at most this size (data plus partition key).
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
 /// A Kinesis sequence number: a decimal number of up to 128 digits, compared numerically.
 ///
 /// Kinesis sequence numbers do not fit in a `u128`, so they are kept as text and compared by
@@ -71,7 +74,7 @@ pub struct SourceRecord {
     pub arrival: Option<SystemTime>,
     /// The user records of a KPL aggregate, decoded once for every destination; `None` for a
     /// plain record (or a malformed aggregate, which travels as a plain record).
-    pub user_records: Option<crate::kpl::UserRecords>,
+    pub user_records: Option<UserRecords>,
 }
 
 impl SourceRecord {
@@ -87,7 +90,7 @@ impl SourceRecord {
             users
                 .iter()
                 .map(|u| {
-                    std::mem::size_of::<crate::kpl::UserRecord>()
+                    std::mem::size_of::<UserRecord>()
                         + u.partition_key.len()
                         + u.explicit_hash_key.as_ref().map_or(0, String::len)
                 })
@@ -131,7 +134,7 @@ pub fn validate_entry(
         }
     }
     let bytes = data_len + partition_key.len();
-    if bytes > crate::sink::MAX_RECORD_BYTES {
+    if bytes > MAX_RECORD_BYTES {
         return Err(InvalidEntry::TooLarge { bytes });
     }
     Ok(())
@@ -191,3 +194,14 @@ mod tests {
         }
     }
 }
+
+/// One user record out of a KPL aggregate (decoded in [`crate::kpl`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub data: Bytes,
+}
+
+/// User records decoded once at the source and shared by every destination.
+pub type UserRecords = std::sync::Arc<[UserRecord]>;

@@ -14,8 +14,27 @@ use aws_sdk_kinesis::types::{
 
 use super::{CallError, ErrorKind};
 use crate::position::Position;
-use crate::sink::put::EntryAnswer;
-use crate::source::shards::ShardInfo;
+
+/// One PutRecords entry's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryAnswer {
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// The shard the record went to (accepted entries).
+    pub shard_id: Option<String>,
+}
+
+/// One shard as ListShards describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub id: String,
+    /// Parent and adjacent parent (after a merge), when the stream still lists them.
+    pub parents: Vec<String>,
+    /// The shard has an ending sequence number: a reshard closed it.
+    pub closed: bool,
+    /// Starting and ending hash keys, when known.
+    pub hash_range: Option<(String, String)>,
+}
 
 /// What DescribeStreamSummary says of a stream that exists.
 #[derive(Debug, Clone, PartialEq, Eq)]

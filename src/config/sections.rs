@@ -100,7 +100,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let bytes_per_second = s.parsed("bytes_per_second", "auto", units::parse_byte_rate);
     let max_in_flight_bytes = s.parsed("max_in_flight_bytes", "32MiB", |v| {
         let n = units::parse_bytes(v)?;
-        if n < crate::sink::MAX_RECORD_BYTES as u64 {
+        if n < crate::record::MAX_RECORD_BYTES as u64 {
             return Err(format!("`{v}` is below 1MiB: the buffer must hold at least one record of the maximum size"));
         }
         Ok(n)

@@ -9,7 +9,7 @@ use futures::{StreamExt, stream};
 use super::balance;
 use super::manager::LeaseManager;
 use super::table::{Lease, LeaseError, Position};
-use crate::source::shards::ShardInfo;
+use crate::aws::kinesis::ShardInfo;
 
 impl LeaseManager {
     /// Deletes the leases no worker needs any more (read to their end, every child started), so

@@ -13,9 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Assignment;
 use super::balance::{self, Take};
 use super::table::{Lease, LeaseError, LeaseTable};
-use crate::source::assign::Assignment;
 
 #[derive(Debug)]
 pub(super) struct Held {

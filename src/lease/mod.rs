@@ -20,6 +20,25 @@ pub mod simulation;
 pub mod table;
 
 pub use manager::LeaseManager;
+
+/// Destination id → its own stored position in a shard.
+pub type DestinationSkips = std::collections::BTreeMap<String, crate::record::SequenceNumber>;
+
+/// A change in what this worker reads, as its lease loop hands it to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
+    /// renewal period to notice and stop, so that two workers do not read it at once).
+    /// `destinations`: each destination's own stored position, where it is ahead of `position`.
+    Acquired {
+        shard: String,
+        position: crate::position::Position,
+        delay: std::time::Duration,
+        destinations: DestinationSkips,
+    },
+    /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
+    Lost { shard: String },
+}
 pub use table::{Lease, LeaseError, LeaseTable, Position};
 
 /// How long requests that a worker sent before it learnt it lost a lease may still land: its

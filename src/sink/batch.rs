@@ -7,8 +7,7 @@
 pub const MAX_BATCH_RECORDS: usize = 500;
 /// PutRecords accepts at most this many bytes per request.
 pub const MAX_BATCH_BYTES: usize = 5 << 20;
-/// Kinesis accepts records of at most this size (data plus partition key).
-pub const MAX_RECORD_BYTES: usize = 1 << 20;
+pub use crate::record::MAX_RECORD_BYTES;
 
 /// Per-record overhead of the JSON envelope (field names, quotes, commas).
 const ENTRY_OVERHEAD: usize = 48;

@@ -1,33 +1,23 @@
-//! One destination stream's task: what it is given (queue, shard feeds, limits, put edge), how
-//! its writer is set up and torn down, and its rate limits.
+//! One destination stream's task: what it is given (queue, shard feeds, limits, put edge).
 //!
-//! The work itself is split by role: [`super::writer`] is the send loop (fill, limit, send,
-//! settle), [`super::put`] the PutRecords edge, [`super::ledger`] what the destination owes each
+//! The work itself is split by role: [`super::writer`] sets the task up as a writer and runs the
+//! send loop (fill, limit, send, settle), [`super::limiter`] its rate limits, [`super::put`] the PutRecords edge, [`super::ledger`] what the destination owes each
 //! chunk. Records are sent in arrival order; failed ones go back to the front of the queue so they
 //! are retried before anything newer. A chunk is acknowledged to the source once every one of its
 //! records was accepted (or dead-lettered), and its budget returns to the source then.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::batch::BatchLimits;
-use super::dead_letter::DeadLetter;
 use super::entries::ShardMap;
-use super::ledger::Ledger;
-use super::limiter::Limiter;
 use super::put::PutEdge;
-use super::retry::Backoff;
-use super::writer::Writer;
 use crate::config::DestinationGroup;
 use crate::fanout::Delivery;
 use crate::metrics::Metrics;
 
-/// Per-shard write limits of Kinesis, the base of `auto` rates.
-pub const RECORDS_PER_SHARD: u64 = 1_000;
-pub const BYTES_PER_SHARD: u64 = 1 << 20;
+pub use super::limiter::{BYTES_PER_SHARD, RECORDS_PER_SHARD};
 
 /// Why a destination task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,48 +62,4 @@ pub struct DestinationTask {
     /// Wakes the writer from a rate-limiter or backoff wait when the destination was shed, so
     /// that it lets go of what it no longer owes at once.
     pub shed: Arc<tokio::sync::Notify>,
-}
-
-impl DestinationTask {
-    pub async fn run(self) -> Exit {
-        let group = Arc::clone(&self.group);
-        let backoff = Backoff::for_group(&group);
-        let shards = *self.open_shards.borrow();
-        let share = *self.share.borrow();
-        let dead_letter = group
-            .dead_letter_stream
-            .clone()
-            .map(|stream| DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()));
-        let mut writer = Writer {
-            limiter: limiter_for(&group, shards, share),
-            ledger: Ledger::new(Arc::clone(&self.id), Arc::clone(&self.metrics)),
-            task: self,
-            pending: VecDeque::new(),
-            backoff,
-            dead_letter,
-            stalled: false,
-            limits: BatchLimits::default(),
-            split: None,
-            revocations: 0,
-        };
-        let name = Arc::clone(&writer.task.name);
-        let exit = writer.run().await;
-        match exit {
-            Exit::Deleted => {
-                tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress.")
-            }
-            Exit::Stopped => tracing::debug!(destination = %name, "Destination writer stopped."),
-        }
-        writer.clear_gauges();
-        exit
-    }
-}
-
-pub(super) fn limiter_for(group: &DestinationGroup, open_shards: u32, share: f64) -> Limiter {
-    let share = if share.is_finite() && share > 0.0 { share.min(1.0) } else { 1.0 };
-    let scaled = |rate: u64| ((rate as f64 * share).ceil() as u64).max(1);
-    Limiter::new(
-        scaled(group.records_per_second.resolve(open_shards, RECORDS_PER_SHARD)),
-        scaled(group.bytes_per_second.resolve(open_shards, BYTES_PER_SHARD)),
-    )
 }

@@ -31,6 +31,10 @@ impl Clock for TokioClock {
     }
 }
 
+/// Per-shard write limits of Kinesis, the base of `auto` rates.
+pub const RECORDS_PER_SHARD: u64 = 1_000;
+pub const BYTES_PER_SHARD: u64 = 1 << 20;
+
 type Direct = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 fn direct(per_second: NonZeroU32) -> (Direct, TokioClock) {
@@ -108,6 +112,17 @@ async fn wait_for(limiter: &Direct, clock: TokioClock, burst: NonZeroU32, mut am
             Ok(Err(not_until)) => tokio::time::sleep(not_until.wait_time_from(clock.now())).await,
         }
     }
+}
+
+/// The limiter of a destination group: its rates (fixed, or `auto` from the open shard count),
+/// scaled to this worker's share of the source.
+pub(crate) fn limiter_for(group: &crate::config::DestinationGroup, open_shards: u32, share: f64) -> Limiter {
+    let share = if share.is_finite() && share > 0.0 { share.min(1.0) } else { 1.0 };
+    let scaled = |rate: u64| ((rate as f64 * share).ceil() as u64).max(1);
+    Limiter::new(
+        scaled(group.records_per_second.resolve(open_shards, RECORDS_PER_SHARD)),
+        scaled(group.bytes_per_second.resolve(open_shards, BYTES_PER_SHARD)),
+    )
 }
 
 #[cfg(test)]

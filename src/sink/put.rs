@@ -6,15 +6,7 @@ use futures::future::BoxFuture;
 
 pub use crate::aws::CallError;
 use crate::aws::kinesis;
-
-/// One entry's answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EntryAnswer {
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    /// The shard the record went to (accepted entries).
-    pub shard_id: Option<String>,
-}
+pub use crate::aws::kinesis::EntryAnswer;
 
 /// Where writers put records.
 pub trait PutEdge: Send + Sync + std::fmt::Debug {

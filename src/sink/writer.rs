@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits};
 use super::dead_letter::DeadLetter;
-use super::destination::{DestinationTask, Exit, limiter_for};
+use super::destination::{DestinationTask, Exit};
 use super::entries::{self, Payload, Pending};
 use super::ledger::Ledger;
 use super::limiter::Limiter;
+use super::limiter::limiter_for;
 use super::put::{CallError, EntryAnswer};
 use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::ErrorKind;
@@ -37,6 +38,43 @@ pub(super) struct Writer {
     /// Source readings revoked so far, as last seen: the queue is searched for their records
     /// only when this moves.
     pub(super) revocations: u64,
+}
+
+/// The destination task runs as a writer: set up from what the task was given, torn down when it
+/// stops.
+impl DestinationTask {
+    pub async fn run(self) -> Exit {
+        let group = Arc::clone(&self.group);
+        let backoff = Backoff::for_group(&group);
+        let shards = *self.open_shards.borrow();
+        let share = *self.share.borrow();
+        let dead_letter = group
+            .dead_letter_stream
+            .clone()
+            .map(|stream| DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()));
+        let mut writer = Writer {
+            limiter: limiter_for(&group, shards, share),
+            ledger: Ledger::new(Arc::clone(&self.id), Arc::clone(&self.metrics)),
+            task: self,
+            pending: VecDeque::new(),
+            backoff,
+            dead_letter,
+            stalled: false,
+            limits: BatchLimits::default(),
+            split: None,
+            revocations: 0,
+        };
+        let name = Arc::clone(&writer.task.name);
+        let exit = writer.run().await;
+        match exit {
+            Exit::Deleted => {
+                tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress.")
+            }
+            Exit::Stopped => tracing::debug!(destination = %name, "Destination writer stopped."),
+        }
+        writer.clear_gauges();
+        exit
+    }
 }
 
 /// PutRecords refuses a whole request for one entry it finds invalid. The leading `suspect`

@@ -20,26 +20,15 @@ use crate::health::Health;
 use crate::lease::LeaseManager;
 use crate::position::Position;
 use crate::progress::{CheckpointError, Checkpointer, Checkpoints, DestinationPositions, Snapshot};
-use crate::record::SequenceNumber;
 
-/// Destination id → its own stored position in a shard.
-pub type DestinationSkips = std::collections::BTreeMap<String, SequenceNumber>;
+pub use crate::lease::DestinationSkips;
 use crate::sink::retry::Backoff;
 
 /// How often the shard list is read again even when no shard ended (a fallback for missed
 /// ChildShards announcements).
 const RELIST_INTERVAL: Duration = Duration::from_secs(30);
 
-/// A change in what this worker reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Assignment {
-    /// Read this shard from `position`, after `delay` (a stolen lease gives its previous owner one
-    /// renewal period to notice and stop, so that two workers do not read it at once).
-    /// `destinations`: each destination's own stored position, where it is ahead of `position`.
-    Acquired { shard: String, position: Position, delay: Duration, destinations: DestinationSkips },
-    /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
-    Lost { shard: String },
-}
+pub use crate::lease::Assignment;
 
 /// Where assignments come from.
 pub trait Assignments: Send {

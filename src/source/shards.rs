@@ -9,16 +9,7 @@ use std::collections::{HashMap, HashSet};
 use crate::position::Position;
 use crate::progress::Checkpoints;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardInfo {
-    pub id: String,
-    /// Parent and adjacent parent (after a merge), when the stream still lists them.
-    pub parents: Vec<String>,
-    /// The shard has an ending sequence number: a reshard closed it.
-    pub closed: bool,
-    /// Starting and ending hash keys, when known.
-    pub hash_range: Option<(String, String)>,
-}
+pub use crate::aws::kinesis::ShardInfo;
 
 /// Shards to start now, with their starting points. `started` holds every shard read in this
 /// run (running or finished): none of them starts again, and none of them counts as history to
