@@ -256,13 +256,21 @@ impl ConfigError {
     }
 }
 
+/// How long requests that a worker sent before it learnt it lost a lease may still land: its
+/// PutRecords attempt timeout, `failover_time` within 5 to 20 s. A worker taking a lease that
+/// someone held waits this long (plus the victim's renewal period, for a steal) before it reads
+/// the shard.
+pub fn settle_time(failover: Duration) -> Duration {
+    failover.clamp(Duration::from_secs(5), Duration::from_secs(20))
+}
+
 impl Settings {
     /// The longest a PutRecords attempt may take. With a lease table, a shard's next owner
     /// waits this long before it reads a shard taken from another worker, so that requests the
     /// old owner still had in flight have settled: it follows `failover_time`, within 5 to 20 s.
     pub fn put_attempt_timeout(&self) -> Duration {
         match &self.checkpoint.backend {
-            CheckpointBackend::DynamoDb(lease) => crate::lease::settle_time(lease.failover_time),
+            CheckpointBackend::DynamoDb(lease) => settle_time(lease.failover_time),
             CheckpointBackend::File { .. } => Duration::from_secs(20),
         }
     }

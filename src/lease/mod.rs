@@ -41,12 +41,7 @@ pub enum Assignment {
 }
 pub use table::{Lease, LeaseError, LeaseTable, Position};
 
-/// How long requests that a worker sent before it learnt it lost a lease may still land: its
-/// PutRecords attempt timeout. A worker taking a lease that someone held waits this long (plus
-/// the victim's renewal period, for a steal) before it reads the shard.
-pub fn settle_time(failover: std::time::Duration) -> std::time::Duration {
-    failover.clamp(std::time::Duration::from_secs(5), std::time::Duration::from_secs(20))
-}
+pub use crate::config::settle_time;
 
 /// This worker's name: the ECS task id when running on ECS, else hostname plus a random suffix.
 pub async fn default_worker_id() -> String {

@@ -152,7 +152,7 @@ pub async fn replay(
     }
     let positions = Positions::open(settings, &identities, sdk, &args.stream).await?;
     let mut summary = Summary::default();
-    let mut shards = crate::source::list_shards(&reader, &args.stream).await?;
+    let mut shards = kinesis::list_shards(&reader, &args.stream).await.map_err(ReplayError::Read)?;
     shards.sort_by(|a, b| a.id.cmp(&b.id));
     for shard in shards {
         // What earlier runs replayed here: `*` for runs over every destination, a destination's

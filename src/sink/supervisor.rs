@@ -34,10 +34,10 @@ struct Running {
 
 /// The open shards of a stream as hash key ranges.
 pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Option<ShardMap> {
-    let shards = match crate::source::list_shards(client, stream).await {
+    let shards = match crate::aws::kinesis::list_shards(client, stream).await {
         Ok(shards) => shards,
         Err(err) => {
-            tracing::warn!(stream, error = %crate::aws::chain(&err), "ListShards failed; keeping the last known shard map.");
+            tracing::warn!(destination = stream, error = %err, "ListShards on a destination failed; keeping the last known shard map.");
             return None;
         }
     };
