@@ -376,7 +376,7 @@ async fn replay(
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"));
         bar
     });
-    let mut last_line = std::time::Instant::now();
+    let mut last_line = tokio::time::Instant::now();
     let summary = kinesis_fanout::operate::replay::replay(&settings, &sdk, &args, |s| {
         let replayed: u64 = s.destinations.values().map(|c| c.replayed).sum();
         let line = format!(
@@ -388,7 +388,7 @@ async fn replay(
         match &bar {
             Some(bar) => bar.set_message(line),
             None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
-                last_line = std::time::Instant::now();
+                last_line = tokio::time::Instant::now();
                 eprintln!("replay: {line}");
             }
             None => {}

@@ -12,6 +12,9 @@
 //! and 10,000 shards, simulated on a paused clock; `--case` runs one) and `fleet` (worker
 //! processes sharing a lease table on dynoxide).
 
+// The benchmark measures wall time, outside any paused clock.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

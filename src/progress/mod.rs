@@ -15,9 +15,10 @@ mod shed;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};

@@ -1,5 +1,8 @@
 //! Whole-service tests against the ferrokinesis emulator, each with its own emulator and streams.
 
+// Tests measure wall time between processes and emulators, outside any paused clock.
+#![allow(clippy::disallowed_types)]
+
 mod helpers;
 
 mod cli;
