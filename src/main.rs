@@ -225,8 +225,13 @@ fn init_logging(settings: &LogSettings) {
     use std::io::IsTerminal;
     // The SDK's own warnings (a region or credentials looked for on an instance metadata service
     // that is not there) are noise unless debugging: the real error is said once, in one line.
-    let quiet_sdk = !matches!(settings.level.as_str(), "debug" | "trace");
-    let level = if quiet_sdk { format!("{},aws_config=error", settings.level) } else { settings.level.clone() };
+    let level = settings.level.to_ascii_lowercase();
+    let quiet_sdk = !level.contains("debug") && !level.contains("trace") && !level.contains("aws_config");
+    let level = if quiet_sdk {
+        format!("{level},aws_config::imds::region=error,aws_config::meta::credentials::chain=error")
+    } else {
+        level
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -281,21 +286,27 @@ fn chain(err: &anyhow::Error) -> String {
 async fn sdk_config(settings: &Settings) -> anyhow::Result<aws_config::SdkConfig> {
     use aws_sdk_kinesis::config::ProvideCredentials;
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = settings.aws.region.clone().or_else(|| settings.source.aws.region.clone()) {
+    // `[aws] region` is the default region of every place that names none.
+    if let Some(region) = settings.aws.region.clone() {
         loader = loader.region(aws_config::Region::new(region));
     }
     let sdk = loader.load().await;
-    if sdk.region().is_none() {
+    let unnamed = std::iter::once(&settings.source.aws)
+        .chain(settings.destinations.iter().map(|g| &g.aws))
+        .any(|place| place.region.is_none());
+    if sdk.region().is_none() && unnamed {
         anyhow::bail!("no AWS region: set AWS_REGION, or `region` under [aws] in the configuration");
     }
-    if let Some(provider) = sdk.credentials_provider()
-        && let Err(err) = provider.provide_credentials().await
-    {
-        tracing::debug!(error = %err, "The SDK's credential chain found no credentials.");
-        anyhow::bail!(
-            "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a task or \
-             instance role (against an emulator: `endpoint_url` under [aws] and any keys)"
-        );
+    let hint = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a task or instance role \
+                (against an emulator: `endpoint_url` under [aws] and any keys)";
+    if let Some(provider) = sdk.credentials_provider() {
+        match provider.provide_credentials().await {
+            Ok(_) => {}
+            Err(aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)) => {
+                anyhow::bail!("no AWS credentials: {hint}")
+            }
+            Err(err) => anyhow::bail!("cannot load AWS credentials ({}): {hint}", kinesis_fanout::aws::chain(&err)),
+        }
     }
     Ok(sdk)
 }

@@ -19,7 +19,7 @@ const FALLBACK_LIMIT: u64 = 512 << 20;
 /// What the process needs beside its buffers: code, runtime, connections and metrics (about
 /// 20 MiB with nothing buffered), the request each destination is building, and the allocator's
 /// own slack, which grows with what is buffered. Buffers get the rest of the limit, and at least
-/// half of it (measured with the benchmark's `big-events` scenario: see the README).
+/// half of it (measured with the benchmark's `big-events` scenario: see docs/performance.md).
 const PROCESS_HEADROOM: u64 = 32 << 20;
 /// The allocator's slack: this share of the limit is kept beside the fixed headroom.
 const SLACK_DIVISOR: u64 = 8;

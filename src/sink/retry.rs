@@ -71,7 +71,7 @@ impl Backoff {
     /// (more than zero, initial at most max), so this cannot fail: bounds that were not checked
     /// are raised to the nearest valid ones rather than replaced by other defaults.
     pub fn for_group(group: &crate::config::DestinationGroup) -> Self {
-        let initial = group.initial_backoff.max(Duration::from_millis(1));
+        let initial = if group.initial_backoff.is_zero() { Duration::from_millis(1) } else { group.initial_backoff };
         Backoff { initial, max: group.max_backoff.max(initial), attempt: 0 }
     }
 

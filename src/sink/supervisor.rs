@@ -37,7 +37,7 @@ pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Opti
     let shards = match crate::aws::kinesis::list_shards(client, stream).await {
         Ok(shards) => shards,
         Err(err) => {
-            tracing::warn!(destination = stream, error = %err, "ListShards on a destination failed; keeping the last known shard map.");
+            tracing::warn!(stream, error = %err, "ListShards on a destination failed; keeping the last known shard map.");
             return None;
         }
     };

@@ -205,7 +205,7 @@ async fn a_first_run_without_a_region_or_credentials_says_what_to_set_in_one_lin
     let with_region = write(dir.path(), "b.toml", &format!("[aws]\nregion = \"us-east-1\"\n{GOOD}"));
     for (config, says) in [
         (no_region, "no AWS region: set AWS_REGION, or `region` under [aws]"),
-        (with_region, "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        (with_region, "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
     ] {
         // A newcomer's shell: nothing of AWS set, no ~/.aws.
         let mut command = tokio::process::Command::new(BIN);
@@ -218,6 +218,10 @@ async fn a_first_run_without_a_region_or_credentials_says_what_to_set_in_one_lin
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            stderr.contains(if config.ends_with("a.toml") { "no AWS region" } else { "AWS credentials" }),
+            "{stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "one line, none of the SDK's warnings: {stderr}");
     }
 }

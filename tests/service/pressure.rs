@@ -3,7 +3,7 @@
 //!
 //! Short variants run in the default suite. `KINESIS_FANOUT_PRESSURE_SECONDS=N` makes every
 //! producer run N seconds: the long variants (`cargo test --release --test service pressure::` with
-//! it set; see the README's Guarantees). The bounds checked do not depend on the length.
+//! it set; see docs/guarantees.md). The bounds checked do not depend on the length.
 
 use std::collections::BTreeMap;
 use std::path::Path;
