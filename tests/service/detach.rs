@@ -10,6 +10,42 @@ fn detached(service: &Running, destination: &str) -> i64 {
     service.metrics.destination_detached.with_label_values(&[destination]).get()
 }
 
+/// One source shard, a healthy `out-a` and an `out-broken` that refuses every write, each with
+/// a 1 MiB buffer and a 1 s `detach_after`; events of at most 200 records, as AWS keeps them small.
+struct Broken {
+    emulator: Emulator,
+    client: aws_sdk_kinesis::Client,
+    _dir: tempfile::TempDir,
+    checkpoint: std::path::PathBuf,
+    toml: String,
+}
+
+async fn with_a_broken_destination(configure: impl FnOnce(&mut Faults)) -> Broken {
+    let emulator =
+        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
+    configure(&mut emulator.faults.lock().unwrap());
+    let client = emulator.client();
+    create_stream(&client, "in", 1).await;
+    for name in ["out-a", "out-broken"] {
+        create_stream(&client, name, 1).await;
+    }
+    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
+    let (dir, checkpoint) = temp_checkpoint();
+    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
+    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    Broken { emulator, client, _dir: dir, checkpoint, toml }
+}
+
+/// Three times the broken destination's buffer (records of `seed`), read while it refuses: the
+/// healthy one has them all, and the broken one is detached.
+async fn detach_the_broken_one(service: &Running, client: &aws_sdk_kinesis::Client, seed: u64) -> Vec<Rec> {
+    let first = records(seed, 3_000, 1_024);
+    put_all(client, "in", &first).await;
+    service.wait_accepted("out-a", 3_000).await;
+    wait_until("the broken destination is detached", || async { detached(service, "out-broken") > 0 }).await;
+    first
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catches_up_alone() {
     // Events of at most 200 records, as AWS keeps its events small.
@@ -73,24 +109,9 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_expire_before_a_detached_destination_reads_them_are_counted() {
-    let emulator =
-        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    for name in ["out-a", "out-broken"] {
-        create_stream(&client, name, 1).await;
-    }
-    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
-    let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let Broken { emulator, client, toml, .. } = with_a_broken_destination(|_| {}).await;
     let service = Running::start(&toml, &emulator.url);
-
-    // Three times the broken destination's buffer: it is detached.
-    let first = records(41, 3_000, 1_024);
-    put_all(&client, "in", &first).await;
-    service.wait_accepted("out-a", 3_000).await;
-    wait_until("the broken destination is detached", || async { detached(&service, "out-broken") > 0 }).await;
+    let first = detach_the_broken_one(&service, &client, 41).await;
 
     // While it is detached, 50 records leave the source's retention before its catch-up reads
     // them: the live feed reads them, GetRecords no longer returns them.
@@ -123,22 +144,9 @@ async fn records_that_expire_before_a_detached_destination_reads_them_are_counte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_sequence_number_holds_a_catch_up_loudly_and_loses_nothing() {
-    let emulator =
-        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    for name in ["out-a", "out-broken"] {
-        create_stream(&client, name, 1).await;
-    }
-    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
-    let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let Broken { emulator, client, toml, .. } = with_a_broken_destination(|_| {}).await;
     let service = Running::start(&toml, &emulator.url);
-    let first = records(45, 3_000, 1_024);
-    put_all(&client, "in", &first).await;
-    service.wait_accepted("out-a", 3_000).await;
-    wait_until("the broken destination is detached", || async { detached(&service, "out-broken") > 0 }).await;
+    let first = detach_the_broken_one(&service, &client, 45).await;
 
     // While it is detached, GetRecords answers one record with a sequence number that is none.
     emulator.faults.lock().unwrap().malform_sequence_numbers = Some("bad-".into());
@@ -169,18 +177,8 @@ async fn a_malformed_sequence_number_holds_a_catch_up_loudly_and_loses_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_detachment_resumes_each_destination_from_its_own_position() {
-    let emulator =
-        Emulator::with_options(StoreOptions { subscribe_to_shard_event_record_limit: 200, ..store_options() }).await;
-    emulator.faults.lock().unwrap().honour_starting_position = true;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    for name in ["out-a", "out-broken"] {
-        create_stream(&client, name, 1).await;
-    }
-    emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
-    let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let Broken { emulator, client, toml, checkpoint, _dir } =
+        with_a_broken_destination(|faults| faults.honour_starting_position = true).await;
 
     let input = records(41, 3_000, 1_024);
     put_all(&client, "in", &input).await;
