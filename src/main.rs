@@ -146,7 +146,7 @@ fn main() -> ExitCode {
     }
     init_logging(&settings.log);
     if let Command::Run { reset_checkpoints: true, .. } = cli.command
-        && let Err(err) = reset_checkpoints(&settings)
+        && let Err(err) = kinesis_fanout::operate::reset_checkpoints(&settings)
     {
         eprintln!("kinesis-fanout: {err}");
         return ExitCode::from(EXIT_CONFIG);
@@ -188,32 +188,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Moves the checkpoint file aside, keeping it for inspection.
-fn reset_checkpoints(settings: &Settings) -> Result<(), String> {
-    match &settings.checkpoint.backend {
-        kinesis_fanout::config::CheckpointBackend::File { path } => {
-            if !path.exists() {
-                return Ok(());
-            }
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
-            let kept = path.with_file_name(format!(
-                "{}.reset-{stamp}",
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            ));
-            std::fs::rename(path, &kept)
-                .map_err(|e| format!("cannot move checkpoint file {} aside: {e}", path.display()))?;
-            tracing::warn!(old = %kept.display(), "Checkpoints reset: starting from source.initial_position.");
-            Ok(())
-        }
-        kinesis_fanout::config::CheckpointBackend::DynamoDb(_) => {
-            Err("--reset-checkpoints works with the file backend; reset a lease table by deleting its items".into())
-        }
-    }
-}
-
 fn load(path: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     let path = path.ok_or(ConfigError::NoFile)?;
     Settings::load(path)
@@ -242,34 +216,12 @@ fn init_logging(settings: &LogSettings) {
     }
 }
 
-/// GET /healthz over plain HTTP/1.0 with short timeouts.
+/// GET /healthz: exit 0 when it answers 200.
 fn healthcheck(addr: &str) -> ExitCode {
-    use std::io::{Read, Write};
-    use std::net::ToSocketAddrs;
-    let timeout = std::time::Duration::from_secs(2);
-    let probe = || -> std::io::Result<String> {
-        let target = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))?;
-        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        let mut response = String::new();
-        stream.take(4096).read_to_string(&mut response)?;
-        Ok(response)
-    };
-    match probe() {
-        Ok(response) if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") => {
-            ExitCode::SUCCESS
-        }
-        Ok(response) => {
-            eprintln!("kinesis-fanout: {addr}/healthz answered {}", response.lines().next().unwrap_or(""));
-            ExitCode::FAILURE
-        }
-        Err(err) => {
-            eprintln!("kinesis-fanout: cannot reach http://{addr}/healthz: {err}");
+    match kinesis_fanout::operate::probe_health(addr) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("kinesis-fanout: {why}");
             ExitCode::FAILURE
         }
     }
@@ -389,13 +341,7 @@ async fn replay(
     });
     let mut last_line = tokio::time::Instant::now();
     let summary = kinesis_fanout::operate::replay::replay(&settings, &sdk, &args, |s| {
-        let replayed: u64 = s.destinations.values().map(|c| c.replayed).sum();
-        let line = format!(
-            "{} read, {replayed} replayed, {} refused again, {} unreadable",
-            s.read,
-            s.refused.len(),
-            s.unreadable.len()
-        );
+        let line = s.progress_line();
         match &bar {
             Some(bar) => bar.set_message(line),
             None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
@@ -414,19 +360,6 @@ async fn replay(
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    let verb = if args.dry_run { "would replay" } else { "replayed" };
-    println!("{} dead-letter records read from {}", summary.read, args.stream);
-    for (destination, counts) in &summary.destinations {
-        println!(
-            "  {destination}: {verb} {}, refused again {}, skipped (filtered) {}",
-            counts.replayed, counts.rejected_again, counts.skipped
-        );
-    }
-    for line in &summary.refused {
-        println!("  refused again: {line}");
-    }
-    for line in &summary.unreadable {
-        println!("  unreadable: {line}");
-    }
+    print!("{}", summary.render(&args.stream, args.dry_run));
     Ok(())
 }

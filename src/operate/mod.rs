@@ -5,6 +5,7 @@
 //! - [`check`]: which streams are destinations, and why (not).
 //! - [`leases`]: one row per lease (or per checkpointed shard with the file backend).
 //! - [`replay`]: re-sends a dead-letter stream's records to their destinations.
+//! - [`reset_checkpoints`] (`run --reset-checkpoints`) and [`probe_health`] (`healthcheck`).
 
 pub mod check;
 pub mod leases;
@@ -21,4 +22,56 @@ pub enum OperateError {
     Checkpoint(#[from] crate::progress::CheckpointError),
     #[error(transparent)]
     Replay(#[from] replay::ReplayError),
+}
+
+/// Moves the checkpoint file aside, keeping it for inspection.
+pub fn reset_checkpoints(settings: &crate::Settings) -> Result<(), String> {
+    match &settings.checkpoint.backend {
+        crate::config::CheckpointBackend::File { path } => {
+            if !path.exists() {
+                return Ok(());
+            }
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let kept = path.with_file_name(format!(
+                "{}.reset-{stamp}",
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
+            std::fs::rename(path, &kept)
+                .map_err(|e| format!("cannot move checkpoint file {} aside: {e}", path.display()))?;
+            tracing::warn!(old = %kept.display(), "Checkpoints reset: starting from source.initial_position.");
+            Ok(())
+        }
+        crate::config::CheckpointBackend::DynamoDb(_) => {
+            Err("--reset-checkpoints works with the file backend; reset a lease table by deleting its items".into())
+        }
+    }
+}
+
+/// GET /healthz over plain HTTP/1.0 with short timeouts (container health checks: distroless
+/// has no curl): `Ok` when it answers 200, else why not.
+pub fn probe_health(addr: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(2);
+    let probe = || -> std::io::Result<String> {
+        let target = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.take(4096).read_to_string(&mut response)?;
+        Ok(response)
+    };
+    match probe() {
+        Ok(response) if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") => Ok(()),
+        Ok(response) => Err(format!("{addr}/healthz answered {}", response.lines().next().unwrap_or(""))),
+        Err(err) => Err(format!("cannot reach http://{addr}/healthz: {err}")),
+    }
 }

@@ -70,6 +70,40 @@ pub struct Summary {
     pub refused: Vec<String>,
 }
 
+impl Summary {
+    /// One line of progress: what was read, replayed, refused and unreadable so far.
+    pub fn progress_line(&self) -> String {
+        let replayed: u64 = self.destinations.values().map(|c| c.replayed).sum();
+        format!(
+            "{} read, {replayed} replayed, {} refused again, {} unreadable",
+            self.read,
+            self.refused.len(),
+            self.unreadable.len()
+        )
+    }
+
+    /// The summary as text: per destination, then every refused and unreadable record.
+    pub fn render(&self, stream: &str, dry_run: bool) -> String {
+        use std::fmt::Write;
+        let verb = if dry_run { "would replay" } else { "replayed" };
+        let mut out = format!("{} dead-letter records read from {stream}\n", self.read);
+        for (destination, counts) in &self.destinations {
+            let _ = writeln!(
+                out,
+                "  {destination}: {verb} {}, refused again {}, skipped (filtered) {}",
+                counts.replayed, counts.rejected_again, counts.skipped
+            );
+        }
+        for line in &self.refused {
+            let _ = writeln!(out, "  refused again: {line}");
+        }
+        for line in &self.unreadable {
+            let _ = writeln!(out, "  unreadable: {line}");
+        }
+        out
+    }
+}
+
 /// The envelope as written by `sink::dead_letter` (unknown fields ignored).
 #[derive(Debug, Deserialize)]
 struct Envelope {
