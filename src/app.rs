@@ -12,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
+use crate::checkpoint::FileCheckpointStore;
 use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
 use crate::lease::{LeaseError, LeaseManager, LeaseTable};
 use crate::metrics::Metrics;
-use crate::progress::checkpoint::FileCheckpointStore;
 use crate::progress::{CheckpointError, CheckpointStore, Checkpointer, Progress, Snapshot};
 use crate::shutdown::{Task, TaskGroup};
 use crate::sink::supervisor::{PlaceClients, Supervisor};

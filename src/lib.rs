@@ -7,7 +7,8 @@
 //!   backpressure;
 //! - [`sink`]: per destination, batched, rate-limited PutRecords that retry exactly the failed
 //!   records, with a dead-letter stream for what can never succeed;
-//! - [`progress`]: a chunk is done when every destination accepted it; checkpoints follow.
+//! - [`progress`]: a chunk is done when every destination accepted it;
+//! - [`checkpoint`]: what every destination accepted, stored (a file, or the lease table).
 //!
 //! What travels: a [`record`] (a source record, sequence numbers, what PutRecords accepts) and its
 //! [`kpl`] aggregates; a [`position`] in a shard. What bounds it: the [`memory`] budget. Who reads
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod app;
 pub mod aws;
+pub mod checkpoint;
 pub mod config;
 pub mod discovery;
 pub mod fanout;

@@ -24,31 +24,7 @@ pub enum OperateError {
     Replay(#[from] replay::ReplayError),
 }
 
-/// Moves the checkpoint file aside, keeping it for inspection.
-pub fn reset_checkpoints(settings: &crate::Settings) -> Result<(), String> {
-    match &settings.checkpoint.backend {
-        crate::config::CheckpointBackend::File { path } => {
-            if !path.exists() {
-                return Ok(());
-            }
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
-            let kept = path.with_file_name(format!(
-                "{}.reset-{stamp}",
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            ));
-            std::fs::rename(path, &kept)
-                .map_err(|e| format!("cannot move checkpoint file {} aside: {e}", path.display()))?;
-            tracing::warn!(old = %kept.display(), "Checkpoints reset: starting from source.initial_position.");
-            Ok(())
-        }
-        crate::config::CheckpointBackend::DynamoDb(_) => {
-            Err("--reset-checkpoints works with the file backend; reset a lease table by deleting its items".into())
-        }
-    }
-}
+pub use crate::checkpoint::reset_checkpoints;
 
 /// GET /healthz over plain HTTP/1.0 with short timeouts (container health checks: distroless
 /// has no curl): `Ok` when it answers 200, else why not.

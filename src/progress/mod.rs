@@ -6,8 +6,6 @@
 //! of the longest run of done chunks from the front: nothing behind an undelivered record is ever
 //! checkpointed.
 
-pub mod checkpoint;
-pub mod checkpointer;
 mod detach;
 mod positions;
 mod shed;
@@ -20,10 +18,9 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use crate::checkpoint::{CheckpointError, CheckpointStore, Checkpointer, Checkpoints, Snapshot};
 pub use crate::position::Position;
 use crate::record::{SequenceNumber, SourceRecord};
-pub use checkpoint::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
-pub use checkpointer::Checkpointer;
 pub use detach::{Batch, CatchUp, Route};
 pub use positions::DestinationPositions;
 pub use shed::Shed;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CheckpointError, CheckpointStore, Checkpoints, Progress, Snapshot};
+use super::{CheckpointError, CheckpointStore, Checkpoints, Snapshot};
 use crate::metrics::Metrics;
+use crate::progress::Progress;
 
 /// The checkpoint store, with every write counted in `checkpoint_writes_total`.
 #[derive(Clone)]
