@@ -353,17 +353,12 @@ impl LeaseManager {
         self.state.lock().await.held.keys().cloned().collect()
     }
 
-    /// Gives every held lease up (graceful shutdown), so other workers take them at once. A
-    /// lease still waiting out its previous owner's requests (taken from a dead or robbed worker
-    /// moments ago, not read yet) is not given up: whoever took it next would read at once, while
-    /// those requests may still land. It expires instead.
-    pub async fn release_all(&self) {
-        self.release_all_except(&BTreeSet::new()).await
-    }
-
-    /// As [`LeaseManager::release_all`], but the leases of `unsettled` shards (their records may
-    /// still be on the wire: the grace period ran out before every destination accepted them)
-    /// expire instead, so that their next owner waits out those requests.
+    /// Gives every held lease up (graceful shutdown), so other workers take them at once. Two
+    /// kinds expire instead, because whoever took them next would read at once while requests
+    /// may still land: a lease still waiting out its previous owner's requests (taken from a dead
+    /// or robbed worker moments ago, not read yet), and the leases of `unsettled` shards (their
+    /// records may still be on the wire: the grace period ran out before every destination
+    /// accepted them, or a request was given up before its answer).
     pub async fn release_all_except(&self, unsettled: &BTreeSet<String>) {
         let mut state = self.state.lock().await;
         let held: Vec<(String, u64, Instant)> =
