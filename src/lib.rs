@@ -18,6 +18,9 @@
 //! port with [`health`] and [`idle`] detection, the AWS edge in [`aws`], [`shutdown`] handles, and
 //! [`app`], which wires it all and tears it down in order. The operator subcommands (`check`,
 //! `leases`, `dead-letters replay`) are in [`operate`].
+//!
+//! Built only for tests and the benchmark (feature `simulation`, which the dev-dependencies turn
+//! on): `simulation`, the lease table in memory and a fleet of workers on a paused clock.
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +42,8 @@ pub mod position;
 pub mod progress;
 pub mod record;
 pub mod shutdown;
+#[cfg(any(test, feature = "simulation"))]
+pub mod simulation;
 pub mod sink;
 pub mod source;
 

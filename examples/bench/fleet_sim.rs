@@ -1,11 +1,11 @@
 //! `--scenario fleet-sim`: the lease protocol at fleet scale, simulated (see
-//! `kinesis_fanout::lease::simulation`): the real lease code, coordinator and destination writer of
+//! `kinesis_fanout::simulation`): the real lease code, coordinator and destination writer of
 //! every worker against an in-memory table with DynamoDB's semantics, on a paused clock. One JSON
 //! line per case.
 
 use std::time::{Duration, Instant};
 
-use kinesis_fanout::lease::simulation::{self, Event, Scenario};
+use kinesis_fanout::simulation::{self, Event, Scenario};
 use serde_json::{Map, Value, json};
 
 fn cases(smoke: bool) -> Vec<Scenario> {

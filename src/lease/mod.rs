@@ -2,21 +2,23 @@
 //! Client Library does it, so that many workers split a stream's shards and take over a dead
 //! worker's shards within seconds.
 //!
-//! - [`table`]: the DynamoDB items (KCL attribute names) and conditional writes on `leaseCounter`,
-//!   the fencing token: a write succeeds only for the worker that holds the counter it read.
+//! - [`table`]: the lease items (KCL attribute names), the [`LeaseStore`] that keeps them and the
+//!   [`LeaseTable`] handle; every write is conditional on `leaseCounter`, the fencing token: a
+//!   write succeeds only for the worker that holds the counter it read.
+//! - [`dynamodb`]: the store in DynamoDB.
 //! - [`balance`]: which leases to take or steal this round (pure, unit-tested).
 //! - [`manager`]: the renew/take loop and graceful release.
 //! - [`checkpoint`]: checkpoints through the lease, conditional on its counter.
 //! - [`lifecycle`]: leases created for new shards and deleted for finished ones.
-//! - [`memory`]: the same table in memory, with DynamoDB's semantics and billing, and
-//!   [`simulation`]: a whole fleet of workers running this code against it on a paused clock.
+//!
+//! The same table in memory and a whole fleet of workers running this code against it on a paused
+//! clock are in `crate::simulation`, built only for tests and the benchmark.
 
 pub mod balance;
 pub mod checkpoint;
+pub mod dynamodb;
 pub mod lifecycle;
 pub mod manager;
-pub mod memory;
-pub mod simulation;
 pub mod table;
 
 pub use manager::LeaseManager;
@@ -39,7 +41,7 @@ pub enum Assignment {
     /// Stop reading this shard now: another worker holds it, or this one cannot prove it does.
     Lost { shard: String },
 }
-pub use table::{Lease, LeaseError, LeaseTable, Position};
+pub use table::{Lease, LeaseError, LeaseStore, LeaseTable, Position};
 
 pub use crate::config::settle_time;
 

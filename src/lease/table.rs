@@ -6,16 +6,17 @@
 //!
 //! Every write is conditional on `leaseCounter` (and the owner), the fencing token: a worker that
 //! lost a lease, however slow, can no longer move its checkpoint.
+//!
+//! [`LeaseTable`] is the handle the rest of the service holds; what stores the items is a
+//! [`LeaseStore`]: DynamoDB ([`super::dynamodb`]) in the service, or the fleet simulation's table in
+//! memory (`crate::simulation`, built only for tests and the benchmark).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
-};
+use futures::future::BoxFuture;
 
-use crate::aws::{ErrorKind, classify};
 use crate::record::SequenceNumber;
 
 pub use crate::position::Position;
@@ -46,8 +47,6 @@ pub struct CheckpointWrite<'a> {
     pub destinations: Option<&'a BTreeMap<String, SequenceNumber>>,
 }
 
-type Item = HashMap<String, AttributeValue>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     /// The condition on `leaseCounter`/`leaseOwner` failed: someone else holds the lease now.
@@ -73,11 +72,38 @@ pub(crate) fn next_counter(table: &str, key: &str, counter: u64) -> Result<u64, 
 /// cannot start with it).
 pub const NOTE_PREFIX: &str = "dead-letters/";
 
-/// The lease table: in DynamoDB, or in memory for the fleet simulation.
+/// What a scan found: the leases, and the items that cannot be read as leases.
+pub type Scanned = (Vec<Lease>, Vec<Unreadable>);
+
+/// What keeps the lease items: every write conditional as [`LeaseTable`] describes it. Scans leave
+/// out the notes (keys under [`NOTE_PREFIX`]) and report the items they cannot read.
+pub trait LeaseStore: Send + Sync + std::fmt::Debug {
+    /// The table's name, for messages.
+    fn name(&self) -> &str;
+    /// Creates the table when `create` and it is missing, then waits until it can be used.
+    fn ensure(&self, create: bool) -> BoxFuture<'_, Result<(), LeaseError>>;
+    fn note<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, LeaseError>>;
+    fn set_note<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), LeaseError>>;
+    /// Every lease, and every item that cannot be read as one.
+    fn scan(&self, consistent: bool) -> BoxFuture<'_, Result<Scanned, LeaseError>>;
+    fn create_if_absent<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>>;
+    fn take<'a>(&'a self, key: &'a str, expected: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>>;
+    fn renew<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>>;
+    fn write_checkpoint<'a>(
+        &'a self,
+        key: &'a str,
+        counter: u64,
+        me: &'a str,
+        write: &'a CheckpointWrite<'a>,
+    ) -> BoxFuture<'a, Result<u64, LeaseError>>;
+    fn release<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<(), LeaseError>>;
+    fn delete_finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LeaseError>>;
+}
+
+/// The lease table, as every part of the service uses it.
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
-    backend: Backend,
-    name: String,
+    store: Arc<dyn LeaseStore>,
     /// Items that cannot be read as leases, each logged and counted once.
     unreadable: Arc<UnreadableLog>,
 }
@@ -111,23 +137,14 @@ impl UnreadableLog {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Backend {
-    DynamoDb(aws_sdk_dynamodb::Client),
-    Memory(super::memory::MemoryLink),
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: u64) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
 impl LeaseTable {
+    /// The table `name` in DynamoDB.
     pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
-        LeaseTable { backend: Backend::DynamoDb(client), name: name.into(), unreadable: Arc::default() }
+        Self::with_store(Arc::new(super::dynamodb::DynamoDbLeases::new(client, name)))
+    }
+
+    pub fn with_store(store: Arc<dyn LeaseStore>) -> Self {
+        LeaseTable { store, unreadable: Arc::default() }
     }
 
     /// Counts unreadable items (each once) in `counter`.
@@ -136,334 +153,65 @@ impl LeaseTable {
         self
     }
 
-    /// `client`'s way into an in-memory table (the fleet simulation).
-    pub fn in_memory(table: std::sync::Arc<super::memory::MemoryTable>, client: impl Into<String>) -> Self {
-        LeaseTable {
-            backend: Backend::Memory(super::memory::MemoryLink { table, client: client.into() }),
-            name: "memory".into(),
-            unreadable: Arc::default(),
-        }
-    }
-
-    fn client(&self) -> &aws_sdk_dynamodb::Client {
-        match &self.backend {
-            Backend::DynamoDb(client) => client,
-            Backend::Memory(_) => unreachable!("memory tables are handled before"),
-        }
-    }
-
-    fn memory(&self) -> Option<&super::memory::MemoryLink> {
-        match &self.backend {
-            Backend::Memory(link) => Some(link),
-            Backend::DynamoDb(_) => None,
-        }
-    }
-
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn failed<E, R>(&self, operation: &'static str, err: aws_sdk_dynamodb::error::SdkError<E, R>) -> LeaseError
-    where
-        E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug + 'static,
-    {
-        let transient = match &err {
-            // Throttling and internal errors are transient there too.
-            aws_sdk_dynamodb::error::SdkError::ServiceError(e) => {
-                crate::aws::classify_code(e.err().code()) == ErrorKind::Transient
-            }
-            // Timeouts, connection failures, unreadable answers, and requests that could not be built.
-            _ => true,
-        };
-        LeaseError::DynamoDb { table: self.name.clone(), operation, message: crate::aws::chain(&err), transient }
+        self.store.name()
     }
 
     /// Creates the table (on-demand, hash key `leaseKey`) when `create` and it is missing, then
     /// waits until it is ACTIVE.
     pub async fn ensure(&self, create: bool) -> Result<(), LeaseError> {
-        if self.memory().is_some() {
-            return Ok(());
-        }
-        let waited = Duration::from_secs(120);
-        let deadline = tokio::time::Instant::now() + waited;
-        loop {
-            match self.client().describe_table().table_name(&self.name).send().await {
-                Ok(out) => {
-                    if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-                        return Ok(());
-                    }
-                }
-                Err(err) if classify(&err) == ErrorKind::NotFound && create => {
-                    tracing::info!(table = %self.name, "Creating the lease table (on-demand, hash key leaseKey).");
-                    let created = self
-                        .client()
-                        .create_table()
-                        .table_name(&self.name)
-                        .billing_mode(BillingMode::PayPerRequest)
-                        .attribute_definitions(
-                            AttributeDefinition::builder()
-                                .attribute_name("leaseKey")
-                                .attribute_type(ScalarAttributeType::S)
-                                .build()
-                                .expect("complete"),
-                        )
-                        .key_schema(
-                            KeySchemaElement::builder()
-                                .attribute_name("leaseKey")
-                                .key_type(KeyType::Hash)
-                                .build()
-                                .expect("complete"),
-                        )
-                        .send()
-                        .await;
-                    match created {
-                        Ok(_) => {}
-                        // Another worker created it first.
-                        Err(err) if classify(&err) == ErrorKind::InUse => {}
-                        Err(err) => return Err(self.failed("CreateTable", err)),
-                    }
-                }
-                Err(err) => {
-                    let failure = self.failed("DescribeTable", err);
-                    if !matches!(failure, LeaseError::DynamoDb { transient: true, .. }) {
-                        return Err(failure);
-                    }
-                    tracing::warn!(error = %failure, "Lease table not reachable yet; retrying.");
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(LeaseError::NotActive { table: self.name.clone(), waited });
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        self.store.ensure(create).await
     }
 
     /// A note kept in the table under `key` (which must start with [`NOTE_PREFIX`]).
     pub async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.note(key).await;
-        }
-        let item = self
-            .client()
-            .get_item()
-            .table_name(&self.name)
-            .key("leaseKey", s(key))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.failed("GetItem", e))?;
-        Ok(item.item().and_then(|i| i.get("checkpoint")).and_then(|v| v.as_s().ok()).cloned())
+        self.store.note(key).await
     }
 
     /// Keeps a note under `key` (which must start with [`NOTE_PREFIX`]: never a shard's lease).
     pub async fn set_note(&self, key: &str, value: &str) -> Result<(), LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.set_note(key, value).await;
-        }
         debug_assert!(key.starts_with(NOTE_PREFIX));
-        self.client()
-            .put_item()
-            .table_name(&self.name)
-            .item("leaseKey", s(key))
-            .item("checkpoint", s(value))
-            .send()
-            .await
-            .map_err(|e| self.failed("PutItem", e))?;
-        Ok(())
+        self.store.set_note(key, value).await
     }
 
     /// Every lease (paginated, strongly consistent scan).
     pub async fn scan(&self) -> Result<Vec<Lease>, LeaseError> {
-        self.scan_with(true).await
+        Ok(self.scan_with_unreadable().await?.0)
     }
 
     /// Every lease, as an eventually consistent scan sees them (half the read units: the lease
     /// loop's periodic look at the table, where every write it then makes is conditional anyway).
     pub async fn scan_eventually(&self) -> Result<Vec<Lease>, LeaseError> {
-        self.scan_with(false).await
-    }
-
-    async fn scan_with(&self, consistent: bool) -> Result<Vec<Lease>, LeaseError> {
-        Ok(self.scan_all(consistent).await?.0)
+        Ok(self.scan_all(false).await?.0)
     }
 
     /// Every lease, and every item that cannot be read as one (strongly consistent), for the
     /// operator's `leases` command.
-    pub async fn scan_with_unreadable(&self) -> Result<(Vec<Lease>, Vec<Unreadable>), LeaseError> {
+    pub async fn scan_with_unreadable(&self) -> Result<Scanned, LeaseError> {
         self.scan_all(true).await
     }
 
-    async fn scan_all(&self, consistent: bool) -> Result<(Vec<Lease>, Vec<Unreadable>), LeaseError> {
-        if let Some(memory) = self.memory() {
-            let mut leases = Vec::new();
-            let mut start: Option<String> = None;
-            loop {
-                let (page, next) = memory.scan_page(start.as_deref(), consistent).await?;
-                leases.extend(page.into_iter().filter(|l| !l.key.starts_with(NOTE_PREFIX)));
-                match next {
-                    Some(key) => start = Some(key),
-                    None => return Ok((leases, Vec::new())),
-                }
-            }
-        }
-        let (mut leases, mut unreadable) = (Vec::new(), Vec::new());
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client()
-                .scan()
-                .table_name(&self.name)
-                .consistent_read(consistent)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.failed("Scan", e))?;
-            for item in page.items() {
-                // Other tools' notes (a dead-letter replay's position) are not leases, nor are
-                // rows of other kinds (KCL 3's single-table mode marks them with `entityType`).
-                let key = item.get("leaseKey").and_then(|v| v.as_s().ok());
-                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) || other_kind(item) {
-                    continue;
-                }
-                match self.parse(item) {
-                    Ok(lease) => leases.push(lease),
-                    Err(err) => {
-                        let bad = Unreadable { key: key.cloned(), reason: err.to_string() };
-                        self.unreadable.note(&self.name, &bad);
-                        unreadable.push(bad);
-                    }
-                }
-            }
-            match page.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
-            }
+    async fn scan_all(&self, consistent: bool) -> Result<Scanned, LeaseError> {
+        let (leases, unreadable) = self.store.scan(consistent).await?;
+        for item in &unreadable {
+            self.unreadable.note(self.name(), item);
         }
         Ok((leases, unreadable))
     }
 
-    fn parse(&self, item: &Item) -> Result<Lease, LeaseError> {
-        let malformed = |reason: String| LeaseError::Malformed { table: self.name.clone(), reason };
-        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-        let number = |name: &str| -> Result<u64, LeaseError> {
-            match item.get(name) {
-                None => Ok(0),
-                Some(v) => v
-                    .as_n()
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| malformed(format!("{name} is not a whole number"))),
-            }
-        };
-        let set = |name: &str| -> Vec<String> {
-            match item.get(name) {
-                Some(AttributeValue::Ss(v)) => v.clone(),
-                Some(AttributeValue::S(v)) => vec![v.clone()],
-                _ => Vec::new(),
-            }
-        };
-        let key = text("leaseKey").ok_or_else(|| malformed("an item has no leaseKey".into()))?;
-        // Every lease has a counter and a checkpoint from its creation on: a row without them is
-        // someone else's, never a free lease to take.
-        if !item.contains_key("leaseCounter") {
-            return Err(malformed(format!("lease {key}: no leaseCounter (not a lease)")));
-        }
-        let checkpoint = match text("checkpoint") {
-            Some(cp) => Position::parse(&cp).map_err(|e| malformed(format!("lease {key}: checkpoint {e}")))?,
-            None => return Err(malformed(format!("lease {key}: no checkpoint (not a lease)"))),
-        };
-        Ok(Lease {
-            owner: text("leaseOwner").filter(|o| !o.is_empty()),
-            counter: number("leaseCounter")?,
-            checkpoint,
-            owner_switches: number("ownerSwitchesSinceCheckpoint")?,
-            parents: set("parentShardId"),
-            children: set("childShardIds"),
-            starting_hash_key: text("startingHashKey"),
-            ending_hash_key: text("endingHashKey"),
-            // An entry that does not parse is left out: that destination resumes from the shard's
-            // checkpoint, which is never ahead of it.
-            destination_checkpoints: item
-                .get("destinationCheckpoints")
-                .and_then(|v| v.as_m().ok())
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(arn, v)| Some((arn.clone(), SequenceNumber::parse(v.as_s().ok()?).ok()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            key,
-        })
-    }
-
     /// Creates a lease unless one exists for the shard.
     pub async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.create_if_absent(lease).await;
-        }
-        let mut request = self
-            .client()
-            .put_item()
-            .table_name(&self.name)
-            .item("leaseKey", s(&lease.key))
-            .item("leaseCounter", n(0))
-            .item("checkpoint", s(lease.checkpoint.to_string()))
-            .item("checkpointSubSequenceNumber", n(0))
-            .item("ownerSwitchesSinceCheckpoint", n(0))
-            .condition_expression("attribute_not_exists(leaseKey)");
-        if !lease.parents.is_empty() {
-            request = request.item("parentShardId", AttributeValue::Ss(lease.parents.clone()));
-        }
-        if let Some(start) = &lease.starting_hash_key {
-            request = request.item("startingHashKey", s(start));
-        }
-        if let Some(end) = &lease.ending_hash_key {
-            request = request.item("endingHashKey", s(end));
-        }
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(err) if is_condition_failure(&err) => Ok(false),
-            Err(err) => Err(self.failed("PutItem", err)),
-        }
-    }
-
-    /// The counter after `counter`. An item at the top of the range (hostile or corrupt) is
-    /// refused with its key: never wrapped, never a panic.
-    fn next_counter(&self, key: &str, counter: u64) -> Result<u64, LeaseError> {
-        next_counter(&self.name, key, counter)
+        self.store.create_if_absent(lease).await
     }
 
     /// Takes a lease whose counter is `expected` (free, expired, or stolen). Returns the new counter.
     pub async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.take(key, expected, me).await;
-        }
-        let next = self.next_counter(key, expected)?;
-        self.conditional(
-            key,
-            "SET leaseOwner = :me, leaseCounter = :next ADD ownerSwitchesSinceCheckpoint :one",
-            "leaseCounter = :expected",
-            &[(":me", s(me)), (":next", n(next)), (":one", n(1)), (":expected", n(expected))],
-        )
-        .await?;
-        Ok(next)
+        self.store.take(key, expected, me).await
     }
 
     /// Proves this worker is alive: bumps the counter it holds.
     pub async fn renew(&self, key: &str, counter: u64, me: &str) -> Result<u64, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.renew(key, counter, me).await;
-        }
-        let next = self.next_counter(key, counter)?;
-        self.conditional(
-            key,
-            "SET leaseCounter = :next",
-            "leaseCounter = :expected AND leaseOwner = :me",
-            &[(":next", n(next)), (":expected", n(counter)), (":me", s(me))],
-        )
-        .await?;
-        Ok(next)
+        self.store.renew(key, counter, me).await
     }
 
     /// Moves the checkpoint of a lease this worker holds (KCL: sub-sequence 0 for whole records).
@@ -487,183 +235,18 @@ impl LeaseTable {
         me: &str,
         write: &CheckpointWrite<'_>,
     ) -> Result<u64, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.write_checkpoint(key, counter, me, write).await;
-        }
-        let next = self.next_counter(key, counter)?;
-        let mut values = vec![(":next", n(next)), (":expected", n(counter)), (":me", s(me))];
-        let mut update = "SET leaseCounter = :next".to_string();
-        if let Some(position) = write.position {
-            update.push_str(
-                ", checkpoint = :cp, checkpointSubSequenceNumber = :zero, ownerSwitchesSinceCheckpoint = :zero",
-            );
-            values.push((":cp", s(position.to_string())));
-            values.push((":zero", n(0)));
-        }
-        if !write.children.is_empty() {
-            update.push_str(", childShardIds = :children");
-            values.push((":children", AttributeValue::Ss(write.children.to_vec())));
-        }
-        if let Some(destinations) = write.destinations {
-            update.push_str(", destinationCheckpoints = :destinations");
-            let map = destinations.iter().map(|(arn, seq)| (arn.clone(), s(seq.as_str()))).collect();
-            values.push((":destinations", AttributeValue::M(map)));
-        }
-        self.conditional(key, &update, "leaseCounter = :expected AND leaseOwner = :me", &values).await?;
-        Ok(next)
+        let write = *write;
+        self.store.write_checkpoint(key, counter, me, &write).await
     }
 
     /// Gives a lease up so that another worker takes it at once.
     pub async fn release(&self, key: &str, counter: u64, me: &str) -> Result<(), LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.release(key, counter, me).await;
-        }
-        let next = self.next_counter(key, counter)?;
-        self.conditional(
-            key,
-            "REMOVE leaseOwner SET leaseCounter = :next",
-            "leaseCounter = :expected AND leaseOwner = :me",
-            &[(":next", n(next)), (":expected", n(counter)), (":me", s(me))],
-        )
-        .await
+        self.store.release(key, counter, me).await
     }
 
     /// Deletes a lease read to its end (conditional on `SHARD_END`, so nothing else is ever
     /// deleted). Returns false when it was gone or changed already.
     pub async fn delete_finished(&self, key: &str) -> Result<bool, LeaseError> {
-        if let Some(memory) = self.memory() {
-            return memory.delete_finished(key).await;
-        }
-        let deleted = self
-            .client()
-            .delete_item()
-            .table_name(&self.name)
-            .key("leaseKey", s(key))
-            .condition_expression("checkpoint = :end")
-            .expression_attribute_values(":end", s(Position::ShardEnd.to_string()))
-            .send()
-            .await;
-        match deleted {
-            Ok(_) => Ok(true),
-            Err(err) if is_condition_failure(&err) => Ok(false),
-            Err(err) => Err(self.failed("DeleteItem", err)),
-        }
-    }
-
-    async fn conditional(
-        &self,
-        key: &str,
-        update: &str,
-        condition: &str,
-        values: &[(&str, AttributeValue)],
-    ) -> Result<(), LeaseError> {
-        let mut request = self
-            .client()
-            .update_item()
-            .table_name(&self.name)
-            .key("leaseKey", s(key))
-            .update_expression(update)
-            .condition_expression(condition);
-        for (name, value) in values {
-            request = request.expression_attribute_values(*name, value.clone());
-        }
-        match request.send().await {
-            Ok(_) => Ok(()),
-            Err(err) if is_condition_failure(&err) => Err(LeaseError::Lost { shard: key.to_string() }),
-            Err(err) => Err(self.failed("UpdateItem", err)),
-        }
-    }
-}
-
-/// A row of another kind than a lease: one with an `entityType` that does not say lease.
-fn other_kind(item: &Item) -> bool {
-    item.get("entityType").is_some_and(|v| v.as_s().map_or(true, |kind| !kind.eq_ignore_ascii_case("lease")))
-}
-
-fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
-    err: &aws_sdk_dynamodb::error::SdkError<E, R>,
-) -> bool {
-    crate::aws::error_code(err) == "ConditionalCheckFailedException"
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn offline_table() -> LeaseTable {
-        LeaseTable::new(
-            aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::Config::builder().behavior_version_latest().build()),
-            "t",
-        )
-    }
-
-    #[tokio::test]
-    async fn a_counter_at_its_maximum_is_refused_without_a_panic() {
-        let table = offline_table();
-        for result in [
-            table.take("k", u64::MAX, "me").await.map(|_| ()),
-            table.renew("k", u64::MAX, "me").await.map(|_| ()),
-            table.release("k", u64::MAX, "me").await,
-        ] {
-            let err = result.expect_err("refused before any call");
-            assert!(matches!(err, LeaseError::Malformed { .. }), "{err}");
-            assert!(err.to_string().contains("lease k"), "{err}");
-        }
-    }
-
-    /// Any attribute value DynamoDB can hold, numbers at and past their extremes included.
-    fn attribute() -> impl Strategy<Value = AttributeValue> {
-        let number = prop_oneof![
-            Just("18446744073709551615".to_string()),
-            Just("18446744073709551616".to_string()),
-            Just("-1".to_string()),
-            Just("1e400".to_string()),
-            Just("0.5".to_string()),
-            ".{0,24}",
-        ];
-        let leaf = prop_oneof![
-            ".{0,40}".prop_map(AttributeValue::S),
-            number.prop_map(AttributeValue::N),
-            proptest::collection::vec(".{0,12}", 0..4).prop_map(AttributeValue::Ss),
-            proptest::collection::vec("[0-9]{0,25}", 0..3).prop_map(AttributeValue::Ns),
-            any::<bool>().prop_map(AttributeValue::Bool),
-            Just(AttributeValue::Null(true)),
-            proptest::collection::vec(any::<u8>(), 0..8).prop_map(|b| AttributeValue::B(b.into())),
-        ];
-        leaf.prop_recursive(2, 8, 4, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
-                proptest::collection::hash_map(".{0,8}", inner, 0..4).prop_map(AttributeValue::M),
-            ]
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_items_never_panic(key in ".{0,20}", counter in ".{0,20}", checkpoint in ".{0,30}") {
-            let mut item = Item::new();
-            item.insert("leaseKey".into(), s(key));
-            item.insert("leaseCounter".into(), AttributeValue::N(counter));
-            item.insert("checkpoint".into(), s(checkpoint));
-            let _ = offline_table().parse(&item);
-        }
-
-        #[test]
-        fn items_of_any_shape_parse_or_are_refused_without_a_panic(
-            values in proptest::collection::vec(attribute(), 12),
-            extra in proptest::collection::hash_map(".{0,12}", attribute(), 0..3),
-        ) {
-            let names = [
-                "leaseKey", "leaseCounter", "leaseOwner", "checkpoint", "checkpointSubSequenceNumber",
-                "ownerSwitchesSinceCheckpoint", "parentShardId", "childShardIds", "destinationCheckpoints",
-                "hashKeyRange", "entityType", "pendingCheckpoint",
-            ];
-            let mut item: Item = extra;
-            item.extend(names.iter().map(|n| n.to_string()).zip(values));
-            if let Ok(lease) = offline_table().parse(&item) {
-                let _ = next_counter("t", &lease.key, lease.counter);
-            }
-        }
+        self.store.delete_finished(key).await
     }
 }

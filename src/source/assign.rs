@@ -40,10 +40,12 @@ pub trait Assignments: Send {
     fn finished(&mut self, shard: &str) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
-/// Where the shard list comes from: Kinesis, or a function (the fleet simulation).
+/// Where the shard list comes from: Kinesis, or a function (the fleet simulation; only in tests
+/// and the benchmark).
 #[derive(Clone)]
 pub enum ShardList {
     Kinesis(aws_sdk_kinesis::Client),
+    #[cfg(any(test, feature = "simulation"))]
     Simulated(Arc<dyn Fn() -> Vec<ShardInfo> + Send + Sync>),
 }
 
@@ -51,6 +53,7 @@ impl ShardList {
     async fn list(&self, stream: &str) -> Result<Vec<ShardInfo>, SourceError> {
         match self {
             ShardList::Kinesis(control) => list_shards(control, stream).await,
+            #[cfg(any(test, feature = "simulation"))]
             ShardList::Simulated(list) => Ok(list()),
         }
     }
@@ -290,9 +293,8 @@ fn starting_point(position: &Position, initial: &Position) -> Option<Position> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::LeaseTable;
-    use crate::lease::memory::{Faults, MemoryTable};
     use crate::metrics::Metrics;
+    use crate::simulation::memory::{Faults, MemoryTable};
 
     /// A worker whose lease table stops answering must still hear about lost leases in time: the
     /// end of a shard (a shard sync and the end-of-shard checkpoint, both on the table) gives up
@@ -302,8 +304,7 @@ mod tests {
         let failover = Duration::from_secs(3);
         let faults = Faults { timeout: Duration::from_secs(5), ..Faults::default() };
         let table = MemoryTable::new(1, faults.clone());
-        let (manager, events, _share) =
-            LeaseManager::new(LeaseTable::in_memory(Arc::clone(&table), "me"), "me".into(), failover);
+        let (manager, events, _share) = LeaseManager::new(table.link("me"), "me".into(), failover);
         let parent = ShardInfo { id: "shard-0".into(), parents: vec![], closed: true, hash_range: None };
         let child =
             ShardInfo { id: "shard-1".into(), parents: vec!["shard-0".into()], closed: false, hash_range: None };

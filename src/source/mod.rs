@@ -142,7 +142,7 @@ impl Readers {
 pub type Reading = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ReaderExit> + Send>;
 
 /// What the coordinator starts for each shard it is handed: the service reads through Enhanced
-/// Fan-Out; the fleet simulation (`crate::lease::simulation`) reads simulated shards.
+/// Fan-Out; the fleet simulation (`crate::simulation`) reads simulated shards.
 pub trait Readings {
     fn reading(&self, shard: &str, start: Position, destinations: &assign::DestinationSkips) -> Reading;
 }

@@ -16,7 +16,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use super::table::{CheckpointWrite, Lease, LeaseError, Position};
+use futures::future::BoxFuture;
+
+use crate::lease::table::{
+    CheckpointWrite, Lease, LeaseError, LeaseStore, LeaseTable, NOTE_PREFIX, Position, Scanned, next_counter,
+};
 
 /// DynamoDB's largest scan page.
 const PAGE_BYTES: usize = 1 << 20;
@@ -77,9 +81,9 @@ pub struct MemoryTable {
 
 /// How one worker reaches the memory table.
 #[derive(Debug, Clone)]
-pub struct MemoryLink {
-    pub(super) table: Arc<MemoryTable>,
-    pub(super) client: String,
+struct MemoryLink {
+    table: Arc<MemoryTable>,
+    client: String,
 }
 
 /// DynamoDB's size of a lease item: attribute names plus values (numbers about half their digits).
@@ -153,6 +157,11 @@ impl MemoryTable {
                 violations: Vec::new(),
             }),
         })
+    }
+
+    /// `client`'s way into the table.
+    pub fn link(self: &Arc<Self>, client: impl Into<String>) -> LeaseTable {
+        LeaseTable::with_store(Arc::new(MemoryLink { table: Arc::clone(self), client: client.into() }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -243,14 +252,14 @@ impl MemoryLink {
         unreachable!("the last attempt returns")
     }
 
-    pub(super) async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {
+    async fn note(&self, key: &str) -> Result<Option<String>, LeaseError> {
         self.call("GetItem", Kind::Read).await?;
         let mut inner = self.table.lock();
         inner.usage.read_units += 1.0;
         Ok(inner.notes.get(key).cloned())
     }
 
-    pub(super) async fn set_note(&self, key: &str, value: &str) -> Result<(), LeaseError> {
+    async fn set_note(&self, key: &str, value: &str) -> Result<(), LeaseError> {
         self.call("PutItem", Kind::Write).await?;
         let mut inner = self.table.lock();
         inner.usage.write_units += 1.0;
@@ -259,7 +268,7 @@ impl MemoryLink {
     }
 
     /// One page of a scan from after `start`.
-    pub(super) async fn scan_page(
+    async fn scan_page(
         &self,
         start: Option<&str>,
         consistent: bool,
@@ -287,7 +296,21 @@ impl MemoryLink {
         Ok((page, last))
     }
 
-    pub(super) async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
+    /// Every lease, page by page as DynamoDB would answer (and bill) the scan.
+    async fn scan_all(&self, consistent: bool) -> Result<Scanned, LeaseError> {
+        let mut leases = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let (page, next) = self.scan_page(start.as_deref(), consistent).await?;
+            leases.extend(page.into_iter().filter(|l| !l.key.starts_with(NOTE_PREFIX)));
+            match next {
+                Some(key) => start = Some(key),
+                None => return Ok((leases, Vec::new())),
+            }
+        }
+    }
+
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
         self.call("PutItem", Kind::Write).await?;
         let mut inner = self.table.lock();
         let fresh = Lease { owner: None, counter: 0, owner_switches: 0, children: Vec::new(), ..lease.clone() };
@@ -322,7 +345,7 @@ impl MemoryLink {
             inner.usage.write_units += write_units(before);
             return Err(lost());
         }
-        let next = super::table::next_counter("memory", key, expected)?;
+        let next = next_counter("memory", key, expected)?;
         let previous = lease.clone();
         change(lease);
         lease.counter = next;
@@ -351,7 +374,7 @@ impl MemoryLink {
         Ok(lease.counter)
     }
 
-    pub(super) async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
+    async fn take(&self, key: &str, expected: u64, me: &str) -> Result<u64, LeaseError> {
         self.update(key, expected, None, |l| {
             l.owner = Some(me.to_string());
             l.owner_switches += 1;
@@ -359,11 +382,11 @@ impl MemoryLink {
         .await
     }
 
-    pub(super) async fn renew(&self, key: &str, counter: u64, me: &str) -> Result<u64, LeaseError> {
+    async fn renew(&self, key: &str, counter: u64, me: &str) -> Result<u64, LeaseError> {
         self.update(key, counter, Some(me), |_| {}).await
     }
 
-    pub(super) async fn write_checkpoint(
+    async fn write_checkpoint(
         &self,
         key: &str,
         counter: u64,
@@ -385,11 +408,11 @@ impl MemoryLink {
         .await
     }
 
-    pub(super) async fn release(&self, key: &str, counter: u64, me: &str) -> Result<(), LeaseError> {
+    async fn release(&self, key: &str, counter: u64, me: &str) -> Result<(), LeaseError> {
         self.update(key, counter, Some(me), |l| l.owner = None).await.map(|_| ())
     }
 
-    pub(super) async fn delete_finished(&self, key: &str) -> Result<bool, LeaseError> {
+    async fn delete_finished(&self, key: &str) -> Result<bool, LeaseError> {
         self.call("DeleteItem", Kind::Write).await?;
         let mut inner = self.table.lock();
         let Some((bytes, ended)) = inner.items.get(key).map(|l| (item_bytes(l), l.checkpoint == Position::ShardEnd))
@@ -403,6 +426,58 @@ impl MemoryLink {
         }
         inner.items.remove(key);
         Ok(true)
+    }
+}
+
+impl LeaseStore for MemoryLink {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn ensure(&self, _create: bool) -> BoxFuture<'_, Result<(), LeaseError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn note<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, LeaseError>> {
+        Box::pin(self.note(key))
+    }
+
+    fn set_note<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
+        Box::pin(self.set_note(key, value))
+    }
+
+    fn scan(&self, consistent: bool) -> BoxFuture<'_, Result<Scanned, LeaseError>> {
+        Box::pin(self.scan_all(consistent))
+    }
+
+    fn create_if_absent<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(self.create_if_absent(lease))
+    }
+
+    fn take<'a>(&'a self, key: &'a str, expected: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>> {
+        Box::pin(self.take(key, expected, me))
+    }
+
+    fn renew<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>> {
+        Box::pin(self.renew(key, counter, me))
+    }
+
+    fn write_checkpoint<'a>(
+        &'a self,
+        key: &'a str,
+        counter: u64,
+        me: &'a str,
+        write: &'a CheckpointWrite<'a>,
+    ) -> BoxFuture<'a, Result<u64, LeaseError>> {
+        Box::pin(self.write_checkpoint(key, counter, me, write))
+    }
+
+    fn release<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
+        Box::pin(self.release(key, counter, me))
+    }
+
+    fn delete_finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(self.delete_finished(key))
     }
 }
 

@@ -19,6 +19,8 @@
 //! backwards (the table notes it); no child is read before its parents were read to their end; a
 //! shard whose reader died is read again within [`failover_bound`].
 
+pub mod memory;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,12 +35,10 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::LeaseManager;
-use super::balance;
-use super::memory::{Faults, MemoryTable, Usage};
-use super::table::{LeaseTable, Position};
 use crate::fanout::{Delivery, DestinationHandle};
 use crate::health::Health;
+use crate::lease::balance;
+use crate::lease::{LeaseManager, Position};
 use crate::metrics::Metrics;
 use crate::progress::{CheckpointStore, Checkpointer, LeaseProof, Progress};
 use crate::record::{SequenceNumber, SourceRecord};
@@ -49,6 +49,7 @@ use crate::source::assign::{Assignment, DestinationSkips, Leases, Listing, Shard
 use crate::source::reader::ReaderExit;
 use crate::source::shards::ShardInfo;
 use crate::source::{Reading, Readings};
+use memory::{Faults, MemoryTable, Usage};
 
 /// On-demand prices used for the cost figures (us-east-1, per million request units, since the
 /// November 2024 price change).
@@ -77,8 +78,8 @@ const RECORD_BYTES: usize = 100;
 /// the dead owner's in-flight requests ([`super::settle_time`]).
 pub fn failover_bound(failover: Duration) -> Duration {
     let renew = failover / 3;
-    let scan = super::manager::scan_interval(failover);
-    failover + 2 * scan + renew + super::settle_time(failover) + Duration::from_secs(1)
+    let scan = crate::lease::manager::scan_interval(failover);
+    failover + 2 * scan + renew + crate::config::settle_time(failover) + Duration::from_secs(1)
 }
 
 /// What happens to the fleet.
@@ -412,7 +413,7 @@ impl Fleet {
     fn start_worker(&mut self) {
         let n = self.workers.len();
         let id = format!("worker-{n:03}-{:08x}", self.rng.random::<u32>());
-        let table = LeaseTable::in_memory(Arc::clone(&self.table), id.clone());
+        let table = self.table.link(id.clone());
         let (manager, events, share) = LeaseManager::new(table, id.clone(), self.scenario.failover);
         let sigterm = CancellationToken::new();
         let progress = Arc::new(Progress::default());
@@ -422,7 +423,7 @@ impl Fleet {
             world: Arc::clone(&self.world),
             rng: Mutex::new(StdRng::seed_from_u64(self.rng.random())),
             // The attempt timeout, with room for the clock's granularity.
-            timeout: super::settle_time(self.scenario.failover) - Duration::from_millis(10),
+            timeout: crate::config::settle_time(self.scenario.failover) - Duration::from_millis(10),
             slow: self.scenario.slow_puts,
             late: self.scenario.late_requests,
         };
@@ -930,7 +931,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         w.writer.abort();
     }
     // Requests already sent land (and are checked) before the report.
-    tokio::time::sleep(4 * super::settle_time(scenario.failover)).await;
+    tokio::time::sleep(4 * crate::config::settle_time(scenario.failover)).await;
     let takeovers = table.takeovers();
     let steals = takeovers.iter().filter(|t| t.from.as_deref().is_some_and(|from| fleet.alive_at(from, t.at))).count();
     let mut world = lock(&fleet.world);
