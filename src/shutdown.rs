@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A wait cut short by the stop signal: what was not done stays undone, and unacknowledged, so
-/// it is read again after a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// it is read again after a restart. The one way every part says "the service is stopping"
+/// (outcomes that can also end otherwise carry it as their `Stopped` variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the service is stopping")]
 pub struct Stopped;
 
 /// A spawned task with a stop signal of its own.

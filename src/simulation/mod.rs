@@ -42,6 +42,7 @@ use crate::lease::{LeaseManager, Position};
 use crate::metrics::Metrics;
 use crate::progress::{CheckpointStore, Checkpointer, LeaseProof, Progress};
 use crate::record::{SequenceNumber, SourceRecord};
+use crate::shutdown::Stopped;
 use crate::sink::entries::ShardMap;
 use crate::sink::put::{CallError, EntryAnswer, PutEdge};
 use crate::sink::{DestinationTask, Exit};
@@ -733,7 +734,7 @@ impl Readings for SimReadings {
             Box::pin(async move {
                 let stopped = |world: &Mutex<World>| {
                     lock(world).stop(&shard, &worker, Instant::now(), false);
-                    ReaderExit::Stopped
+                    ReaderExit::Stopped(Stopped)
                 };
                 let now = Instant::now();
                 let (now_ms, key) = {

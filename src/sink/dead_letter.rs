@@ -14,6 +14,7 @@ use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
 use super::put::{CallError, PutEdge};
 use super::retry::Backoff;
 use crate::aws::ErrorKind;
+use crate::shutdown::Stopped;
 
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -127,7 +128,7 @@ impl Letter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsent {
     /// The service is stopping.
-    Stopped,
+    Stopped(Stopped),
     /// A record is no longer owed, or its shard's lease is not proven now.
     Fenced,
 }
@@ -174,7 +175,7 @@ impl DeadLetter {
             let batch: Vec<Letter> = letters.drain(..take).collect();
             let request = self.edge.put_records(&self.stream, batch.iter().map(Letter::entry).collect());
             let result = tokio::select! {
-                _ = stop.cancelled() => return Err(Unsent::Stopped),
+                _ = stop.cancelled() => return Err(Unsent::Stopped(Stopped)),
                 r = request => r,
             };
             let failed: Vec<Letter> = match result {
@@ -211,7 +212,7 @@ impl DeadLetter {
             letters.splice(0..0, failed);
             let delay = self.backoff.next_delay(&mut rand::rng()).max(Duration::from_millis(10));
             tokio::select! {
-                _ = stop.cancelled() => return Err(Unsent::Stopped),
+                _ = stop.cancelled() => return Err(Unsent::Stopped(Stopped)),
                 _ = tokio::time::sleep(delay) => {}
             }
         }

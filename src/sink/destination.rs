@@ -16,6 +16,7 @@ use super::put::PutEdge;
 use crate::config::DestinationGroup;
 use crate::fanout::Delivery;
 use crate::metrics::Metrics;
+use crate::shutdown::Stopped;
 
 pub use super::limiter::{BYTES_PER_SHARD, RECORDS_PER_SHARD};
 
@@ -23,7 +24,7 @@ pub use super::limiter::{BYTES_PER_SHARD, RECORDS_PER_SHARD};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// The service is stopping; unacknowledged records stay unacknowledged.
-    Stopped,
+    Stopped(Stopped),
     /// The stream was deleted; everything it held was released.
     Deleted,
 }

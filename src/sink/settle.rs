@@ -11,6 +11,7 @@ use super::retry::EntryOutcome;
 use super::writer::{Interrupt, VALIDATION_CODES, Writer};
 use crate::metrics::Outcome;
 use crate::record::InvalidEntry;
+use crate::shutdown::Stopped;
 
 impl Writer {
     /// Applies per-entry outcomes to the first `outcomes.len()` pending records.
@@ -147,7 +148,7 @@ impl Writer {
             _ = shed.notified() => None,
             written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop, &fence) => Some(written),
         };
-        if !matches!(written, Some(Err(Unsent::Stopped)) | None) {
+        if !matches!(written, Some(Err(Unsent::Stopped(Stopped))) | None) {
             in_flight.answered();
         }
         drop(entries);
@@ -157,7 +158,7 @@ impl Writer {
         };
         let unwrapped = match written {
             Ok(unwrapped) => unwrapped,
-            Err(Unsent::Stopped) => return Err(Interrupt::Stop),
+            Err(Unsent::Stopped(Stopped)) => return Err(Interrupt::Stopped(Stopped)),
             // Held: the next turn drops what is no longer owed, and waits for an unproven lease.
             Err(Unsent::Fenced) => {
                 tracing::debug!(destination = %self.task.name, "A dead-letter write stopped at the fence; holding its records.");

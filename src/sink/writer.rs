@@ -21,6 +21,7 @@ use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::ErrorKind;
 use crate::fanout::Delivery;
 use crate::metrics::Outcome;
+use crate::shutdown::Stopped;
 
 pub(super) struct Writer {
     pub(super) task: DestinationTask,
@@ -70,7 +71,7 @@ impl DestinationTask {
             Exit::Deleted => {
                 tracing::info!(destination = %name, "Destination removed; its pending records no longer hold back progress.")
             }
-            Exit::Stopped => tracing::debug!(destination = %name, "Destination writer stopped."),
+            Exit::Stopped(Stopped) => tracing::debug!(destination = %name, "Destination writer stopped."),
         }
         writer.clear_gauges();
         exit
@@ -128,7 +129,7 @@ pub(super) const UNPROVEN_PAUSE: std::time::Duration = std::time::Duration::from
 pub(super) const VALIDATION_CODES: [&str; 2] = ["ValidationException", "InvalidArgumentException"];
 
 pub(super) enum Interrupt {
-    Stop,
+    Stopped(Stopped),
     Removed,
 }
 
@@ -155,7 +156,7 @@ impl Guard {
     pub(super) async fn run<T>(self, work: impl Future<Output = T>) -> Result<T, Interrupt> {
         tokio::select! {
             biased;
-            _ = self.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.stop.cancelled() => Err(Interrupt::Stopped(Stopped)),
             _ = self.removed.cancelled() => Err(Interrupt::Removed),
             out = work => Ok(out),
         }
@@ -176,7 +177,7 @@ impl Writer {
 
     fn interrupted(&mut self, interrupt: Interrupt) -> Exit {
         match interrupt {
-            Interrupt::Stop => Exit::Stopped,
+            Interrupt::Stopped(Stopped) => Exit::Stopped(Stopped),
             Interrupt::Removed => {
                 self.release_everything();
                 Exit::Deleted
@@ -230,11 +231,11 @@ impl Writer {
         };
         tokio::select! {
             biased;
-            _ = self.task.stop.cancelled() => Err(Interrupt::Stop),
+            _ = self.task.stop.cancelled() => Err(Interrupt::Stopped(Stopped)),
             _ = self.task.removed.cancelled() => Err(Interrupt::Removed),
             delivery = self.task.queue.recv() => match delivery {
                 Some(d) => Ok(Some(d)),
-                None => Err(Interrupt::Stop),
+                None => Err(Interrupt::Stopped(Stopped)),
             },
             _ = sleep => Ok(None),
         }
@@ -692,7 +693,7 @@ pub(crate) mod tests {
 
         async fn stop(self) -> Vec<Vec<String>> {
             self.stop.cancel();
-            assert_eq!(self.writer.await.unwrap(), Exit::Stopped);
+            assert_eq!(self.writer.await.unwrap(), Exit::Stopped(Stopped));
             self.fake.requests.lock().unwrap().clone()
         }
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::reader::source_record;
 use crate::aws::{ErrorKind, kinesis};
@@ -39,24 +40,46 @@ const RECORD_GUESS: usize = 1 << 10;
 /// hold this share queued): several catch-ups and the live feed fit beside each other.
 const PAGE_DIVISOR: u64 = 8;
 
-/// Starts catch-ups as the fan-out detaches destinations.
+/// Starts catch-ups as the fan-out detaches destinations, and waits for them at teardown.
 #[derive(Debug, Clone)]
 pub struct CatchUps {
-    pub client: aws_sdk_kinesis::Client,
-    pub stream: String,
-    pub progress: Arc<Progress>,
-    pub metrics: Arc<Metrics>,
+    client: aws_sdk_kinesis::Client,
+    stream: String,
+    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
     /// Reading stops (shutdown): catch-ups stop too; what they owe stays in the checkpoint.
-    pub stop: CancellationToken,
+    stop: CancellationToken,
     /// What catch-ups read counts against the process's memory budget.
-    pub memory: crate::memory::MemoryBudget,
+    memory: crate::memory::MemoryBudget,
+    /// The catch-ups under way, for [`CatchUps::stop`].
+    tasks: TaskTracker,
+}
+
+impl CatchUps {
+    pub fn new(
+        client: aws_sdk_kinesis::Client,
+        stream: String,
+        progress: Arc<Progress>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        memory: crate::memory::MemoryBudget,
+    ) -> Self {
+        CatchUps { client, stream, progress, metrics, stop, memory, tasks: TaskTracker::new() }
+    }
+
+    /// Stops every catch-up (with the reading's stop signal) and waits until each has.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
 impl CatchUpStarter for CatchUps {
     fn start(&self, shard: Arc<ShardProgress>, destination: DestinationHandle, start: Position) {
         let reader = Reader { up: self.clone(), shard, destination, start };
         reader.up.metrics.destination_detached.with_label_values(&[&*reader.destination.name]).inc();
-        tokio::spawn(reader.run());
+        self.tasks.spawn(reader.run());
     }
 }
 

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
 use crate::aws::{ErrorKind, kinesis};
+use crate::shutdown::Stopped;
 
 /// The resolved source stream.
 #[derive(Debug, Clone)]
@@ -87,7 +88,7 @@ pub async fn ensure_consumer(
             return Err(SourceError::ConsumerNotActive { consumer: consumer_name.to_string(), waited: CONSUMER_WAIT });
         }
         tokio::select! {
-            _ = cancel.cancelled() => return Err(SourceError::Cancelled),
+            _ = cancel.cancelled() => return Err(SourceError::Stopped(Stopped)),
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }

@@ -25,6 +25,7 @@ use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::position::Position;
 use crate::progress::{CheckpointError, Checkpointer, Progress};
+use crate::shutdown::Stopped;
 use assign::{Assignment, Assignments};
 pub use consumer::{SourceStream, ensure_consumer, resolve_stream};
 use reader::{ReaderExit, ShardReader};
@@ -70,7 +71,7 @@ pub enum SourceError {
     #[error("a shard reader failed unexpectedly: {0}")]
     Reader(String),
     #[error("stopped before the source was ready")]
-    Cancelled,
+    Stopped(#[from] Stopped),
 }
 
 /// Every shard of a stream.
@@ -112,7 +113,7 @@ impl Readers {
             if !delay.is_zero() {
                 tokio::select! {
                     biased;
-                    _ = token.cancelled() => return (shard, generation, ReaderExit::Stopped),
+                    _ = token.cancelled() => return (shard, generation, ReaderExit::Stopped(Stopped)),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -185,7 +186,7 @@ pub async fn coordinate(
                     break Err(err);
                 }
             }
-            Ok((_, ReaderExit::Stopped)) => {}
+            Ok((_, ReaderExit::Stopped(Stopped))) => {}
             Ok((_, ReaderExit::Fatal(err))) | Err(err) => break Err(err),
         }
     };

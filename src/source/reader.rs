@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, ResubscribeReason};
 use crate::position::Position;
 use crate::progress::{Checkpointer, Checkpoints, ShardProgress};
 use crate::record::{SequenceNumber, SourceRecord};
+use crate::shutdown::Stopped;
 use crate::sink::retry::Backoff;
 
 /// A subscription that delivers no event for this long is assumed dead and restarted
@@ -33,7 +34,7 @@ pub enum ReaderExit {
     /// The shard was closed by a reshard, read to its end, and every record acknowledged.
     Ended,
     /// The service is stopping.
-    Stopped,
+    Stopped(Stopped),
     /// The source is gone, or access to it was lost: the service cannot go on.
     Fatal(SourceError),
 }
@@ -118,7 +119,7 @@ impl Cursor {
 
 /// How a session ended.
 enum SessionEnd {
-    Stop,
+    Stopped(Stopped),
     ShardEnd,
     Resubscribe(ResubscribeReason),
     Failed(ResubscribeReason, ErrorKind, String),
@@ -156,11 +157,11 @@ impl ShardReader {
             let end = self.session(&mut cursor, &mut backoff, stop).await;
             cursor.resume();
             let (reason, delay) = match end {
-                SessionEnd::Stop => return ReaderExit::Stopped,
+                SessionEnd::Stopped(Stopped) => return ReaderExit::Stopped(Stopped),
                 SessionEnd::ShardEnd => {
                     tracing::info!(shard = %self.shard_id, "Shard reached its end; waiting until every destination has its records.");
                     tokio::select! {
-                        _ = stop.cancelled() => return ReaderExit::Stopped,
+                        _ = stop.cancelled() => return ReaderExit::Stopped(Stopped),
                         _ = self.progress.complete_everywhere() => {}
                     }
                     self.progress.mark_ended();
@@ -184,7 +185,7 @@ impl ShardReader {
             self.metrics.resubscribes.with_label_values(&[reason.as_str()]).inc();
             if !delay.is_zero() {
                 tokio::select! {
-                    _ = stop.cancelled() => return ReaderExit::Stopped,
+                    _ = stop.cancelled() => return ReaderExit::Stopped(Stopped),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -218,7 +219,7 @@ impl ShardReader {
         );
         let output = tokio::select! {
             biased;
-            _ = stop.cancelled() => return SessionEnd::Stop,
+            _ = stop.cancelled() => return SessionEnd::Stopped(Stopped),
             r = tokio::time::timeout(IDLE_TIMEOUT, request) => r,
         };
         let mut events = match output {
@@ -238,7 +239,7 @@ impl ShardReader {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return SessionEnd::Stop,
+                _ = stop.cancelled() => return SessionEnd::Stopped(Stopped),
                 next = meter.unless_idle(events.next(), IDLE_TIMEOUT) => next,
             };
             let event = match next {
@@ -320,7 +321,7 @@ impl ShardReader {
             let delivered = self.fanout.deliver(&self.progress, records, reserved, stop).await;
             self.health.paused(shard, false);
             if delivered.is_err() {
-                return Err(SessionEnd::Stop);
+                return Err(SessionEnd::Stopped(Stopped));
             }
         }
         // Real Kinesis ends a shard with a null continuation; some emulators keep sending one but
