@@ -135,7 +135,7 @@ pub async fn list_stream_names(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A matching stream that accepts writes, new or already known, with its open shard count.
-    Writable { candidate: Candidate, arn: String, open_shards: u32 },
+    Writable { candidate: Candidate, arn: String, open_shards: u32, limits: crate::record::StreamLimits },
     /// A destination that is no longer one: deleted, being deleted, or no longer listed (and
     /// confirmed gone).
     Gone { place: usize, name: String, why: &'static str },
@@ -261,9 +261,12 @@ impl Discovery {
             place.describe_pace.until_ready().await;
             let name = candidate.name.clone();
             match kinesis::describe_stream(&place.client, &name).await {
-                Ok(Some(summary)) if summary.writable => {
-                    changes.push(Change::Writable { candidate, arn: summary.arn, open_shards: summary.open_shards })
-                }
+                Ok(Some(summary)) if summary.writable => changes.push(Change::Writable {
+                    candidate,
+                    arn: summary.arn,
+                    open_shards: summary.open_shards,
+                    limits: summary.limits,
+                }),
                 Ok(Some(summary)) if summary.deleting => {
                     changes.push(Change::Gone { place: index, name, why: "being deleted" })
                 }

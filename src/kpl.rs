@@ -61,7 +61,17 @@ impl UserRecord {
 impl UserRecord {
     /// Whether Kinesis would take this record as an entry of its own.
     pub fn validate(&self) -> Result<(), crate::record::InvalidEntry> {
-        crate::record::validate_entry(&self.partition_key, self.explicit_hash_key.as_deref(), self.data.len())
+        self.validate_within(crate::record::MAX_RECORD_BYTES)
+    }
+
+    /// As [`Self::validate`], for a stream that takes records of up to `max_record_bytes`.
+    pub fn validate_within(&self, max_record_bytes: usize) -> Result<(), crate::record::InvalidEntry> {
+        crate::record::validate_entry_within(
+            &self.partition_key,
+            self.explicit_hash_key.as_deref(),
+            self.data.len(),
+            max_record_bytes,
+        )
     }
 }
 

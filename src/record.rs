@@ -7,8 +7,44 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-/// Kinesis accepts records of at most this size (data plus partition key).
+/// Kinesis accepts records of at most this size (data plus partition key) unless the stream's
+/// maximum was raised ([`StreamLimits`]).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// The largest record a stream can be raised to take (`UpdateMaxRecordSize`: 10 MiB).
+pub const LARGEST_RECORD_BYTES: usize = 10 << 20;
+
+/// What one stream takes, from its `MaxRecordSizeInKiB` (DescribeStreamSummary): records of at
+/// most `max_record_bytes` (1 MiB by default, up to 10 MiB), in PutRecords requests of at most
+/// 5 MiB, or 10 MiB on a stream that takes records over 1 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_record_bytes: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits { max_record_bytes: MAX_RECORD_BYTES }
+    }
+}
+
+impl StreamLimits {
+    /// The limits a stream reports; a missing or out-of-range value (an older API, an emulator)
+    /// counts as the default, and nothing is taken above 10 MiB.
+    pub fn from_kib(max_record_size_in_kib: Option<i32>) -> Self {
+        let bytes = max_record_size_in_kib
+            .and_then(|kib| usize::try_from(kib).ok())
+            .map(|kib| kib.saturating_mul(1024))
+            .filter(|b| *b >= MAX_RECORD_BYTES)
+            .map_or(MAX_RECORD_BYTES, |b| b.min(LARGEST_RECORD_BYTES));
+        StreamLimits { max_record_bytes: bytes }
+    }
+
+    /// The largest PutRecords request the stream takes.
+    pub fn max_request_bytes(&self) -> usize {
+        if self.max_record_bytes > MAX_RECORD_BYTES { 10 << 20 } else { 5 << 20 }
+    }
+}
 
 /// A Kinesis sequence number: a decimal number of up to 128 digits, compared numerically.
 ///
@@ -108,8 +144,8 @@ pub enum InvalidEntry {
     PartitionKeyLength { chars: usize },
     #[error("explicit hash key `{shown}` is not a decimal number below 2^128 without leading zeros")]
     ExplicitHashKey { shown: String },
-    #[error("data and partition key take {bytes} bytes; Kinesis takes at most 1 MiB")]
-    TooLarge { bytes: usize },
+    #[error("data and partition key take {bytes} bytes; the stream takes at most {limit} (MaxRecordSizeInKiB)")]
+    TooLarge { bytes: usize, limit: usize },
     /// Kinesis refused the entry when it was sent alone.
     #[error("Kinesis refused it on its own ({code}): {message}")]
     Refused { code: String, message: String },
@@ -117,11 +153,21 @@ pub enum InvalidEntry {
 
 /// Kinesis's limits for one PutRecords entry: a partition key of 1 to 256 Unicode characters, an
 /// explicit hash key that is a decimal below 2^128 (as Kinesis writes it: no leading zeros),
-/// and at most 1 MiB of data plus partition key.
+/// and at most 1 MiB of data plus partition key (a stream's default maximum).
 pub fn validate_entry(
     partition_key: &str,
     explicit_hash_key: Option<&str>,
     data_len: usize,
+) -> Result<(), InvalidEntry> {
+    validate_entry_within(partition_key, explicit_hash_key, data_len, MAX_RECORD_BYTES)
+}
+
+/// As [`validate_entry`], for a stream that takes records of up to `max_record_bytes`.
+pub fn validate_entry_within(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    data_len: usize,
+    max_record_bytes: usize,
 ) -> Result<(), InvalidEntry> {
     let chars = partition_key.chars().count();
     if !(1..=256).contains(&chars) {
@@ -134,8 +180,8 @@ pub fn validate_entry(
         }
     }
     let bytes = data_len + partition_key.len();
-    if bytes > MAX_RECORD_BYTES {
-        return Err(InvalidEntry::TooLarge { bytes });
+    if bytes > max_record_bytes {
+        return Err(InvalidEntry::TooLarge { bytes, limit: max_record_bytes });
     }
     Ok(())
 }
@@ -172,7 +218,18 @@ mod tests {
             assert!(matches!(validate_entry("k", Some(bad), 1), Err(InvalidEntry::ExplicitHashKey { .. })), "{bad}");
         }
         assert!(validate_entry("k", Some("0"), 1).is_ok());
-        assert_eq!(validate_entry("kk", None, (1 << 20) - 1), Err(InvalidEntry::TooLarge { bytes: (1 << 20) + 1 }));
+        assert_eq!(
+            validate_entry("kk", None, (1 << 20) - 1),
+            Err(InvalidEntry::TooLarge { bytes: (1 << 20) + 1, limit: 1 << 20 })
+        );
+        assert_eq!(validate_entry_within("kk", None, 6 << 20, 10 << 20), Ok(()));
+        assert!(matches!(validate_entry_within("kk", None, 10 << 20, 10 << 20), Err(InvalidEntry::TooLarge { .. })));
+        assert_eq!(StreamLimits::from_kib(None), StreamLimits::default());
+        assert_eq!(StreamLimits::from_kib(Some(10240)).max_record_bytes, 10 << 20);
+        assert_eq!(StreamLimits::from_kib(Some(10240)).max_request_bytes(), 10 << 20);
+        assert_eq!(StreamLimits::from_kib(Some(99_999)).max_record_bytes, 10 << 20);
+        assert_eq!(StreamLimits::from_kib(Some(-5)), StreamLimits::default());
+        assert_eq!(StreamLimits::default().max_request_bytes(), 5 << 20);
     }
 
     proptest! {

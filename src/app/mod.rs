@@ -122,7 +122,7 @@ impl Pipeline {
         let credentials = identities.provider(source_aws.role.as_ref(), source_aws.region.as_deref(), "source").await;
         let clients = KinesisClients::new(&self.sdk, source_aws, credentials, self.settings.put_attempt_timeout());
         let stream = source::resolve_stream(&clients.control, &self.settings.source.stream_name).await?;
-        tracing::info!(stream = %stream.name, open_shards = stream.open_shards, "Source stream found.");
+        tracing::info!(stream = %stream.name, open_shards = stream.open_shards, max_record_bytes = stream.limits.max_record_bytes, "Source stream found.");
         self.metrics.source_retention_seconds.set(stream.retention.as_secs() as i64);
         let consumer_arn =
             match source::ensure_consumer(&clients.control, &stream, &self.settings.source.consumer_name, &shutdown)
@@ -135,7 +135,7 @@ impl Pipeline {
             };
         self.health.consumer_active();
         let backend = Backend::open(&self.settings, &identities, &clients, &stream, &self.metrics).await?;
-        let mut running = self.start(&identities, &clients, &backend, &shutdown).await;
+        let mut running = self.start(&identities, &clients, &backend, stream.limits, &shutdown).await;
         let source = Source {
             stream,
             consumer_arn,
@@ -177,6 +177,7 @@ impl Pipeline {
         identities: &Identities,
         clients: &KinesisClients,
         backend: &Backend,
+        source_limits: crate::record::StreamLimits,
         shutdown: &CancellationToken,
     ) -> Running {
         let Pipeline { settings, metrics, progress, health, .. } = self;
@@ -207,7 +208,7 @@ impl Pipeline {
         });
 
         let reading = shutdown.child_token();
-        let memory = self.memory_budget();
+        let memory = self.memory_budget(source_limits);
         let catch_ups = CatchUps::new(
             clients.control.clone(),
             settings.source.stream_name.clone(),
@@ -288,7 +289,7 @@ impl Pipeline {
     }
 
     /// The budget for everything buffered, within `memory.limit`.
-    fn memory_budget(&self) -> crate::memory::MemoryBudget {
+    fn memory_budget(&self, source: crate::record::StreamLimits) -> crate::memory::MemoryBudget {
         let (settings, metrics) = (&self.settings, &self.metrics);
         let memory = crate::memory::MemoryBudget::for_process(settings.memory_limit);
         metrics.memory_limit_bytes.set(settings.memory_limit as i64);
@@ -299,6 +300,16 @@ impl Pipeline {
             buffers_bytes = memory.limit(),
             "Memory budget for everything buffered."
         );
+        // A record is buffered whole: a budget of a few of the source's largest records lets one
+        // wait for memory without stopping everything else.
+        let largest = source.max_record_bytes as u64;
+        if memory.limit() < 4 * largest {
+            tracing::warn!(
+                buffers_bytes = memory.limit(),
+                source_max_record_bytes = largest,
+                "The source takes records so large that the memory budget holds fewer than four of them; raise memory.limit so that a large record does not hold every shard back."
+            );
+        }
         memory
     }
 

@@ -46,6 +46,8 @@ pub struct StreamSummary {
     /// ACTIVE or UPDATING: it takes writes and reads.
     pub writable: bool,
     pub deleting: bool,
+    /// What it takes: its `MaxRecordSizeInKiB` (1 MiB when it does not say).
+    pub limits: crate::record::StreamLimits,
 }
 
 /// DescribeStreamSummary; `None` when the stream does not exist.
@@ -67,6 +69,7 @@ pub async fn describe_stream(client: &Client, name: &str) -> Result<Option<Strea
         retention: std::time::Duration::from_secs(summary.retention_period_hours().max(0) as u64 * 3600),
         writable: matches!(status, StreamStatus::Active | StreamStatus::Updating),
         deleting: *status == StreamStatus::Deleting,
+        limits: crate::record::StreamLimits::from_kib(summary.max_record_size_in_kib()),
     }))
 }
 

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub records_expired: IntCounterVec,
     pub catch_up_errors: IntCounterVec,
     pub destination_shed: IntCounterVec,
+    pub destination_records_too_large: IntCounterVec,
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
@@ -239,6 +240,11 @@ impl Metrics {
                 "destination_catch_up_errors_total",
                 "Pages a catch-up could not hand on for an error in what GetRecords returned (reason malformed_sequence_number: a record whose sequence number is none). The catch-up never moves past it: it reads the page again after a backoff, the destination stays detached on that shard and the shard's checkpoint behind it (logged as an error, once a minute).",
                 &["destination", "reason"],
+            ),
+            destination_records_too_large: counter(
+                "destination_records_too_large_total",
+                "Records larger than the destination takes (its MaxRecordSizeInKiB): each goes to the group's dead-letter stream with the reason too_large_for_destination, or is held without one.",
+                &["destination"],
             ),
             destination_shed: counter(
                 "destination_shed_total",

@@ -112,6 +112,14 @@ struct Envelope {
     #[serde(default)]
     explicit_hash_key: Option<String>,
     data: String,
+    /// The record was larger than the dead-letter stream takes: the envelope names its origin
+    /// in the source without its data.
+    #[serde(default)]
+    data_omitted: bool,
+    #[serde(default)]
+    shard_id: String,
+    #[serde(default)]
+    sequence_number: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +158,8 @@ struct Target {
     group: usize,
     clients: KinesisClients,
     limiter: Limiter,
+    /// What the destination takes (its `MaxRecordSizeInKiB`).
+    limits: crate::record::StreamLimits,
 }
 
 /// Reads the dead-letter stream and re-sends its records; `progress` hears of every page.
@@ -223,6 +233,14 @@ pub async fn replay(
                         continue;
                     }
                 };
+                if envelope.data_omitted {
+                    summary.destinations.entry(envelope.destination.clone()).or_default().rejected_again += 1;
+                    summary.refused.push(format!(
+                        "{origin} -> {}: the envelope holds no data (the record was larger than the dead-letter stream takes); read it from the source, shard {} at sequence number {}, while it is retained",
+                        envelope.destination, envelope.shard_id, envelope.sequence_number
+                    ));
+                    continue;
+                }
                 let data = match base64::engine::general_purpose::STANDARD.decode(&envelope.data) {
                     Ok(data) => data,
                     Err(err) => {
@@ -239,7 +257,11 @@ pub async fn replay(
                 }
                 // One entry Kinesis would refuse would fail its whole request: caught here.
                 let ehk = envelope.explicit_hash_key.as_deref();
-                if let Err(invalid) = crate::record::validate_entry(&envelope.partition_key, ehk, data.len()) {
+                // (The size is checked against the destination's own limit once it is resolved.)
+                let largest = crate::record::LARGEST_RECORD_BYTES;
+                if let Err(invalid) =
+                    crate::record::validate_entry_within(&envelope.partition_key, ehk, data.len(), largest)
+                {
                     summary.destinations.entry(envelope.destination.clone()).or_default().rejected_again += 1;
                     summary.refused.push(format!("{origin} -> {}: invalid entry: {invalid}", envelope.destination));
                     continue;
@@ -337,7 +359,7 @@ async fn resolve(settings: &Settings, identities: &Identities, label: &str) -> R
             return Err(ReplayError::NotWritable(label.to_string()));
         }
         let limiter = limiter(settings, group, summary.open_shards);
-        return Ok(Some(Target { stream: name.to_string(), group, clients, limiter }));
+        return Ok(Some(Target { stream: name.to_string(), group, clients, limiter, limits: summary.limits }));
     }
     Ok(None)
 }
@@ -361,12 +383,26 @@ async fn send(
 ) -> Result<(), ReplayError> {
     let group = &settings.destinations[target.group];
     let mut backoff = Backoff::for_group(group);
+    // A record larger than the destination takes is refused here, alone: never sent.
+    let max_record_bytes = target.limits.max_record_bytes;
+    entries.retain(|(origin, e)| {
+        let bytes = e.data().as_ref().len() + e.partition_key().map_or(0, str::len);
+        if bytes <= max_record_bytes {
+            return true;
+        }
+        counts.rejected_again += 1;
+        refused.push(format!(
+            "{origin} -> {destination}: {}",
+            crate::record::InvalidEntry::TooLarge { bytes, limit: max_record_bytes }
+        ));
+        false
+    });
     while !entries.is_empty() {
         let sizes: Vec<usize> = entries
             .iter()
             .map(|(_, e)| batch::encoded_size(e.partition_key().map_or(0, str::len), e.data().as_ref().len()))
             .collect();
-        let take = batch::fits(sizes.iter().copied(), BatchLimits::default()).max(1);
+        let take = batch::fits(sizes.iter().copied(), BatchLimits::for_stream(target.limits)).max(1);
         let bytes: usize = sizes[..take].iter().sum();
         target.limiter.acquire(take, bytes).await;
         let mut pending: Vec<(String, PutRecordsRequestEntry)> = entries.drain(..take).collect();

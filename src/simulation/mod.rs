@@ -637,6 +637,8 @@ fn spawn_writer(
         queue,
         open_shards: watch::channel(1).1,
         shard_map: watch::channel(Arc::new(ShardMap::default())).1,
+        limits: watch::channel(crate::record::StreamLimits::default()).1,
+        dead_letter_limits: crate::record::StreamLimits::default(),
         share,
         metrics: Arc::new(Metrics::new()),
         removed: CancellationToken::new(),

@@ -1,13 +1,15 @@
 //! How many queued records go into the next PutRecords request.
 //!
 //! Sizes are measured on the encoded request (the data travels base64-encoded in JSON), so a
-//! batch never crosses the service's 5 MiB request limit whatever the wire protocol.
+//! batch never crosses the stream's request limit (5 MiB, or 10 MiB on a stream that takes
+//! records over 1 MiB) whatever the wire protocol.
 
 /// PutRecords accepts at most this many records per request.
 pub const MAX_BATCH_RECORDS: usize = 500;
-/// PutRecords accepts at most this many bytes per request.
+/// PutRecords accepts at most this many bytes per request (on a stream of 1 MiB records).
 pub const MAX_BATCH_BYTES: usize = 5 << 20;
 pub use crate::record::MAX_RECORD_BYTES;
+use crate::record::StreamLimits;
 
 /// Per-record overhead of the JSON envelope (field names, quotes, commas).
 const ENTRY_OVERHEAD: usize = 48;
@@ -22,11 +24,24 @@ pub fn encoded_size(partition_key_len: usize, data_len: usize) -> usize {
 pub struct BatchLimits {
     pub max_records: usize,
     pub max_bytes: usize,
+    /// The stream's largest record (data plus partition key).
+    pub max_record_bytes: usize,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_records: MAX_BATCH_RECORDS, max_bytes: MAX_BATCH_BYTES }
+        BatchLimits::for_stream(StreamLimits::default())
+    }
+}
+
+impl BatchLimits {
+    /// The requests a stream with these limits takes.
+    pub fn for_stream(limits: StreamLimits) -> Self {
+        BatchLimits {
+            max_records: MAX_BATCH_RECORDS,
+            max_bytes: limits.max_request_bytes(),
+            max_record_bytes: limits.max_record_bytes,
+        }
     }
 }
 
@@ -48,7 +63,10 @@ pub fn fits(sizes: impl IntoIterator<Item = usize>, limits: BatchLimits) -> usiz
 
 /// Whether the entries already fill a request, so there is no point waiting for more.
 pub fn is_full(records: usize, encoded_bytes: usize, limits: BatchLimits) -> bool {
-    records >= limits.max_records || encoded_bytes + encoded_size(0, MAX_RECORD_BYTES) > limits.max_bytes
+    // Room for one more record of the usual largest size (1 MiB): on a stream that takes larger
+    // ones, those are rare, and a batch does not stop lingering for them.
+    let usual = limits.max_record_bytes.min(MAX_RECORD_BYTES);
+    records >= limits.max_records || encoded_bytes + encoded_size(0, usual) > limits.max_bytes
 }
 
 #[cfg(test)]
@@ -64,22 +82,36 @@ mod tests {
         assert_eq!(fits(std::iter::repeat_n(big, 10), limits), 3);
         assert_eq!(fits(std::iter::empty(), limits), 0);
         assert_eq!(fits([MAX_BATCH_BYTES * 2], limits), 1);
+        let large = BatchLimits::for_stream(StreamLimits::from_kib(Some(10240)));
+        assert_eq!(large.max_bytes, 10 << 20);
+        assert_eq!(fits(std::iter::repeat_n(big, 10), large), 7);
+        assert!(!is_full(1, encoded_size(1, 6 << 20), large), "room for a usual record beside a 6 MiB one");
+        assert!(is_full(2, encoded_size(1, 6 << 20) + encoded_size(1, 3 << 20), large));
     }
 
     proptest! {
         #[test]
-        fn batches_respect_limits(sizes in proptest::collection::vec(1usize..=encoded_size(256, MAX_RECORD_BYTES), 0..1200)) {
-            let limits = BatchLimits::default();
+        fn batches_respect_limits(
+            max_record_kib in prop::sample::select(vec![1024, 4096, 10240]),
+            sizes in proptest::collection::vec(1usize..=encoded_size(256, MAX_RECORD_BYTES), 0..1200),
+            large in proptest::collection::vec((0usize..1200, 1usize..=10 << 20), 0..4),
+        ) {
+            let limits = BatchLimits::for_stream(StreamLimits::from_kib(Some(max_record_kib)));
+            let mut sizes = sizes;
+            for (at, data) in large {
+                sizes.insert(at.min(sizes.len()), encoded_size(1, data));
+            }
             let mut rest = &sizes[..];
             while !rest.is_empty() {
                 let n = fits(rest.iter().copied(), limits);
                 prop_assert!(n >= 1);
                 prop_assert!(n <= MAX_BATCH_RECORDS);
                 let bytes: usize = rest[..n].iter().sum();
-                prop_assert!(bytes <= MAX_BATCH_BYTES);
+                // Over the request limit only as one record alone (refused on its own if too large).
+                prop_assert!(bytes <= limits.max_bytes || n == 1);
                 // Maximal: the next entry would not have fitted.
                 if n < rest.len() && n < MAX_BATCH_RECORDS {
-                    prop_assert!(bytes + rest[n] > MAX_BATCH_BYTES);
+                    prop_assert!(bytes + rest[n] > limits.max_bytes);
                 }
                 rest = &rest[n..];
             }

@@ -10,11 +10,16 @@ use base64::Engine as _;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{self, BatchLimits, MAX_RECORD_BYTES};
+use super::batch::{self, BatchLimits};
 use super::put::{CallError, PutEdge};
 use super::retry::Backoff;
 use crate::aws::ErrorKind;
+use crate::record::StreamLimits;
 use crate::shutdown::Stopped;
+
+/// The error code of a record larger than its destination takes (its `MaxRecordSizeInKiB`):
+/// never sent, dead-lettered with both sizes in the message.
+pub const TOO_LARGE_FOR_DESTINATION: &str = "too_large_for_destination";
 
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -44,8 +49,15 @@ pub struct Envelope<'a> {
     /// Kept when the record was sent with one, so that a replay routes it the same way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explicit_hash_key: Option<&'a str>,
-    /// The record's data, base64-encoded.
+    /// The record's data, base64-encoded; empty when [`Envelope::data_omitted`].
     pub data: String,
+    /// The record is larger than the dead-letter stream takes even without its envelope: its data
+    /// is left out (read it from the source shard at `sequence_number` while it is retained).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub data_omitted: bool,
+    /// The size of the record's data, when it is left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_bytes: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -53,6 +65,8 @@ pub struct DeadLetter {
     pub stream: String,
     edge: Arc<dyn PutEdge>,
     backoff: Backoff,
+    /// What the dead-letter stream takes.
+    limits: StreamLimits,
 }
 
 /// One record for the dead-letter stream.
@@ -63,6 +77,8 @@ pub struct Letter {
     /// The envelope would not fit in a Kinesis record: these are the rejected bytes unchanged,
     /// with the origin in the partition key.
     pub unwrapped: bool,
+    /// Not even the bytes would fit: an envelope without them ([`Envelope::data_omitted`]).
+    pub omitted: bool,
 }
 
 /// Where a rejected record came from, as `shard/sequence number`.
@@ -83,10 +99,12 @@ fn key_within(text: &str, room: usize) -> String {
 }
 
 impl Letter {
-    /// The envelope for `r`; when it would not fit in one Kinesis record (a rejected record over
-    /// about 780 KB, once base64-encoded), the rejected bytes themselves, keyed by their origin.
-    pub fn new(source_stream: &str, destination: &str, r: &Rejected<'_>) -> Letter {
-        let envelope = Envelope {
+    /// The envelope for `r`; when it would not fit in one record of a stream that takes records
+    /// of up to `max_record_bytes` (at 1 MiB, a rejected record over about 780 KB, once
+    /// base64-encoded), the rejected bytes themselves, keyed by their origin; when not even those
+    /// fit, the envelope without the data.
+    pub fn new(source_stream: &str, destination: &str, r: &Rejected<'_>, max_record_bytes: usize) -> Letter {
+        let mut envelope = Envelope {
             source_stream,
             shard_id: r.shard_id,
             sequence_number: r.sequence_number,
@@ -95,8 +113,16 @@ impl Letter {
             error_message: &r.error_message,
             partition_key: r.partition_key,
             explicit_hash_key: r.explicit_hash_key,
-            data: base64::engine::general_purpose::STANDARD.encode(r.data),
+            data: String::new(),
+            data_omitted: false,
+            data_bytes: None,
         };
+        // Base64 is a third larger than the data: no point encoding what cannot fit.
+        if 4 * r.data.len().div_ceil(3) < max_record_bytes {
+            envelope.data = base64::engine::general_purpose::STANDARD.encode(r.data);
+        } else {
+            envelope.data_omitted = true;
+        }
         let data = serde_json::to_vec(&envelope).expect("envelope serialises");
         // The record's own key when Kinesis surely takes it (it may be why the record was
         // refused; 256 bytes also satisfies stores that count bytes, not characters).
@@ -104,11 +130,25 @@ impl Letter {
             Ok(()) if r.partition_key.len() <= 256 => r.partition_key.to_string(),
             _ => key_within(&origin(r), 256),
         };
-        if data.len() + partition_key.len() <= MAX_RECORD_BYTES {
-            return Letter { partition_key, data, unwrapped: false };
+        if !envelope.data_omitted && data.len() + partition_key.len() <= max_record_bytes {
+            return Letter { partition_key, data, unwrapped: false, omitted: false };
         }
-        let room = MAX_RECORD_BYTES.saturating_sub(r.data.len()).max(1);
-        Letter { partition_key: key_within(&origin(r), room), data: r.data.to_vec(), unwrapped: true }
+        let origin = origin(r);
+        // Keyed by as much of its origin as fits: a byte at least.
+        if r.data.len() < max_record_bytes {
+            let room = max_record_bytes.saturating_sub(r.data.len()).max(1);
+            return Letter {
+                partition_key: key_within(&origin, room),
+                data: r.data.to_vec(),
+                unwrapped: true,
+                omitted: false,
+            };
+        }
+        envelope.data = String::new();
+        envelope.data_omitted = true;
+        envelope.data_bytes = Some(r.data.len());
+        let data = serde_json::to_vec(&envelope).expect("envelope serialises");
+        Letter { partition_key, data, unwrapped: false, omitted: true }
     }
 
     fn entry(&self) -> PutRecordsRequestEntry {
@@ -135,7 +175,13 @@ pub enum Unsent {
 
 impl DeadLetter {
     pub fn new(stream: String, edge: Arc<dyn PutEdge>, backoff: Backoff) -> Self {
-        DeadLetter { stream, edge, backoff }
+        DeadLetter { stream, edge, backoff, limits: StreamLimits::default() }
+    }
+
+    /// What the dead-letter stream takes (its `MaxRecordSizeInKiB`).
+    pub fn with_limits(mut self, limits: StreamLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Writes every rejected record, in requests within Kinesis's limits (500 records, 5 MiB),
@@ -152,7 +198,9 @@ impl DeadLetter {
         stop: &CancellationToken,
         fence: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<u64, Unsent> {
-        let mut letters: Vec<Letter> = rejected.iter().map(|r| Letter::new(source_stream, destination, r)).collect();
+        let max_record_bytes = self.limits.max_record_bytes;
+        let mut letters: Vec<Letter> =
+            rejected.iter().map(|r| Letter::new(source_stream, destination, r, max_record_bytes)).collect();
         let mut unwrapped = 0;
         for (letter, r) in letters.iter().zip(rejected) {
             if letter.unwrapped {
@@ -166,9 +214,20 @@ impl DeadLetter {
                     "A rejected record is too large for an envelope; writing its bytes unchanged to the dead-letter stream, keyed by its origin."
                 );
             }
+            if letter.omitted {
+                tracing::warn!(
+                    destination,
+                    dead_letter_stream = %self.stream,
+                    origin = %origin(r),
+                    error_code = %r.error_code,
+                    bytes = r.data.len(),
+                    dead_letter_max_record_bytes = max_record_bytes,
+                    "A rejected record is larger than the dead-letter stream takes; its envelope names its origin without its data: read it from the source shard while it is retained."
+                );
+            }
         }
         while !letters.is_empty() {
-            let take = batch::fits(letters.iter().map(Letter::encoded_size), BatchLimits::default());
+            let take = batch::fits(letters.iter().map(Letter::encoded_size), BatchLimits::for_stream(self.limits));
             if !fence() {
                 return Err(Unsent::Fenced);
             }
@@ -223,6 +282,7 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::MAX_RECORD_BYTES;
     use crate::sink::put::EntryAnswer;
 
     fn rejected<'a>(data: &'a bytes::Bytes, partition_key: &'a str) -> Rejected<'a> {
@@ -240,7 +300,7 @@ mod tests {
     #[test]
     fn small_records_travel_in_envelopes_under_their_own_key() {
         let data = bytes::Bytes::from_static(b"hello");
-        let letter = Letter::new("in", "out", &rejected(&data, "pk-1"));
+        let letter = Letter::new("in", "out", &rejected(&data, "pk-1"), MAX_RECORD_BYTES);
         assert!(!letter.unwrapped);
         assert_eq!(letter.partition_key, "pk-1");
         let envelope: serde_json::Value = serde_json::from_slice(&letter.data).unwrap();
@@ -248,7 +308,8 @@ mod tests {
         assert!(envelope.get("explicit_hash_key").is_none(), "none was used");
         let with_key =
             Rejected { explicit_hash_key: Some("170141183460469231731687303715884105728"), ..rejected(&data, "pk-1") };
-        let envelope: serde_json::Value = serde_json::from_slice(&Letter::new("in", "out", &with_key).data).unwrap();
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&Letter::new("in", "out", &with_key, MAX_RECORD_BYTES).data).unwrap();
         assert_eq!(envelope["explicit_hash_key"], "170141183460469231731687303715884105728", "kept for a replay");
     }
 
@@ -256,7 +317,7 @@ mod tests {
     fn an_invalid_key_is_replaced_by_the_origin() {
         let data = bytes::Bytes::from_static(b"hello");
         let long = "k".repeat(300);
-        let letter = Letter::new("in", "out", &rejected(&data, &long));
+        let letter = Letter::new("in", "out", &rejected(&data, &long), MAX_RECORD_BYTES);
         assert!(letter.partition_key.starts_with("shardId-000000000003/4959"), "{}", letter.partition_key);
         assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok());
     }
@@ -265,13 +326,37 @@ mod tests {
     fn records_too_large_for_an_envelope_go_unchanged_keyed_by_origin() {
         for size in [800_000, MAX_RECORD_BYTES - 1] {
             let data = bytes::Bytes::from(vec![7u8; size]);
-            let letter = Letter::new("in", "out", &rejected(&data, "k"));
+            let letter = Letter::new("in", "out", &rejected(&data, "k"), MAX_RECORD_BYTES);
             assert!(letter.unwrapped, "{size}");
             assert_eq!(letter.data, data.to_vec());
             let origin = "shardId-000000000003/49590338271490256608559692538361571095921575989136588898";
             assert!(origin.starts_with(&letter.partition_key), "keyed by (as much as fits of) its origin");
             assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok(), "{size}");
         }
+    }
+
+    #[test]
+    fn a_dead_letter_stream_follows_its_own_maximum_and_names_what_it_cannot_hold() {
+        let large = bytes::Bytes::from(vec![7u8; 6 << 20]);
+        let too_large = Rejected { error_code: "too_large_for_destination".into(), ..rejected(&large, "k") };
+        // A dead-letter stream raised to 10 MiB holds the envelope, data included.
+        let letter = Letter::new("in", "out", &too_large, 10 << 20);
+        assert!(!letter.unwrapped && !letter.omitted);
+        let envelope: serde_json::Value = serde_json::from_slice(&letter.data).unwrap();
+        assert_eq!(envelope["error_code"], "too_large_for_destination");
+        assert_eq!(envelope["data"].as_str().unwrap().len(), 4 * (6usize << 20).div_ceil(3));
+        assert!(envelope.get("data_omitted").is_none());
+        // One at 1 MiB cannot hold the record at all: the envelope names its origin and size.
+        let letter = Letter::new("in", "out", &too_large, MAX_RECORD_BYTES);
+        assert!(letter.omitted && !letter.unwrapped);
+        assert!(letter.data.len() < 4096);
+        let envelope: serde_json::Value = serde_json::from_slice(&letter.data).unwrap();
+        assert_eq!(envelope["data_omitted"], true);
+        assert_eq!(envelope["data_bytes"], 6 << 20);
+        assert_eq!(envelope["data"], "");
+        assert_eq!(envelope["shard_id"], "shardId-000000000003");
+        assert_eq!(envelope["sequence_number"], "49590338271490256608559692538361571095921575989136588898");
+        assert_eq!(letter.partition_key, "k");
     }
 
     /// A put edge whose first answer covers only the first entry; every later answer is whole.

@@ -45,6 +45,10 @@ pub struct DestinationTask {
     pub queue: mpsc::UnboundedReceiver<Delivery>,
     /// Open shard count, refreshed by discovery; `auto` rates follow it.
     pub open_shards: watch::Receiver<u32>,
+    /// What the stream takes (its `MaxRecordSizeInKiB`), refreshed by discovery.
+    pub limits: watch::Receiver<crate::record::StreamLimits>,
+    /// What the group's dead-letter stream takes.
+    pub dead_letter_limits: crate::record::StreamLimits,
     /// The destination's shard hash ranges, for re-aggregation per shard.
     pub shard_map: watch::Receiver<Arc<ShardMap>>,
     /// This worker's share of the source's shards (1 alone): N workers together stay within

@@ -71,7 +71,10 @@ pub enum Payload {
 }
 
 /// The entries to write for `chunk`: (index of the source record, payload), in order.
-pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap) -> Vec<(u32, Payload)> {
+pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap, max_record_bytes: usize) -> Vec<(u32, Payload)> {
+    // An aggregate's partition key is one of its records' (up to 1,024 bytes of UTF-8).
+    let max_aggregate =
+        if max_record_bytes > crate::record::MAX_RECORD_BYTES { max_record_bytes - 1024 } else { MAX_AGGREGATE_BYTES };
     let mode = match mode {
         KplMode::Reaggregate if shards.is_empty() => KplMode::Deaggregate,
         other => other,
@@ -102,7 +105,7 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap) -> Vec<(u32, Paylo
             continue;
         }
         for (i, user) in users.iter().enumerate() {
-            if user.validate().is_err() {
+            if user.validate_within(max_record_bytes).is_err() {
                 // Never inside an aggregate: it could lend the aggregate an invalid partition key,
                 // and a consumer would get a record Kinesis itself refuses. Alone, it is refused
                 // (dead-lettered or held) on its own.
@@ -110,7 +113,7 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap) -> Vec<(u32, Paylo
                 continue;
             }
             let shard = shards.shard_of(user.hash_key()).unwrap_or(0);
-            let (aggregator, _) = open.entry(shard).or_insert_with(|| (Aggregator::new(MAX_AGGREGATE_BYTES), index));
+            let (aggregator, _) = open.entry(shard).or_insert_with(|| (Aggregator::new(max_aggregate), index));
             for packed in aggregator.add(user) {
                 out.push((index, built(packed, shards, shard)));
             }
@@ -157,13 +160,31 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// An entry to write, checked against Kinesis's limits once, here.
-    pub fn new(chunk: Arc<Chunk>, index: u32, payload: Payload, queued_at: Instant) -> Self {
+    /// An entry to write, checked here against Kinesis's limits for a stream that takes records
+    /// of up to `max_record_bytes`.
+    pub fn new(chunk: Arc<Chunk>, index: u32, payload: Payload, queued_at: Instant, max_record_bytes: usize) -> Self {
         let mut pending = Pending { chunk, index, payload, queued_at, retry: false, invalid: None, held: false };
-        pending.invalid =
-            crate::record::validate_entry(pending.partition_key(), pending.explicit_hash_key(), pending.data().len())
-                .err();
+        pending.check(max_record_bytes);
         pending
+    }
+
+    /// Checks the entry again against the stream's record size (it changed): returns whether it
+    /// is now too large. Only the size is checked again: other problems do not change with it.
+    pub fn check(&mut self, max_record_bytes: usize) -> bool {
+        if matches!(self.invalid, None | Some(crate::record::InvalidEntry::TooLarge { .. })) {
+            self.invalid = crate::record::validate_entry_within(
+                self.partition_key(),
+                self.explicit_hash_key(),
+                self.data().len(),
+                max_record_bytes,
+            )
+            .err();
+        }
+        self.too_large()
+    }
+
+    pub fn too_large(&self) -> bool {
+        matches!(self.invalid, Some(crate::record::InvalidEntry::TooLarge { .. }))
     }
 
     pub fn source(&self) -> &crate::record::SourceRecord {
@@ -270,14 +291,14 @@ mod tests {
     #[test]
     fn modes_build_the_expected_entries() {
         let c = chunk(vec![source(1, Some(users(40))), source(2, None)]);
-        let pass = build(&c, KplMode::Passthrough, &four_shards());
+        let pass = build(&c, KplMode::Passthrough, &four_shards(), crate::record::MAX_RECORD_BYTES);
         assert_eq!(pass, vec![(0, Payload::Source), (1, Payload::Source)]);
-        let deagg = build(&c, KplMode::Deaggregate, &four_shards());
+        let deagg = build(&c, KplMode::Deaggregate, &four_shards(), crate::record::MAX_RECORD_BYTES);
         assert_eq!(deagg.len(), 41);
         assert_eq!(deagg[40], (1, Payload::Source), "plain records pass through");
 
         let map = four_shards();
-        let reagg = build(&c, KplMode::Reaggregate, &map);
+        let reagg = build(&c, KplMode::Reaggregate, &map, crate::record::MAX_RECORD_BYTES);
         assert!(reagg.len() <= 5, "at most one aggregate per shard plus the plain record");
         let mut seen = 0;
         for (_, payload) in &reagg {

@@ -18,6 +18,7 @@ use crate::discovery::{Candidate, Change, Discovery, arn_place};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::record::StreamLimits;
 use crate::shutdown::TaskGroup;
 
 /// A running destination: its handle for the source, its shard feeds, its off switch.
@@ -27,6 +28,8 @@ struct Running {
     stream: String,
     handle: DestinationHandle,
     open_shards: watch::Sender<u32>,
+    /// What the stream takes, as discovery last read it.
+    limits: watch::Sender<StreamLimits>,
     shard_map: watch::Sender<Arc<ShardMap>>,
     removed: CancellationToken,
     kpl: KplMode,
@@ -63,6 +66,19 @@ pub struct PlaceClients {
 impl PlaceClients {
     pub fn new(clients: &crate::aws::KinesisClients) -> Self {
         PlaceClients { control: clients.control.clone(), edge: Arc::new(clients.writer.clone()) }
+    }
+}
+
+/// What a dead-letter stream takes: read once, when a destination of its group starts (1 MiB,
+/// the least any stream takes, when it cannot be read).
+async fn dead_letter_limits(control: &aws_sdk_kinesis::Client, stream: &str) -> StreamLimits {
+    match crate::aws::kinesis::describe_stream(control, stream).await {
+        Ok(Some(summary)) => summary.limits,
+        Ok(None) => StreamLimits::default(),
+        Err(err) => {
+            tracing::warn!(dead_letter_stream = stream, error = %err, "Cannot read the dead-letter stream's record size limit; assuming 1 MiB.");
+            StreamLimits::default()
+        }
     }
 }
 
@@ -147,8 +163,8 @@ impl Supervisor {
             Ok(changes) => {
                 for change in changes {
                     match change {
-                        Change::Writable { candidate, arn, open_shards } => {
-                            self.upsert(&candidate, &arn, open_shards).await
+                        Change::Writable { candidate, arn, open_shards, limits } => {
+                            self.upsert(&candidate, &arn, open_shards, limits).await
                         }
                         Change::Gone { place, name, why } => {
                             let id = self.running.iter().find(|(_, r)| r.place == place && r.stream == name);
@@ -194,8 +210,9 @@ impl Supervisor {
         }
     }
 
-    async fn upsert(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
+    async fn upsert(&mut self, candidate: &Candidate, arn: &str, open_shards: u32, limits: StreamLimits) {
         if let Some(running) = self.running.get(arn) {
+            running.limits.send_if_modified(|current| std::mem::replace(current, limits) != limits);
             let changed =
                 running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
             // A split and a merge keep the count but move the ranges: re-aggregation routes by
@@ -205,11 +222,16 @@ impl Supervisor {
             }
             return;
         }
-        self.start(candidate, arn, open_shards).await;
+        self.start(candidate, arn, open_shards, limits).await;
     }
 
-    async fn start(&mut self, candidate: &Candidate, arn: &str, open_shards: u32) {
+    async fn start(&mut self, candidate: &Candidate, arn: &str, open_shards: u32, limits: StreamLimits) {
         let place = &self.places[candidate.place];
+        let dead_letter_limits = match &self.settings.destinations[candidate.group].dead_letter_stream {
+            Some(stream) => dead_letter_limits(&place.control, stream).await,
+            None => StreamLimits::default(),
+        };
+        let (limits_tx, limits_rx) = watch::channel(limits);
         let map = open_ranges(&place.control, &candidate.name).await.unwrap_or_default();
         let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
         let group = Arc::new(self.settings.destinations[candidate.group].clone());
@@ -232,6 +254,8 @@ impl Supervisor {
             queue,
             open_shards: open_shards_rx,
             shard_map: shard_map_rx,
+            limits: limits_rx,
+            dead_letter_limits,
             share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),
@@ -243,7 +267,7 @@ impl Supervisor {
         self.writers.spawn(async move {
             task.run().await;
         });
-        tracing::info!(destination = %name, arn, open_shards, group = candidate.group, "Destination discovered; it receives every record read from now on.");
+        tracing::info!(destination = %name, arn, open_shards, group = candidate.group, max_record_bytes = limits.max_record_bytes, "Destination discovered; it receives every record read from now on.");
         self.running.insert(
             id,
             Running {
@@ -251,6 +275,7 @@ impl Supervisor {
                 stream: candidate.name.clone(),
                 handle,
                 open_shards: open_shards_tx,
+                limits: limits_tx,
                 shard_map: shard_map_tx,
                 removed,
                 kpl,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits};
-use super::dead_letter::DeadLetter;
+use super::dead_letter::{DeadLetter, TOO_LARGE_FOR_DESTINATION};
 use super::destination::{DestinationTask, Exit};
 use super::entries::{self, Payload, Pending};
 use super::ledger::Ledger;
@@ -21,6 +21,7 @@ use super::retry::{Backoff, EntryOutcome, classify_batch};
 use crate::aws::ErrorKind;
 use crate::fanout::Delivery;
 use crate::metrics::Outcome;
+use crate::record::InvalidEntry;
 use crate::shutdown::Stopped;
 
 pub(super) struct Writer {
@@ -49,10 +50,10 @@ impl DestinationTask {
         let backoff = Backoff::for_group(&group);
         let shards = *self.open_shards.borrow();
         let share = *self.share.borrow();
-        let dead_letter = group
-            .dead_letter_stream
-            .clone()
-            .map(|stream| DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()));
+        let dead_letter = group.dead_letter_stream.clone().map(|stream| {
+            DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()).with_limits(self.dead_letter_limits)
+        });
+        let limits = BatchLimits::for_stream(*self.limits.borrow());
         let mut writer = Writer {
             limiter: limiter_for(&group, shards, share),
             ledger: Ledger::new(Arc::clone(&self.id), Arc::clone(&self.metrics)),
@@ -61,7 +62,7 @@ impl DestinationTask {
             backoff,
             dead_letter,
             stalled: false,
-            limits: BatchLimits::default(),
+            limits,
             split: None,
             revocations: 0,
         };
@@ -193,6 +194,9 @@ impl Writer {
     async fn fill(&mut self) -> Result<(), Interrupt> {
         let shards_changed = self.task.open_shards.has_changed().unwrap_or(false);
         let share_changed = self.task.share.has_changed().unwrap_or(false);
+        if self.task.limits.has_changed().unwrap_or(false) {
+            self.follow_limits();
+        }
         if shards_changed || share_changed {
             let shards = *self.task.open_shards.borrow_and_update();
             let share = *self.task.share.borrow_and_update();
@@ -249,14 +253,50 @@ impl Writer {
         }
         let now = Instant::now();
         let map = Arc::clone(&self.task.shard_map.borrow());
-        let entries = entries::build(&chunk, self.task.group.kpl, &map);
+        let max_record_bytes = self.limits.max_record_bytes;
+        let entries = entries::build(&chunk, self.task.group.kpl, &map, max_record_bytes);
         let before = self.pending.len();
-        self.pending
-            .extend(entries.into_iter().map(|(index, payload)| Pending::new(Arc::clone(&chunk), index, payload, now)));
+        self.pending.extend(
+            entries
+                .into_iter()
+                .map(|(index, payload)| Pending::new(Arc::clone(&chunk), index, payload, now, max_record_bytes)),
+        );
         let added = self.pending.len() - before;
+        let too_large = self.pending.iter().skip(before).filter(|p| p.too_large()).count();
+        if too_large > 0 {
+            self.count_too_large(too_large);
+        }
         let bytes = self.pending.iter().skip(before).map(Pending::size).sum();
         self.ledger.open(chunk, permit, added, bytes);
         self.update_gauges();
+    }
+
+    /// Records larger than the destination takes: counted once each, as they are found.
+    fn count_too_large(&self, n: usize) {
+        self.task.metrics.destination_records_too_large.with_label_values(&[&*self.task.name]).inc_by(n as u64);
+        tracing::warn!(
+            destination = %self.task.name,
+            records = n,
+            max_record_bytes = self.limits.max_record_bytes,
+            "Records larger than this destination takes (its MaxRecordSizeInKiB); they go to the dead-letter stream as too_large_for_destination."
+        );
+    }
+
+    /// The destination's limits changed (discovery read its `MaxRecordSizeInKiB` again): batches
+    /// follow, and queued entries are checked again against the new record size.
+    fn follow_limits(&mut self) {
+        let limits = *self.task.limits.borrow_and_update();
+        let batch = BatchLimits::for_stream(limits);
+        if batch == self.limits {
+            return;
+        }
+        self.limits = batch;
+        tracing::info!(destination = %self.task.name, max_record_bytes = limits.max_record_bytes, max_request_bytes = limits.max_request_bytes(), "Destination record size limit changed; batches follow it.");
+        let was: usize = self.pending.iter().filter(|p| p.too_large()).count();
+        let now = self.pending.iter_mut().map(|p| p.check(limits.max_record_bytes)).filter(|large| *large).count();
+        if now > was {
+            self.count_too_large(now - was);
+        }
     }
 
     fn batch_full(&self) -> bool {
@@ -351,7 +391,10 @@ impl Writer {
         let batch: Vec<&Pending> = self.pending.iter().take(count).collect();
         let refused = |p: &Pending| {
             p.invalid.as_ref().map(|problem| EntryOutcome::Reject {
-                code: "ValidationException".into(),
+                code: match problem {
+                    InvalidEntry::TooLarge { .. } => TOO_LARGE_FOR_DESTINATION.into(),
+                    _ => "ValidationException".into(),
+                },
                 message: problem.to_string(),
             })
         };
@@ -630,6 +673,8 @@ pub(crate) mod tests {
             queue,
             open_shards: watch::channel(1).1,
             shard_map: watch::channel(Arc::new(ShardMap::default())).1,
+            limits: watch::channel(crate::record::StreamLimits::default()).1,
+            dead_letter_limits: crate::record::StreamLimits::default(),
             share: watch::channel(1.0).1,
             metrics: Arc::clone(&metrics),
             removed: CancellationToken::new(),

@@ -18,6 +18,8 @@ pub struct SourceStream {
     pub open_shards: u32,
     /// How long the source keeps records: a destination further behind loses records.
     pub retention: std::time::Duration,
+    /// The largest record it takes (and so may hold).
+    pub limits: crate::record::StreamLimits,
 }
 
 /// Looks the source stream up; a missing stream is a clear error.
@@ -34,6 +36,7 @@ pub async fn resolve_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Res
         arn: summary.arn,
         open_shards: summary.open_shards,
         retention: summary.retention,
+        limits: summary.limits,
     })
 }
 

@@ -14,6 +14,7 @@ mod detach;
 mod edges;
 mod faults;
 mod kpl;
+mod large_records;
 mod leases;
 mod network;
 mod operate;
