@@ -10,7 +10,7 @@ use std::time::Duration;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -21,6 +21,8 @@ use kinesis_fanout::metrics::Metrics;
 use kinesis_fanout::{Service, Settings};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::streams::{OnReadError, read_stream};
 
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -399,36 +401,8 @@ pub async fn put_all(client: &Client, stream: &str, records: &[Rec]) {
 
 /// Records of a stream, per shard, in shard order: (shard id, partition key, data).
 pub async fn read_all(client: &Client, stream: &str) -> Vec<(String, String, Vec<u8>)> {
-    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
-    let mut out = Vec::new();
-    for shard in shards.shards() {
-        let mut iterator = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator
-            .unwrap();
-        loop {
-            let page = client.get_records().shard_iterator(&iterator).limit(10_000).send().await.unwrap();
-            let empty = page.records().is_empty();
-            for r in page.records() {
-                out.push((
-                    shard.shard_id().to_string(),
-                    r.partition_key().unwrap_or_default().to_string(),
-                    r.data().as_ref().to_vec(),
-                ));
-            }
-            match page.next_shard_iterator() {
-                Some(next) if !empty => iterator = next.to_string(),
-                _ => break,
-            }
-        }
-    }
-    out
+    let records = read_stream(client, stream, OnReadError::Fail).await.expect("the stream reads back");
+    records.into_iter().map(|r| (r.shard, r.partition_key, r.data)).collect()
 }
 
 /// (partition key, data) pairs of a stream, sorted, for multiset comparison.
