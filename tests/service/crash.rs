@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::cluster::*;
+use crate::helpers::cluster::*;
 use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kinesis-fanout");

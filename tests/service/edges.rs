@@ -1,7 +1,7 @@
 //! The at-least-once promise where state is created or handed over: starting points, bad records,
 //! graceful stops under backpressure, resharding while running, lease handover.
 
-use crate::cluster::*;
+use crate::helpers::cluster::*;
 use crate::helpers::*;
 
 /// A service with either checkpoint backend.

@@ -8,7 +8,7 @@ use kinesis_fanout::record::SequenceNumber;
 use kinesis_fanout::source::assign::Assignment;
 use kinesis_fanout::source::shards::ShardInfo;
 
-use crate::cluster::*;
+use crate::helpers::cluster::*;
 use crate::helpers::*;
 
 const DESTINATIONS: [&str; 3] = ["out-a", "out-b", "out-c"];

@@ -5,14 +5,7 @@
 
 mod helpers;
 
-// Shared with the benchmark (and the demo): the DynamoDB double and the stream reader.
-#[path = "../common/dynamo.rs"]
-mod dynamo;
-#[path = "../common/streams.rs"]
-mod streams;
-
 mod cli;
-mod cluster;
 mod crash;
 mod dead_letters;
 mod destinations;

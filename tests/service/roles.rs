@@ -216,7 +216,7 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_assumes_roles_under_the_name_it_holds_leases_by() {
-    use crate::cluster::{Dynamo, Worker, owners, worker_toml};
+    use crate::helpers::cluster::{Dynamo, Worker, owners, worker_toml};
     let sts = Sts::start(Duration::from_secs(900)).await;
     let home = Emulator::start().await;
     let other = Emulator::with_options(StoreOptions { aws_account_id: "222222222222".into(), ..store_options() }).await;

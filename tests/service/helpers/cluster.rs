@@ -11,9 +11,9 @@ use kinesis_fanout::metrics::Metrics;
 use kinesis_fanout::{Service, Settings};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use super::*;
 
-pub use crate::dynamo::{Dynamo, DynamoMode};
+pub use super::dynamo::{Dynamo, DynamoMode};
 
 /// The lease table as the tests see it: through the proxy, so its faults apply to the tests' own
 /// looks too.
