@@ -18,13 +18,13 @@ pub struct Process {
     metrics: String,
 }
 
-/// Starts the binary on `config` (its `metrics.listen` port 0 replaced by a free port), with test
+/// Starts the binary on `config` (its metrics on a free port instead of port 0), with test
 /// credentials and the allocator setting the Dockerfile and the ECS task use.
-pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
+pub fn spawn(config: &TestConfig, dir: &Path, name: &str) -> Process {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let config = config.clone().set("metrics", "listen", &format!("127.0.0.1:{port}"));
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.toml()).unwrap();
     let child = tokio::process::Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
@@ -100,7 +100,7 @@ async fn setup() -> (Emulator, Vec<Rec>, tokio::task::JoinHandle<()>) {
 async fn killed_ten_times_loses_nothing_file_backend() {
     let (emulator, input, producer) = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("checkpoints.json"), "");
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&dir.path().join("checkpoints.json"));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut in_flight_bound = 0;
     for _ in 0..10 {
@@ -125,8 +125,7 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
     let (emulator, input, producer) = setup().await;
     let dynamo = Dynamo::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let configs: Vec<String> =
-        ["w1", "w2"].iter().map(|id| worker_toml(&emulator, &dynamo, "in", "^out-.*$", id)).collect();
+    let configs: Vec<TestConfig> = ["w1", "w2"].iter().map(|id| worker_config(&emulator, &dynamo, id)).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     let mut steady = spawn(&configs[1], dir.path(), "w2");
     let mut in_flight_bound = 0;
@@ -164,13 +163,10 @@ async fn two_workers_with_a_detached_destination_lose_nothing_after_a_sigkill() 
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let dynamo = Dynamo::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let configs: Vec<String> = ["w1", "w2"]
+    let configs: Vec<TestConfig> = ["w1", "w2"]
         .iter()
         .map(|id| {
-            worker_toml(&emulator, &dynamo, "in", "^out-.*$", id).replace(
-                "max_backoff = \"500ms\"",
-                "max_backoff = \"500ms\"\nmax_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"",
-            )
+            worker_config(&emulator, &dynamo, id).group("max_in_flight_bytes", "1MiB").group("detach_after", "1s")
         })
         .collect();
     let input = records(800, 6_000, 512);

@@ -8,7 +8,7 @@ async fn destinations_come_and_go_while_running() {
     create_stream(&client, "out-a", 1).await;
     create_stream(&client, "out-b", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
     let first = records(10, 200, 32);
     put_all(&client, "in", &first).await;

@@ -40,8 +40,8 @@ impl Instance {
     }
 }
 
-fn starting_at_latest(toml: String) -> String {
-    toml.replace("consumer_name = \"fanout-test\"", "consumer_name = \"fanout-test\"\ninitial_position = \"latest\"")
+fn starting_at_latest(config: TestConfig) -> String {
+    config.set("source", "initial_position", "latest").toml()
 }
 
 /// Starts at LATEST on a shard with history, stops gracefully once reading, writes, starts again:
@@ -70,7 +70,7 @@ async fn latest_survives_a_restart(emulator: &Emulator, toml: &str) {
 async fn a_shard_started_at_latest_copies_everything_written_after_the_first_start() {
     let (emulator, _client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = starting_at_latest(config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
+    let toml = starting_at_latest(TestConfig::new(&emulator.url).checkpoint_file(&checkpoint));
     latest_survives_a_restart(&emulator, &toml).await;
     let saved = std::fs::read_to_string(&checkpoint).unwrap();
     assert!(saved.contains("shardId-000000000000"), "{saved}");
@@ -80,7 +80,7 @@ async fn a_shard_started_at_latest_copies_everything_written_after_the_first_sta
 async fn a_shard_started_at_latest_copies_everything_written_after_the_first_start_with_the_lease_table() {
     let (emulator, _client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
-    let toml = starting_at_latest(worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1"));
+    let toml = starting_at_latest(worker_config(&emulator, &dynamo, "w1"));
     latest_survives_a_restart(&emulator, &toml).await;
 }
 
@@ -96,14 +96,12 @@ async fn a_graceful_stop_under_backpressure_flushes_what_was_queued_and_duplicat
     create_stream(&client, "out-b-narrow", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // Kinesis (the emulator's shard limits) throttles the narrow destination, not our limiter.
-    let toml = config_toml(
-        &emulator.url,
-        "in",
-        "^out-.*$",
-        &checkpoint,
-        "records_per_second = \"20000\"\nmax_in_flight_bytes = \"1MiB\"",
-    )
-    .replace("grace_period = \"10s\"", "grace_period = \"60s\"");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("records_per_second", "20000")
+        .group("max_in_flight_bytes", "1MiB")
+        .set("shutdown", "grace_period", "60s")
+        .toml();
     let input = records(1300, 15_000, 100);
     put_all(&client, "in", &input).await;
 
@@ -168,13 +166,11 @@ async fn one_invalid_user_record_is_dead_lettered_alone_and_the_rest_arrive() {
     ];
     let (aggregate, expected) = aggregate_with(&invalid, 40);
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(
-        &emulator.url,
-        "in",
-        "^out-.*$",
-        &checkpoint,
-        "kpl = \"deaggregate\"\ndead_letter_stream = \"dlq\"",
-    );
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("kpl", "deaggregate")
+        .group("dead_letter_stream", "dlq")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     put_all(&client, "in", &[("a".to_string(), aggregate)]).await;
     wait_until("every valid user record arrived", || async { all_hold(&client, &["out-kpl"], &expected).await }).await;
@@ -202,7 +198,7 @@ async fn dead_letters_respect_kinesis_limits_and_oversized_ones_go_unwrapped() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1), ("dlq", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "dead_letter_stream = \"dlq\"");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "dlq").toml();
     // Ten envelopes of about 800 KB (too many for one 5 MiB request), two records whose
     // envelopes would pass 1 MiB, and small ones.
     let mut input = records(1400, 10, 600_000);
@@ -268,7 +264,7 @@ async fn split_in_half(client: &aws_sdk_kinesis::Client, stream: &str, shard: &s
 async fn at_latest_a_split_while_running_reads_children_only_after_their_parent() {
     let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = starting_at_latest(config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
+    let toml = starting_at_latest(TestConfig::new(&emulator.url).checkpoint_file(&checkpoint));
     let service = Running::start(&toml, &emulator.url);
     wait_until("both shards read", || async {
         service.health.reading_spans().iter().filter(|s| s.stopped.is_none()).count() == 2
@@ -324,7 +320,7 @@ async fn at_latest_a_split_while_running_reads_children_only_after_their_parent(
 async fn a_destination_missing_from_one_list_streams_answer_is_kept_while_it_exists() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let first = records(1500, 100, 32);
     put_all(&client, "in", &first).await;
     service.wait_accepted("out-b", 100).await;
@@ -346,8 +342,8 @@ async fn a_destination_missing_from_one_list_streams_answer_is_kept_while_it_exi
 async fn a_draining_worker_takes_no_lease() {
     let (emulator, client) = with_streams(&[("in", 4), ("out-a", 1)]).await;
     let dynamo = Dynamo::start().await;
-    let w1 = Worker::start("w1", &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1"), &emulator.url);
-    let w2 = Worker::start("w2", &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w2"), &emulator.url);
+    let w1 = Worker::start("w1", &worker_config(&emulator, &dynamo, "w1").toml(), &emulator.url);
+    let w2 = Worker::start("w2", &worker_config(&emulator, &dynamo, "w2").toml(), &emulator.url);
     wait_until("two leases each", || async {
         let owned = owners(&dynamo.leases("leases").await);
         owned.get("w1") == Some(&2) && owned.get("w2") == Some(&2)
@@ -375,7 +371,7 @@ async fn a_draining_worker_takes_no_lease() {
 async fn a_reader_paused_by_backpressure_stays_ready() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "max_in_flight_bytes = \"1MiB\"");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("max_in_flight_bytes", "1MiB").toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
     // Throttled, not broken: ordinary backpressure, for longer than a subscription may be silent.
@@ -403,7 +399,7 @@ async fn a_held_record_is_counted_rejected_once() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     put_all(&client, "in", &records(1800, 100, 16)).await;
     wait_until("held", || async { service.counter("out-denied", "rejected") >= 100 }).await;
     let puts = emulator.calls("PutRecords");
@@ -441,8 +437,11 @@ async fn reaggregation_follows_a_reshard_that_keeps_the_shard_count() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-kpl", 2)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // Discovery rounds are far apart: only the PutRecords answers can tell the map is stale.
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "kpl = \"reaggregate\"")
-        .replace("refresh_interval = \"1s\"", "refresh_interval = \"1h\"");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("kpl", "reaggregate")
+        .group("refresh_interval", "1h")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     let arrived = |users: Vec<Rec>| {
         let client = client.clone();
@@ -551,8 +550,7 @@ async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
     // A slow destination: most of what is read waits in the queue.
-    let toml = worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1")
-        .replace("max_backoff = \"500ms\"", "max_backoff = \"500ms\"\nrecords_per_second = \"200\"");
+    let toml = worker_config(&emulator, &dynamo, "w1").group("records_per_second", "200").toml();
     let w1 = Worker::start("w1", &toml, &emulator.url);
     wait_until("w1 holds the lease", || async { owners(&dynamo.leases("leases").await).get("w1") == Some(&1) }).await;
     let input = records(2000, 20_000, 64);
@@ -588,7 +586,7 @@ async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
 async fn a_finished_lease_is_deleted_once_its_children_started_and_never_read_again() {
     let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     let dynamo = Dynamo::start().await;
-    let toml = worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w1");
+    let toml = worker_config(&emulator, &dynamo, "w1").toml();
     let worker = Worker::start("w1", &toml, &emulator.url);
     let before = records(2100, 200, 32);
     put_all(&client, "in", &before).await;
@@ -635,13 +633,11 @@ async fn a_shard_started_at_a_timestamp_keeps_its_place_across_a_restart() {
     // Arrival times have whole-second resolution here: start two seconds after the history.
     let at = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "").replace(
-        "consumer_name = \"fanout-test\"",
-        &format!(
-            "consumer_name = \"fanout-test\"\ninitial_position = \"at_timestamp\"\ninitial_timestamp = \"{}\"",
-            humantime::format_rfc3339_seconds(at)
-        ),
-    );
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .set("source", "initial_position", "at_timestamp")
+        .set("source", "initial_timestamp", &humantime::format_rfc3339_seconds(at).to_string())
+        .toml();
     wait_until("the start time has passed", || async { std::time::SystemTime::now() > at }).await;
     let first = Instance::start(&toml, &emulator.url);
     first.wait_reading(1).await;

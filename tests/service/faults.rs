@@ -38,8 +38,11 @@ async fn stuck_destination(hold: Duration, throttle: bool) {
     let (_dir, checkpoint) = temp_checkpoint();
     let budget: u64 = 1 << 20;
     // The live feed waits for the broken destination (no detaching): this is the backpressure path.
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"off\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "off")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
 
     // 6 MiB of records: far more than the broken destination's 1 MiB budget.
@@ -102,7 +105,8 @@ async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     // The dead-letter stream matches the pattern too: it must never be a destination.
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"dead_letter_stream = "out-dlq""#);
+    let toml =
+        TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "out-dlq").toml();
     let service = Running::start(&toml, &emulator.url);
     let input = records(30, 300, 16);
     put_all(&client, "in", &input).await;
@@ -138,7 +142,7 @@ async fn without_a_dead_letter_stream_a_rejecting_destination_stalls_loudly_then
     }
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let input = records(31, 100, 16);
     put_all(&client, "in", &input).await;
     service.wait_accepted("out-ok", 100).await;

@@ -71,7 +71,7 @@ async fn run_mode(
     create_stream(&client, "in", 2).await;
     create_stream(&client, "out-kpl", 4).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, &format!("kpl = \"{mode}\""));
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("kpl", mode).toml();
     let service = Running::start(&toml, &emulator.url);
     let input = input();
     put_all(&client, "in", &input.source).await;

@@ -24,9 +24,7 @@ async fn setup(shards: i32) -> (Emulator, Dynamo) {
 }
 
 fn start_workers(emulator: &Emulator, dynamo: &Dynamo, ids: &[&str]) -> Vec<Worker> {
-    ids.iter()
-        .map(|id| Worker::start(id, &worker_toml(emulator, dynamo, "in", "^out-.*$", id), &emulator.url))
-        .collect()
+    ids.iter().map(|id| Worker::start(id, &worker_config(emulator, dynamo, id).toml(), &emulator.url)).collect()
 }
 
 /// Waits until the table shows `counts` and every worker reads exactly the shards it holds (a
@@ -285,8 +283,7 @@ async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases()
     let (emulator, dynamo) = setup(2).await;
     let workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
     wait_settled(&dynamo, &workers, vec![1, 1]).await;
-    let settings =
-        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "cli")).unwrap();
+    let settings = kinesis_fanout::Settings::from_toml(&worker_config(&emulator, &dynamo, "cli").toml()).unwrap();
     let sdk = sdk_config(&emulator.url);
     let input = records(67, 300, 32);
     put_all(&emulator.client(), "in", &input).await;
@@ -352,7 +349,7 @@ async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents
     create_stream(&client, "in", 1).await;
     create_stream(&client, "out-a", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
     let service = Running::start(&toml, &emulator.url);
     put_all(&client, "in", &records(69, 100, 32)).await;
     service.wait_accepted("out-a", 100).await;
@@ -435,8 +432,7 @@ async fn an_unreadable_lease_item_is_skipped_and_counted_and_the_takeovers_go_on
     assert_eq!(bad, ["app:other-stream:shardId-000000000000", "shardId-hand-edited"]);
     assert!(rows.1.iter().all(|u| u.reason.contains("leaseCounter")), "{:?}", rows.1);
     // The operator's `leases` command shows it, with why.
-    let settings =
-        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "op")).unwrap();
+    let settings = kinesis_fanout::Settings::from_toml(&worker_config(&emulator, &dynamo, "op").toml()).unwrap();
     let shown = kinesis_fanout::operate::leases::rows(&settings, &sdk_config(&emulator.url), Some(Duration::ZERO))
         .await
         .unwrap();
@@ -547,13 +543,8 @@ async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
     // The old owner is rate-limited so that a full batch waits on its limiter far longer than
     // the new owner's wait of a failover time plus the settle time (500 records at 15/s: 33 s);
     // the new owner is not, so that its first request comes soon after its wait.
-    let slow = "records_per_second = \"15\"";
-    let w1 = Worker::start_signing_as(
-        "w1",
-        &worker_toml_with(&emulator, &dynamo, "in", "^out-.*$", "w1", slow),
-        &emulator.url,
-        "AKIDW1",
-    );
+    let slow = worker_config(&emulator, &dynamo, "w1").group("records_per_second", "15");
+    let w1 = Worker::start_signing_as("w1", &slow.toml(), &emulator.url, "AKIDW1");
     wait_settled(&dynamo, std::slice::from_ref(&w1), vec![2]).await;
     let producing = tokio::spawn({
         let client = client.clone();
@@ -566,12 +557,7 @@ async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
     });
     tokio::time::sleep(Duration::from_secs(5)).await;
     // A second worker steals one of w1's two leases while w1 has batches waiting.
-    let w2 = Worker::start_signing_as(
-        "w2",
-        &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w2"),
-        &emulator.url,
-        "AKIDW2",
-    );
+    let w2 = Worker::start_signing_as("w2", &worker_config(&emulator, &dynamo, "w2").toml(), &emulator.url, "AKIDW2");
     wait_until("w2 holds a lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&1) }).await;
     let stolen = dynamo.leases("leases").await.into_iter().find(|l| l.owner.as_deref() == Some("w2")).unwrap().key;
     let shards = client.list_shards().stream_name("in").send().await.unwrap();

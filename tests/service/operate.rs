@@ -19,7 +19,7 @@ async fn metrics_move_during_replication_and_readiness_follows_destinations() {
     let client = emulator.client();
     create_stream(&client, "in", 2).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
     assert_eq!(service.get("/healthz").await, (200, "ok\n".to_string()));
     wait_until("readyz explains what is missing", || async {
@@ -86,10 +86,11 @@ async fn idle_webhook_fires_once_per_burst() {
     create_stream(&client, "in", 1).await;
     create_stream(&client, "out-idle", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = format!(
-        "{}\n[idle]\nafter = \"1s\"\nwebhook_url = \"{hook}\"\n",
-        config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "")
-    );
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .set("idle", "after", "1s")
+        .set("idle", "webhook_url", &hook)
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
 

@@ -14,8 +14,14 @@ async fn copies_every_record_to_every_destination_exactly_once() {
     }
     create_stream(&client, "unrelated", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service =
-        Running::start(&config_toml(&emulator.url, "app-input", "^app-output-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(
+        &TestConfig::new(&emulator.url)
+            .source("app-input")
+            .pattern("^app-output-.*$")
+            .checkpoint_file(&checkpoint)
+            .toml(),
+        &emulator.url,
+    );
 
     let input = records(1, 5_000, 100);
     put_all(&client, "app-input", &input).await;
@@ -41,7 +47,7 @@ async fn short_sessions_resubscribe_without_loss_or_replay() {
     // The first subscriptions find another session still open (AWS's 5-second rule).
     emulator.faults.lock().unwrap().subscribe_in_use = 2;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
     // Produce until each shard has lived through at least 3 sessions (2 s each).
     let mut all = Vec::new();
@@ -74,7 +80,7 @@ async fn throttled_destination_gets_every_record_and_only_failed_ones_are_resent
     create_stream(&client, "out-narrow", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // A limiter set far above the shard's 1,000 records/s, so that Kinesis does the throttling.
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"records_per_second = "20000""#);
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("records_per_second", "20000").toml();
     let service = Running::start(&toml, &emulator.url);
 
     // 3,000 records per second for two seconds.
@@ -103,7 +109,7 @@ async fn graceful_stop_then_restart_copies_only_new_records() {
     create_stream(&client, "out-1", 1).await;
     create_stream(&client, "out-2", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
 
     let first = records(300, 1_000, 64);
     let service = Running::start(&toml, &emulator.url);
@@ -138,7 +144,11 @@ async fn source_matching_the_pattern_is_never_written_to() {
     create_stream(&client, "app-output-copy", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(
-        &config_toml(&emulator.url, "app-output-source", "^app-output-.*$", &checkpoint, ""),
+        &TestConfig::new(&emulator.url)
+            .source("app-output-source")
+            .pattern("^app-output-.*$")
+            .checkpoint_file(&checkpoint)
+            .toml(),
         &emulator.url,
     );
     let input = records(400, 300, 32);
@@ -156,13 +166,18 @@ async fn missing_or_deleted_source_is_a_clear_error() {
     let client = emulator.client();
     create_stream(&client, "out-x", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let missing =
-        Running::start(&config_toml(&emulator.url, "no-such-input", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let missing = Running::start(
+        &TestConfig::new(&emulator.url).source("no-such-input").checkpoint_file(&checkpoint).toml(),
+        &emulator.url,
+    );
     let err = missing.finished().await.unwrap_err();
     assert!(err.to_string().contains("`no-such-input` does not exist"), "{err}");
 
     create_stream(&client, "doomed", 1).await;
-    let service = Running::start(&config_toml(&emulator.url, "doomed", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(
+        &TestConfig::new(&emulator.url).source("doomed").checkpoint_file(&checkpoint).toml(),
+        &emulator.url,
+    );
     put_all(&client, "doomed", &records(500, 10, 10)).await;
     service.wait_accepted("out-x", 10).await;
     client.delete_stream().stream_name("doomed").enforce_consumer_deletion(true).send().await.unwrap();

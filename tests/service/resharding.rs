@@ -82,7 +82,7 @@ async fn split_and_merge_keep_every_record_and_per_key_order() {
     create_stream(&client, "out-wide", 3).await;
     create_stream(&client, "out-one", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let source = produce_with_split_and_merge(&emulator).await;
     let total = source.values().map(Vec::len).sum::<usize>() as u64;
     service.wait_accepted("out-wide", total).await;

@@ -29,36 +29,10 @@ impl Dynamo {
     }
 }
 
-/// A config using the lease table, for worker `id`.
-pub fn worker_toml(emulator: &Emulator, dynamo: &Dynamo, source: &str, pattern: &str, id: &str) -> String {
-    worker_toml_with(emulator, dynamo, source, pattern, id, "")
-}
-
-/// As [`worker_toml`], with `extra` keys for the destination group.
-pub fn worker_toml_with(
-    emulator: &Emulator,
-    dynamo: &Dynamo,
-    source: &str,
-    pattern: &str,
-    id: &str,
-    extra: &str,
-) -> String {
-    let dir = std::env::temp_dir();
-    let base = config_toml(&emulator.url, source, pattern, &dir.join("unused.json"), extra);
-    let checkpoint = format!(
-        r#"[checkpoint]
-backend = "dynamodb"
-table_name = "leases"
-endpoint_url = "{}"
-failover_time = "3s"
-worker_id = "{id}"
-interval = "200ms"
-"#,
-        dynamo.url
-    );
-    let start = base.find("[checkpoint]").unwrap();
-    let end = base.find("[metrics]").unwrap();
-    format!("{}{checkpoint}\n{}", &base[..start], &base[end..])
+/// The template config with checkpoints and leases in the table `leases` of `dynamo`, as
+/// worker `id`.
+pub fn worker_config(emulator: &Emulator, dynamo: &Dynamo, id: &str) -> TestConfig {
+    TestConfig::new(&emulator.url).lease_table(&dynamo.url, id)
 }
 
 /// A worker in a runtime of its own.
