@@ -115,3 +115,30 @@ async fn idle_webhook_fires_once_per_burst() {
     let bursts = events.iter().filter(|e| e.records_copied > 0).count();
     assert_eq!(bursts, 2, "one event per busy-to-idle transition: {events:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_paused_by_backpressure_stays_ready() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("max_in_flight_bytes", "1MiB").toml();
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
+    // Throttled, not broken: ordinary backpressure, for longer than a subscription may be silent.
+    emulator.faults.lock().unwrap().throttle_puts_to = Some("out-1".into());
+    let input = records(1700, 15_000, 100);
+    put_all(&client, "in", &input).await;
+    wait_until("the reader waits for buffer space", || async {
+        service.metrics.buffered_bytes.with_label_values(&["out-1"]).get() > 900_000
+    })
+    .await;
+    let until =
+        tokio::time::Instant::now() + kinesis_fanout::health::SUBSCRIPTION_STALE + std::time::Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let (status, body) = service.get("/readyz").await;
+        assert_eq!(status, 200, "backpressure is not a failure: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    emulator.faults.lock().unwrap().throttle_puts_to = None;
+    service.wait_accepted("out-1", input.len() as u64).await;
+    service.stop().await.unwrap();
+}

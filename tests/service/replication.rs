@@ -184,3 +184,46 @@ async fn missing_or_deleted_source_is_a_clear_error() {
     let err = service.finished().await.unwrap_err();
     assert!(err.to_string().contains("`doomed` was deleted"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_under_backpressure_flushes_what_was_queued_and_duplicates_nothing() {
+    let emulator =
+        Emulator::with_options(ferrokinesis::store::StoreOptions { enforce_limits: true, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 4).await;
+    // Budgets are taken by name: the wide destination's first, so a reader paused on the narrow
+    // one has already queued the chunk for the wide one.
+    create_stream(&client, "out-a-wide", 4).await;
+    create_stream(&client, "out-b-narrow", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // Kinesis (the emulator's shard limits) throttles the narrow destination, not our limiter.
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("records_per_second", "20000")
+        .group("max_in_flight_bytes", "1MiB")
+        .set("shutdown", "grace_period", "60s")
+        .toml();
+    let input = records(1300, 15_000, 100);
+    put_all(&client, "in", &input).await;
+
+    let first = Running::start(&toml, &emulator.url);
+    // Paused: the narrow destination's budget is full and it writes at its shard's pace.
+    first.wait_accepted("out-b-narrow", 1_500).await;
+    let progress = std::sync::Arc::clone(&first.progress);
+    first.stop().await.unwrap();
+    assert_eq!(
+        progress.outstanding(),
+        0,
+        "the drain ended because everything queued was written, not by the grace period"
+    );
+
+    let second = Running::start(&toml, &emulator.url);
+    wait_until("every destination holds every record", || async {
+        all_hold(&client, &["out-a-wide", "out-b-narrow"], &input).await
+    })
+    .await;
+    second.stop().await.unwrap();
+    for name in ["out-a-wide", "out-b-narrow"] {
+        assert_eq!(duplicates_in(&client, name).await, 0, "{name}: a graceful stop duplicates nothing");
+    }
+}

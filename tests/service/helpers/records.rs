@@ -157,3 +157,21 @@ pub fn records(seed: u64, n: usize, data_len: usize) -> Vec<Rec> {
         })
         .collect()
 }
+
+/// Splits `shard` of `stream` in the middle of its hash range and waits until the stream is
+/// ACTIVE again.
+pub async fn split_in_half(client: &Client, stream: &str, shard: &str) {
+    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
+    let range = shards.shards().iter().find(|s| s.shard_id() == shard).unwrap().hash_key_range().unwrap().clone();
+    let (start, end): (u128, u128) =
+        (range.starting_hash_key().parse().unwrap(), range.ending_hash_key().parse().unwrap());
+    client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(shard)
+        .new_starting_hash_key((start + (end - start) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(client, stream).await;
+}
