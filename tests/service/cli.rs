@@ -71,19 +71,15 @@ async fn bad_configs_exit_2_and_name_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_explains_every_stream_and_fails_on_a_missing_source() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    let streams = [
+    let (emulator, _client) = with_streams(&[
         ("app-input", 2),
         ("app-output-orders", 1),
         ("app-output-search", 1),
         ("app-output-scratch", 1),
         ("app-dlq", 1),
         ("other", 1),
-    ];
-    for (name, shards) in streams {
-        create_stream(&client, name, shards).await;
-    }
+    ])
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let config = TestConfig::new(&emulator.url)
         .source("app-input")
@@ -123,11 +119,8 @@ async fn check_explains_every_stream_and_fails_on_a_missing_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["app-input", "app-output-orders", "app-output-scratch", "app-dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, _client) =
+        with_streams(&[("app-input", 1), ("app-output-orders", 1), ("app-output-scratch", 1), ("app-dlq", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     // Two groups match app-output-orders; the first wins. The first also matches the source.
     let config = TestConfig::new(&emulator.url)
@@ -171,8 +164,7 @@ async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_runs_from_the_binary_in_text_and_json() {
-    let emulator = Emulator::start().await;
-    create_stream(&emulator.client(), "in", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     let path =
         write(dir.path(), "c.toml", &TestConfig::new(&emulator.url).checkpoint_file(&dir.path().join("c.json")).toml());
@@ -188,10 +180,7 @@ async fn leases_runs_from_the_binary_in_text_and_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_replay_refuses_to_send_unasked_and_counts_a_dry_run() {
-    let emulator = Emulator::start().await;
-    for name in ["in", "dlq"] {
-        create_stream(&emulator.client(), name, 1).await;
-    }
+    let (emulator, _client) = with_streams(&[("in", 1), ("dlq", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = TestConfig::new(&emulator.url)
         .checkpoint_file(&dir.path().join("c.json"))
@@ -274,9 +263,7 @@ fn the_documented_example_config_loads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_probes_the_admin_port() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let addr = service.admin.to_string();
@@ -289,10 +276,7 @@ async fn healthcheck_probes_the_admin_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_file_is_refused_until_reset_explicitly() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-x", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-x", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("checkpoints.json");
     std::fs::write(&checkpoint, b"{\"version\":1,\"source_str").unwrap();

@@ -79,12 +79,7 @@ async fn duplicates(emulator: &Emulator) -> usize {
 }
 
 async fn setup() -> (Emulator, Vec<Rec>, tokio::task::JoinHandle<()>) {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in OUTPUTS {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), (OUTPUTS[0], 2), (OUTPUTS[1], 2), (OUTPUTS[2], 2)]).await;
     let input = records(700, 30_000, 64);
     let producing = input.clone();
     let producer = tokio::spawn(async move {
@@ -154,12 +149,7 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_with_a_detached_destination_lose_nothing_after_a_sigkill() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in ["out-1", "out-2", "out-broken"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1), ("out-2", 1), ("out-broken", 1)]).await;
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let dynamo = Dynamo::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -2,11 +2,7 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destinations_come_and_go_while_running() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-a", 1).await;
-    create_stream(&client, "out-b", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 

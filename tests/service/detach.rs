@@ -213,10 +213,7 @@ async fn a_restart_during_detachment_resumes_each_destination_from_its_own_posit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_stream() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-a", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-a", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml =
         TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("start_position", "trim_horizon").toml();
@@ -248,12 +245,7 @@ async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
     // The emulator's default events: up to 10,000 records each, far more than the budget.
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in ["out-a", "out-b"] {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), ("out-a", 2), ("out-b", 2)]).await;
     let input = records(61, 12_000, 1_024);
     put_all(&client, "in", &input).await;
     let (_dir, checkpoint) = temp_checkpoint();

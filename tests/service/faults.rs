@@ -97,11 +97,7 @@ struct Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
     use base64::Engine as _;
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-ok", "out-denied", "out-dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-ok", 1), ("out-denied", 1), ("out-dlq", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     // The dead-letter stream matches the pattern too: it must never be a destination.
@@ -135,11 +131,7 @@ async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_dead_letter_stream_a_rejecting_destination_stalls_loudly_then_recovers() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-ok", "out-denied"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-ok", 1), ("out-denied", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);

@@ -66,10 +66,7 @@ fn input() -> Input {
 async fn run_mode(
     mode: &str,
 ) -> (Vec<(String, String, Option<String>, Vec<u8>)>, Input, u64, BTreeMap<String, (u128, u128)>) {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-kpl", 4).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-kpl", 4)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("kpl", mode).toml();
     let service = Running::start(&toml, &emulator.url);

@@ -14,12 +14,8 @@ use crate::helpers::*;
 const DESTINATIONS: [&str; 3] = ["out-a", "out-b", "out-c"];
 
 async fn setup(shards: i32) -> (Emulator, Dynamo) {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", shards).await;
-    for name in DESTINATIONS {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, _client) =
+        with_streams(&[("in", shards), (DESTINATIONS[0], 2), (DESTINATIONS[1], 2), (DESTINATIONS[2], 2)]).await;
     (emulator, Dynamo::start().await)
 }
 
@@ -344,10 +340,7 @@ async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-a", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
     let service = Running::start(&toml, &emulator.url);

@@ -15,9 +15,7 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_during_replication_and_readiness_follows_destinations() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
+    let (emulator, client) = with_streams(&[("in", 2)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
@@ -81,10 +79,7 @@ async fn idle_webhook_fires_once_per_burst() {
     let hook = format!("http://{}/idle", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, receiver).await });
 
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-idle", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-idle", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url)
         .checkpoint_file(&checkpoint)

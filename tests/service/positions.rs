@@ -87,11 +87,8 @@ async fn a_shard_started_at_latest_copies_everything_written_after_the_first_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_started_at_a_timestamp_keeps_its_place_across_a_restart() {
-    let emulator = Emulator::start().await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
     emulator.faults.lock().unwrap().honour_starting_position = true;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-1", 1).await;
     let history = records(2200, 30, 32);
     put_all(&client, "in", &history).await;
     // Arrival times have whole-second resolution here: start two seconds after the history.

@@ -82,11 +82,7 @@ async fn tag(client: &aws_sdk_kinesis::Client, stream: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_tags_are_read_once_per_refresh_interval() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a", "out-b", "other"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1), ("other", 1)]).await;
     tag(&client, "out-a").await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url)
@@ -124,11 +120,7 @@ fn found_and_gone(changes: Vec<kinesis_fanout::discovery::Change>) -> (Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_selected_destination_stays_while_its_tags_cannot_be_read() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1)]).await;
     tag(&client, "out-a").await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url)

@@ -6,13 +6,14 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_every_record_to_every_destination_exactly_once() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "app-input", 2).await;
-    for name in ["app-output-orders", "app-output-search", "app-output-audit"] {
-        create_stream(&client, name, 2).await;
-    }
-    create_stream(&client, "unrelated", 1).await;
+    let (emulator, client) = with_streams(&[
+        ("app-input", 2),
+        ("app-output-orders", 2),
+        ("app-output-search", 2),
+        ("app-output-audit", 2),
+        ("unrelated", 1),
+    ])
+    .await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(
         &TestConfig::new(&emulator.url)
@@ -103,11 +104,7 @@ async fn throttled_destination_gets_every_record_and_only_failed_ones_are_resent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_then_restart_copies_only_new_records() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-1", 1).await;
-    create_stream(&client, "out-2", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1), ("out-2", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
 
@@ -138,10 +135,7 @@ async fn graceful_stop_then_restart_copies_only_new_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_matching_the_pattern_is_never_written_to() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "app-output-source", 1).await;
-    create_stream(&client, "app-output-copy", 1).await;
+    let (emulator, client) = with_streams(&[("app-output-source", 1), ("app-output-copy", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(
         &TestConfig::new(&emulator.url)
@@ -162,9 +156,7 @@ async fn source_matching_the_pattern_is_never_written_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_deleted_source_is_a_clear_error() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "out-x", 1).await;
+    let (emulator, client) = with_streams(&[("out-x", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let missing = Running::start(
         &TestConfig::new(&emulator.url).source("no-such-input").checkpoint_file(&checkpoint).toml(),

@@ -76,11 +76,7 @@ pub async fn produce_with_split_and_merge(emulator: &Emulator) -> BTreeMap<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_keep_every_record_and_per_key_order() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-wide", 3).await;
-    create_stream(&client, "out-one", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-wide", 3), ("out-one", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let source = produce_with_split_and_merge(&emulator).await;
