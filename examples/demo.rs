@@ -19,6 +19,11 @@ use kinesis_fanout::{Service, Settings};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+// Shared with the service tests and the benchmark.
+#[path = "../tests/common/streams.rs"]
+mod streams;
+use streams::{OnReadError, read_stream};
+
 const OUTPUTS: [&str; 3] = ["app-output-orders", "app-output-search", "app-output-audit"];
 const LATE_OUTPUT: &str = "app-output-billing";
 const RECORDS_PER_SECOND: usize = 400;
@@ -81,42 +86,15 @@ async fn produce(client: Client, stop: CancellationToken, produced: Produced) {
 
 /// The order numbers a stream holds, one per record (duplicates kept).
 async fn orders_in(client: &Client, stream: &str) -> anyhow::Result<Vec<u64>> {
-    let mut orders = Vec::new();
-    let shards = client.list_shards().stream_name(stream).send().await?;
-    for shard in shards.shards() {
-        let mut iterator = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
-            .send()
-            .await?
-            .shard_iterator
-            .unwrap_or_default();
-        loop {
-            let page = match client.get_records().shard_iterator(&iterator).send().await {
-                Ok(page) => page,
-                // The emulator keeps GetRecords' limits: wait and ask again.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-            };
-            for record in page.records() {
-                let body = String::from_utf8_lossy(record.data().as_ref()).into_owned();
-                let order: Option<u64> =
-                    body.split("\"order\":").nth(1).and_then(|r| r.split(',').next()).and_then(|d| d.parse().ok());
-                orders.extend(order);
-            }
-            match page.next_shard_iterator() {
-                Some(next) if !page.records().is_empty() || page.millis_behind_latest().is_some_and(|ms| ms > 0) => {
-                    iterator = next.to_string();
-                }
-                _ => break,
-            }
-        }
-    }
-    Ok(orders)
+    // The emulator keeps GetRecords' limits: a refused read waits and asks again.
+    let records = read_stream(client, stream, OnReadError::Retry(Duration::from_millis(250))).await?;
+    Ok(records
+        .iter()
+        .filter_map(|record| {
+            let body = String::from_utf8_lossy(&record.data);
+            body.split("\"order\":").nth(1).and_then(|r| r.split(',').next()).and_then(|d| d.parse().ok())
+        })
+        .collect())
 }
 
 fn total(metrics: &kinesis_fanout::metrics::Metrics, destination: &str, outcome: &str) -> u64 {

@@ -12,70 +12,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::types::ShardIteratorType;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
 use kinesis_fanout::lease::{Lease, LeaseTable, Position, balance};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Report, create, free_port, produce, round2, run_binary, sdk};
-
-/// DynamoDB calls the workers made, by kind.
-#[derive(Default)]
-struct Calls {
-    reads: AtomicU64,
-    writes: AtomicU64,
-}
-
-#[derive(Clone)]
-struct Proxy {
-    upstream: String,
-    client: reqwest::Client,
-    calls: Arc<Calls>,
-}
-
-async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
-    let target = request.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    let op = target.rsplit('.').next().unwrap_or_default();
-    match op {
-        "Scan" | "GetItem" | "Query" | "DescribeTable" => proxy.calls.reads.fetch_add(1, Ordering::Relaxed),
-        _ => proxy.calls.writes.fetch_add(1, Ordering::Relaxed),
-    };
-    let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
-    let mut upstream = proxy.client.post(&proxy.upstream).body(bytes.to_vec());
-    for (name, value) in parts.headers.iter() {
-        if name != "host" && name != "content-length" {
-            upstream = upstream.header(name.as_str(), value.as_bytes());
-        }
-    }
-    match upstream.send().await {
-        Ok(answer) => {
-            let status = axum::http::StatusCode::from_u16(answer.status().as_u16()).unwrap_or_default();
-            let content_type = answer.headers().get("content-type").cloned();
-            let body = answer.bytes().await.unwrap_or_default();
-            let mut response = Response::new(axum::body::Body::from(body));
-            *response.status_mut() = status;
-            if let Some(ct) = content_type {
-                response.headers_mut().insert("content-type", ct);
-            }
-            response
-        }
-        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
-    }
-}
+use crate::dynamo::Dynamo;
+use crate::streams::{OnReadError, read_stream};
 
 /// Kinesis and DynamoDB emulators in a runtime of their own, with more threads than the fleet
 /// has requests in flight (ferrokinesis 0.7 can deadlock when concurrent PutRecords occupy every
 /// worker thread of its runtime).
 struct Backends {
     kinesis: String,
-    /// The counting proxy, for the workers.
-    dynamo: String,
-    /// dynoxide itself, for the benchmark's own looks at the table (not counted).
-    dynamo_direct: String,
-    calls: Arc<Calls>,
+    /// dynoxide behind the counting proxy (`url` for the workers, `direct_url` for the
+    /// benchmark's own looks at the table, which are not counted).
+    dynamo: Dynamo,
     stop: CancellationToken,
 }
 
@@ -87,10 +39,8 @@ impl Drop for Backends {
 
 fn start_backends() -> anyhow::Result<Backends> {
     let stop = CancellationToken::new();
-    let calls = Arc::new(Calls::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let until = stop.clone();
-    let counted = Arc::clone(&calls);
     std::thread::spawn(move || {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(48).enable_all().build().expect("runtime");
@@ -108,24 +58,12 @@ fn start_backends() -> anyhow::Result<Backends> {
             tokio::spawn(async move {
                 ferrokinesis::serve_plain_http(listener, app, async move { stopped.cancelled().await }).await
             });
-            let db = dynoxide::Database::memory().expect("dynoxide");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let direct = format!("http://{}", listener.local_addr().expect("addr"));
-            tokio::spawn(dynoxide::server::serve_with_shutdown(listener, db, until.clone().cancelled_owned()));
-            let proxy = Proxy { upstream: format!("{direct}/"), client: reqwest::Client::new(), calls: counted };
-            let app = axum::Router::new().fallback(forward).with_state(proxy);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let dynamo = format!("http://{}", listener.local_addr().expect("addr"));
-            let stopped = until.clone();
-            tokio::spawn(
-                async move { axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await },
-            );
-            let _ = tx.send((kinesis, dynamo, direct));
+            let _ = tx.send((kinesis, Dynamo::start().await));
             until.cancelled().await;
         });
     });
-    let (kinesis, dynamo, dynamo_direct) = rx.recv_timeout(Duration::from_secs(30))?;
-    Ok(Backends { kinesis, dynamo, dynamo_direct, calls, stop })
+    let (kinesis, dynamo) = rx.recv_timeout(Duration::from_secs(30))?;
+    Ok(Backends { kinesis, dynamo, stop })
 }
 
 struct Process {
@@ -176,7 +114,7 @@ listen = "127.0.0.1:{port}"
 level = "warn"
 "#,
             kinesis = self.backends.kinesis,
-            dynamo = self.backends.dynamo,
+            dynamo = self.backends.dynamo.url,
             failover = self.failover,
         );
         let child = run_binary(self.bin, self.dir, &id, &config)?;
@@ -294,31 +232,10 @@ async fn until_balanced(
 /// Every record number in the stream, with how often it is there.
 async fn contents(client: &Client, stream: &str) -> anyhow::Result<BTreeMap<u64, u32>> {
     let mut seen = BTreeMap::new();
-    let shards = client.list_shards().stream_name(stream).send().await?;
-    for shard in shards.shards() {
-        let mut iterator = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await?
-            .shard_iterator
-            .unwrap_or_default();
-        loop {
-            let out = client.get_records().shard_iterator(&iterator).limit(10_000).send().await?;
-            for r in out.records() {
-                let id = std::str::from_utf8(&r.data().as_ref()[..12.min(r.data().as_ref().len())])
-                    .ok()
-                    .and_then(|s| s.parse().ok());
-                if let Some(id) = id {
-                    *seen.entry(id).or_insert(0) += 1;
-                }
-            }
-            match out.next_shard_iterator() {
-                Some(next) if !out.records().is_empty() => iterator = next.to_string(),
-                _ => break,
-            }
+    for record in read_stream(client, stream, OnReadError::Fail).await? {
+        let id = std::str::from_utf8(&record.data[..12.min(record.data.len())]).ok().and_then(|s| s.parse().ok());
+        if let Some(id) = id {
+            *seen.entry(id).or_insert(0) += 1;
         }
     }
     Ok(seen)
@@ -332,7 +249,7 @@ pub async fn run(smoke: bool, bin: &Path) -> anyhow::Result<Vec<Report>> {
     create(&client, "fleet-out-0", 8).await?;
     let dir = tempfile::tempdir()?;
     let dynamo = aws_sdk_dynamodb::Client::from_conf(
-        aws_sdk_dynamodb::config::Builder::from(&sdk(&backends.dynamo_direct)).build(),
+        aws_sdk_dynamodb::config::Builder::from(&sdk(&backends.dynamo.direct_url)).build(),
     );
     let table = LeaseTable::new(dynamo, "fleet-leases");
 
@@ -360,12 +277,12 @@ pub async fn run(smoke: bool, bin: &Path) -> anyhow::Result<Vec<Report>> {
     let mut phases: Vec<(String, f64, f64, f64, f64)> = Vec::new();
     let mut phase = |name: String, balance_s: f64, began: Instant, reads0: u64, writes0: u64, watch: &mut Watch| {
         let secs = began.elapsed().as_secs_f64().max(1.0);
-        let reads = (backends.calls.reads.load(Ordering::Relaxed) - reads0) as f64 / secs;
-        let writes = (backends.calls.writes.load(Ordering::Relaxed) - writes0) as f64 / secs;
+        let reads = (backends.dynamo.calls.reads() - reads0) as f64 / secs;
+        let writes = (backends.dynamo.calls.writes() - writes0) as f64 / secs;
         phases.push((name, balance_s, reads, writes, watch.longest_unread.as_secs_f64()));
         watch.restart();
     };
-    let counts = || (backends.calls.reads.load(Ordering::Relaxed), backends.calls.writes.load(Ordering::Relaxed));
+    let counts = || (backends.dynamo.calls.reads(), backends.dynamo.calls.writes());
 
     // Start together.
     let (began, (r0, w0)) = (Instant::now(), counts());

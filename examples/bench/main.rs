@@ -37,6 +37,12 @@ use tokio_util::sync::CancellationToken;
 mod fleet;
 mod fleet_sim;
 
+// Shared with the service tests: the DynamoDB double and the stream reader.
+#[path = "../../tests/common/dynamo.rs"]
+mod dynamo;
+#[path = "../../tests/common/streams.rs"]
+mod streams;
+
 #[derive(Debug, Clone)]
 struct Opts {
     scenario: Option<String>,

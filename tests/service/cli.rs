@@ -71,22 +71,23 @@ async fn bad_configs_exit_2_and_name_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_explains_every_stream_and_fails_on_a_missing_source() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    let streams = [
+    let (emulator, _client) = with_streams(&[
         ("app-input", 2),
         ("app-output-orders", 1),
         ("app-output-search", 1),
         ("app-output-scratch", 1),
         ("app-dlq", 1),
         ("other", 1),
-    ];
-    for (name, shards) in streams {
-        create_stream(&client, name, shards).await;
-    }
+    ])
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "exclude = [\"-scratch$\"]\ndead_letter_stream = \"app-dlq\"";
-    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), extra);
+    let config = TestConfig::new(&emulator.url)
+        .source("app-input")
+        .pattern("^app-.*$")
+        .checkpoint_file(&dir.path().join("c.json"))
+        .group_raw("exclude", "[\"-scratch$\"]")
+        .group("dead_letter_stream", "app-dlq")
+        .toml();
     let path = write(dir.path(), "c.toml", &config);
     let aws = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
     let mut env = aws.to_vec();
@@ -118,16 +119,18 @@ async fn check_explains_every_stream_and_fails_on_a_missing_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["app-input", "app-output-orders", "app-output-scratch", "app-dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, _client) =
+        with_streams(&[("app-input", 1), ("app-output-orders", 1), ("app-output-scratch", 1), ("app-dlq", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "exclude = [\"-scratch$\"]\ndead_letter_stream = \"app-dlq\"";
     // Two groups match app-output-orders; the first wins. The first also matches the source.
-    let config = config_toml(&emulator.url, "app-input", "^app-.*$", &dir.path().join("c.json"), extra)
-        + "\n[[destinations]]\npattern = \"^app-output-orders$\"\n";
+    let config = TestConfig::new(&emulator.url)
+        .source("app-input")
+        .pattern("^app-.*$")
+        .checkpoint_file(&dir.path().join("c.json"))
+        .group_raw("exclude", "[\"-scratch$\"]")
+        .group("dead_letter_stream", "app-dlq")
+        .add_group(Group::new("^app-output-orders$"))
+        .toml();
     let path = write(dir.path(), "c.toml", &config);
     let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
     let out = run_cli(&["check", "--explain", "--config", &path], &env).await;
@@ -161,11 +164,10 @@ async fn check_explain_says_what_every_group_thought_and_json_says_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_runs_from_the_binary_in_text_and_json() {
-    let emulator = Emulator::start().await;
-    create_stream(&emulator.client(), "in", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     let path =
-        write(dir.path(), "c.toml", &config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), ""));
+        write(dir.path(), "c.toml", &TestConfig::new(&emulator.url).checkpoint_file(&dir.path().join("c.json")).toml());
     let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
     let out = run_cli(&["leases", "--config", &path, "--json"], &env).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -178,13 +180,12 @@ async fn leases_runs_from_the_binary_in_text_and_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_replay_refuses_to_send_unasked_and_counts_a_dry_run() {
-    let emulator = Emulator::start().await;
-    for name in ["in", "dlq"] {
-        create_stream(&emulator.client(), name, 1).await;
-    }
+    let (emulator, _client) = with_streams(&[("in", 1), ("dlq", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), "dead_letter_stream = \"dlq\"");
+    let config = TestConfig::new(&emulator.url)
+        .checkpoint_file(&dir.path().join("c.json"))
+        .group("dead_letter_stream", "dlq")
+        .toml();
     let path = write(dir.path(), "c.toml", &config);
     let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
     let out = run_cli(&["dead-letters", "replay", "--config", &path, "--stream", "dlq"], &env).await;
@@ -230,7 +231,7 @@ async fn a_first_run_without_a_region_or_credentials_says_what_to_set_in_one_lin
 async fn logs_carry_no_colour_when_stderr_is_not_a_terminal() {
     let emulator = Emulator::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(&emulator.url, "nope", "^out-.*$", &dir.path().join("c.json"), "");
+    let config = TestConfig::new(&emulator.url).source("nope").checkpoint_file(&dir.path().join("c.json")).toml();
     let path = write(dir.path(), "c.toml", &config);
     let env = [
         ("AWS_ACCESS_KEY_ID", "test"),
@@ -262,11 +263,9 @@ fn the_documented_example_config_loads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_probes_the_admin_port() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
+    let (emulator, _client) = with_streams(&[("in", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let addr = service.admin.to_string();
     let out = run_cli(&["healthcheck", "--addr", &addr], &[]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -277,14 +276,11 @@ async fn healthcheck_probes_the_admin_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_file_is_refused_until_reset_explicitly() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-x", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-x", 1)]).await;
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("checkpoints.json");
     std::fs::write(&checkpoint, b"{\"version\":1,\"source_str").unwrap();
-    let path = write(dir.path(), "c.toml", &config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""));
+    let path = write(dir.path(), "c.toml", &TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml());
     let aws = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
 
     let out = run_cli(&["run", "--config", &path], &aws).await;

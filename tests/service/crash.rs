@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::cluster::*;
+use crate::helpers::cluster::*;
 use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kinesis-fanout");
@@ -18,13 +18,13 @@ pub struct Process {
     metrics: String,
 }
 
-/// Starts the binary on `config` (its `metrics.listen` port 0 replaced by a free port), with test
+/// Starts the binary on `config` (its metrics on a free port instead of port 0), with test
 /// credentials and the allocator setting the Dockerfile and the ECS task use.
-pub fn spawn(config: &str, dir: &Path, name: &str) -> Process {
+pub fn spawn(config: &TestConfig, dir: &Path, name: &str) -> Process {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let config = config.clone().set("metrics", "listen", &format!("127.0.0.1:{port}"));
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.toml()).unwrap();
     let child = tokio::process::Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
@@ -79,12 +79,7 @@ async fn duplicates(emulator: &Emulator) -> usize {
 }
 
 async fn setup() -> (Emulator, Vec<Rec>, tokio::task::JoinHandle<()>) {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in OUTPUTS {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), (OUTPUTS[0], 2), (OUTPUTS[1], 2), (OUTPUTS[2], 2)]).await;
     let input = records(700, 30_000, 64);
     let producing = input.clone();
     let producer = tokio::spawn(async move {
@@ -100,7 +95,7 @@ async fn setup() -> (Emulator, Vec<Rec>, tokio::task::JoinHandle<()>) {
 async fn killed_ten_times_loses_nothing_file_backend() {
     let (emulator, input, producer) = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("checkpoints.json"), "");
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&dir.path().join("checkpoints.json"));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut in_flight_bound = 0;
     for _ in 0..10 {
@@ -125,8 +120,7 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
     let (emulator, input, producer) = setup().await;
     let dynamo = Dynamo::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let configs: Vec<String> =
-        ["w1", "w2"].iter().map(|id| worker_toml(&emulator, &dynamo, "in", "^out-.*$", id)).collect();
+    let configs: Vec<TestConfig> = ["w1", "w2"].iter().map(|id| worker_config(&emulator, &dynamo, id)).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     let mut steady = spawn(&configs[1], dir.path(), "w2");
     let mut in_flight_bound = 0;
@@ -155,22 +149,14 @@ async fn killed_ten_times_loses_nothing_two_workers_on_dynamodb() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_with_a_detached_destination_lose_nothing_after_a_sigkill() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in ["out-1", "out-2", "out-broken"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1), ("out-2", 1), ("out-broken", 1)]).await;
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let dynamo = Dynamo::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let configs: Vec<String> = ["w1", "w2"]
+    let configs: Vec<TestConfig> = ["w1", "w2"]
         .iter()
         .map(|id| {
-            worker_toml(&emulator, &dynamo, "in", "^out-.*$", id).replace(
-                "max_backoff = \"500ms\"",
-                "max_backoff = \"500ms\"\nmax_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"",
-            )
+            worker_config(&emulator, &dynamo, id).group("max_in_flight_bytes", "1MiB").group("detach_after", "1s")
         })
         .collect();
     let input = records(800, 6_000, 512);

@@ -10,15 +10,11 @@ async fn run(settings: &kinesis_fanout::Settings, url: &str, args: &ReplayArgs) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_resends_each_dead_letter_once_and_reports_what_it_cannot() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a", "out-b", "dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1), ("dlq", 1)]).await;
     // out-a refuses everything for good (AccessDenied): its records go to the dead-letter stream.
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-a".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "dead_letter_stream = \"dlq\"");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "dlq").toml();
     let service = Running::start(&toml, &emulator.url);
     let input = records(91, 200, 64);
     put_all(&client, "in", &input).await;
@@ -123,16 +119,16 @@ fn envelope(destination: &str, key: &str) -> Rec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_selects_destinations_as_discovery_does_and_never_moves_past_what_it_could_not_tell() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-tagged", "out-untagged", "dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-tagged", 1), ("out-untagged", 1), ("dlq", 1)]).await;
     client.add_tags_to_stream().stream_name("out-tagged").tags("fanout", "enabled").send().await.unwrap();
     // A group selected by tags, naming no region (the SDK's default region applies).
     let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "tags = { fanout = \"enabled\" }\ndead_letter_stream = \"dlq\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra).replace("region = \"us-east-1\"\n", "");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group_raw("tags", "{ fanout = \"enabled\" }")
+        .group("dead_letter_stream", "dlq")
+        .without("aws", "region")
+        .toml();
     let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
     // Labels as the service writes them: by name, by region and name, by account, region and
     // name (the emulator's account is 000000000000); and two that are no destination.

@@ -31,8 +31,11 @@ async fn with_a_broken_destination(configure: impl FnOnce(&mut Faults)) -> Broke
     }
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let (dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "1s")
+        .toml();
     Broken { emulator, client, _dir: dir, checkpoint, toml }
 }
 
@@ -61,10 +64,13 @@ async fn a_broken_destination_is_detached_the_others_get_everything_and_it_catch
     // The healthy ones' buffers hold the whole burst: a destination whose queue stays over its
     // buffer for `detach_after` is detached however fast it writes, and on a loaded machine a
     // 1-shard destination can take longer than a second to write 6 MiB.
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"\n\n[[destinations]]\npattern = \"^out-[ab]$\"\n\
-                 refresh_interval = \"1s\"\nlinger = \"20ms\"\ninitial_backoff = \"20ms\"\nmax_backoff = \"500ms\"\n\
-                 max_in_flight_bytes = \"8MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-broken$", &checkpoint, extra);
+    let toml = TestConfig::new(&emulator.url)
+        .pattern("^out-broken$")
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "1s")
+        .add_group(Group::fast("^out-[ab]$").set("max_in_flight_bytes", "8MiB").set("detach_after", "1s"))
+        .toml();
     let service = Running::start(&toml, &emulator.url);
 
     // 6 MiB: six times the broken destination's buffer.
@@ -207,12 +213,10 @@ async fn a_restart_during_detachment_resumes_each_destination_from_its_own_posit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_stream() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-a", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-a", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "start_position = \"trim_horizon\"");
+    let toml =
+        TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("start_position", "trim_horizon").toml();
     let service = Running::start(&toml, &emulator.url);
     let before = records(51, 800, 512);
     put_all(&client, "in", &before).await;
@@ -241,16 +245,11 @@ async fn a_new_destination_starting_at_trim_horizon_receives_the_whole_retained_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
     // The emulator's default events: up to 10,000 records each, far more than the budget.
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    for name in ["out-a", "out-b"] {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 2), ("out-a", 2), ("out-b", 2)]).await;
     let input = records(61, 12_000, 1_024);
     put_all(&client, "in", &input).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "") + "\n[memory]\nlimit = \"4MiB\"\n";
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).set("memory", "limit", "4MiB").toml();
     let service = Running::start(&toml, &emulator.url);
     let mut peak = 0;
     wait_until("every record in both destinations", || {
@@ -287,8 +286,11 @@ async fn an_under_provisioned_destination_lags_alone() {
     create_stream(&client, "out-big", 4).await;
     create_stream(&client, "out-small", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "1s")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     let total = 20_000;
     let input = records(71, total, 256);

@@ -38,8 +38,11 @@ async fn stuck_destination(hold: Duration, throttle: bool) {
     let (_dir, checkpoint) = temp_checkpoint();
     let budget: u64 = 1 << 20;
     // The live feed waits for the broken destination (no detaching): this is the backpressure path.
-    let extra = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"off\"";
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, extra);
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "off")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
 
     // 6 MiB of records: far more than the broken destination's 1 MiB budget.
@@ -94,15 +97,12 @@ struct Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
     use base64::Engine as _;
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-ok", "out-denied", "out-dlq"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-ok", 1), ("out-denied", 1), ("out-dlq", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
     // The dead-letter stream matches the pattern too: it must never be a destination.
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"dead_letter_stream = "out-dlq""#);
+    let toml =
+        TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "out-dlq").toml();
     let service = Running::start(&toml, &emulator.url);
     let input = records(30, 300, 16);
     put_all(&client, "in", &input).await;
@@ -131,14 +131,10 @@ async fn records_a_destination_can_never_accept_go_to_the_dead_letter_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_dead_letter_stream_a_rejecting_destination_stalls_loudly_then_recovers() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-ok", "out-denied"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-ok", 1), ("out-denied", 1)]).await;
     emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let input = records(31, 100, 16);
     put_all(&client, "in", &input).await;
     service.wait_accepted("out-ok", 100).await;
@@ -156,4 +152,60 @@ async fn without_a_dead_letter_stream_a_rejecting_destination_stalls_loudly_then
     .await;
     service.stop().await.unwrap();
     assert_eq!(contents(&client, "out-denied").await, sorted(&input));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_respect_kinesis_limits_and_oversized_ones_go_unwrapped() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1), ("dlq", 1)]).await;
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "dlq").toml();
+    // Ten envelopes of about 800 KB (too many for one 5 MiB request), two records whose
+    // envelopes would pass 1 MiB, and small ones.
+    let mut input = records(1400, 10, 600_000);
+    input.extend(records(1401, 2, 900_000));
+    input.extend(records(1402, 50, 100));
+    let service = Running::start(&toml, &emulator.url);
+    for record in &input {
+        put_all(&client, "in", std::slice::from_ref(record)).await;
+    }
+    wait_until("every record dead-lettered", || async { service.counter("out-denied", "dead_lettered") >= 62 }).await;
+    wait_until("nothing held back", || async { service.progress.outstanding() == 0 }).await;
+    let unwrapped = service.metrics.dead_letters_unwrapped.with_label_values(&["out-denied"]).get();
+    service.stop().await.unwrap();
+
+    assert_eq!(unwrapped, 2, "the two records over ~780 KB travel unwrapped");
+    let letters = read_all(&client, "dlq").await;
+    assert_eq!(letters.len(), 62);
+    let mut recovered: Vec<Rec> = letters
+        .into_iter()
+        .map(|(_, pk, body)| match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(e) => {
+                let data =
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, e["data"].as_str().unwrap());
+                (e["partition_key"].as_str().unwrap().to_string(), data.unwrap())
+            }
+            Err(_) => {
+                assert!(pk.starts_with("shardId-000000000000/"), "an unwrapped letter is keyed by its origin: {pk}");
+                let original = input.iter().find(|(_, d)| *d == body).expect("unchanged bytes");
+                (original.0.clone(), body)
+            }
+        })
+        .collect();
+    recovered.sort();
+    assert_eq!(recovered, sorted(&input), "every rejected record reached the dead-letter stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_record_is_counted_rejected_once() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-denied", 1)]).await;
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-denied".into());
+    let (_dir, checkpoint) = temp_checkpoint();
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
+    put_all(&client, "in", &records(1800, 100, 16)).await;
+    wait_until("held", || async { service.counter("out-denied", "rejected") >= 100 }).await;
+    let puts = emulator.calls("PutRecords");
+    wait_until("three more attempts", || async { emulator.calls("PutRecords") >= puts + 3 }).await;
+    assert_eq!(service.counter("out-denied", "rejected"), 100, "each held record counts once, not once per attempt");
+    service.stop().await.unwrap();
 }

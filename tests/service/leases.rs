@@ -8,25 +8,19 @@ use kinesis_fanout::record::SequenceNumber;
 use kinesis_fanout::source::assign::Assignment;
 use kinesis_fanout::source::shards::ShardInfo;
 
-use crate::cluster::*;
+use crate::helpers::cluster::*;
 use crate::helpers::*;
 
 const DESTINATIONS: [&str; 3] = ["out-a", "out-b", "out-c"];
 
 async fn setup(shards: i32) -> (Emulator, Dynamo) {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", shards).await;
-    for name in DESTINATIONS {
-        create_stream(&client, name, 2).await;
-    }
+    let (emulator, _client) =
+        with_streams(&[("in", shards), (DESTINATIONS[0], 2), (DESTINATIONS[1], 2), (DESTINATIONS[2], 2)]).await;
     (emulator, Dynamo::start().await)
 }
 
 fn start_workers(emulator: &Emulator, dynamo: &Dynamo, ids: &[&str]) -> Vec<Worker> {
-    ids.iter()
-        .map(|id| Worker::start(id, &worker_toml(emulator, dynamo, "in", "^out-.*$", id), &emulator.url))
-        .collect()
+    ids.iter().map(|id| Worker::start(id, &worker_config(emulator, dynamo, id).toml(), &emulator.url)).collect()
 }
 
 /// Waits until the table shows `counts` and every worker reads exactly the shards it holds (a
@@ -285,8 +279,7 @@ async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases()
     let (emulator, dynamo) = setup(2).await;
     let workers = start_workers(&emulator, &dynamo, &["w1", "w2"]);
     wait_settled(&dynamo, &workers, vec![1, 1]).await;
-    let settings =
-        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "cli")).unwrap();
+    let settings = kinesis_fanout::Settings::from_toml(&worker_config(&emulator, &dynamo, "cli").toml()).unwrap();
     let sdk = sdk_config(&emulator.url);
     let input = records(67, 300, 32);
     put_all(&emulator.client(), "in", &input).await;
@@ -347,12 +340,9 @@ async fn the_leases_command_shows_owners_moving_checkpoints_and_expired_leases()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leases_command_reads_the_checkpoint_file_and_shows_finished_parents() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-a", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
     let service = Running::start(&toml, &emulator.url);
     put_all(&client, "in", &records(69, 100, 32)).await;
     service.wait_accepted("out-a", 100).await;
@@ -435,8 +425,7 @@ async fn an_unreadable_lease_item_is_skipped_and_counted_and_the_takeovers_go_on
     assert_eq!(bad, ["app:other-stream:shardId-000000000000", "shardId-hand-edited"]);
     assert!(rows.1.iter().all(|u| u.reason.contains("leaseCounter")), "{:?}", rows.1);
     // The operator's `leases` command shows it, with why.
-    let settings =
-        kinesis_fanout::Settings::from_toml(&worker_toml(&emulator, &dynamo, "in", "^out-.*$", "op")).unwrap();
+    let settings = kinesis_fanout::Settings::from_toml(&worker_config(&emulator, &dynamo, "op").toml()).unwrap();
     let shown = kinesis_fanout::operate::leases::rows(&settings, &sdk_config(&emulator.url), Some(Duration::ZERO))
         .await
         .unwrap();
@@ -547,13 +536,8 @@ async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
     // The old owner is rate-limited so that a full batch waits on its limiter far longer than
     // the new owner's wait of a failover time plus the settle time (500 records at 15/s: 33 s);
     // the new owner is not, so that its first request comes soon after its wait.
-    let slow = "records_per_second = \"15\"";
-    let w1 = Worker::start_signing_as(
-        "w1",
-        &worker_toml_with(&emulator, &dynamo, "in", "^out-.*$", "w1", slow),
-        &emulator.url,
-        "AKIDW1",
-    );
+    let slow = worker_config(&emulator, &dynamo, "w1").group("records_per_second", "15");
+    let w1 = Worker::start_signing_as("w1", &slow.toml(), &emulator.url, "AKIDW1");
     wait_settled(&dynamo, std::slice::from_ref(&w1), vec![2]).await;
     let producing = tokio::spawn({
         let client = client.clone();
@@ -566,12 +550,7 @@ async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
     });
     tokio::time::sleep(Duration::from_secs(5)).await;
     // A second worker steals one of w1's two leases while w1 has batches waiting.
-    let w2 = Worker::start_signing_as(
-        "w2",
-        &worker_toml(&emulator, &dynamo, "in", "^out-.*$", "w2"),
-        &emulator.url,
-        "AKIDW2",
-    );
+    let w2 = Worker::start_signing_as("w2", &worker_config(&emulator, &dynamo, "w2").toml(), &emulator.url, "AKIDW2");
     wait_until("w2 holds a lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&1) }).await;
     let stolen = dynamo.leases("leases").await.into_iter().find(|l| l.owner.as_deref() == Some("w2")).unwrap().key;
     let shards = client.list_shards().stream_name("in").send().await.unwrap();
@@ -604,4 +583,145 @@ async fn no_request_of_a_lease_s_old_owner_lands_after_the_new_owner_s_first() {
     assert!(puts.iter().any(|p| p.key == "AKIDW1" && carries(p)), "w1 wrote the shard before it lost it");
     w1.kill().await;
     w2.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_takes_no_lease() {
+    let (emulator, client) = with_streams(&[("in", 4), ("out-a", 1)]).await;
+    let dynamo = Dynamo::start().await;
+    let w1 = Worker::start("w1", &worker_config(&emulator, &dynamo, "w1").toml(), &emulator.url);
+    let w2 = Worker::start("w2", &worker_config(&emulator, &dynamo, "w2").toml(), &emulator.url);
+    wait_until("two leases each", || async {
+        let owned = owners(&dynamo.leases("leases").await);
+        owned.get("w1") == Some(&2) && owned.get("w2") == Some(&2)
+    })
+    .await;
+    // Records nobody can deliver: w1's drain lasts its whole grace period.
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-a".into());
+    put_all(&client, "in", &records(1600, 200, 32)).await;
+    wait_until("both workers read records", || async { w1.records_read() > 0 && w2.records_read() > 0 }).await;
+
+    // w2 dies; its leases expire while w1 drains.
+    w2.kill().await;
+    let stopping = tokio::spawn(w1.stop());
+    let mut most = 0;
+    while !stopping.is_finished() {
+        let owned = owners(&dynamo.leases("leases").await);
+        most = most.max(owned.get("w1").copied().unwrap_or(0));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stopping.await.unwrap().unwrap();
+    assert_eq!(most, 2, "a draining worker renews what it holds and takes nothing more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing() {
+    use kinesis_fanout::lease::{LeaseManager, Position};
+    use kinesis_fanout::progress::{CheckpointStore, Checkpoints};
+    use kinesis_fanout::record::SequenceNumber;
+    use kinesis_fanout::source::shards::ShardInfo;
+    let dynamo = Dynamo::start().await;
+    let table = dynamo.table("handover");
+    table.ensure(true).await.unwrap();
+    let shards = vec![ShardInfo { id: "shard-0".into(), parents: vec![], closed: false, hash_range: None }];
+    let (me, _events, _) = LeaseManager::new(dynamo.table("handover"), "me".into(), std::time::Duration::from_secs(3));
+    me.sync(&shards, &kinesis_fanout::position::Position::TrimHorizon).await.unwrap();
+    me.round().await;
+    assert_eq!(me.held().await, vec!["shard-0".to_string()]);
+
+    // The checkpoint loop takes a snapshot of this reading...
+    let seq = |n: &str| SequenceNumber::parse(n).unwrap();
+    let as_of = tokio::time::Instant::now();
+    let mut snapshot = Checkpoints::new();
+    snapshot.insert("shard-0".into(), Position::Sequence(seq("100")));
+    // ...meanwhile the lease goes to another worker, which moves the checkpoint on and gives
+    // the lease back, and this worker takes it again (a new reading, from 200).
+    let lease = table.scan().await.unwrap().remove(0);
+    let counter = table.take("shard-0", lease.counter, "other").await.unwrap();
+    let counter = table.checkpoint("shard-0", counter, "other", &Position::Sequence(seq("200")), &[]).await.unwrap();
+    table.release("shard-0", counter, "other").await.unwrap();
+    me.round().await;
+    me.round().await;
+    assert_eq!(me.held().await, vec!["shard-0".to_string()], "taken again");
+
+    // The old snapshot arrives late: it belongs to the earlier reading and moves nothing back.
+    me.save(&snapshot, as_of).await.unwrap();
+    let stored = table.scan().await.unwrap().remove(0);
+    assert_eq!(stored.checkpoint, Position::Sequence(seq("200")), "the checkpoint never moves backwards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_loses_a_lease_stops_sending_its_queued_records() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
+    let dynamo = Dynamo::start().await;
+    // A slow destination: most of what is read waits in the queue.
+    let toml = worker_config(&emulator, &dynamo, "w1").group("records_per_second", "200").toml();
+    let w1 = Worker::start("w1", &toml, &emulator.url);
+    wait_until("w1 holds the lease", || async { owners(&dynamo.leases("leases").await).get("w1") == Some(&1) }).await;
+    let input = records(2000, 20_000, 64);
+    put_all(&client, "in", &input).await;
+    let buffered = || w1.metrics.buffered_records.with_label_values(&["out-1"]).get();
+    wait_until("a queue of records", || async { buffered() > 5_000 }).await;
+
+    // Another worker takes the lease and keeps it.
+    let table = dynamo.table("leases");
+    let lease = table.scan().await.unwrap().remove(0);
+    let mut counter = table.take("shardId-000000000000", lease.counter, "intruder").await.unwrap();
+    let started = tokio::time::Instant::now();
+    while buffered() > 0 {
+        assert!(started.elapsed() < WAIT, "w1 still holds {} records of a shard it no longer owns", buffered());
+        counter = table.renew("shardId-000000000000", counter, "intruder").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let sent = w1.accepted("out-1");
+    let dropped = w1.metrics.records_written.with_label_values(&["out-1", "lease_lost"]).get();
+    for _ in 0..5 {
+        counter = table.renew("shardId-000000000000", counter, "intruder").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(w1.accepted("out-1"), sent, "nothing more is sent for the lost shard");
+    assert!(
+        dropped > 0 && sent < input.len() as u64,
+        "the queue was dropped, not written: sent {sent}, dropped {dropped}"
+    );
+    w1.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_lease_is_deleted_once_its_children_started_and_never_read_again() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
+    let dynamo = Dynamo::start().await;
+    let toml = worker_config(&emulator, &dynamo, "w1").toml();
+    let worker = Worker::start("w1", &toml, &emulator.url);
+    let before = records(2100, 200, 32);
+    put_all(&client, "in", &before).await;
+    wait_until("the parent copied", || async { all_hold(&client, &["out-1"], &before).await }).await;
+    split_in_half(&client, "in", "shardId-000000000000").await;
+    let after = records(2101, 400, 32);
+    put_all(&client, "in", &after).await;
+    wait_until("the parent's lease is gone once both children have checkpoints", || async {
+        let leases = dynamo.leases("leases").await;
+        let children_started = leases
+            .iter()
+            .filter(|l| l.parents.contains(&"shardId-000000000000".to_string()))
+            .filter(|l| matches!(l.checkpoint, kinesis_fanout::lease::Position::Sequence(_)))
+            .count();
+        !leases.iter().any(|l| l.key == "shardId-000000000000") && children_started == 2
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    // A restart lists the parent again (it is within retention): it must not get a new lease
+    // and be read from its beginning.
+    let worker = Worker::start("w1", &toml, &emulator.url);
+    let more = records(2102, 100, 32);
+    put_all(&client, "in", &more).await;
+    let mut all = before.clone();
+    all.extend(after);
+    all.extend(more);
+    wait_until("every record copied", || async { all_hold(&client, &["out-1"], &all).await }).await;
+    let leases = dynamo.leases("leases").await;
+    worker.stop().await.unwrap();
+    assert!(!leases.iter().any(|l| l.key == "shardId-000000000000"), "the finished lease was not created again");
+    assert_eq!(duplicates_in(&client, "out-1").await, 0, "the parent was not read again");
 }

@@ -6,18 +6,17 @@
 mod helpers;
 
 mod cli;
-mod cluster;
 mod crash;
 mod dead_letters;
 mod destinations;
 mod detach;
-mod edges;
 mod faults;
 mod kpl;
 mod large_records;
 mod leases;
 mod network;
 mod operate;
+mod positions;
 mod pressure;
 mod regions;
 mod replication;

@@ -74,14 +74,10 @@ impl TcpProxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_stalls_and_a_black_hole_lose_nothing() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-1", 1).await;
-    create_stream(&client, "out-2", 2).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1), ("out-2", 2)]).await;
     let proxy = TcpProxy::start(&emulator.url).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&proxy.url, "in", "^out-.*$", &checkpoint, ""), &proxy.url);
+    let service = Running::start(&TestConfig::new(&proxy.url).checkpoint_file(&checkpoint).toml(), &proxy.url);
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
 
     let mut all: Vec<Rec> = Vec::new();

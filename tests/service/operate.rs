@@ -15,11 +15,9 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_during_replication_and_readiness_follows_destinations() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
+    let (emulator, client) = with_streams(&[("in", 2)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
     assert_eq!(service.get("/healthz").await, (200, "ok\n".to_string()));
     wait_until("readyz explains what is missing", || async {
@@ -81,15 +79,13 @@ async fn idle_webhook_fires_once_per_burst() {
     let hook = format!("http://{}/idle", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, receiver).await });
 
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 1).await;
-    create_stream(&client, "out-idle", 1).await;
+    let (emulator, client) = with_streams(&[("in", 1), ("out-idle", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = format!(
-        "{}\n[idle]\nafter = \"1s\"\nwebhook_url = \"{hook}\"\n",
-        config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "")
-    );
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .set("idle", "after", "1s")
+        .set("idle", "webhook_url", &hook)
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
 
@@ -113,4 +109,31 @@ async fn idle_webhook_fires_once_per_burst() {
     assert!(last.last_sequence_numbers.contains_key("shardId-000000000000"));
     let bursts = events.iter().filter(|e| e.records_copied > 0).count();
     assert_eq!(bursts, 2, "one event per busy-to-idle transition: {events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_paused_by_backpressure_stays_ready() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-1", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("max_in_flight_bytes", "1MiB").toml();
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
+    // Throttled, not broken: ordinary backpressure, for longer than a subscription may be silent.
+    emulator.faults.lock().unwrap().throttle_puts_to = Some("out-1".into());
+    let input = records(1700, 15_000, 100);
+    put_all(&client, "in", &input).await;
+    wait_until("the reader waits for buffer space", || async {
+        service.metrics.buffered_bytes.with_label_values(&["out-1"]).get() > 900_000
+    })
+    .await;
+    let until =
+        tokio::time::Instant::now() + kinesis_fanout::health::SUBSCRIPTION_STALE + std::time::Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let (status, body) = service.get("/readyz").await;
+        assert_eq!(status, 200, "backpressure is not a failure: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    emulator.faults.lock().unwrap().throttle_puts_to = None;
+    service.wait_accepted("out-1", input.len() as u64).await;
+    service.stop().await.unwrap();
 }

@@ -6,7 +6,6 @@
 //! it set; see docs/guarantees.md). The bounds checked do not depend on the length.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,40 +51,6 @@ async fn limited(streams: &[(&str, i32)]) -> (Emulator, Client) {
         create_stream(&client, name, *shards).await;
     }
     (emulator, client)
-}
-
-/// A config with one destination group per entry of `groups` (each its pattern and settings),
-/// `top` appended at the end (e.g. a `[memory]` section).
-fn config(url: &str, checkpoint: &Path, groups: &[(&str, &str)], top: &str) -> String {
-    let mut toml = format!(
-        r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{url}"
-
-[source]
-stream_name = "in"
-consumer_name = "fanout-test"
-
-[checkpoint]
-backend = "file"
-path = "{checkpoint}"
-interval = "200ms"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[shutdown]
-grace_period = "10s"
-"#,
-        checkpoint = checkpoint.display()
-    );
-    for (pattern, settings) in groups {
-        toml += &format!(
-            "\n[[destinations]]\npattern = \"{pattern}\"\nrefresh_interval = \"1s\"\nlinger = \"20ms\"\ninitial_backoff = \"20ms\"\nmax_backoff = \"500ms\"\n{settings}\n"
-        );
-    }
-    toml + "\n" + top
 }
 
 /// A steady producer: `rate` records a second over 40 keys, for `seconds`, each record's data
@@ -188,8 +153,11 @@ async fn a_slow_destination_that_still_drains_holds_no_one_back_under_a_small_me
     let (emulator, client) = limited(&[("in", 4), ("out-fast-a", 4), ("out-fast-b", 4), ("out-slow", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // 8 MiB of buffers for a backlog of about 25 MB owed to the slow destination.
-    let toml =
-        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"2s\"")], "[memory]\nlimit = \"16MiB\"\n");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("detach_after", "2s")
+        .set("memory", "limit", "16MiB")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("three destinations", || async { service.metrics.destinations.get() == 3 }).await;
 
@@ -222,8 +190,11 @@ async fn a_destination_that_refuses_everything_holds_no_one_back_under_a_small_m
     emulator.faults.lock().unwrap().reject_puts_to = Some("out-broken".into());
     let (_dir, checkpoint) = temp_checkpoint();
     // No dead-letter stream, and a detach_after far longer than memory lasts.
-    let toml =
-        config(&emulator.url, &checkpoint, &[("^out-.*$", "detach_after = \"10m\"")], "[memory]\nlimit = \"16MiB\"\n");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("detach_after", "10m")
+        .set("memory", "limit", "16MiB")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
 
@@ -251,9 +222,15 @@ async fn a_slow_destination_rejoins_the_live_feed_while_records_keep_arriving_wi
     let (_dir, checkpoint) = temp_checkpoint();
     // The slow one is held below its shard's limit, so that no record of it is throttled (a
     // retried record may land after a newer one of its key in batched mode; see issue 28).
-    let slow = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"\nrecords_per_second = \"600\"";
-    let fast = "max_in_flight_bytes = \"4MiB\"\ndetach_after = \"1s\"\nrecords_per_second = \"1200\"";
-    let toml = config(&emulator.url, &checkpoint, &[("^out-slow$", slow), ("^out-fast$", fast)], "");
+    let slow = Group::fast("^out-slow$")
+        .set("max_in_flight_bytes", "1MiB")
+        .set("detach_after", "1s")
+        .set("records_per_second", "600");
+    let fast = Group::fast("^out-fast$")
+        .set("max_in_flight_bytes", "4MiB")
+        .set("detach_after", "1s")
+        .set("records_per_second", "1200");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).groups([slow, fast]).toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
     let detached = || service.metrics.destination_detached.with_label_values(&["out-slow"]).get();
@@ -293,13 +270,13 @@ async fn a_backfill_cut_short_on_an_idle_shard_resumes_after_a_restart_and_finis
     let (emulator, client) = limited(&[("in", 1), ("out-a", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let groups = [
-        (
-            "^out-new$",
-            "start_position = \"trim_horizon\"\nrecords_per_second = \"150\"\nmax_in_flight_bytes = \"1MiB\"",
-        ),
-        ("^out-a$", "start_position = \"trim_horizon\""),
+        Group::fast("^out-new$")
+            .set("start_position", "trim_horizon")
+            .set("records_per_second", "150")
+            .set("max_in_flight_bytes", "1MiB"),
+        Group::fast("^out-a$").set("start_position", "trim_horizon"),
     ];
-    let toml = config(&emulator.url, &checkpoint, &groups, "");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).groups(groups).toml();
     let input = records(91, 2_000, 3_000);
     put_all(&client, "in", &input).await;
     let first = Running::start(&toml, &emulator.url);
@@ -338,8 +315,11 @@ async fn a_reader_waiting_for_memory_stays_ready_and_keeps_its_subscription() {
     let (_dir, checkpoint) = temp_checkpoint();
     // Backpressure by choice (never detached, never shed), and a memory budget (2 MiB of buffers)
     // far below the destination's buffer: the reader ends up waiting for memory, not for buffer.
-    let groups = [("^out-.*$", "detach_after = \"off\"")];
-    let toml = config(&emulator.url, &checkpoint, &groups, "[memory]\nlimit = \"4MiB\"\n");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("detach_after", "off")
+        .set("memory", "limit", "4MiB")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("ready", || async { service.get("/readyz").await.0 == 200 }).await;
     emulator.faults.lock().unwrap().throttle_puts_to = Some("out-1".into());
@@ -369,8 +349,12 @@ async fn catch_ups_of_a_refusing_destination_on_many_shards_hold_no_memory_while
     // Detached within a second on every shard (its buffer is 1 MiB): sixteen catch-ups, each of
     // which could hold a page (half a megabyte and more of 8 KB records) waiting for a
     // destination that never frees room, beside 6 MiB of buffers.
-    let group = "max_in_flight_bytes = \"1MiB\"\ndetach_after = \"1s\"";
-    let toml = config(&emulator.url, &checkpoint, &[("^out-.*$", group)], "[memory]\nlimit = \"12MiB\"\n");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("max_in_flight_bytes", "1MiB")
+        .group("detach_after", "1s")
+        .set("memory", "limit", "12MiB")
+        .toml();
     let service = Running::start(&toml, &emulator.url);
     wait_until("two destinations", || async { service.metrics.destinations.get() == 2 }).await;
 

@@ -28,13 +28,15 @@ async fn destinations_in_two_regions_get_every_record_in_order_and_new_ones_are_
         tag(&dr_client, name).await;
     }
     let (_dir, checkpoint) = temp_checkpoint();
-    let dr_group = format!(
-        "\n[[destinations]]\npattern = \"^(in|out-.*)$\"\nregion = \"eu-west-1\"\nendpoint_url = \"{}\"\n\
-         tags = {{ fanout = \"enabled\" }}\nrefresh_interval = \"1s\"\nlinger = \"20ms\"\n",
-        dr.url
-    );
+    let dr_group = Group::new("^(in|out-.*)$")
+        .set("region", "eu-west-1")
+        .set("endpoint_url", &dr.url)
+        .set_raw("tags", "{ fanout = \"enabled\" }")
+        .set("refresh_interval", "1s")
+        .set("linger", "20ms");
     // The home group's pattern matches the source too: it is left out.
-    let toml = config_toml(&home.url, "in", "^(in|out-.*)$", &checkpoint, "") + &dr_group;
+    let toml =
+        TestConfig::new(&home.url).pattern("^(in|out-.*)$").checkpoint_file(&checkpoint).add_group(dr_group).toml();
     let service = Running::start(&toml, &home.url);
 
     let first = keyed("first", 2_000);
@@ -80,15 +82,14 @@ async fn tag(client: &aws_sdk_kinesis::Client, stream: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_tags_are_read_once_per_refresh_interval() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a", "out-b", "other"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1), ("out-b", 1), ("other", 1)]).await;
     tag(&client, "out-a").await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "tags = { fanout = \"enabled\" }")
-        .replace("refresh_interval = \"1s\"", "refresh_interval = \"1h\"");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group_raw("tags", "{ fanout = \"enabled\" }")
+        .group("refresh_interval", "1h")
+        .toml();
     let settings = std::sync::Arc::new(kinesis_fanout::Settings::from_toml(&toml).unwrap());
     let discovery = kinesis_fanout::discovery::Discovery::new(settings, vec![client.clone()]);
     for _ in 0..3 {
@@ -119,14 +120,13 @@ fn found_and_gone(changes: Vec<kinesis_fanout::discovery::Change>) -> (Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_selected_destination_stays_while_its_tags_cannot_be_read() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    for name in ["in", "out-a"] {
-        create_stream(&client, name, 1).await;
-    }
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1)]).await;
     tag(&client, "out-a").await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "tags = { fanout = \"enabled\" }");
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group_raw("tags", "{ fanout = \"enabled\" }")
+        .toml();
     let settings = std::sync::Arc::new(kinesis_fanout::Settings::from_toml(&toml).unwrap());
     let discovery = kinesis_fanout::discovery::Discovery::new(settings, vec![client.clone()]);
     let (found, _) = found_and_gone(discovery.changes(&Default::default()).await.unwrap());

@@ -6,16 +6,23 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_every_record_to_every_destination_exactly_once() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "app-input", 2).await;
-    for name in ["app-output-orders", "app-output-search", "app-output-audit"] {
-        create_stream(&client, name, 2).await;
-    }
-    create_stream(&client, "unrelated", 1).await;
+    let (emulator, client) = with_streams(&[
+        ("app-input", 2),
+        ("app-output-orders", 2),
+        ("app-output-search", 2),
+        ("app-output-audit", 2),
+        ("unrelated", 1),
+    ])
+    .await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service =
-        Running::start(&config_toml(&emulator.url, "app-input", "^app-output-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(
+        &TestConfig::new(&emulator.url)
+            .source("app-input")
+            .pattern("^app-output-.*$")
+            .checkpoint_file(&checkpoint)
+            .toml(),
+        &emulator.url,
+    );
 
     let input = records(1, 5_000, 100);
     put_all(&client, "app-input", &input).await;
@@ -41,7 +48,7 @@ async fn short_sessions_resubscribe_without_loss_or_replay() {
     // The first subscriptions find another session still open (AWS's 5-second rule).
     emulator.faults.lock().unwrap().subscribe_in_use = 2;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
 
     // Produce until each shard has lived through at least 3 sessions (2 s each).
     let mut all = Vec::new();
@@ -74,7 +81,7 @@ async fn throttled_destination_gets_every_record_and_only_failed_ones_are_resent
     create_stream(&client, "out-narrow", 1).await;
     let (_dir, checkpoint) = temp_checkpoint();
     // A limiter set far above the shard's 1,000 records/s, so that Kinesis does the throttling.
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, r#"records_per_second = "20000""#);
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("records_per_second", "20000").toml();
     let service = Running::start(&toml, &emulator.url);
 
     // 3,000 records per second for two seconds.
@@ -97,13 +104,9 @@ async fn throttled_destination_gets_every_record_and_only_failed_ones_are_resent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_then_restart_copies_only_new_records() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-1", 1).await;
-    create_stream(&client, "out-2", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1), ("out-2", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, "");
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml();
 
     let first = records(300, 1_000, 64);
     let service = Running::start(&toml, &emulator.url);
@@ -132,13 +135,14 @@ async fn graceful_stop_then_restart_copies_only_new_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_matching_the_pattern_is_never_written_to() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "app-output-source", 1).await;
-    create_stream(&client, "app-output-copy", 1).await;
+    let (emulator, client) = with_streams(&[("app-output-source", 1), ("app-output-copy", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
     let service = Running::start(
-        &config_toml(&emulator.url, "app-output-source", "^app-output-.*$", &checkpoint, ""),
+        &TestConfig::new(&emulator.url)
+            .source("app-output-source")
+            .pattern("^app-output-.*$")
+            .checkpoint_file(&checkpoint)
+            .toml(),
         &emulator.url,
     );
     let input = records(400, 300, 32);
@@ -152,20 +156,66 @@ async fn source_matching_the_pattern_is_never_written_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_deleted_source_is_a_clear_error() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "out-x", 1).await;
+    let (emulator, client) = with_streams(&[("out-x", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let missing =
-        Running::start(&config_toml(&emulator.url, "no-such-input", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let missing = Running::start(
+        &TestConfig::new(&emulator.url).source("no-such-input").checkpoint_file(&checkpoint).toml(),
+        &emulator.url,
+    );
     let err = missing.finished().await.unwrap_err();
     assert!(err.to_string().contains("`no-such-input` does not exist"), "{err}");
 
     create_stream(&client, "doomed", 1).await;
-    let service = Running::start(&config_toml(&emulator.url, "doomed", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(
+        &TestConfig::new(&emulator.url).source("doomed").checkpoint_file(&checkpoint).toml(),
+        &emulator.url,
+    );
     put_all(&client, "doomed", &records(500, 10, 10)).await;
     service.wait_accepted("out-x", 10).await;
     client.delete_stream().stream_name("doomed").enforce_consumer_deletion(true).send().await.unwrap();
     let err = service.finished().await.unwrap_err();
     assert!(err.to_string().contains("`doomed` was deleted"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_under_backpressure_flushes_what_was_queued_and_duplicates_nothing() {
+    let emulator =
+        Emulator::with_options(ferrokinesis::store::StoreOptions { enforce_limits: true, ..store_options() }).await;
+    let client = emulator.client();
+    create_stream(&client, "in", 4).await;
+    // Budgets are taken by name: the wide destination's first, so a reader paused on the narrow
+    // one has already queued the chunk for the wide one.
+    create_stream(&client, "out-a-wide", 4).await;
+    create_stream(&client, "out-b-narrow", 1).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // Kinesis (the emulator's shard limits) throttles the narrow destination, not our limiter.
+    let toml = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .group("records_per_second", "20000")
+        .group("max_in_flight_bytes", "1MiB")
+        .set("shutdown", "grace_period", "60s")
+        .toml();
+    let input = records(1300, 15_000, 100);
+    put_all(&client, "in", &input).await;
+
+    let first = Running::start(&toml, &emulator.url);
+    // Paused: the narrow destination's budget is full and it writes at its shard's pace.
+    first.wait_accepted("out-b-narrow", 1_500).await;
+    let progress = std::sync::Arc::clone(&first.progress);
+    first.stop().await.unwrap();
+    assert_eq!(
+        progress.outstanding(),
+        0,
+        "the drain ended because everything queued was written, not by the grace period"
+    );
+
+    let second = Running::start(&toml, &emulator.url);
+    wait_until("every destination holds every record", || async {
+        all_hold(&client, &["out-a-wide", "out-b-narrow"], &input).await
+    })
+    .await;
+    second.stop().await.unwrap();
+    for name in ["out-a-wide", "out-b-narrow"] {
+        assert_eq!(duplicates_in(&client, name).await, 0, "{name}: a graceful stop duplicates nothing");
+    }
 }

@@ -76,13 +76,9 @@ pub async fn produce_with_split_and_merge(emulator: &Emulator) -> BTreeMap<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_keep_every_record_and_per_key_order() {
-    let emulator = Emulator::start().await;
-    let client = emulator.client();
-    create_stream(&client, "in", 2).await;
-    create_stream(&client, "out-wide", 3).await;
-    create_stream(&client, "out-one", 1).await;
+    let (emulator, client) = with_streams(&[("in", 2), ("out-wide", 3), ("out-one", 1)]).await;
     let (_dir, checkpoint) = temp_checkpoint();
-    let service = Running::start(&config_toml(&emulator.url, "in", "^out-.*$", &checkpoint, ""), &emulator.url);
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
     let source = produce_with_split_and_merge(&emulator).await;
     let total = source.values().map(Vec::len).sum::<usize>() as u64;
     service.wait_accepted("out-wide", total).await;
@@ -97,5 +93,71 @@ async fn split_and_merge_keep_every_record_and_per_key_order() {
             wrong.is_empty() && copied.len() == source.len(),
             "{name}: keys out of source order or incomplete: {wrong:?}"
         );
+    }
+}
+
+/// Partition keys that Kinesis routes into the upper half of the hash space.
+fn upper_half_keys(n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("upper-{i}"))
+        .filter(|k| kinesis_fanout::kpl::partition_key_hash(k) > u128::MAX / 2 + (u128::MAX / 8))
+        .take(n)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_latest_a_split_while_running_reads_children_only_after_their_parent() {
+    let (emulator, client) = with_streams(&[("in", 2), ("out-1", 1)]).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let toml =
+        TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).set("source", "initial_position", "latest").toml();
+    let service = Running::start(&toml, &emulator.url);
+    wait_until("both shards read", || async {
+        service.health.reading_spans().iter().filter(|s| s.stopped.is_none()).count() == 2
+            && service.health.readiness().is_ok()
+    })
+    .await;
+
+    // Shard 1 holds records its destination refuses for now, so it cannot reach its end.
+    emulator.faults.lock().unwrap().deny_puts_to = Some("out-1".into());
+    let keys = upper_half_keys(10);
+    let before: Vec<Rec> = keys.iter().map(|k| (k.clone(), format!("{k}:before").into_bytes())).collect();
+    put_all(&client, "in", &before).await;
+    wait_until("shard 1's records read", || async { service.health.records() >= 10 }).await;
+    split_in_half(&client, "in", "shardId-000000000000").await;
+    split_in_half(&client, "in", "shardId-000000000001").await;
+    let shards = client.list_shards().stream_name("in").send().await.unwrap();
+    let children_of = |parent: &str| -> Vec<String> {
+        shards
+            .shards()
+            .iter()
+            .filter(|s| s.parent_shard_id() == Some(parent))
+            .map(|s| s.shard_id().to_string())
+            .collect()
+    };
+    let (children_0, children_1) = (children_of("shardId-000000000000"), children_of("shardId-000000000001"));
+    // Shard 0 ended (it held nothing): its children are read, in the same planning round that
+    // would wrongly start shard 1's children.
+    wait_until("shard 0's children read", || async {
+        let spans = service.health.reading_spans();
+        children_0.iter().all(|c| spans.iter().any(|s| &s.shard == c && s.stopped.is_none()))
+            && service.health.readiness().is_ok()
+    })
+    .await;
+    let spans = service.health.reading_spans();
+    let early: Vec<&String> = children_1.iter().filter(|c| spans.iter().any(|s| &s.shard == *c)).collect();
+    assert!(early.is_empty(), "children of shard 1 started while it was still being read: {early:?}");
+
+    let after: Vec<Rec> = keys.iter().map(|k| (k.clone(), format!("{k}:after").into_bytes())).collect();
+    put_all(&client, "in", &after).await;
+    emulator.faults.lock().unwrap().deny_puts_to = None;
+    let mut all = before.clone();
+    all.extend(after);
+    wait_until("every record copied", || async { all_hold(&client, &["out-1"], &all).await }).await;
+    service.stop().await.unwrap();
+    let per_key = crate::resharding::per_key(&client, "out-1").await;
+    for key in &keys {
+        let data: Vec<String> = per_key[key].iter().map(|d| String::from_utf8(d.clone()).unwrap()).collect();
+        assert_eq!(data, vec![format!("{key}:before"), format!("{key}:after")], "order per key across the split");
     }
 }

@@ -130,15 +130,20 @@ async fn another_accounts_destinations_are_written_with_an_assumed_role_refreshe
     // From now on the other account takes only requests signed with a live assumed key.
     other.faults.lock().unwrap().require_keys = Some(Arc::clone(&sts.issued));
     let (_dir, checkpoint) = temp_checkpoint();
-    let group = format!(
-        "\n[[destinations]]\npattern = \"^shared-.*$\"\nendpoint_url = \"{}\"\nrole_arn = \"{ROLE}\"\n\
-         external_id = \"{EXTERNAL_ID}\"\nrefresh_interval = \"1s\"\nlinger = \"20ms\"\ninitial_backoff = \"50ms\"\n\
-         max_backoff = \"500ms\"\n",
-        other.url
-    );
-    let toml = config_toml(&home.url, "in", "^out-none$", &checkpoint, "")
-        .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
-        + &group;
+    let group = Group::new("^shared-.*$")
+        .set("endpoint_url", &other.url)
+        .set("role_arn", ROLE)
+        .set("external_id", EXTERNAL_ID)
+        .set("refresh_interval", "1s")
+        .set("linger", "20ms")
+        .set("initial_backoff", "50ms")
+        .set("max_backoff", "500ms");
+    let toml = TestConfig::new(&home.url)
+        .pattern("^out-none$")
+        .checkpoint_file(&checkpoint)
+        .set("aws", "sts_endpoint_url", &sts.url)
+        .add_group(group)
+        .toml();
     let service = Running::start(&toml, &home.url);
 
     // A run longer than the credentials live: records every second for 16 s.
@@ -183,15 +188,19 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
     create_stream(&other.client(), "private", 1).await;
     other.faults.lock().unwrap().require_keys = Some(Arc::clone(&sts.issued));
     let (_dir, checkpoint) = temp_checkpoint();
-    let group = format!(
-        "\n[[destinations]]\npattern = \"^shared-.*$\"\nendpoint_url = \"{}\"\nrole_arn = \"{ROLE}\"\n\
-         external_id = \"{EXTERNAL_ID}\"\n",
-        other.url
-    );
-    let toml = config_toml(&home.url, "in", "^out-none$", &checkpoint, "")
-        .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
-        + &group;
-    let settings = kinesis_fanout::Settings::from_toml(&toml).unwrap();
+    let config = |external_id: &str| {
+        let group = Group::new("^shared-.*$")
+            .set("endpoint_url", &other.url)
+            .set("role_arn", ROLE)
+            .set("external_id", external_id);
+        TestConfig::new(&home.url)
+            .pattern("^out-none$")
+            .checkpoint_file(&checkpoint)
+            .set("aws", "sts_endpoint_url", &sts.url)
+            .add_group(group)
+            .toml()
+    };
+    let settings = kinesis_fanout::Settings::from_toml(&config(EXTERNAL_ID)).unwrap();
     let report = kinesis_fanout::operate::check::report(&settings, &sdk_config(&home.url))
         .await
         .unwrap()
@@ -206,7 +215,7 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
 
     // Without a role it can assume, the other account is unreachable, and says so.
     sts.down.store(true, Ordering::SeqCst);
-    let settings = kinesis_fanout::Settings::from_toml(&toml.replace(EXTERNAL_ID, "wrong-id")).unwrap();
+    let settings = kinesis_fanout::Settings::from_toml(&config("wrong-id")).unwrap();
     let report = kinesis_fanout::operate::check::report(&settings, &sdk_config(&home.url))
         .await
         .unwrap()
@@ -216,23 +225,25 @@ async fn check_names_the_assumed_role_and_the_account_and_reports_an_unreachable
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_assumes_roles_under_the_name_it_holds_leases_by() {
-    use crate::cluster::{Dynamo, Worker, owners, worker_toml};
+    use crate::helpers::cluster::{Dynamo, Worker, owners, worker_config};
     let sts = Sts::start(Duration::from_secs(900)).await;
     let home = Emulator::start().await;
     let other = Emulator::with_options(StoreOptions { aws_account_id: "222222222222".into(), ..store_options() }).await;
     create_stream(&home.client(), "in", 2).await;
     create_stream(&other.client(), "shared-orders", 1).await;
     let dynamo = Dynamo::start().await;
-    let group = format!(
-        "\n[[destinations]]\npattern = \"^shared-.*$\"\nendpoint_url = \"{}\"\nrole_arn = \"{ROLE}\"\n\
-         external_id = \"{EXTERNAL_ID}\"\nrefresh_interval = \"1s\"\n",
-        other.url
-    );
+    let group = Group::new("^shared-.*$")
+        .set("endpoint_url", &other.url)
+        .set("role_arn", ROLE)
+        .set("external_id", EXTERNAL_ID)
+        .set("refresh_interval", "1s");
     // No worker_id: outside ECS the worker names itself (host name and a random suffix), once.
-    let toml = worker_toml(&home, &dynamo, "in", "^out-none$", "unused")
-        .replace("worker_id = \"unused\"\n", "")
-        .replace("[aws]\n", &format!("[aws]\nsts_endpoint_url = \"{}\"\n", sts.url))
-        + &group;
+    let toml = worker_config(&home, &dynamo, "unused")
+        .pattern("^out-none$")
+        .without("checkpoint", "worker_id")
+        .set("aws", "sts_endpoint_url", &sts.url)
+        .add_group(group)
+        .toml();
     assert!(!toml.contains("worker_id"), "{toml}");
     let worker = Worker::start("w", &toml, &home.url);
     wait_until("the worker holds both leases and assumed the role", || async {

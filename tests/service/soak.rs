@@ -69,7 +69,7 @@ async fn soak_keeps_memory_descriptors_and_threads_flat() {
         create_stream(&client, name, 2).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(&emulator.url, "in", "^out-.*$", &dir.path().join("c.json"), "");
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&dir.path().join("c.json"));
     let process = crate::crash::spawn(&config, dir.path(), "soak");
     let pid = process.child.id().unwrap();
 

@@ -1,110 +1,23 @@
 //! Harness for many workers: a DynamoDB emulator (dynoxide) behind a fault-injecting HTTP proxy,
 //! and workers that each run in their own runtime, so that one can be killed outright.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::time::Instant;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use kinesis_fanout::health::{Health, ReadingSpan};
 use kinesis_fanout::lease::{Lease, LeaseTable};
 use kinesis_fanout::metrics::Metrics;
 use kinesis_fanout::{Service, Settings};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use super::*;
 
-/// How the proxy in front of DynamoDB behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DynamoMode {
-    #[default]
-    Pass,
-    /// Every call answers ProvisionedThroughputExceededException.
-    Throttle,
-    /// Every call answers 503, as an unreachable endpoint behind a load balancer would.
-    Down,
-}
+pub use super::dynamo::{Dynamo, DynamoMode};
 
-pub struct Dynamo {
-    /// The proxy's URL: what workers use.
-    pub url: String,
-    pub mode: Arc<Mutex<DynamoMode>>,
-    stop: CancellationToken,
-}
-
-impl Drop for Dynamo {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-#[derive(Clone)]
-struct Proxy {
-    upstream: String,
-    mode: Arc<Mutex<DynamoMode>>,
-    client: reqwest::Client,
-}
-
-async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
-    let mode = *proxy.mode.lock().unwrap();
-    match mode {
-        DynamoMode::Throttle => {
-            let body = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException","message":"injected"}"#;
-            return (StatusCode::BAD_REQUEST, [("content-type", "application/x-amz-json-1.0")], body).into_response();
-        }
-        DynamoMode::Down => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
-        DynamoMode::Pass => {}
-    }
-    let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
-    let mut upstream = proxy.client.post(&proxy.upstream).body(bytes.to_vec());
-    for (name, value) in parts.headers.iter() {
-        if name != "host" && name != "content-length" {
-            upstream = upstream.header(name.as_str(), value.as_bytes());
-        }
-    }
-    match upstream.send().await {
-        Ok(answer) => {
-            let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
-            let content_type = answer.headers().get("content-type").cloned();
-            let body = answer.bytes().await.unwrap_or_default();
-            let mut response = Response::new(Body::from(body));
-            *response.status_mut() = status;
-            if let Some(ct) = content_type {
-                response.headers_mut().insert("content-type", ct.to_str().unwrap().parse().unwrap());
-            }
-            response
-        }
-        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
-    }
-}
-
+/// The lease table as the tests see it: through the proxy, so its faults apply to the tests' own
+/// looks too.
 impl Dynamo {
-    pub async fn start() -> Dynamo {
-        let stop = CancellationToken::new();
-        let db = dynoxide::Database::memory().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = format!("http://{}/", listener.local_addr().unwrap());
-        let until = stop.clone();
-        tokio::spawn(async move { dynoxide::server::serve_with_shutdown(listener, db, until.cancelled_owned()).await });
-
-        let mode = Arc::new(Mutex::new(DynamoMode::Pass));
-        let proxy = Proxy { upstream, mode: Arc::clone(&mode), client: reqwest::Client::new() };
-        let app = axum::Router::new().fallback(forward).with_state(proxy);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let until = stop.clone();
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until.cancelled_owned()).await });
-        Dynamo { url, mode, stop }
-    }
-
-    pub fn set(&self, mode: DynamoMode) {
-        *self.mode.lock().unwrap() = mode;
-    }
-
     pub fn table(&self, name: &str) -> LeaseTable {
         let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config(&self.url)).endpoint_url(&self.url).build();
         LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(config), name)
@@ -116,36 +29,10 @@ impl Dynamo {
     }
 }
 
-/// A config using the lease table, for worker `id`.
-pub fn worker_toml(emulator: &Emulator, dynamo: &Dynamo, source: &str, pattern: &str, id: &str) -> String {
-    worker_toml_with(emulator, dynamo, source, pattern, id, "")
-}
-
-/// As [`worker_toml`], with `extra` keys for the destination group.
-pub fn worker_toml_with(
-    emulator: &Emulator,
-    dynamo: &Dynamo,
-    source: &str,
-    pattern: &str,
-    id: &str,
-    extra: &str,
-) -> String {
-    let dir = std::env::temp_dir();
-    let base = config_toml(&emulator.url, source, pattern, &dir.join("unused.json"), extra);
-    let checkpoint = format!(
-        r#"[checkpoint]
-backend = "dynamodb"
-table_name = "leases"
-endpoint_url = "{}"
-failover_time = "3s"
-worker_id = "{id}"
-interval = "200ms"
-"#,
-        dynamo.url
-    );
-    let start = base.find("[checkpoint]").unwrap();
-    let end = base.find("[metrics]").unwrap();
-    format!("{}{checkpoint}\n{}", &base[..start], &base[end..])
+/// The template config with checkpoints and leases in the table `leases` of `dynamo`, as
+/// worker `id`.
+pub fn worker_config(emulator: &Emulator, dynamo: &Dynamo, id: &str) -> TestConfig {
+    TestConfig::new(&emulator.url).lease_table(&dynamo.url, id)
 }
 
 /// A worker in a runtime of its own.
