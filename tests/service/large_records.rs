@@ -184,38 +184,7 @@ async fn a_record_over_a_destinations_maximum_is_dead_lettered_and_its_neighbour
     raise(&client, "out-big").await;
 
     let (_dir, checkpoint) = temp_checkpoint();
-    let toml = format!(
-        r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{url}"
-
-[source]
-stream_name = "in"
-consumer_name = "fanout-test"
-
-[[destinations]]
-pattern = "^out-.*$"
-refresh_interval = "1s"
-linger = "20ms"
-initial_backoff = "20ms"
-max_backoff = "500ms"
-dead_letter_stream = "dead"
-
-[checkpoint]
-backend = "file"
-path = "{checkpoint}"
-interval = "200ms"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[shutdown]
-grace_period = "10s"
-"#,
-        url = emulator.url,
-        checkpoint = checkpoint.display()
-    );
+    let toml = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).group("dead_letter_stream", "dead").toml();
     let service = Running::start(&toml, &emulator.url);
 
     // Before, the large record, after: all of one key, so one shard of the source, in order.
