@@ -108,7 +108,9 @@ pub fn group_opinions(
 ) -> Vec<(usize, Option<String>)> {
     let here = settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *place);
     here.map(|(i, group)| {
-        let why = if !group.pattern.is_match(name) {
+        let why = if !group.streams.is_empty() {
+            (!group.streams.iter().any(|arn| arn == name)).then(|| "not one of the streams it names by ARN".to_string())
+        } else if !group.pattern.is_match(name) {
             Some(format!("pattern `{}` does not match", group.pattern))
         } else if let Some(re) = group.exclude.iter().find(|re| re.is_match(name)) {
             Some(format!("excluded by `{re}`"))
@@ -219,7 +221,11 @@ impl Discovery {
         place: &Place,
         current: &BTreeSet<String>,
     ) -> Result<Vec<Change>, DiscoveryError> {
-        let names = list_stream_names(&place.client, Some(&place.list_pace)).await?;
+        // A place whose groups all name their streams by ARN lists nothing (its identity may
+        // hold no ListStreams permission at all: a resource policy grants only what it names).
+        let by_pattern = self.settings.destinations.iter().any(|g| g.aws == place.aws && g.streams.is_empty());
+        let names =
+            if by_pattern { list_stream_names(&place.client, Some(&place.list_pace)).await? } else { Vec::new() };
         let listed: HashSet<String> = names.iter().cloned().collect();
         // The tags of a destination left out of one answer are kept: one answer is no proof.
         place
@@ -227,7 +233,19 @@ impl Discovery {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|name, _| listed.contains(name) || current.contains(name));
-        let (candidates, unknown) = self.candidates(index, place, names).await;
+        let (mut candidates, unknown) = self.candidates(index, place, names).await;
+        // Streams named by ARN are never listed (another account's, shared by a resource
+        // policy): they are candidates every round, and go only when DescribeStreamSummary says
+        // they were deleted.
+        let here = self.settings.destinations.iter().filter(|g| g.aws == place.aws);
+        for arn in here.flat_map(|g| &g.streams) {
+            if candidates.iter().any(|c| &c.name == arn) {
+                continue;
+            }
+            if let Verdict::Destination(group) = explain(&self.settings, &place.aws, arn, None) {
+                candidates.push(Candidate { name: arn.clone(), group, place: index });
+            }
+        }
         let wanted: HashSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
         let mut changes = Vec::new();
         for name in current.iter().filter(|n| !wanted.contains(n.as_str())) {

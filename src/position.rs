@@ -1,11 +1,29 @@
 //! A place in a shard. One type serves every layer: the configured starting point
 //! (`source.initial_position`), the plan of which shard starts where, a reader's subscription,
-//! checkpoint files and the lease table's `checkpoint` attribute.
+//! checkpoint files and the lease table's `checkpoint` attribute; and what a checkpoint holds
+//! ([`Snapshot`]).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::record::SequenceNumber;
+
+/// Checkpoints by shard id.
+pub type Checkpoints = std::collections::BTreeMap<String, Position>;
+
+/// Per shard, each destination's own position (destination id → sequence number).
+pub type DestinationPositions = std::collections::BTreeMap<String, std::collections::BTreeMap<String, SequenceNumber>>;
+
+/// What is stored for the source stream: each shard's checkpoint (the lowest position over every
+/// destination) and, beside it, each destination's own position. Made by `progress`, stored by
+/// `checkpoint`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub shards: Checkpoints,
+    /// Shard → destination id (stream ARN) → sequence number. A shard named here has its whole
+    /// map replaced; shards not named keep theirs.
+    pub destinations: DestinationPositions,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

@@ -1,7 +1,8 @@
 """Least privilege, checked on the CloudFormation template (run by .ci/run after cfn-lint):
 no IAM statement grants `kinesis:*` or `dynamodb:*`, only `kinesis:ListStreams` (which has no
-resource-level permissions) may use `Resource: "*"`, and a trust policy that lets another account's
-principal assume a role requires an external id.
+resource-level permissions) may use `Resource: "*"`, a trust policy that lets another account's
+principal assume a role requires an external id, and a resource policy (a stream shared with the
+replicator) names its principal: never everyone.
 
     python3 deploy/checks/least_privilege.py deploy/cloudformation/kinesis-fanout.yaml
 """
@@ -42,6 +43,8 @@ for statement in statements(template.get("Resources", {})):
     if "*" in resources and set(actions) - {"kinesis:ListStreams"}:
         failures.append("statement %s grants %s on every resource" % (statement.get("Sid", "?"), actions))
     principal = statement.get("Principal", {})
+    if principal == "*" or (isinstance(principal, dict) and "*" in as_list(principal.get("AWS", []))):
+        failures.append("statement %s grants to every principal" % statement.get("Sid", "?"))
     if "sts:AssumeRole" in actions and isinstance(principal, dict) and "AWS" in principal:
         condition = statement.get("Condition", {}).get("StringEquals", {})
         if "sts:ExternalId" not in condition:

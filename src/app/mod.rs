@@ -5,12 +5,12 @@
 //! in-process against emulators and stop it when they like.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 mod backend;
+mod teardown;
 
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
@@ -19,7 +19,7 @@ use crate::config::{CheckpointBackend, Settings};
 use crate::discovery::Discovery;
 use crate::fanout::Fanout;
 use crate::health::Health;
-use crate::lease::{LeaseError, LeaseManager};
+use crate::lease::LeaseError;
 use crate::metrics::Metrics;
 use crate::progress::Progress;
 use crate::shutdown::{Stopped, Task, TaskGroup};
@@ -28,6 +28,7 @@ use crate::source::assign::{Leases, Listing, Plan, ShardList};
 use crate::source::catchup::CatchUps;
 use crate::source::{self, Source, SourceError};
 use backend::Backend;
+use teardown::Running;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -125,9 +126,7 @@ impl Pipeline {
         tracing::info!(stream = %stream.name, open_shards = stream.open_shards, max_record_bytes = stream.limits.max_record_bytes, "Source stream found.");
         self.metrics.source_retention_seconds.set(stream.retention.as_secs() as i64);
         let consumer_arn =
-            match source::ensure_consumer(&clients.control, &stream, &self.settings.source.consumer_name, &shutdown)
-                .await
-            {
+            match source::source_consumer(&clients.control, &stream, &self.settings.source, &shutdown).await {
                 Ok(arn) => arn,
                 // Asked to stop before anything was read: nothing to flush.
                 Err(SourceError::Stopped(Stopped)) => return Ok(()),
@@ -135,7 +134,7 @@ impl Pipeline {
             };
         self.health.consumer_active();
         let backend = Backend::open(&self.settings, &identities, &clients, &stream, &self.metrics).await?;
-        let mut running = self.start(&identities, &clients, &backend, stream.limits, &shutdown).await;
+        let mut running = self.start(&identities, &clients, &backend, &stream, &shutdown).await;
         let source = Source {
             stream,
             consumer_arn,
@@ -177,7 +176,7 @@ impl Pipeline {
         identities: &Identities,
         clients: &KinesisClients,
         backend: &Backend,
-        source_limits: crate::record::StreamLimits,
+        source: &source::SourceStream,
         shutdown: &CancellationToken,
     ) -> Running {
         let Pipeline { settings, metrics, progress, health, .. } = self;
@@ -191,7 +190,7 @@ impl Pipeline {
 
         let writers = TaskGroup::default();
         let (supervisor, destinations) =
-            self.destinations(identities, clients, backend.share.clone(), &writers, shutdown).await;
+            self.destinations(identities, clients, &source.arn, backend.share.clone(), &writers, shutdown).await;
         let idle_monitor = crate::idle::IdleMonitor {
             settings: settings.idle.clone(),
             source_stream: settings.source.stream_name.clone(),
@@ -208,7 +207,7 @@ impl Pipeline {
         });
 
         let reading = shutdown.child_token();
-        let memory = self.memory_budget(source_limits);
+        let memory = self.memory_budget(source.limits);
         let catch_ups = CatchUps::new(
             clients.control.clone(),
             settings.source.stream_name.clone(),
@@ -249,6 +248,7 @@ impl Pipeline {
         &self,
         identities: &Identities,
         clients: &KinesisClients,
+        source_arn: &str,
         share: watch::Receiver<f64>,
         writers: &TaskGroup,
         shutdown: &CancellationToken,
@@ -272,6 +272,7 @@ impl Pipeline {
             writers.clone(),
         );
         let discovery = Discovery::new(Arc::clone(settings), places.iter().map(|p| p.control.clone()).collect());
+        supervisor.exclude_source(source_arn);
         supervisor.follow(&discovery).await;
         tracing::info!(destinations = ?supervisor.current(), "Destinations discovered.");
         // Destinations stop coming and going with the shutdown signal (none comes or goes during
@@ -338,79 +339,5 @@ impl Pipeline {
                 source.run(plan, reading).await
             }
         }
-    }
-}
-
-/// What runs beside the reading, in the order teardown stops it.
-struct Running {
-    /// Stops the shard readers and the catch-ups.
-    reading: CancellationToken,
-    /// Handed to the source once.
-    fanout: Option<Fanout>,
-    checkpointer: Checkpointer,
-    catch_ups: CatchUps,
-    lease_loop: Option<Task>,
-    manager: Option<Arc<LeaseManager>>,
-    writers: TaskGroup,
-    supervisor: Task,
-    idle: Task,
-    periodic: Task,
-}
-
-impl Running {
-    /// Teardown, in order, once reading has stopped.
-    async fn teardown(self, pipeline: &Pipeline, outcome: Result<(), SourceError>) -> Result<(), RunError> {
-        let Running {
-            reading, checkpointer, catch_ups, lease_loop, manager, writers, supervisor, idle, periodic, ..
-        } = self;
-        // 1. The catch-ups stop with the reading (after a fatal error too): what they have not
-        //    handed on stays owed in the checkpoint.
-        reading.cancel();
-        catch_ups.stop().await;
-        // 2. Drain: destinations keep writing what was read until everything is acknowledged or
-        //    the grace period runs out. Leases are renewed meanwhile, but none is taken.
-        if let Some(manager) = &manager {
-            manager.drain();
-        }
-        drain(&pipeline.progress, pipeline.settings.shutdown.grace_period).await;
-        // 3. Stop what writes and what watches.
-        writers.stop().await;
-        supervisor.stop().await;
-        idle.stop().await;
-        periodic.stop().await;
-        // 4. The final checkpoint.
-        let as_of = tokio::time::Instant::now();
-        let last = pipeline.progress.snapshot();
-        let saved = checkpointer.save_snapshot(&last, as_of).await;
-        // 5. Only now may the leases go: they were renewed through the drain. A shard whose
-        //    records were still being sent when the grace period ran out keeps its lease until
-        //    it expires: its next owner then waits out those requests.
-        if let Some(lease_loop) = lease_loop {
-            lease_loop.stop().await;
-        }
-        if let Some(manager) = &manager {
-            manager.release_all_except(&pipeline.progress.unsettled()).await;
-        }
-        match (&outcome, saved) {
-            (Ok(()), Err(err)) => return Err(err.into()),
-            (_, Ok(())) => tracing::info!(shards = last.shards.len(), "Final checkpoint written."),
-            (Err(_), Err(err)) => tracing::error!(error = %crate::aws::chain(&err), "Final checkpoint failed."),
-        }
-        outcome.map_err(RunError::from)
-    }
-}
-
-/// Waits until every destination accepted everything read, or the grace period ran out.
-async fn drain(progress: &Progress, grace: Duration) {
-    tracing::info!(
-        outstanding_chunks = progress.outstanding(),
-        grace_ms = grace.as_millis() as u64,
-        "Reading stopped; flushing records in flight."
-    );
-    if tokio::time::timeout(grace, progress.drained()).await.is_err() {
-        tracing::warn!(
-            outstanding_chunks = progress.outstanding(),
-            "Grace period ran out before every destination accepted every record; those records will be read again after restart."
-        );
     }
 }

@@ -36,6 +36,28 @@ pub struct ShardInfo {
     pub hash_range: Option<(String, String)>,
 }
 
+/// Names the stream of a request: by ARN when `stream` is one (a stream in another account,
+/// shared by a resource policy, can only be named so), else by name.
+macro_rules! stream {
+    ($request:expr, $stream:expr) => {{
+        let stream: &str = $stream;
+        if is_arn(stream) { $request.stream_arn(stream) } else { $request.stream_name(stream) }
+    }};
+}
+
+/// Whether a stream is named by its ARN.
+pub fn is_arn(stream: &str) -> bool {
+    stream.starts_with("arn:")
+}
+
+/// A stream's name: the part of its ARN after `stream/`, or the name itself.
+pub fn stream_name_of(stream: &str) -> &str {
+    match stream.split_once(":stream/") {
+        Some((_, name)) if is_arn(stream) => name,
+        _ => stream,
+    }
+}
+
 /// What DescribeStreamSummary says of a stream that exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamSummary {
@@ -52,7 +74,7 @@ pub struct StreamSummary {
 
 /// DescribeStreamSummary; `None` when the stream does not exist.
 pub async fn describe_stream(client: &Client, name: &str) -> Result<Option<StreamSummary>, CallError> {
-    let out = match client.describe_stream_summary().stream_name(name).send().await {
+    let out = match stream!(client.describe_stream_summary(), name).send().await {
         Ok(out) => out,
         Err(err) if super::classify(&err) == ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(CallError::from_sdk(&err)),
@@ -85,7 +107,7 @@ pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>
     loop {
         let request = match &next_token {
             Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
+            None => stream!(client.list_shards(), stream),
         };
         let page = request.send().await.map_err(|err| CallError::from_sdk(&err))?;
         for shard in page.shards() {
@@ -141,9 +163,7 @@ pub async fn list_tags(client: &Client, stream: &str) -> Result<HashMap<String, 
     let mut tags = HashMap::new();
     let mut after: Option<String> = None;
     loop {
-        let page = client
-            .list_tags_for_stream()
-            .stream_name(stream)
+        let page = stream!(client.list_tags_for_stream(), stream)
             .set_exclusive_start_tag_key(after.clone())
             .send()
             .await
@@ -230,8 +250,7 @@ pub async fn shard_iterator(
     start: &Position,
 ) -> Result<String, CallError> {
     let point = starting_position(start);
-    let mut request =
-        client.get_shard_iterator().stream_name(stream).shard_id(shard_id).shard_iterator_type(point.r#type);
+    let mut request = stream!(client.get_shard_iterator(), stream).shard_id(shard_id).shard_iterator_type(point.r#type);
     if let Some(seq) = point.sequence_number {
         request = request.starting_sequence_number(seq);
     }
@@ -291,6 +310,42 @@ pub async fn describe_consumer(client: &Client, stream_arn: &str, name: &str) ->
     }
 }
 
+/// DescribeStreamConsumer by the consumer's ARN; `None` when there is no such consumer.
+pub async fn describe_consumer_arn(client: &Client, consumer_arn: &str) -> Result<Option<Consumer>, CallError> {
+    match client.describe_stream_consumer().consumer_arn(consumer_arn).send().await {
+        Ok(out) => Ok(out.consumer_description().map(|c| Consumer {
+            arn: c.consumer_arn().to_string(),
+            active: *c.consumer_status() == ConsumerStatus::Active,
+            status: c.consumer_status().as_str().to_string(),
+        })),
+        Err(err) if super::classify(&err) == ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(CallError::from_sdk(&err)),
+    }
+}
+
+/// The names of the consumers registered on a stream (paginated ListStreamConsumers).
+pub async fn list_consumers(client: &Client, stream_arn: &str) -> Result<Vec<String>, CallError> {
+    let mut names = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let request = client.list_stream_consumers().stream_arn(stream_arn).set_next_token(next.take());
+        let out = request.send().await.map_err(|err| CallError::from_sdk(&err))?;
+        names.extend(out.consumers().iter().map(|c| c.consumer_name().to_string()));
+        match out.next_token() {
+            Some(token) if !token.is_empty() => next = Some(token.to_string()),
+            _ => return Ok(names),
+        }
+    }
+}
+
+/// DeregisterStreamConsumer.
+pub async fn deregister_consumer(client: &Client, stream_arn: &str, name: &str) -> Result<(), CallError> {
+    match client.deregister_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(CallError::from_sdk(&err)),
+    }
+}
+
 /// RegisterStreamConsumer.
 pub async fn register_consumer(client: &Client, stream_arn: &str, name: &str) -> Result<(), CallError> {
     match client.register_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await {
@@ -305,9 +360,7 @@ pub async fn put_records(
     stream: &str,
     entries: Vec<PutRecordsRequestEntry>,
 ) -> Result<Vec<EntryAnswer>, CallError> {
-    let output = client
-        .put_records()
-        .stream_name(stream)
+    let output = stream!(client.put_records(), stream)
         .set_records(Some(entries))
         .send()
         .await

@@ -10,22 +10,8 @@ use std::path::{Path, PathBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-pub use crate::position::Position;
-use crate::progress::DestinationPositions;
+pub use crate::position::{Checkpoints, DestinationPositions, Position, Snapshot};
 use crate::record::SequenceNumber;
-
-/// Checkpoints by shard id.
-pub type Checkpoints = BTreeMap<String, Position>;
-
-/// What is stored for the source stream: each shard's checkpoint (the lowest position over every
-/// destination) and, beside it, each destination's own position.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub shards: Checkpoints,
-    /// Shard → destination id (stream ARN) → sequence number. A shard named here has its whole
-    /// map replaced; shards not named keep theirs.
-    pub destinations: DestinationPositions,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

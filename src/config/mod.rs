@@ -7,10 +7,11 @@
 
 mod reader;
 mod sections;
+mod types;
 pub mod units;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use regex::Regex;
@@ -21,6 +22,7 @@ use reader::Section;
 use sections::{
     LITERAL_CREDENTIALS, checkpoint_settings, destination_group, parse_kpl, reject_access_keys, source_settings,
 };
+pub use types::*;
 pub use units::Rate;
 
 /// Environment variables starting with this prefix override keys of the file.
@@ -42,177 +44,6 @@ pub struct Settings {
     pub log: LogSettings,
     /// `[memory] limit`: bytes buffered in the whole process (see `crate::memory`).
     pub memory_limit: u64,
-}
-
-/// What to do with KPL-aggregated records, per destination group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KplMode {
-    /// Regroup user records per destination shard into new aggregates routed into that shard.
-    Reaggregate,
-    /// Write every user record on its own, with its partition key and explicit hash key.
-    Deaggregate,
-    /// Copy aggregates unchanged (correct only when the shard maps match).
-    Passthrough,
-}
-
-/// Where Kinesis is reached: `[aws]` for everything by default; `[source]` and each
-/// `[[destinations]]` group may name their own region and endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AwsSettings {
-    /// Region; `None` falls back to the SDK's default chain.
-    pub region: Option<String>,
-    /// Kinesis endpoint override, for emulators and VPC endpoints.
-    pub endpoint_url: Option<String>,
-    /// A role to assume for these streams (another account's writer role); `None`: the
-    /// service's own identity.
-    pub role: Option<AssumeRole>,
-}
-
-/// A role assumed through STS, with the SDK's own provider (cached, refreshed before expiry).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AssumeRole {
-    pub role_arn: String,
-    pub external_id: Option<String>,
-    /// `None`: `kinesis-fanout-<worker id>`.
-    pub session_name: Option<String>,
-}
-
-impl AwsSettings {
-    /// These settings, with the region and endpoint they leave unset taken from `defaults` (a
-    /// role is never inherited).
-    pub fn or(&self, defaults: &AwsSettings) -> AwsSettings {
-        AwsSettings {
-            region: self.region.clone().or_else(|| defaults.region.clone()),
-            endpoint_url: self.endpoint_url.clone().or_else(|| defaults.endpoint_url.clone()),
-            role: self.role.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct SourceSettings {
-    pub stream_name: String,
-    pub consumer_name: String,
-    /// Where the source stream lives (`[source] region` / `endpoint_url`, else `[aws]`).
-    pub aws: AwsSettings,
-    /// Where to start a shard that has no checkpoint and no parent: `TrimHorizon`, `Latest` or
-    /// `AtTimestamp`.
-    pub initial_position: Position,
-}
-
-/// One `[[destinations]]` group: the streams whose names match `pattern` and none of `exclude`.
-#[derive(Debug, Clone)]
-pub struct DestinationGroup {
-    pub pattern: Regex,
-    pub exclude: Vec<Regex>,
-    pub refresh_interval: Duration,
-    pub records_per_second: Rate,
-    pub bytes_per_second: Rate,
-    pub max_in_flight_bytes: u64,
-    pub linger: Duration,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub dead_letter_stream: Option<String>,
-    /// `destinations[].kpl`, else `records.kpl`.
-    pub kpl: KplMode,
-    /// How long a destination's full buffer may hold a shard's live feed before the destination
-    /// is detached and catches up on its own; `None` (`"off"`): the feed waits for it.
-    pub detach_after: Option<Duration>,
-    /// Where a destination new to a shard starts: `Latest` (records read after it appeared),
-    /// `TrimHorizon` or `AtTimestamp` (backfilled through a catch-up while the live feed goes on).
-    pub start_position: Position,
-    /// Where the group's streams live (`region` / `endpoint_url` of the group, else `[aws]`).
-    pub aws: AwsSettings,
-    /// Only streams carrying every one of these tags (with these values) belong to the group.
-    pub tags: std::collections::BTreeMap<String, String>,
-}
-
-impl DestinationGroup {
-    /// Whether a stream of this name belongs to the group.
-    pub fn matches(&self, stream_name: &str) -> bool {
-        self.pattern.is_match(stream_name) && !self.exclude.iter().any(|re| re.is_match(stream_name))
-    }
-
-    /// Whether a stream carrying `tags` has every tag the group asks for.
-    pub fn has_tags(&self, tags: &std::collections::HashMap<String, String>) -> bool {
-        self.tags.iter().all(|(key, value)| tags.get(key) == Some(value))
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CheckpointSettings {
-    pub backend: CheckpointBackend,
-    pub interval: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckpointBackend {
-    /// One JSON file, written atomically. For a single worker.
-    File { path: PathBuf },
-    /// A DynamoDB lease table shared by many workers, KCL-style.
-    DynamoDb(LeaseSettings),
-}
-
-impl LeaseSettings {
-    /// Where and as whom the table is reached: its own `region` and `role_arn`, else the
-    /// source's (its endpoint is `endpoint_url`, never the Kinesis one).
-    pub fn aws(&self, source: &AwsSettings) -> AwsSettings {
-        AwsSettings {
-            region: self.region.clone().or_else(|| source.region.clone()),
-            endpoint_url: None,
-            role: self.role.clone().or_else(|| source.role.clone()),
-        }
-    }
-}
-
-/// The lease table and how this worker takes part in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseSettings {
-    pub table_name: String,
-    /// DynamoDB endpoint override, for emulators.
-    pub endpoint_url: Option<String>,
-    /// Create the table (on-demand, hash key `leaseKey`) when missing.
-    pub create_table: bool,
-    /// A lease whose counter did not move for this long, as seen by this worker, is expired.
-    pub failover_time: Duration,
-    /// `None`: the ECS task id, else hostname plus a random suffix.
-    pub worker_id: Option<String>,
-    /// `[checkpoint] region` / `role_arn`: where and as whom the table is reached (`None`: as
-    /// the source is).
-    pub region: Option<String>,
-    pub role: Option<AssumeRole>,
-}
-
-#[derive(Debug, Clone)]
-pub struct MetricsSettings {
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone)]
-pub struct ShutdownSettings {
-    pub grace_period: Duration,
-}
-
-/// "Is my data all there yet?": the service is idle when every shard is caught up, every
-/// destination accepted everything read, and nothing new arrived for `after`.
-#[derive(Debug, Clone)]
-pub struct IdleSettings {
-    pub after: Duration,
-    /// Receives one JSON document per busy-to-idle transition.
-    pub webhook_url: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// A tracing filter (`info`, `kinesis_fanout=debug,warn`); `RUST_LOG` overrides it.
-    pub level: String,
 }
 
 /// One problem in the configuration, with the key it concerns (`destinations[0].pattern`).
@@ -384,7 +215,7 @@ impl Settings {
             groups.into_iter().map(|g| DestinationGroup { aws: g.aws.or(&aws), ..g }).collect::<Vec<_>>()
         });
         if destinations.as_ref().is_some_and(Vec::is_empty) {
-            root.problem("destinations", "at least one [[destinations]] group with a pattern is required");
+            root.problem("destinations", "at least one [[destinations]] group with a pattern (or streams) is required");
         }
         root.finish();
         Some(Settings {
@@ -412,8 +243,8 @@ impl Settings {
     ) -> Option<usize> {
         self.destinations.iter().position(|g| {
             g.aws == *place
-                && g.matches(stream_name)
-                && (g.tags.is_empty() || tags.is_some_and(|tags| g.has_tags(tags)))
+                && (g.streams.iter().any(|arn| arn == stream_name)
+                    || (g.matches(stream_name) && (g.tags.is_empty() || tags.is_some_and(|tags| g.has_tags(tags)))))
         })
     }
 
@@ -466,6 +297,40 @@ mod tests {
         [[destinations]]
         pattern = "^app-output-.*$"
     "#;
+
+    #[test]
+    fn streams_named_by_arn_take_their_region_and_every_mistake_names_its_key() {
+        let arn = "arn:aws:kinesis:eu-west-1:222222222222:stream/orders";
+        let s = Settings::from_toml(&format!(
+            "[aws]\nregion = \"us-east-1\"\n[source]\nstream_name = \"arn:aws:kinesis:us-west-2:111111111111:stream/in\"\n\
+             [[destinations]]\nstreams = [\"{arn}\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(s.destinations[0].streams, vec![arn.to_string()]);
+        assert_eq!(s.destinations[0].aws.region.as_deref(), Some("eu-west-1"), "the ARN's region");
+        assert_eq!(s.source.aws.region.as_deref(), Some("us-west-2"));
+        assert!(!s.destinations[0].matches("orders"), "no pattern: only the ARN");
+        assert_eq!(s.group_for(&s.destinations[0].aws, arn, None), Some(0));
+        let problems = |text: &str| match Settings::from_toml(text) {
+            Err(err) => err.to_string(),
+            Ok(_) => panic!("refused: {text}"),
+        };
+        let base = "[source]\nstream_name = \"in\"\n[[destinations]]\n";
+        let both = problems(&format!("{base}pattern = \"^a$\"\nstreams = [\"{arn}\"]\n"));
+        assert!(both.contains("destinations[0].streams: a group names its streams by ARN or by pattern"), "{both}");
+        let bad = problems(&format!("{base}streams = [\"arn:aws:kinesis:eu-west-1:2222:stream/x\"]\n"));
+        assert!(bad.contains("destinations[0].streams[0]") && bad.contains("is not a Kinesis stream ARN"), "{bad}");
+        let elsewhere = problems(&format!("{base}streams = [\"{arn}\"]\nregion = \"us-east-1\"\n"));
+        assert!(
+            elsewhere.contains("names streams in region eu-west-1, but `region` here says us-east-1"),
+            "{elsewhere}"
+        );
+        let tagged = problems(&format!("{base}streams = [\"{arn}\"]\ntags = {{ a = \"b\" }}\n"));
+        assert!(tagged.contains("destinations[0].tags: only with a pattern"), "{tagged}");
+        let consumer =
+            problems("[source]\nstream_name = \"in\"\nconsumer_arn = \"fanout\"\n[[destinations]]\npattern = \"a\"\n");
+        assert!(consumer.contains("source.consumer_arn") && consumer.contains("is not a consumer ARN"), "{consumer}");
+    }
 
     #[test]
     fn minimal_file_gets_documented_defaults() {

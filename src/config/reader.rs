@@ -174,6 +174,30 @@ impl<'a> Section<'a> {
 }
 
 impl Section<'_> {
+    /// A list of strings; empty when missing.
+    pub(super) fn string_list(&mut self, key: &str) -> Option<Vec<String>> {
+        let items = match self.get(key) {
+            None => return Some(Vec::new()),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.problem(key, "must be an array of strings");
+                return None;
+            }
+        };
+        let mut out = Vec::new();
+        let mut complete = true;
+        for (index, item) in items.iter().enumerate() {
+            match item.as_str() {
+                Some(text) => out.push(text.to_string()),
+                None => {
+                    self.problem(&format!("{key}[{index}]"), "must be a string");
+                    complete = false;
+                }
+            }
+        }
+        complete.then_some(out)
+    }
+
     /// A table of text values (`tags = { team = "search" }`); empty when missing.
     pub(super) fn string_map(&mut self, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
         let table = match self.get(key) {

@@ -16,12 +16,72 @@ pub(super) fn parse_kpl(v: &str) -> Result<KplMode, String> {
     }
 }
 
+/// A Kinesis stream ARN's region, or why the text is not one
+/// (`arn:PARTITION:kinesis:REGION:ACCOUNT:stream/NAME`).
+pub fn stream_arn_region(arn: &str) -> Result<&str, String> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let valid = parts.len() == 6
+        && parts[0] == "arn"
+        && !parts[1].is_empty()
+        && parts[2] == "kinesis"
+        && !parts[3].is_empty()
+        && parts[4].len() == 12
+        && parts[4].bytes().all(|b| b.is_ascii_digit())
+        && parts[5].strip_prefix("stream/").is_some_and(|name| {
+            (1..=128).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        });
+    if valid {
+        Ok(parts[3])
+    } else {
+        Err(format!("`{arn}` is not a Kinesis stream ARN like arn:aws:kinesis:us-east-1:111122223333:stream/name"))
+    }
+}
+
+/// A place named by stream ARNs: the ARNs' region unless the section names one (then they must
+/// agree). `key`: where the ARNs are.
+fn place_of_arns(s: &mut Section<'_>, mut aws: AwsSettings, key: &str, arns: &[String]) -> AwsSettings {
+    let regions: std::collections::BTreeSet<&str> = arns.iter().filter_map(|a| stream_arn_region(a).ok()).collect();
+    if regions.len() > 1 {
+        let listed: Vec<&str> = regions.iter().copied().collect();
+        s.problem(
+            key,
+            format!("names streams in several regions ({}); one place per group: split it", listed.join(", ")),
+        );
+        return aws;
+    }
+    let Some(region) = regions.into_iter().next() else { return aws };
+    match &aws.region {
+        None => aws.region = Some(region.to_string()),
+        Some(own) if own != region => {
+            s.problem(key, format!("names streams in region {region}, but `region` here says {own}"));
+        }
+        Some(_) => {}
+    }
+    aws
+}
+
 pub(super) fn source_settings(s: &mut Section<'_>) -> SourceSettings {
     let stream_name = s.required_string("stream_name").unwrap_or_default();
     let consumer_name = s.string("consumer_name").unwrap_or_else(|| "kinesis-fanout".into());
     let initial_position = start_point(s, ("initial_position", "initial_timestamp"), "trim_horizon");
-    let aws = place(s);
-    SourceSettings { stream_name, consumer_name, initial_position, aws }
+    let mut aws = place(s);
+    // A stream in another account, shared by a resource policy, is named by its ARN.
+    if stream_name.starts_with("arn:") {
+        match stream_arn_region(&stream_name) {
+            Ok(_) => aws = place_of_arns(s, aws, "stream_name", std::slice::from_ref(&stream_name)),
+            Err(message) => s.problem("stream_name", message),
+        }
+    }
+    let consumer_arn = s.string("consumer_arn");
+    if let Some(arn) = &consumer_arn
+        && !(arn.starts_with("arn:") && arn.contains(":stream/") && arn.contains("/consumer/"))
+    {
+        s.problem(
+            "consumer_arn",
+            format!("`{arn}` is not a consumer ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME/consumer/NAME:TIME)"),
+        );
+    }
+    SourceSettings { stream_name, consumer_name, consumer_arn, initial_position, aws }
 }
 
 /// A place to start: `keys.0` = trim_horizon | latest | at_timestamp, with the RFC 3339 time in
@@ -93,8 +153,29 @@ fn place(s: &mut Section<'_>) -> AwsSettings {
 }
 
 pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Option<DestinationGroup> {
-    let pattern = s.required_regex("pattern");
+    // Streams named by ARN (shared by a resource policy; ListStreams never lists them), or a
+    // pattern over the names ListStreams gives: one or the other.
+    let streams = s.string_list("streams");
+    let named = streams.as_ref().is_some_and(|v| !v.is_empty());
+    let pattern = if named {
+        if s.string("pattern").is_some() {
+            s.problem("streams", "a group names its streams by ARN or by pattern, not both: split it in two groups");
+        }
+        Some(Regex::new("[^\\s\\S]").expect("a pattern that matches nothing"))
+    } else {
+        s.required_regex("pattern")
+    };
+    if let Some(arns) = &streams {
+        for (i, arn) in arns.iter().enumerate() {
+            if let Err(message) = stream_arn_region(arn) {
+                s.problem(&format!("streams[{i}]"), message);
+            }
+        }
+    }
     let exclude = s.regex_list("exclude");
+    if named && exclude.as_ref().is_some_and(|e| !e.is_empty()) {
+        s.problem("exclude", "only with a pattern: a group named by ARN lists exactly its streams");
+    }
     let refresh_interval = s.duration("refresh_interval", "30s");
     let records_per_second = s.parsed("records_per_second", "auto", units::parse_record_rate);
     let bytes_per_second = s.parsed("bytes_per_second", "auto", units::parse_byte_rate);
@@ -111,8 +192,14 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
     let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
-    let aws = place(s);
+    let mut aws = place(s);
+    if named {
+        aws = place_of_arns(s, aws, "streams", streams.as_deref().unwrap_or_default());
+    }
     let tags = s.string_map("tags");
+    if named && tags.as_ref().is_some_and(|t| !t.is_empty()) {
+        s.problem("tags", "only with a pattern: a group named by ARN lists exactly its streams");
+    }
     if let Some(tags) = &tags {
         for (key, value) in tags {
             if key.is_empty() || key.chars().count() > 128 || value.chars().count() > 256 {
@@ -151,6 +238,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         start_position,
         aws,
         tags: tags?,
+        streams: streams?,
     })
 }
 

@@ -30,7 +30,6 @@ use crate::position::Position;
 use crate::progress::{Progress, Route, ShardProgress};
 use crate::record::SourceRecord;
 use crate::shutdown::Stopped;
-use crate::sink::QUEUED_ENTRY_BYTES;
 
 /// A destination holds at most this many times its budget, overdraft included, before the live
 /// feed detaches it.
@@ -41,6 +40,11 @@ pub const OVERDRAFT_FACTOR: usize = 2;
 pub trait CatchUpStarter: Send + Sync + std::fmt::Debug {
     fn start(&self, shard: Arc<ShardProgress>, destination: DestinationHandle, start: Position);
 }
+
+/// What one record queued for one destination costs beside the record itself: the size of the
+/// destination writer's entry (`sink::entries::Pending`, whose test keeps them equal). Defined
+/// here, where the budget is counted, so that the fan-out does not reach into the sink.
+pub const QUEUED_ENTRY_BYTES: usize = 176;
 
 /// A chunk holds at most this many records or bytes (a SubscribeToShard event can hold far more).
 pub const MAX_CHUNK_RECORDS: usize = 500;

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::manager::LeaseManager;
 use super::table::{CheckpointWrite, LeaseError, Position};
-use crate::progress::{CheckpointError, CheckpointStore, Snapshot};
+use crate::checkpoint::{CheckpointError, CheckpointStore, Snapshot};
 
 impl LeaseManager {
     /// Moves a held lease's checkpoint. A lost lease stops its shard and writes nothing.

@@ -1,7 +1,6 @@
 //! The lease table in DynamoDB: the items and conditional writes [`super::table`] describes, with
 //! the Kinesis Client Library's attribute names.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
@@ -10,12 +9,12 @@ use aws_sdk_dynamodb::types::{
 use futures::future::BoxFuture;
 
 use super::table::{
-    CheckpointWrite, Lease, LeaseError, LeaseStore, NOTE_PREFIX, Position, Scanned, Unreadable, next_counter,
+    CheckpointWrite, Lease, LeaseError, LeaseStore, LeaseTable, NOTE_PREFIX, Position, Scanned, Unreadable,
+    next_counter,
 };
 use crate::aws::{ErrorKind, classify};
-use crate::record::SequenceNumber;
 
-type Item = HashMap<String, AttributeValue>;
+use super::item::Item;
 
 /// The lease table `name` in DynamoDB.
 #[derive(Debug, Clone)]
@@ -30,6 +29,13 @@ fn s(v: impl Into<String>) -> AttributeValue {
 
 fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
+}
+
+impl LeaseTable {
+    /// The table `name` in DynamoDB.
+    pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
+        Self::with_store(std::sync::Arc::new(DynamoDbLeases::new(client, name)))
+    }
 }
 
 impl DynamoDbLeases {
@@ -158,10 +164,10 @@ impl DynamoDbLeases {
                 // Other tools' notes (a dead-letter replay's position) are not leases, nor are
                 // rows of other kinds (KCL 3's single-table mode marks them with `entityType`).
                 let key = item.get("leaseKey").and_then(|v| v.as_s().ok());
-                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) || other_kind(item) {
+                if key.is_some_and(|k| k.starts_with(NOTE_PREFIX)) || super::item::other_kind(item) {
                     continue;
                 }
-                match self.parse(item) {
+                match super::item::parse(&self.name, item) {
                     Ok(lease) => leases.push(lease),
                     Err(err) => {
                         unreadable.push(Unreadable { key: key.cloned(), reason: err.to_string() });
@@ -174,60 +180,6 @@ impl DynamoDbLeases {
             }
         }
         Ok((leases, unreadable))
-    }
-
-    fn parse(&self, item: &Item) -> Result<Lease, LeaseError> {
-        let malformed = |reason: String| LeaseError::Malformed { table: self.name.clone(), reason };
-        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-        let number = |name: &str| -> Result<u64, LeaseError> {
-            match item.get(name) {
-                None => Ok(0),
-                Some(v) => v
-                    .as_n()
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| malformed(format!("{name} is not a whole number"))),
-            }
-        };
-        let set = |name: &str| -> Vec<String> {
-            match item.get(name) {
-                Some(AttributeValue::Ss(v)) => v.clone(),
-                Some(AttributeValue::S(v)) => vec![v.clone()],
-                _ => Vec::new(),
-            }
-        };
-        let key = text("leaseKey").ok_or_else(|| malformed("an item has no leaseKey".into()))?;
-        // Every lease has a counter and a checkpoint from its creation on: a row without them is
-        // someone else's, never a free lease to take.
-        if !item.contains_key("leaseCounter") {
-            return Err(malformed(format!("lease {key}: no leaseCounter (not a lease)")));
-        }
-        let checkpoint = match text("checkpoint") {
-            Some(cp) => Position::parse(&cp).map_err(|e| malformed(format!("lease {key}: checkpoint {e}")))?,
-            None => return Err(malformed(format!("lease {key}: no checkpoint (not a lease)"))),
-        };
-        Ok(Lease {
-            owner: text("leaseOwner").filter(|o| !o.is_empty()),
-            counter: number("leaseCounter")?,
-            checkpoint,
-            owner_switches: number("ownerSwitchesSinceCheckpoint")?,
-            parents: set("parentShardId"),
-            children: set("childShardIds"),
-            starting_hash_key: text("startingHashKey"),
-            ending_hash_key: text("endingHashKey"),
-            // An entry that does not parse is left out: that destination resumes from the shard's
-            // checkpoint, which is never ahead of it.
-            destination_checkpoints: item
-                .get("destinationCheckpoints")
-                .and_then(|v| v.as_m().ok())
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(arn, v)| Some((arn.clone(), SequenceNumber::parse(v.as_s().ok()?).ok()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            key,
-        })
     }
 
     /// Creates a lease unless one exists for the shard.
@@ -377,11 +329,6 @@ impl DynamoDbLeases {
     }
 }
 
-/// A row of another kind than a lease: one with an `entityType` that does not say lease.
-fn other_kind(item: &Item) -> bool {
-    item.get("entityType").is_some_and(|v| v.as_s().map_or(true, |kind| !kind.eq_ignore_ascii_case("lease")))
-}
-
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
     err: &aws_sdk_dynamodb::error::SdkError<E, R>,
 ) -> bool {
@@ -443,7 +390,6 @@ impl LeaseStore for DynamoDbLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     fn offline_table() -> DynamoDbLeases {
         DynamoDbLeases::new(
@@ -463,61 +409,6 @@ mod tests {
             let err = result.expect_err("refused before any call");
             assert!(matches!(err, LeaseError::Malformed { .. }), "{err}");
             assert!(err.to_string().contains("lease k"), "{err}");
-        }
-    }
-
-    /// Any attribute value DynamoDB can hold, numbers at and past their extremes included.
-    fn attribute() -> impl Strategy<Value = AttributeValue> {
-        let number = prop_oneof![
-            Just("18446744073709551615".to_string()),
-            Just("18446744073709551616".to_string()),
-            Just("-1".to_string()),
-            Just("1e400".to_string()),
-            Just("0.5".to_string()),
-            ".{0,24}",
-        ];
-        let leaf = prop_oneof![
-            ".{0,40}".prop_map(AttributeValue::S),
-            number.prop_map(AttributeValue::N),
-            proptest::collection::vec(".{0,12}", 0..4).prop_map(AttributeValue::Ss),
-            proptest::collection::vec("[0-9]{0,25}", 0..3).prop_map(AttributeValue::Ns),
-            any::<bool>().prop_map(AttributeValue::Bool),
-            Just(AttributeValue::Null(true)),
-            proptest::collection::vec(any::<u8>(), 0..8).prop_map(|b| AttributeValue::B(b.into())),
-        ];
-        leaf.prop_recursive(2, 8, 4, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
-                proptest::collection::hash_map(".{0,8}", inner, 0..4).prop_map(AttributeValue::M),
-            ]
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_items_never_panic(key in ".{0,20}", counter in ".{0,20}", checkpoint in ".{0,30}") {
-            let mut item = Item::new();
-            item.insert("leaseKey".into(), s(key));
-            item.insert("leaseCounter".into(), AttributeValue::N(counter));
-            item.insert("checkpoint".into(), s(checkpoint));
-            let _ = offline_table().parse(&item);
-        }
-
-        #[test]
-        fn items_of_any_shape_parse_or_are_refused_without_a_panic(
-            values in proptest::collection::vec(attribute(), 12),
-            extra in proptest::collection::hash_map(".{0,12}", attribute(), 0..3),
-        ) {
-            let names = [
-                "leaseKey", "leaseCounter", "leaseOwner", "checkpoint", "checkpointSubSequenceNumber",
-                "ownerSwitchesSinceCheckpoint", "parentShardId", "childShardIds", "destinationCheckpoints",
-                "hashKeyRange", "entityType", "pendingCheckpoint",
-            ];
-            let mut item: Item = extra;
-            item.extend(names.iter().map(|n| n.to_string()).zip(values));
-            if let Ok(lease) = offline_table().parse(&item) {
-                let _ = next_counter("t", &lease.key, lease.counter);
-            }
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod balance;
 pub mod checkpoint;
 pub mod dynamodb;
+mod item;
 pub mod lifecycle;
 pub mod manager;
 pub mod table;

@@ -138,11 +138,6 @@ impl UnreadableLog {
 }
 
 impl LeaseTable {
-    /// The table `name` in DynamoDB.
-    pub fn new(client: aws_sdk_dynamodb::Client, name: impl Into<String>) -> Self {
-        Self::with_store(Arc::new(super::dynamodb::DynamoDbLeases::new(client, name)))
-    }
-
     pub fn with_store(store: Arc<dyn LeaseStore>) -> Self {
         LeaseTable { store, unreadable: Arc::default() }
     }
@@ -192,7 +187,9 @@ impl LeaseTable {
     }
 
     async fn scan_all(&self, consistent: bool) -> Result<Scanned, LeaseError> {
-        let (leases, unreadable) = self.store.scan(consistent).await?;
+        let (mut leases, unreadable) = self.store.scan(consistent).await?;
+        // Every store leaves the notes out; a new one that forgot would hand them out as leases.
+        leases.retain(|l| !l.key.starts_with(NOTE_PREFIX));
         for item in &unreadable {
             self.unreadable.note(self.name(), item);
         }

@@ -59,6 +59,8 @@ pub struct StreamReport {
     /// Why not a destination, or why unreachable.
     pub why: Option<String>,
     pub open_shards: Option<u32>,
+    /// The largest record it takes (its `MaxRecordSizeInKiB`), when a destination.
+    pub max_record_bytes: Option<usize>,
     /// What each group of the place thought of it (`--explain`).
     pub groups: Vec<GroupOpinion>,
 }
@@ -90,7 +92,7 @@ pub async fn report(settings: &Settings, sdk: &aws_config::SdkConfig) -> Result<
         let credentials =
             identities.provider(aws.role.as_ref(), aws.region.as_deref(), &format!("destinations[{index}]")).await;
         let clients = KinesisClients::new(sdk, aws, credentials, timeout);
-        places.push(place_report(settings, aws, &clients.control).await);
+        places.push(place_report(settings, aws, &clients.control, &stream.arn).await);
     }
     Ok(Report {
         source: SourceReport {
@@ -104,7 +106,12 @@ pub async fn report(settings: &Settings, sdk: &aws_config::SdkConfig) -> Result<
     })
 }
 
-async fn place_report(settings: &Settings, aws: &AwsSettings, client: &aws_sdk_kinesis::Client) -> PlaceReport {
+async fn place_report(
+    settings: &Settings,
+    aws: &AwsSettings,
+    client: &aws_sdk_kinesis::Client,
+    source_arn: &str,
+) -> PlaceReport {
     let mut place = PlaceReport {
         groups: settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *aws).map(|(i, _)| i).collect(),
         region: aws.region.clone(),
@@ -114,16 +121,35 @@ async fn place_report(settings: &Settings, aws: &AwsSettings, client: &aws_sdk_k
         unreachable: None,
         streams: Vec::new(),
     };
-    let names = match kinesis::list_stream_names(client, None).await {
-        Ok(names) => names,
-        Err(err) => {
-            place.unreachable = Some(format!("ListStreams failed: {err}"));
-            return place;
+    // As discovery: a place whose groups all name their streams by ARN lists nothing.
+    let by_pattern = settings.destinations.iter().any(|g| g.aws == *aws && g.streams.is_empty());
+    let mut names = if by_pattern {
+        match kinesis::list_stream_names(client, None).await {
+            Ok(names) => names,
+            Err(err) => {
+                place.unreachable = Some(format!("ListStreams failed: {err}"));
+                return place;
+            }
         }
+    } else {
+        Vec::new()
     };
+    // Streams named by ARN are never listed: each is described (reachable, writable, limits).
+    for arn in settings.destinations.iter().filter(|g| g.aws == *aws).flat_map(|g| &g.streams) {
+        if !names.contains(arn) {
+            names.push(arn.clone());
+        }
+    }
     for name in names {
-        let mut stream =
-            StreamReport { name, verdict: "", group: None, why: None, open_shards: None, groups: Vec::new() };
+        let mut stream = StreamReport {
+            name,
+            verdict: "",
+            group: None,
+            why: None,
+            open_shards: None,
+            max_record_bytes: None,
+            groups: Vec::new(),
+        };
         let tags = if settings.needs_tags(aws, &stream.name) {
             match kinesis::list_tags(client, &stream.name).await {
                 Ok(tags) => Some(tags),
@@ -139,19 +165,22 @@ async fn place_report(settings: &Settings, aws: &AwsSettings, client: &aws_sdk_k
         };
         stream.groups = group_opinions(settings, aws, &stream.name, tags.as_ref())
             .into_iter()
-            .map(|(group, rejects)| GroupOpinion {
-                group,
-                pattern: settings.destinations[group].pattern.to_string(),
-                rejects,
-            })
+            .map(|(group, rejects)| GroupOpinion { group, pattern: settings.destinations[group].selection(), rejects })
             .collect();
         match explain(settings, aws, &stream.name, tags.as_ref()) {
             Verdict::Destination(group) => match kinesis::describe_stream(client, &stream.name).await {
+                // The source, named in another way (by ARN, or by name): as the service, never a
+                // destination.
+                Ok(Some(summary)) if summary.arn == source_arn => {
+                    stream.verdict = "not a destination";
+                    stream.why = Some("the source stream itself".into());
+                }
                 Ok(Some(summary)) => {
                     place.account = place.account.or_else(|| summary.arn.split(':').nth(4).map(str::to_string));
                     stream.verdict = "destination";
                     stream.group = Some(group);
                     stream.open_shards = Some(summary.open_shards);
+                    stream.max_record_bytes = Some(summary.limits.max_record_bytes);
                     if !summary.writable {
                         stream.why = Some("not accepting writes yet".into());
                     }
@@ -190,7 +219,7 @@ impl Report {
         );
         for place in &self.places {
             let groups: Vec<String> =
-                place.groups.iter().map(|i| format!("{i} ({})", settings.destinations[*i].pattern)).collect();
+                place.groups.iter().map(|i| format!("{i} ({})", settings.destinations[*i].selection())).collect();
             let _ = writeln!(
                 out,
                 "groups {} in {}, as {}:",
@@ -204,9 +233,10 @@ impl Report {
             for stream in &place.streams {
                 let line = match (stream.verdict, stream.group) {
                     ("destination", Some(group)) => format!(
-                        "destination (group {group}: {}), {} open shards{}",
-                        settings.destinations[group].pattern,
+                        "destination (group {group}: {}), {} open shards, records up to {}{}",
+                        settings.destinations[group].selection(),
                         stream.open_shards.unwrap_or_default(),
+                        stream.max_record_bytes.map_or("1 MiB".to_string(), |b| format!("{} KiB", b / 1024)),
                         stream.why.as_deref().map(|w| format!(", {w}")).unwrap_or_default()
                     ),
                     (verdict, _) => format!("{verdict}: {}", stream.why.as_deref().unwrap_or_default()),

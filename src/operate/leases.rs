@@ -18,11 +18,11 @@ use super::OperateError;
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
 use crate::aws::kinesis;
+use crate::checkpoint::CheckpointStore;
 use crate::checkpoint::FileCheckpointStore;
 use crate::config::{CheckpointBackend, Settings};
 use crate::lease::LeaseTable;
 use crate::position::Position;
-use crate::progress::CheckpointStore;
 
 #[derive(Debug, Serialize)]
 pub struct LeaseRow {

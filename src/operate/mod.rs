@@ -5,9 +5,11 @@
 //! - [`check`]: which streams are destinations, and why (not).
 //! - [`leases`]: one row per lease (or per checkpointed shard with the file backend).
 //! - [`replay`]: re-sends a dead-letter stream's records to their destinations.
+//! - [`consumer`]: deregisters the service's Enhanced Fan-Out consumer after a decommission.
 //! - [`reset_checkpoints`] (`run --reset-checkpoints`) and [`probe_health`] (`healthcheck`).
 
 pub mod check;
+pub mod consumer;
 pub mod leases;
 pub mod replay;
 
@@ -19,9 +21,11 @@ pub enum OperateError {
     #[error(transparent)]
     Lease(#[from] crate::lease::LeaseError),
     #[error(transparent)]
-    Checkpoint(#[from] crate::progress::CheckpointError),
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Replay(#[from] replay::ReplayError),
+    #[error(transparent)]
+    Consumer(#[from] consumer::ConsumerError),
 }
 
 pub use crate::checkpoint::reset_checkpoints;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use super::{Progress, ShardProgress, ShardState};
 use crate::record::{SequenceNumber, SourceRecord};
 
-/// Per shard, each destination's own position (destination id → sequence number).
-pub type DestinationPositions = BTreeMap<String, BTreeMap<String, SequenceNumber>>;
+use crate::position::DestinationPositions;
 
 impl ShardProgress {
     /// Destinations that already have the records up to their position (stored by an earlier

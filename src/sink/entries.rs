@@ -141,10 +141,10 @@ fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
     }
 }
 
-/// One PutRecords entry waiting to be written.
-/// What one queued entry costs in memory, beside the record it points to.
-pub const QUEUED_ENTRY_BYTES: usize = std::mem::size_of::<Pending>();
+pub use crate::fanout::QUEUED_ENTRY_BYTES;
 
+/// One PutRecords entry waiting to be written; what it costs in memory beside the record it
+/// points to is the fan-out's [`QUEUED_ENTRY_BYTES`] (a test keeps the two equal).
 pub struct Pending {
     pub chunk: Arc<Chunk>,
     /// The source record it comes from (for origins in dead letters).
@@ -241,6 +241,11 @@ impl Pending {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_queued_entry_costs_what_the_fan_out_counts_for_it() {
+        assert_eq!(std::mem::size_of::<Pending>(), QUEUED_ENTRY_BYTES, "update fanout::QUEUED_ENTRY_BYTES");
+    }
+
     use super::*;
     use crate::kpl::{UserRecord, decode, partition_key_hash};
     use crate::progress::Progress;

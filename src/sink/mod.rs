@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod limiter;
 pub mod put;
 pub mod retry;
+pub mod send;
 pub mod settle;
 pub mod supervisor;
 pub mod writer;

@@ -143,7 +143,7 @@ impl Writer {
         // A dead-letter stream that refuses too keeps this write going; a shed must not wait for
         // it: the records are held for now (and dropped if no longer owed), and the wait that
         // follows is cut short too.
-        let in_flight = super::writer::InFlight::of(rejected.iter().map(|(p, _, _)| p));
+        let in_flight = super::send::InFlight::of(rejected.iter().map(|(p, _, _)| p));
         let written = tokio::select! {
             _ = shed.notified() => None,
             written = dead_letter.write(&self.task.source_stream, &self.task.name, &entries, &stop, &fence) => Some(written),

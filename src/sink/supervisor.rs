@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::DestinationTask;
 use super::entries::ShardMap;
 use super::put::PutEdge;
+use crate::aws::kinesis::stream_name_of;
 use crate::config::{KplMode, Settings};
 use crate::discovery::{Candidate, Change, Discovery, arn_place};
 use crate::fanout::{DestinationHandle, DestinationSet};
@@ -108,6 +109,8 @@ pub struct Supervisor {
     writers: TaskGroup,
     /// The first discovery round is over: destinations found from now on appeared while running.
     first_round_done: bool,
+    /// The source stream's ARN, once known ([`Supervisor::exclude_source`]).
+    source_arn: Option<String>,
 }
 
 impl Supervisor {
@@ -139,6 +142,7 @@ impl Supervisor {
             passthrough_warned: HashSet::new(),
             writers,
             first_round_done: false,
+            source_arn: None,
         };
         (supervisor, subscribe)
     }
@@ -211,6 +215,10 @@ impl Supervisor {
     }
 
     async fn upsert(&mut self, candidate: &Candidate, arn: &str, open_shards: u32, limits: StreamLimits) {
+        // The source itself, however the configuration names either, is never a destination.
+        if self.source_arn.as_deref() == Some(arn) {
+            return;
+        }
         if let Some(running) = self.running.get(arn) {
             running.limits.send_if_modified(|current| std::mem::replace(current, limits) != limits);
             let changed =
@@ -284,11 +292,20 @@ impl Supervisor {
         self.publish_set();
     }
 
+    /// Never takes the source stream (by its ARN) as a destination, even where a pattern or an
+    /// ARN list names it in another way than the source's own setting.
+    pub fn exclude_source(&mut self, arn: &str) {
+        self.source_arn = Some(arn.to_string());
+    }
+
     /// A destination's name in metrics and logs: its stream name, unless a destination of that
     /// name in another place is known already; then `region/name`, or `account/region/name`
     /// when the regions are the same.
     fn label(&self, stream: &str, arn: &str) -> Arc<str> {
-        let Some(other) = self.running.iter().find(|(id, r)| r.stream == stream && &***id != arn) else {
+        // A stream named by ARN is labelled by its name, as any other.
+        let stream = stream_name_of(stream);
+        let Some(other) = self.running.iter().find(|(id, r)| stream_name_of(&r.stream) == stream && &***id != arn)
+        else {
             return stream.into();
         };
         let (region, account) = arn_place(arn);

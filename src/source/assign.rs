@@ -16,10 +16,11 @@ use tokio::time::Instant;
 
 use super::shards::{self, ShardInfo};
 use super::{SourceError, list_shards};
+use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::health::Health;
 use crate::lease::LeaseManager;
 use crate::position::Position;
-use crate::progress::{CheckpointError, Checkpointer, Checkpoints, DestinationPositions, Snapshot};
+use crate::progress::{Checkpoints, DestinationPositions, Snapshot};
 
 pub use crate::lease::DestinationSkips;
 use crate::sink::retry::Backoff;
@@ -319,7 +320,7 @@ mod tests {
             stream: "source".into(),
             initial: Position::TrimHorizon,
         };
-        let store = Arc::clone(&manager) as Arc<dyn crate::progress::CheckpointStore>;
+        let store = Arc::clone(&manager) as Arc<dyn crate::checkpoint::CheckpointStore>;
         let checkpointer = Checkpointer::new(store, Arc::new(Metrics::new()));
         let mut leases = Leases::new(listing, Arc::clone(&manager), events, checkpointer, &Health::default());
         table.set_faults(Faults { cut_off: ["me".to_string()].into(), ..faults });

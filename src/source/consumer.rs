@@ -40,8 +40,81 @@ pub async fn resolve_stream(client: &aws_sdk_kinesis::Client, name: &str) -> Res
     })
 }
 
+/// Consumers a stream takes (50 with On-demand Advantage): a LimitExceededException from
+/// RegisterStreamConsumer with at least this many registered is the limit, not the call rate.
+const CONSUMER_LIMIT: usize = 20;
+
 /// How long registration may take before we give up (AWS usually needs a few seconds).
 const CONSUMER_WAIT: Duration = Duration::from_secs(120);
+
+/// The consumer the source is read through: the one `source.consumer_arn` names (registered by
+/// someone else: only described, waited for, never registered), else `consumer_name`, registered
+/// when missing. Waits until it is ACTIVE and returns its ARN.
+pub async fn source_consumer(
+    client: &aws_sdk_kinesis::Client,
+    stream: &SourceStream,
+    source: &crate::config::SourceSettings,
+    cancel: &CancellationToken,
+) -> Result<String, SourceError> {
+    match &source.consumer_arn {
+        Some(arn) => shared_consumer(client, stream, arn, cancel).await,
+        None => ensure_consumer(client, stream, &source.consumer_name, cancel).await,
+    }
+}
+
+/// Waits until the consumer `consumer_arn` of the source stream is ACTIVE.
+async fn shared_consumer(
+    client: &aws_sdk_kinesis::Client,
+    stream: &SourceStream,
+    consumer_arn: &str,
+    cancel: &CancellationToken,
+) -> Result<String, SourceError> {
+    if !consumer_arn.starts_with(&format!("{}/consumer/", stream.arn)) {
+        return Err(SourceError::ConsumerOfAnotherStream {
+            consumer_arn: consumer_arn.to_string(),
+            stream: stream.name.clone(),
+        });
+    }
+    let deadline = Instant::now() + CONSUMER_WAIT;
+    let mut announced = false;
+    loop {
+        match kinesis::describe_consumer_arn(client, consumer_arn).await {
+            Ok(Some(consumer)) if consumer.active => {
+                tracing::info!(consumer_arn, stream = %stream.name, "Enhanced Fan-Out consumer (source.consumer_arn) is ACTIVE.");
+                return Ok(consumer.arn);
+            }
+            Ok(Some(consumer)) => {
+                if !announced {
+                    tracing::info!(consumer_arn, status = %consumer.status, "Waiting for the Enhanced Fan-Out consumer to become ACTIVE.");
+                    announced = true;
+                }
+            }
+            Ok(None) => {
+                return Err(SourceError::ConsumerMissing {
+                    consumer_arn: consumer_arn.to_string(),
+                    stream: stream.name.clone(),
+                });
+            }
+            Err(err) if err.kind == ErrorKind::Transient => {
+                tracing::warn!(error = %err, "DescribeStreamConsumer failed; retrying.");
+            }
+            Err(err) => {
+                return Err(SourceError::Consumer {
+                    consumer: consumer_arn.to_string(),
+                    stream: stream.name.clone(),
+                    source: Box::new(err),
+                });
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(SourceError::ConsumerNotActive { consumer: consumer_arn.to_string(), waited: CONSUMER_WAIT });
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(SourceError::Stopped(Stopped)),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
 
 /// Describes the consumer, registers it when missing, and waits until it is ACTIVE.
 /// Returns its ARN.
@@ -76,6 +149,20 @@ pub async fn ensure_consumer(
                     Ok(()) => {}
                     // Another worker registered it first, or it is still being deleted: poll on.
                     Err(err) if err.kind == ErrorKind::InUse => {}
+                    // The stream's consumer limit, or the call rate: the count tells them apart.
+                    Err(err) if err.code == "LimitExceededException" => {
+                        if let Ok(names) = kinesis::list_consumers(client, &stream.arn).await
+                            && names.len() >= CONSUMER_LIMIT
+                        {
+                            return Err(SourceError::ConsumerLimit {
+                                consumer: consumer_name.to_string(),
+                                stream: stream.name.clone(),
+                                count: names.len(),
+                                names: names.join(", "),
+                            });
+                        }
+                        tracing::warn!(error = %err, "RegisterStreamConsumer was refused for its call rate; retrying.");
+                    }
                     Err(err) if err.kind == ErrorKind::Transient => {
                         tracing::warn!(error = %err, "RegisterStreamConsumer failed; retrying.");
                     }

@@ -21,13 +21,14 @@ use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::position::Position;
-use crate::progress::{CheckpointError, Checkpointer, Progress};
+use crate::progress::Progress;
 use crate::shutdown::Stopped;
 use assign::{Assignment, Assignments};
-pub use consumer::{SourceStream, ensure_consumer, resolve_stream};
+pub use consumer::{SourceStream, ensure_consumer, resolve_stream, source_consumer};
 use reader::{ReaderExit, ShardReader};
 use shards::ShardInfo;
 
@@ -54,6 +55,16 @@ pub enum SourceError {
     },
     #[error("Enhanced Fan-Out consumer `{consumer}` did not become ACTIVE within {waited:?}")]
     ConsumerNotActive { consumer: String, waited: Duration },
+    #[error(
+        "cannot register Enhanced Fan-Out consumer `{consumer}`: stream `{stream}` has {count} consumers registered, its limit (LimitExceededException; 20 per stream, 50 with On-demand Advantage): {names}. Deregister one that is no longer used, or share one with source.consumer_arn"
+    )]
+    ConsumerLimit { consumer: String, stream: String, count: usize, names: String },
+    #[error(
+        "source.consumer_arn `{consumer_arn}` is not a consumer of source stream `{stream}` (its ARN starts with the stream's ARN and /consumer/)"
+    )]
+    ConsumerOfAnotherStream { consumer_arn: String, stream: String },
+    #[error("source.consumer_arn `{consumer_arn}`: no such consumer is registered on stream `{stream}`")]
+    ConsumerMissing { consumer_arn: String, stream: String },
     #[error("cannot list the shards of source stream `{stream}`")]
     ListShards {
         stream: String,
@@ -70,8 +81,10 @@ pub enum SourceError {
     },
     #[error("a shard reader failed unexpectedly: {0}")]
     Reader(String),
+    /// Not a failure: asked to stop before the source was ready (built explicitly, never by `?`,
+    /// so that a stop inside a reader cannot turn into a fatal error).
     #[error("stopped before the source was ready")]
-    Stopped(#[from] Stopped),
+    Stopped(Stopped),
 }
 
 /// Every shard of a stream.

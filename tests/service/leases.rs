@@ -616,8 +616,8 @@ async fn a_draining_worker_takes_no_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_from_before_a_lease_was_lost_and_taken_again_moves_nothing() {
+    use kinesis_fanout::checkpoint::{CheckpointStore, Checkpoints};
     use kinesis_fanout::lease::{LeaseManager, Position};
-    use kinesis_fanout::progress::{CheckpointStore, Checkpoints};
     use kinesis_fanout::record::SequenceNumber;
     use kinesis_fanout::source::shards::ShardInfo;
     let dynamo = Dynamo::start().await;

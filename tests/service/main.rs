@@ -6,6 +6,7 @@
 mod helpers;
 
 mod cli;
+mod consumers;
 mod crash;
 mod dead_letters;
 mod destinations;
@@ -22,4 +23,5 @@ mod regions;
 mod replication;
 mod resharding;
 mod roles;
+mod shared_streams;
 mod soak;

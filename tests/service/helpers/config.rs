@@ -82,6 +82,15 @@ impl Group {
         ]))
     }
 
+    /// A group that names its streams by ARN (`streams`, no pattern), with the fast intervals.
+    pub fn of_streams(arns: &[&str]) -> Group {
+        let mut group = Group::fast("-");
+        group.0.0.retain(|(key, _)| key != "pattern");
+        let list: Vec<String> = arns.iter().map(|arn| quoted(arn)).collect();
+        group.0.set("streams", format!("[{}]", list.join(", ")));
+        group
+    }
+
     /// Sets `key` to the string `value` (overriding it if the group has it).
     pub fn set(mut self, key: &str, value: &str) -> Group {
         self.0.set(key, quoted(value));

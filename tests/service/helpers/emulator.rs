@@ -156,6 +156,7 @@ async fn inject_faults(
         .to_string();
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let bytes = by_name(&operation, bytes);
     let honour_position;
     let hidden;
     let expired;
@@ -270,6 +271,25 @@ async fn inject_faults(
         return (StatusCode::OK, [("content-type", "application/vnd.amazon.eventstream")], events).into_response();
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// ferrokinesis 0.7 reads the stream of DescribeStreamSummary, ListShards, GetShardIterator and
+/// ListTagsForStream by `StreamName` only; Kinesis takes `StreamARN` too (the only way to name a
+/// stream of another account shared by a resource policy). The layer names the stream as the
+/// emulator reads it.
+fn by_name(operation: &str, bytes: axum::body::Bytes) -> axum::body::Bytes {
+    const BY_NAME_ONLY: [&str; 4] = ["DescribeStreamSummary", "ListShards", "GetShardIterator", "ListTagsForStream"];
+    if !BY_NAME_ONLY.contains(&operation) || !contains(&bytes, b"\"StreamARN\"") {
+        return bytes;
+    }
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return bytes };
+    let Some(arn) = json.get("StreamARN").and_then(|v| v.as_str()).map(str::to_string) else { return bytes };
+    let Some((_, name)) = arn.split_once(":stream/") else { return bytes };
+    if let Some(object) = json.as_object_mut() {
+        object.remove("StreamARN");
+        object.insert("StreamName".into(), serde_json::Value::from(name));
+    }
+    serde_json::to_vec(&json).map(Into::into).unwrap_or(bytes)
 }
 
 /// A JSON answer changed by `edit` (left as it is if it is not JSON).

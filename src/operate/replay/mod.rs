@@ -17,19 +17,22 @@ use std::time::SystemTime;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+mod positions;
+mod summary;
+mod target;
+
+use positions::{ALL, Marks, Positions};
+pub use summary::{Counts, Summary};
+use target::{Target, resolve, send};
 
 use super::OperateError;
 use crate::aws::credentials::Identities;
-use crate::aws::{ErrorKind, KinesisClients, kinesis};
-use crate::config::{AwsSettings, CheckpointBackend, Settings};
-use crate::discovery::{Verdict, decide};
-use crate::lease::LeaseTable;
+use crate::aws::{KinesisClients, kinesis};
+use crate::config::Settings;
 use crate::position::Position;
 use crate::record::SequenceNumber;
-use crate::sink::batch::{self, BatchLimits};
-use crate::sink::limiter::Limiter;
-use crate::sink::retry::{Backoff, EntryOutcome, classify_batch};
 
 /// Keys of replay positions in the lease table start with this (shard ids never do).
 pub const POSITION_PREFIX: &str = crate::lease::table::NOTE_PREFIX;
@@ -49,59 +52,6 @@ pub struct ReplayArgs {
     pub dry_run: bool,
     /// Forget the position kept by earlier runs: read from the start (or `since`) again.
     pub restart: bool,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub replayed: u64,
-    pub rejected_again: u64,
-    /// Filtered out by `--destination`.
-    pub skipped: u64,
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct Summary {
-    /// Dead-letter records read.
-    pub read: u64,
-    pub destinations: BTreeMap<String, Counts>,
-    /// Records that are not envelopes, or name no destination there is: `shard/sequence: why`.
-    pub unreadable: Vec<String>,
-    /// Records refused again: `shard/sequence -> destination: code: message`.
-    pub refused: Vec<String>,
-}
-
-impl Summary {
-    /// One line of progress: what was read, replayed, refused and unreadable so far.
-    pub fn progress_line(&self) -> String {
-        let replayed: u64 = self.destinations.values().map(|c| c.replayed).sum();
-        format!(
-            "{} read, {replayed} replayed, {} refused again, {} unreadable",
-            self.read,
-            self.refused.len(),
-            self.unreadable.len()
-        )
-    }
-
-    /// The summary as text: per destination, then every refused and unreadable record.
-    pub fn render(&self, stream: &str, dry_run: bool) -> String {
-        use std::fmt::Write;
-        let verb = if dry_run { "would replay" } else { "replayed" };
-        let mut out = format!("{} dead-letter records read from {stream}\n", self.read);
-        for (destination, counts) in &self.destinations {
-            let _ = writeln!(
-                out,
-                "  {destination}: {verb} {}, refused again {}, skipped (filtered) {}",
-                counts.replayed, counts.rejected_again, counts.skipped
-            );
-        }
-        for line in &self.refused {
-            let _ = writeln!(out, "  refused again: {line}");
-        }
-        for line in &self.unreadable {
-            let _ = writeln!(out, "  unreadable: {line}");
-        }
-        out
-    }
 }
 
 /// The envelope as written by `sink::dead_letter` (unknown fields ignored).
@@ -150,16 +100,6 @@ pub enum ReplayError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// A destination found for a label: its stream name and the place's clients.
-struct Target {
-    stream: String,
-    group: usize,
-    clients: KinesisClients,
-    limiter: Limiter,
-    /// What the destination takes (its `MaxRecordSizeInKiB`).
-    limits: crate::record::StreamLimits,
 }
 
 /// Reads the dead-letter stream and re-sends its records; `progress` hears of every page.
@@ -321,210 +261,4 @@ pub async fn replay(
         }
     }
     Ok(summary)
-}
-
-/// Finds the destination a label names (`name`, `region/name` or `account/region/name`, as the
-/// service labels destinations), selecting streams exactly as discovery does
-/// ([`crate::discovery::decide`]: patterns, excludes, tags). `Ok(None)`: no place has such a
-/// destination; an error when a place could not tell (a tag read or DescribeStreamSummary
-/// failed), so that the caller does not move past records it could not send.
-async fn resolve(settings: &Settings, identities: &Identities, label: &str) -> Result<Option<Target>, ReplayError> {
-    let parts: Vec<&str> = label.split('/').collect();
-    let (account, region, name) = match parts.as_slice() {
-        [name] => (None, None, *name),
-        [region, name] => (None, Some(*region), *name),
-        [account, region, name] => (Some(*account), Some(*region), *name),
-        _ => return Ok(None),
-    };
-    let undecided = |cause: crate::aws::CallError| ReplayError::Undecided { destination: label.to_string(), cause };
-    for (index, aws) in settings.destination_places().iter().enumerate() {
-        let group_label = format!("destinations[{index}]");
-        let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group_label).await;
-        let clients = KinesisClients::new(&identities.sdk, aws, credentials, settings.put_attempt_timeout());
-        // Is there such a stream here, and is it the one the label names (the label's region
-        // and account are the stream's own, as its ARN says)? Only then ask its tags.
-        let Some(summary) = kinesis::describe_stream(&clients.control, name).await.map_err(undecided)? else {
-            continue;
-        };
-        let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
-        if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
-            continue;
-        }
-        let Verdict::Destination(group) = decide(settings, aws, &clients.control, name).await.map_err(undecided)?
-        else {
-            continue;
-        };
-        if !summary.writable {
-            // Being created or updated: discovery would wait for it, and so does the replay.
-            return Err(ReplayError::NotWritable(label.to_string()));
-        }
-        let limiter = limiter(settings, group, summary.open_shards);
-        return Ok(Some(Target { stream: name.to_string(), group, clients, limiter, limits: summary.limits }));
-    }
-    Ok(None)
-}
-
-fn limiter(settings: &Settings, group: usize, open_shards: u32) -> Limiter {
-    let group = &settings.destinations[group];
-    Limiter::new(
-        group.records_per_second.resolve(open_shards, crate::sink::destination::RECORDS_PER_SHARD),
-        group.bytes_per_second.resolve(open_shards, crate::sink::destination::BYTES_PER_SHARD),
-    )
-}
-
-/// Sends entries in batches, retrying exactly the failed ones; refusals are reported.
-async fn send(
-    settings: &Settings,
-    target: &mut Target,
-    destination: &str,
-    mut entries: Vec<(String, PutRecordsRequestEntry)>,
-    counts: &mut Counts,
-    refused: &mut Vec<String>,
-) -> Result<(), ReplayError> {
-    let group = &settings.destinations[target.group];
-    let mut backoff = Backoff::for_group(group);
-    // A record larger than the destination takes is refused here, alone: never sent.
-    let max_record_bytes = target.limits.max_record_bytes;
-    entries.retain(|(origin, e)| {
-        let bytes = e.data().as_ref().len() + e.partition_key().map_or(0, str::len);
-        if bytes <= max_record_bytes {
-            return true;
-        }
-        counts.rejected_again += 1;
-        refused.push(format!(
-            "{origin} -> {destination}: {}",
-            crate::record::InvalidEntry::TooLarge { bytes, limit: max_record_bytes }
-        ));
-        false
-    });
-    while !entries.is_empty() {
-        let sizes: Vec<usize> = entries
-            .iter()
-            .map(|(_, e)| batch::encoded_size(e.partition_key().map_or(0, str::len), e.data().as_ref().len()))
-            .collect();
-        let take = batch::fits(sizes.iter().copied(), BatchLimits::for_stream(target.limits)).max(1);
-        let bytes: usize = sizes[..take].iter().sum();
-        target.limiter.acquire(take, bytes).await;
-        let mut pending: Vec<(String, PutRecordsRequestEntry)> = entries.drain(..take).collect();
-        let mut attempts = 0;
-        while !pending.is_empty() {
-            attempts += 1;
-            let request: Vec<PutRecordsRequestEntry> = pending.iter().map(|(_, e)| e.clone()).collect();
-            let retry = match kinesis::put_records(&target.clients.writer, &target.stream, request).await {
-                Ok(answers) if answers.len() == pending.len() => {
-                    let outcomes =
-                        classify_batch(answers.iter().map(|a| (a.error_code.as_deref(), a.error_message.as_deref())));
-                    let mut again = Vec::new();
-                    for ((origin, entry), outcome) in pending.into_iter().zip(outcomes) {
-                        match outcome {
-                            EntryOutcome::Accepted => counts.replayed += 1,
-                            EntryOutcome::Throttled | EntryOutcome::Retry { .. } => again.push((origin, entry)),
-                            EntryOutcome::Reject { code, message } => {
-                                counts.rejected_again += 1;
-                                refused.push(format!("{origin} -> {destination}: {code}: {message}"));
-                            }
-                        }
-                    }
-                    pending = again;
-                    Err("some entries failed".to_string())
-                }
-                Ok(_) => Err("PutRecords answered a different number of entries".to_string()),
-                Err(err) if err.kind == ErrorKind::Transient => Err(err.cause),
-                Err(err) => {
-                    for (origin, _) in pending.drain(..) {
-                        counts.rejected_again += 1;
-                        refused.push(format!("{origin} -> {destination}: {}: {}", err.code, err.cause));
-                    }
-                    Ok(())
-                }
-            };
-            if let Err(cause) = retry {
-                if pending.is_empty() {
-                    break;
-                }
-                if attempts >= MAX_ATTEMPTS {
-                    return Err(ReplayError::Stuck { destination: destination.to_string(), attempts, cause });
-                }
-                tokio::time::sleep(backoff.next_delay(&mut rand::rng())).await;
-            }
-        }
-        backoff.reset();
-    }
-    Ok(())
-}
-
-/// The mark of runs over every destination.
-const ALL: &str = "*";
-
-/// Per dead-letter shard: the last record replayed, by `*` (every destination) or by the
-/// destination a run was filtered to.
-type Marks = BTreeMap<String, String>;
-
-/// Where a replay keeps what it has read, per dead-letter shard.
-enum Positions {
-    /// A JSON file beside the checkpoint file.
-    File(PathBuf),
-    Table(LeaseTable, String),
-}
-
-impl Positions {
-    async fn open(
-        settings: &Settings,
-        identities: &Identities,
-        sdk: &aws_config::SdkConfig,
-        stream: &str,
-    ) -> Result<Positions, OperateError> {
-        Ok(match &settings.checkpoint.backend {
-            CheckpointBackend::File { path } => {
-                let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-                name.push(format!(".dead-letters-{stream}.json"));
-                Positions::File(path.with_file_name(name))
-            }
-            CheckpointBackend::DynamoDb(lease) => {
-                let aws: AwsSettings = lease.aws(&settings.source.aws);
-                let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
-                let table =
-                    LeaseTable::new(crate::aws::dynamodb_client(sdk, &aws, credentials, lease), &lease.table_name);
-                Positions::Table(table, format!("{POSITION_PREFIX}{stream}/"))
-            }
-        })
-    }
-
-    async fn get(&self, shard: &str) -> Result<Marks, OperateError> {
-        Ok(match self {
-            Positions::File(path) => self.file(path)?.remove(shard).unwrap_or_default(),
-            Positions::Table(table, prefix) => table
-                .note(&format!("{prefix}{shard}"))
-                .await?
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or_default(),
-        })
-    }
-
-    async fn set(&self, shard: &str, marks: &Marks) -> Result<(), OperateError> {
-        match self {
-            Positions::File(path) => {
-                let mut all = self.file(path)?;
-                all.insert(shard.to_string(), marks.clone());
-                let text = serde_json::to_vec_pretty(&all).expect("a map of strings serialises");
-                let partial = path.with_extension("partial");
-                std::fs::write(&partial, text)
-                    .and_then(|()| std::fs::rename(&partial, path))
-                    .map_err(|source| ReplayError::Position { path: path.clone(), source })?;
-            }
-            Positions::Table(table, prefix) => {
-                let text = serde_json::to_string(marks).expect("a map of strings serialises");
-                table.set_note(&format!("{prefix}{shard}"), &text).await?
-            }
-        }
-        Ok(())
-    }
-
-    fn file(&self, path: &PathBuf) -> Result<BTreeMap<String, Marks>, ReplayError> {
-        match std::fs::read(path) {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(source) => Err(ReplayError::Position { path: path.clone(), source }),
-        }
-    }
 }

@@ -8,6 +8,12 @@
 //! backwards. Faults: a latency per call, throttling of a share of calls (seeded), and clients cut
 //! off from the table (their calls time out).
 
+mod billing;
+mod store;
+
+pub use billing::item_bytes;
+use billing::write_units;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,10 +22,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use futures::future::BoxFuture;
-
 use crate::lease::table::{
-    CheckpointWrite, Lease, LeaseError, LeaseStore, LeaseTable, NOTE_PREFIX, Position, Scanned, next_counter,
+    CheckpointWrite, Lease, LeaseError, LeaseTable, NOTE_PREFIX, Position, Scanned, next_counter,
 };
 
 /// DynamoDB's largest scan page.
@@ -84,49 +88,6 @@ pub struct MemoryTable {
 struct MemoryLink {
     table: Arc<MemoryTable>,
     client: String,
-}
-
-/// DynamoDB's size of a lease item: attribute names plus values (numbers about half their digits).
-pub fn item_bytes(lease: &Lease) -> usize {
-    let number = |n: u64| 1 + n.to_string().len().div_ceil(2);
-    let set = |name: &str, values: &[String]| {
-        if values.is_empty() { 0 } else { name.len() + values.iter().map(|v| v.len()).sum::<usize>() }
-    };
-    let text = |name: &str, value: Option<&String>| value.map_or(0, |v| name.len() + v.len());
-    "leaseKey".len()
-        + lease.key.len()
-        + text("leaseOwner", lease.owner.as_ref())
-        + "leaseCounter".len()
-        + number(lease.counter)
-        + "checkpoint".len()
-        + checkpoint_len(&lease.checkpoint)
-        + "checkpointSubSequenceNumber".len()
-        + 2
-        + "ownerSwitchesSinceCheckpoint".len()
-        + number(lease.owner_switches)
-        + set("parentShardId", &lease.parents)
-        + set("childShardIds", &lease.children)
-        + text("startingHashKey", lease.starting_hash_key.as_ref())
-        + text("endingHashKey", lease.ending_hash_key.as_ref())
-        + if lease.destination_checkpoints.is_empty() {
-            0
-        } else {
-            "destinationCheckpoints".len()
-                + lease.destination_checkpoints.iter().map(|(k, v)| k.len() + v.as_str().len() + 3).sum::<usize>()
-        }
-}
-
-/// How long the checkpoint is as text (without writing it out).
-fn checkpoint_len(position: &Position) -> usize {
-    match position {
-        Position::Sequence(seq) => seq.as_str().len(),
-        Position::At(seq) => seq.as_str().len() + 3,
-        _ => 12,
-    }
-}
-
-fn write_units(bytes: usize) -> f64 {
-    bytes.div_ceil(1024).max(1) as f64
 }
 
 /// Where a checkpoint stands, for "never backwards": starting points, then records, then the end.
@@ -426,58 +387,6 @@ impl MemoryLink {
         }
         inner.items.remove(key);
         Ok(true)
-    }
-}
-
-impl LeaseStore for MemoryLink {
-    fn name(&self) -> &str {
-        "memory"
-    }
-
-    fn ensure(&self, _create: bool) -> BoxFuture<'_, Result<(), LeaseError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn note<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, LeaseError>> {
-        Box::pin(self.note(key))
-    }
-
-    fn set_note<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
-        Box::pin(self.set_note(key, value))
-    }
-
-    fn scan(&self, consistent: bool) -> BoxFuture<'_, Result<Scanned, LeaseError>> {
-        Box::pin(self.scan_all(consistent))
-    }
-
-    fn create_if_absent<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
-        Box::pin(self.create_if_absent(lease))
-    }
-
-    fn take<'a>(&'a self, key: &'a str, expected: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>> {
-        Box::pin(self.take(key, expected, me))
-    }
-
-    fn renew<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<u64, LeaseError>> {
-        Box::pin(self.renew(key, counter, me))
-    }
-
-    fn write_checkpoint<'a>(
-        &'a self,
-        key: &'a str,
-        counter: u64,
-        me: &'a str,
-        write: &'a CheckpointWrite<'a>,
-    ) -> BoxFuture<'a, Result<u64, LeaseError>> {
-        Box::pin(self.write_checkpoint(key, counter, me, write))
-    }
-
-    fn release<'a>(&'a self, key: &'a str, counter: u64, me: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
-        Box::pin(self.release(key, counter, me))
-    }
-
-    fn delete_finished<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LeaseError>> {
-        Box::pin(self.delete_finished(key))
     }
 }
 
