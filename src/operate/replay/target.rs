@@ -43,25 +43,35 @@ pub(super) async fn resolve(
         let group_label = format!("destinations[{index}]");
         let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group_label).await;
         let clients = KinesisClients::new(&identities.sdk, aws, credentials, settings.put_attempt_timeout());
-        // Is there such a stream here, and is it the one the label names (the label's region
-        // and account are the stream's own, as its ARN says)? Only then ask its tags.
-        let Some(summary) = kinesis::describe_stream(&clients.control, name).await.map_err(undecided)? else {
-            continue;
-        };
-        let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
-        if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
-            continue;
+        // The stream of that name here (when a group of the place selects by pattern), and the
+        // streams of that name its groups name by ARN (labelled by their name, as any other).
+        let here = settings.destinations.iter().filter(|g| g.aws == *aws);
+        let by_pattern = here.clone().any(|g| g.streams.is_empty());
+        let named = here.flat_map(|g| &g.streams).filter(|arn| kinesis::stream_name_of(arn) == name);
+        let candidates: Vec<&str> = by_pattern.then_some(name).into_iter().chain(named.map(String::as_str)).collect();
+        for stream in candidates {
+            // Is there such a stream here, and is it the one the label names (the label's region
+            // and account are the stream's own, as its ARN says)? Only then ask its tags.
+            let Some(summary) = kinesis::describe_stream(&clients.control, stream).await.map_err(undecided)? else {
+                continue;
+            };
+            let (arn_region, arn_account) = crate::discovery::arn_place(&summary.arn);
+            if region.is_some_and(|r| r != arn_region) || account.is_some_and(|a| a != arn_account) {
+                continue;
+            }
+            let Verdict::Destination(group) =
+                decide(settings, aws, &clients.control, stream).await.map_err(undecided)?
+            else {
+                continue;
+            };
+            if !summary.writable {
+                // Being created or updated: discovery would wait for it, and so does the replay.
+                return Err(ReplayError::NotWritable(label.to_string()));
+            }
+            let limiter = limiter(settings, group, summary.open_shards);
+            let stream = stream.to_string();
+            return Ok(Some(Target { stream, group, clients, limiter, limits: summary.limits }));
         }
-        let Verdict::Destination(group) = decide(settings, aws, &clients.control, name).await.map_err(undecided)?
-        else {
-            continue;
-        };
-        if !summary.writable {
-            // Being created or updated: discovery would wait for it, and so does the replay.
-            return Err(ReplayError::NotWritable(label.to_string()));
-        }
-        let limiter = limiter(settings, group, summary.open_shards);
-        return Ok(Some(Target { stream: name.to_string(), group, clients, limiter, limits: summary.limits }));
     }
     Ok(None)
 }
