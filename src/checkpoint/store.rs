@@ -122,7 +122,8 @@ impl FileCheckpointStore {
         if file.version != FILE_VERSION {
             return Err(corrupt(format!("unsupported version {}", file.version)));
         }
-        if file.source_stream != expected_stream {
+        let name = crate::aws::kinesis::stream_name_of;
+        if file.source_stream != expected_stream && name(&file.source_stream) != name(expected_stream) {
             return Err(CheckpointError::WrongStream {
                 path: path.to_path_buf(),
                 found: file.source_stream,

@@ -24,7 +24,8 @@ pub fn stream_arn_region(arn: &str) -> Result<&str, String> {
         && parts[0] == "arn"
         && !parts[1].is_empty()
         && parts[2] == "kinesis"
-        && !parts[3].is_empty()
+        && parts[3].split('-').count() >= 3
+        && parts[3].bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && parts[4].len() == 12
         && parts[4].bytes().all(|b| b.is_ascii_digit())
         && parts[5].strip_prefix("stream/").is_some_and(|name| {
@@ -72,7 +73,14 @@ pub(super) fn source_settings(s: &mut Section<'_>) -> SourceSettings {
             Err(message) => s.problem("stream_name", message),
         }
     }
+    let named_consumer = s.string("consumer_name").is_some();
     let consumer_arn = s.string("consumer_arn");
+    if consumer_arn.is_some() && named_consumer {
+        s.problem(
+            "consumer_arn",
+            "with consumer_name: the service uses the consumer consumer_arn names, so give one or the other",
+        );
+    }
     if let Some(arn) = &consumer_arn
         && !(arn.starts_with("arn:") && arn.contains(":stream/") && arn.contains("/consumer/"))
     {

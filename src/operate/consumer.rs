@@ -1,8 +1,10 @@
 //! `consumer deregister`: removes the service's Enhanced Fan-Out consumer after a decommission
 //! (EFO bills per consumer-shard-hour for as long as a consumer is registered).
 //!
-//! It refuses while a worker holds a lease in the lease table (a lease with an owner, of a shard
-//! not read to its end), unless forced: a running fleet would lose its subscriptions. With the
+//! It refuses while a worker holds a lease in the lease table (a lease of a shard not read to its
+//! end whose owner renews it: its counter moves within `checkpoint.failover_time`), unless
+//! forced: a running fleet would lose its subscriptions. A lease a crashed or stopped worker left
+//! with its name on it holds nothing. With the
 //! file backend there is one worker and no table to ask: stop it first. A consumer named by
 //! `source.consumer_arn` was registered by someone else and is never removed here.
 
@@ -18,7 +20,7 @@ use crate::config::{CheckpointBackend, Settings};
 use crate::lease::{LeaseTable, Position};
 
 /// How long to wait for the consumer to be gone after DeregisterStreamConsumer.
-const GONE_WAIT: Duration = Duration::from_secs(120);
+const GONE_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -84,12 +86,20 @@ pub async fn deregister(
         let aws = lease.aws(source);
         let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), "checkpoint").await;
         let table = LeaseTable::new(crate::aws::dynamodb_client(sdk, &aws, credentials, lease), &lease.table_name);
-        let held: Vec<_> = table
-            .scan()
-            .await?
-            .into_iter()
-            .filter(|l| l.owner.is_some() && l.checkpoint != Position::ShardEnd)
-            .collect();
+        // Held: an owner whose counter moves (it renews), as a worker judges before taking a
+        // lease; the owner a crashed or stopped worker left behind holds nothing.
+        let owned = |leases: Vec<crate::lease::Lease>| -> Vec<crate::lease::Lease> {
+            leases.into_iter().filter(|l| l.owner.is_some() && l.checkpoint != Position::ShardEnd).collect()
+        };
+        let first = owned(table.scan().await?);
+        let held: Vec<_> = if first.is_empty() {
+            first
+        } else {
+            tokio::time::sleep(lease.failover_time).await;
+            let counters: std::collections::BTreeMap<String, u64> =
+                first.iter().map(|l| (l.key.clone(), l.counter)).collect();
+            owned(table.scan().await?).into_iter().filter(|l| counters.get(&l.key) != Some(&l.counter)).collect()
+        };
         if !held.is_empty() && !force {
             let mut owners: Vec<&str> = held.iter().filter_map(|l| l.owner.as_deref()).collect();
             owners.sort_unstable();

@@ -21,6 +21,9 @@ use crate::shutdown::Stopped;
 /// never sent, dead-lettered with both sizes in the message.
 pub const TOO_LARGE_FOR_DESTINATION: &str = "too_large_for_destination";
 
+/// The longest a text field of an envelope without data may be (characters).
+const OMITTED_FIELD_CHARS: usize = 1024;
+
 /// A rejected entry, where it came from, and why.
 #[derive(Debug, Clone)]
 pub struct Rejected<'a> {
@@ -134,8 +137,9 @@ impl Letter {
             return Letter { partition_key, data, unwrapped: false, omitted: false };
         }
         let origin = origin(r);
-        // Keyed by as much of its origin as fits: a byte at least.
-        if r.data.len() < max_record_bytes {
+        // Keyed by as much of its origin as fits: a byte at least. Not a record refused for its
+        // size: its letter keeps the reason and both sizes, without the data.
+        if r.data.len() < max_record_bytes && r.error_code != TOO_LARGE_FOR_DESTINATION {
             let room = max_record_bytes.saturating_sub(r.data.len()).max(1);
             return Letter {
                 partition_key: key_within(&origin, room),
@@ -144,6 +148,14 @@ impl Letter {
                 omitted: false,
             };
         }
+        // Without the data, and with every other field bounded, so that it always fits (a KPL user
+        // record's key, refused for its length, can be any size).
+        let bounded = |text: &str| text.chars().take(OMITTED_FIELD_CHARS).collect::<String>();
+        let (partition_key_field, message) = (bounded(r.partition_key), bounded(&r.error_message));
+        let hash_key = r.explicit_hash_key.map(bounded);
+        envelope.partition_key = &partition_key_field;
+        envelope.error_message = &message;
+        envelope.explicit_hash_key = hash_key.as_deref();
         envelope.data = String::new();
         envelope.data_omitted = true;
         envelope.data_bytes = Some(r.data.len());
@@ -357,6 +369,21 @@ mod tests {
         assert_eq!(envelope["shard_id"], "shardId-000000000003");
         assert_eq!(envelope["sequence_number"], "49590338271490256608559692538361571095921575989136588898");
         assert_eq!(letter.partition_key, "k");
+        // Refused for its size, a record the dead-letter stream could hold bare still gets the
+        // envelope with the reason and both sizes, not its bytes keyed by origin.
+        let small = bytes::Bytes::from(vec![7u8; 900_000]);
+        let refused = Rejected { error_code: TOO_LARGE_FOR_DESTINATION.into(), ..rejected(&small, "k") };
+        let letter = Letter::new("in", "out", &refused, MAX_RECORD_BYTES);
+        assert!(letter.omitted && !letter.unwrapped);
+        // Every field of an envelope without data is bounded: it always fits.
+        let key = "k".repeat(3 << 20);
+        let message = "m".repeat(2 << 20);
+        let huge =
+            Rejected { error_code: TOO_LARGE_FOR_DESTINATION.into(), error_message: message, ..rejected(&large, &key) };
+        let letter = Letter::new("in", "out", &huge, MAX_RECORD_BYTES);
+        assert!(letter.omitted);
+        assert!(letter.data.len() < 4096, "{} bytes", letter.data.len());
+        assert!(crate::record::validate_entry(&letter.partition_key, None, letter.data.len()).is_ok());
     }
 
     /// A put edge whose first answer covers only the first entry; every later answer is whole.

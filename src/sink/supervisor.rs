@@ -309,8 +309,10 @@ impl Supervisor {
             return stream.into();
         };
         let (region, account) = arn_place(arn);
-        if arn_place(other.0).0 != region {
-            format!("{region}/{stream}").into()
+        let taken = |label: &str| self.running.iter().any(|(id, r)| &**id != arn && &*r.handle.name == label);
+        let regional = format!("{region}/{stream}");
+        if arn_place(other.0).0 != region && !taken(&regional) {
+            regional.into()
         } else {
             format!("{account}/{region}/{stream}").into()
         }

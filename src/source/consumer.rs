@@ -149,16 +149,28 @@ pub async fn ensure_consumer(
                     Ok(()) => {}
                     // Another worker registered it first, or it is still being deleted: poll on.
                     Err(err) if err.kind == ErrorKind::InUse => {}
-                    // The stream's consumer limit, or the call rate: the count tells them apart.
+                    // The stream's consumer limit, or the call rate: "Rate exceeded" says the
+                    // second; otherwise the count tells (20, or 50 with On-demand Advantage).
                     Err(err) if err.code == "LimitExceededException" => {
-                        if let Ok(names) = kinesis::list_consumers(client, &stream.arn).await
-                            && names.len() >= CONSUMER_LIMIT
-                        {
+                        let rate = err.cause.to_ascii_lowercase().contains("rate exceeded");
+                        let listed = kinesis::list_consumers(client, &stream.arn).await;
+                        let full = match &listed {
+                            Ok(names) => names.len() >= CONSUMER_LIMIT,
+                            // Not even listed: say what is known rather than retry in the dark.
+                            Err(_) => true,
+                        };
+                        if !rate && full {
+                            let (count, names) = match listed {
+                                Ok(names) => (names.len().to_string(), names.join(", ")),
+                                Err(list) => {
+                                    ("an unknown number of".into(), format!("(ListStreamConsumers failed: {list})"))
+                                }
+                            };
                             return Err(SourceError::ConsumerLimit {
                                 consumer: consumer_name.to_string(),
                                 stream: stream.name.clone(),
-                                count: names.len(),
-                                names: names.join(", "),
+                                count,
+                                names,
                             });
                         }
                         tracing::warn!(error = %err, "RegisterStreamConsumer was refused for its call rate; retrying.");

@@ -56,9 +56,9 @@ pub enum SourceError {
     #[error("Enhanced Fan-Out consumer `{consumer}` did not become ACTIVE within {waited:?}")]
     ConsumerNotActive { consumer: String, waited: Duration },
     #[error(
-        "cannot register Enhanced Fan-Out consumer `{consumer}`: stream `{stream}` has {count} consumers registered, its limit (LimitExceededException; 20 per stream, 50 with On-demand Advantage): {names}. Deregister one that is no longer used, or share one with source.consumer_arn"
+        "cannot register Enhanced Fan-Out consumer `{consumer}`: stream `{stream}` is at its consumer limit (LimitExceededException; 20 per stream, 50 with On-demand Advantage) with {count} consumers registered: {names}. Deregister one that is no longer used, or share one with source.consumer_arn"
     )]
-    ConsumerLimit { consumer: String, stream: String, count: usize, names: String },
+    ConsumerLimit { consumer: String, stream: String, count: String, names: String },
     #[error(
         "source.consumer_arn `{consumer_arn}` is not a consumer of source stream `{stream}` (its ARN starts with the stream's ARN and /consumer/)"
     )]

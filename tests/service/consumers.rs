@@ -47,10 +47,32 @@ async fn a_stream_at_its_consumer_limit_is_reported_with_its_consumers_and_exit_
     let out = run_cli(&["run", "--config", &path]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("has 20 consumers registered"), "the count: {stderr}");
+    assert!(stderr.contains("is at its consumer limit") && stderr.contains("with 20 consumers registered"), "{stderr}");
     assert!(stderr.contains("other-00") && stderr.contains("other-19"), "their names: {stderr}");
-    assert!(stderr.contains("LimitExceededException"), "{stderr}");
     assert!(!stderr.to_lowercase().contains("permission") && !stderr.contains("retrying"), "{stderr}");
+    assert!(!consumers(&client, "in").await.contains(&"fanout-test".to_string()), "nothing registered");
+
+    // An identity that may not list the consumers still hears of the limit, not a retry loop.
+    emulator.faults.lock().unwrap().deny_list_consumers = true;
+    let out = run_cli(&["run", "--config", &path]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is at its consumer limit") && stderr.contains("with an unknown number"), "{stderr}");
+    assert!(stderr.contains("ListStreamConsumers failed"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_limit_for_the_call_rate_is_retried_not_reported() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-a", 1)]).await;
+    emulator.faults.lock().unwrap().register_rate_limited = 3;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let service = Running::start(&TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).toml(), &emulator.url);
+    let records = records(9, 50, 32);
+    put_all(&client, "in", &records).await;
+    service.wait_accepted("out-a", 50).await;
+    assert_eq!(emulator.calls("RegisterStreamConsumer"), 4, "three refused for the rate, then registered");
+    assert_eq!(consumers(&client, "in").await, vec!["fanout-test".to_string()]);
+    service.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,7 +82,11 @@ async fn a_consumer_registered_by_someone_else_is_used_and_never_registered_or_r
     let shared = client.register_stream_consumer().stream_arn(&arn).consumer_name("platform-owned").send().await;
     let shared = shared.unwrap().consumer().unwrap().consumer_arn().to_string();
     let (_dir, checkpoint) = temp_checkpoint();
-    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).set("source", "consumer_arn", &shared);
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).without("source", "consumer_name").set(
+        "source",
+        "consumer_arn",
+        &shared,
+    );
     let service = Running::start(&config.toml(), &emulator.url);
     let records = records(7, 200, 64);
     put_all(&client, "in", &records).await;
@@ -81,7 +107,11 @@ async fn a_consumer_registered_by_someone_else_is_used_and_never_registered_or_r
     // A consumer ARN of another stream is refused with both named.
     let other = stream_arn(&client, "out-a").await;
     let wrong = format!("{other}/consumer/x:1");
-    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).set("source", "consumer_arn", &wrong);
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).without("source", "consumer_name").set(
+        "source",
+        "consumer_arn",
+        &wrong,
+    );
     let service = Running::start(&config.toml(), &emulator.url);
     let err = service.finished().await.expect_err("refused");
     assert!(err.to_string().contains("is not a consumer of source stream `in`"), "{err}");
@@ -127,5 +157,6 @@ async fn consumer_deregister_refuses_while_a_worker_holds_a_lease_unless_forced(
     wait_until("w1 registered its consumer again", || async { !consumers(&client, "in").await.is_empty() }).await;
     let out = run_cli(&["consumer", "deregister", "--config", &path, "--force"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(consumers(&client, "in").await.is_empty(), "gone under a running worker");
     worker.kill().await;
 }

@@ -195,6 +195,7 @@ async fn a_record_over_a_destinations_maximum_is_dead_lettered_and_its_neighbour
     let entry = PutRecordsRequestEntry::builder().partition_key("k").data(Blob::new(large.clone())).build().unwrap();
     let put = client.put_records().stream_name("in").records(entry).send().await.expect("a raised source takes 6 MiB");
     assert_eq!(put.failed_record_count(), Some(0));
+    let large_seq = put.records()[0].sequence_number().unwrap().to_string();
     put_all(&client, "in", &after).await;
 
     service.wait_accepted("out-big", 41).await;
@@ -225,7 +226,7 @@ async fn a_record_over_a_destinations_maximum_is_dead_lettered_and_its_neighbour
     assert_eq!(envelope["data_omitted"], true);
     assert_eq!(envelope["data_bytes"], 6 * 1048576);
     assert!(envelope["shard_id"].as_str().unwrap().starts_with("shardId-"));
-    assert!(!envelope["sequence_number"].as_str().unwrap().is_empty());
+    assert_eq!(envelope["sequence_number"], large_seq.as_str(), "the large record's origin");
 
     let too_large = service.metrics.destination_records_too_large.with_label_values(&["out-small"]).get();
     assert_eq!(too_large, 1, "counted once");

@@ -18,7 +18,11 @@ async fn a_group_named_by_arn_writes_to_a_stream_that_list_streams_never_shows()
         faults.log_puts = true;
     }
     let (_dir, checkpoint) = temp_checkpoint();
-    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).add_group(Group::of_streams(&[&arn]));
+    // The pattern would take shared-orders too, were it listed: the ARN is the only way to it.
+    let config = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .pattern("^(out-a|shared-orders)$")
+        .add_group(Group::of_streams(&[&arn]));
     let settings = kinesis_fanout::Settings::from_toml(&config.toml()).unwrap();
 
     // `check` describes it (reachable, writable, limits) and names its group.
@@ -29,6 +33,7 @@ async fn a_group_named_by_arn_writes_to_a_stream_that_list_streams_never_shows()
         "{text}"
     );
     assert!(text.contains("out-a: destination (group 0"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("  shared-orders:")), "never listed by name: {text}");
 
     let service = Running::start(&config.toml(), &emulator.url);
     let records = records(3, 300, 64);
@@ -56,5 +61,20 @@ async fn a_source_named_by_arn_is_read_and_never_written_to() {
     assert_eq!(contents(&client, "out-a").await, sorted(&records));
     assert_eq!(contents(&client, "in").await, sorted(&records), "nothing written back to the source");
     assert_eq!(service.accepted("in"), 0);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_of_groups_named_by_arn_only_never_lists_streams() {
+    let (emulator, client) = with_streams(&[("in", 1), ("shared-orders", 1)]).await;
+    let arn = arn_of(&client, "shared-orders").await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).groups([Group::of_streams(&[&arn])]);
+    let service = Running::start(&config.toml(), &emulator.url);
+    let records = records(4, 100, 32);
+    put_all(&client, "in", &records).await;
+    service.wait_accepted("shared-orders", 100).await;
+    assert_eq!(contents(&client, "shared-orders").await, sorted(&records));
+    assert_eq!(emulator.calls("ListStreams"), 0, "a resource policy grants no ListStreams");
     service.stop().await.unwrap();
 }

@@ -27,6 +27,10 @@ pub struct Faults {
     pub deny_puts_to: Option<String>,
     /// The next N SubscribeToShard calls get 400 ResourceInUseException.
     pub subscribe_in_use: u32,
+    /// The next N RegisterStreamConsumer calls get LimitExceededException for their call rate.
+    pub register_rate_limited: u32,
+    /// ListStreamConsumers is refused (an identity without that permission).
+    pub deny_list_consumers: bool,
     /// ferrokinesis 0.7 answers SubscribeToShard from the start of the shard whatever the
     /// starting position: its request validation keeps only `StartingPosition.Type` (its rules
     /// declare no other member), so `SequenceNumber` and `Timestamp` never reach the action, and
@@ -208,6 +212,14 @@ async fn inject_faults(
         }
         if operation == "ListTagsForStream" && faults.throttle_list_tags {
             return error_response(StatusCode::BAD_REQUEST, "LimitExceededException");
+        }
+        if operation == "RegisterStreamConsumer" && faults.register_rate_limited > 0 {
+            faults.register_rate_limited -= 1;
+            let body = r#"{"__type":"LimitExceededException","message":"Rate exceeded for stream in under account 000000000000."}"#;
+            return (StatusCode::BAD_REQUEST, [("content-type", "application/x-amz-json-1.1")], body).into_response();
+        }
+        if operation == "ListStreamConsumers" && faults.deny_list_consumers {
+            return error_response(StatusCode::BAD_REQUEST, "AccessDeniedException");
         }
         if operation == "SubscribeToShard" && faults.subscribe_in_use > 0 {
             faults.subscribe_in_use -= 1;
