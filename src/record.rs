@@ -136,6 +136,15 @@ impl SourceRecord {
     }
 }
 
+/// Which destination groups take each record of a chunk (bit `g` for group `g`), decided once
+/// for every destination (a JSON record is parsed once): `records[i]` for source record `i` as a
+/// whole, `users[i][j]` for user record `j` of its aggregate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    pub records: Vec<u64>,
+    pub users: Vec<Vec<u64>>,
+}
+
 /// Why Kinesis would refuse an entry as it stands (PutRecords validates every entry of a request
 /// and refuses the whole request for one bad entry, so bad ones are caught before sending).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -147,10 +147,35 @@ fn record(i: usize, size: usize) -> PutRecordsRequestEntry {
         .expect("complete")
 }
 
+/// A JSON record of about `size` bytes: every second one from region "eu".
+fn json_record(i: usize, size: usize) -> PutRecordsRequestEntry {
+    let region = if i.is_multiple_of(2) { "eu" } else { "us" };
+    let head = format!(r#"{{"seq":{i},"region":"{region}","total":{},"pad":""#, i % 997);
+    let pad = size.saturating_sub(head.len() + 2);
+    let data = format!("{head}{}\"}}", "x".repeat(pad));
+    PutRecordsRequestEntry::builder()
+        .partition_key(format!("pk-{}", i.wrapping_mul(2_654_435_761) % 100_003))
+        .data(Blob::new(data.into_bytes()))
+        .build()
+        .expect("complete")
+}
+
 /// Puts records `from..to`, 500 per request, 4 requests at a time.
 async fn produce(client: &Client, stream: &str, from: usize, to: usize, size: usize) -> anyhow::Result<()> {
+    produce_with(client, stream, from, to, size, record).await
+}
+
+/// As [`produce`], each record made by `make`.
+async fn produce_with(
+    client: &Client,
+    stream: &str,
+    from: usize,
+    to: usize,
+    size: usize,
+    make: fn(usize, usize) -> PutRecordsRequestEntry,
+) -> anyhow::Result<()> {
     let batches: Vec<Vec<PutRecordsRequestEntry>> =
-        (from..to).collect::<Vec<_>>().chunks(500).map(|c| c.iter().map(|i| record(*i, size)).collect()).collect();
+        (from..to).collect::<Vec<_>>().chunks(500).map(|c| c.iter().map(|i| make(*i, size)).collect()).collect();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(batches)
         .map(|entries| async move {
             let mut pending = entries;
@@ -407,6 +432,32 @@ async fn drain(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     r.insert("peak_rss_mib", json!(round2(rss)));
     r.insert("p50_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.5))));
     r.insert("p99_ms", json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.99))));
+    Ok(r)
+}
+
+/// A JSON filter's cost: the same JSON records copied without a filter, then with a group filter
+/// `json = { "/region" = "eu" }` (half the records pass), CPU per GB judged (read x destinations).
+async fn filter(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let mut r = Report::new();
+    for (label, extra) in [("plain", ""), ("json_filter", r#"filter = { json = { "/region" = "eu" } }"#)] {
+        let (emulator, client, names) = setup(opts, "bench-out-").await?;
+        produce_with(&client, "bench-in", 0, opts.records, opts.record_size, json_record).await?;
+        let dir = tempfile::tempdir()?;
+        let started = Instant::now();
+        let service = spawn_service_with(bin, dir.path(), &emulator.url, "32MiB", extra)?;
+        let each = if extra.is_empty() { opts.records } else { opts.records.div_ceil(2) };
+        wait_delivered(&service, &names, each, Duration::from_secs(600)).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let (cpu, rss) = usage(service.child.id());
+        stop(service);
+        let gb = (opts.records * opts.record_size * opts.destinations) as f64 / 1e9;
+        r.insert(if label == "plain" { "plain_cpu_s_per_gb" } else { "filter_cpu_s_per_gb" }, json!(round2(cpu / gb)));
+        r.insert(
+            if label == "plain" { "plain_records_per_s" } else { "filter_records_per_s" },
+            json!(((opts.records * opts.destinations) as f64 / elapsed).round()),
+        );
+        r.insert(if label == "plain" { "plain_peak_rss_mib" } else { "filter_peak_rss_mib" }, json!(round2(rss)));
+    }
     Ok(r)
 }
 
@@ -753,7 +804,7 @@ async fn main() -> anyhow::Result<()> {
     // The simulation runs no binary.
     let needs_binary = opts.scenario.as_deref() != Some("fleet-sim");
     let bin = if needs_binary { service_binary()? } else { PathBuf::new() };
-    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "fleet-sim", "fleet"];
+    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "filter", "fleet-sim", "fleet"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
         Some(name) => {
@@ -801,6 +852,7 @@ async fn main() -> anyhow::Result<()> {
             "stall" => stall(&opts, &bin).await?,
             "backfill" => backfill(&opts, &bin).await?,
             "big-events" => big_events(&opts, &bin).await?,
+            "filter" => filter(&opts, &bin).await?,
             _ => wide(&opts, &bin).await?,
         };
         report.insert("wall_s", json!(round2(started.elapsed().as_secs_f64())));

@@ -214,6 +214,15 @@ impl Settings {
         let destinations = destinations.map(|groups| {
             groups.into_iter().map(|g| DestinationGroup { aws: g.aws.or(&aws), ..g }).collect::<Vec<_>>()
         });
+        if let Some(groups) = &destinations
+            && let Some(late) = groups
+                .iter()
+                .enumerate()
+                .skip(crate::fanout::filter::MAX_FILTERED_GROUPS)
+                .find(|(_, g)| g.filter.is_some())
+        {
+            root.problem(&format!("destinations[{}].filter", late.0), "only the first 64 groups may have a filter");
+        }
         if destinations.as_ref().is_some_and(Vec::is_empty) {
             root.problem("destinations", "at least one [[destinations]] group with a pattern (or streams) is required");
         }
@@ -330,6 +339,38 @@ mod tests {
         let consumer =
             problems("[source]\nstream_name = \"in\"\nconsumer_arn = \"fanout\"\n[[destinations]]\npattern = \"a\"\n");
         assert!(consumer.contains("source.consumer_arn") && consumer.contains("is not a consumer ARN"), "{consumer}");
+    }
+
+    #[test]
+    fn filters_are_read_and_every_mistake_names_its_key() {
+        let base = "[source]\nstream_name = \"in\"\n[[destinations]]\npattern = \"a\"\n";
+        let s = Settings::from_toml(&format!(
+            "{base}filter = {{ partition_key = \"^o-\", data_prefix = \"base64:eyI=\", json = {{ \"/r\" = [\"eu\", 3], \"/t\" = {{ regex = \"^1\" }} }} }}\n"
+        ))
+        .unwrap();
+        let filter = s.destinations[0].filter.as_ref().expect("a filter");
+        assert_eq!(filter.data_prefix.as_deref(), Some(&b"{\""[..]));
+        assert_eq!(filter.json.len(), 2);
+        assert!(filter.describe().contains("json /r in [\"eu\", \"3\"]"), "{}", filter.describe());
+        let problems = |extra: &str| match Settings::from_toml(&format!("{base}{extra}")) {
+            Err(err) => err.to_string(),
+            Ok(_) => panic!("refused: {extra}"),
+        };
+        let passthrough = problems("kpl = \"passthrough\"\nfilter = { json = { \"/r\" = \"eu\" } }\n");
+        assert!(
+            passthrough.contains("destinations[0].filter.json: cannot be checked with kpl = \"passthrough\""),
+            "{passthrough}"
+        );
+        let pointer = problems("filter = { json = { \"r\" = \"eu\" } }\n");
+        assert!(pointer.contains("destinations[0].filter.json.\"r\": a JSON pointer starts with /"), "{pointer}");
+        let regex = problems("filter = { partition_key = \"(\" }\n");
+        assert!(regex.contains("destinations[0].filter.partition_key"), "{regex}");
+        let base64 = problems("filter = { data_prefix = \"base64:%%\" }\n");
+        assert!(base64.contains("destinations[0].filter.data_prefix") && base64.contains("not base64"), "{base64}");
+        let shape = problems("filter = { json = { \"/r\" = { nested = 1 } } }\n");
+        assert!(shape.contains("must be a value, a list of values, or { regex"), "{shape}");
+        let unknown = problems("filter = { colour = \"red\" }\n");
+        assert!(unknown.contains("destinations[0].filter.colour: unknown key"), "{unknown}");
     }
 
     #[test]

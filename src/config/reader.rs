@@ -92,6 +92,11 @@ impl<'a> Section<'a> {
     }
 
     /// A scalar as text (numbers and booleans are accepted, since environment overrides are text).
+    /// The value of `key` as it stands, for what the other getters do not read.
+    pub(super) fn raw(&mut self, key: &str) -> Option<&'a Value> {
+        self.get(key)
+    }
+
     pub(super) fn string(&mut self, key: &str) -> Option<String> {
         match self.get(key)? {
             Value::String(s) => Some(s.clone()),

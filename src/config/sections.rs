@@ -215,6 +215,13 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
             }
         }
     }
+    let filter = s.section("filter", filter).flatten();
+    if let (Some(filter), Some(KplMode::Passthrough)) = (&filter, Some(kpl))
+        && filter.reads_data()
+    {
+        let key = if filter.data_prefix.is_some() { "filter.data_prefix" } else { "filter.json" };
+        s.problem(key, "cannot be checked with kpl = \"passthrough\": an aggregate passes whole, so only filter.partition_key can be (use \"deaggregate\" or \"reaggregate\")");
+    }
     let detach_after = s.parsed("detach_after", "10s", |v| match v {
         "off" => Ok(None),
         other => units::parse_duration(other).map(Some),
@@ -247,6 +254,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         aws,
         tags: tags?,
         streams: streams?,
+        filter,
     })
 }
 
@@ -330,4 +338,68 @@ pub(super) fn reject_access_keys(value: &serde_json::Value, path: &str, problems
         }
         _ => {}
     }
+}
+
+/// `destinations[].filter`; `None` when the table names no condition.
+fn filter(s: &mut Section<'_>) -> Option<Filter> {
+    let partition_key = s.parsed_opt("partition_key", |v| {
+        Regex::new(v).map_err(|e| format!("`{v}` is not a valid regular expression: {e}"))
+    });
+    let data_prefix = s.parsed_opt("data_prefix", |v| match v.strip_prefix("base64:") {
+        Some(encoded) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|e| format!("`{v}` is not base64 after `base64:` ({e})"))
+        }
+        None => Ok(v.as_bytes().to_vec()),
+    });
+    let mut json = Vec::new();
+    match s.raw("json") {
+        None => {}
+        Some(serde_json::Value::Object(conditions)) => {
+            for (pointer, wanted) in conditions {
+                let key = format!("json.\"{pointer}\"");
+                if !(pointer.is_empty() || pointer.starts_with('/')) {
+                    s.problem(&key, "a JSON pointer starts with / (like \"/type\" or \"/order/region\")");
+                    continue;
+                }
+                let text = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    serde_json::Value::Bool(b) => Some(b.to_string()),
+                    _ => None,
+                };
+                let matched = match wanted {
+                    serde_json::Value::Array(values) => {
+                        values.iter().map(text).collect::<Option<Vec<_>>>().map(JsonMatch::OneOf).ok_or(())
+                    }
+                    serde_json::Value::Object(table) if table.len() == 1 && table.contains_key("regex") => {
+                        match table.get("regex").and_then(|r| r.as_str()).map(Regex::new) {
+                            Some(Ok(re)) => Ok(JsonMatch::Regex(re)),
+                            Some(Err(e)) => {
+                                s.problem(&key, format!("not a valid regular expression: {e}"));
+                                continue;
+                            }
+                            None => Err(()),
+                        }
+                    }
+                    other => text(other).map(|v| JsonMatch::OneOf(vec![v])).ok_or(()),
+                };
+                match matched {
+                    Ok(m) => json.push((pointer.clone(), m)),
+                    Err(()) => s.problem(
+                        &key,
+                        "must be a value, a list of values, or { regex = \"...\" } (values are text, numbers or booleans)",
+                    ),
+                }
+            }
+        }
+        Some(_) => s.problem("json", "must be a table of JSON pointers to values, like { \"/type\" = \"order\" }"),
+    }
+    (partition_key.is_some() || data_prefix.is_some() || !json.is_empty()).then_some(Filter {
+        partition_key,
+        data_prefix,
+        json,
+    })
 }

@@ -20,6 +20,56 @@ pub enum KplMode {
     Passthrough,
 }
 
+/// `destinations[].filter`: which records a group takes; every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// The record's partition key matches.
+    pub partition_key: Option<Regex>,
+    /// The record's data starts with these bytes.
+    pub data_prefix: Option<Vec<u8>>,
+    /// The record's data is JSON and, at each pointer, holds a matching value.
+    pub json: Vec<(String, JsonMatch)>,
+}
+
+/// What a JSON value at a pointer must be. Strings compare as they are; numbers and booleans as
+/// their JSON text (`3`, `true`); null, arrays and objects never match.
+#[derive(Debug, Clone)]
+pub enum JsonMatch {
+    OneOf(Vec<String>),
+    Regex(Regex),
+}
+
+impl Filter {
+    /// The conditions, for people: `partition_key ~ /^order-/, json /region in [eu, uk]`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(re) = &self.partition_key {
+            parts.push(format!("partition_key ~ /{re}/"));
+        }
+        if let Some(prefix) = &self.data_prefix {
+            match std::str::from_utf8(prefix) {
+                Ok(text) => parts.push(format!("data starts with {text:?}")),
+                Err(_) => parts.push(format!("data starts with {} bytes (base64)", prefix.len())),
+            }
+        }
+        for (pointer, wanted) in &self.json {
+            match wanted {
+                JsonMatch::OneOf(values) if values.len() == 1 => {
+                    parts.push(format!("json {pointer} = {:?}", values[0]))
+                }
+                JsonMatch::OneOf(values) => parts.push(format!("json {pointer} in {values:?}")),
+                JsonMatch::Regex(re) => parts.push(format!("json {pointer} ~ /{re}/")),
+            }
+        }
+        parts.join(", ")
+    }
+
+    /// Whether the filter reads the data (and so cannot judge an aggregate passed through whole).
+    pub fn reads_data(&self) -> bool {
+        self.data_prefix.is_some() || !self.json.is_empty()
+    }
+}
+
 /// Where Kinesis is reached: `[aws]` for everything by default; `[source]` and each
 /// `[[destinations]]` group may name their own region and endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +143,8 @@ pub struct DestinationGroup {
     pub aws: AwsSettings,
     /// Only streams carrying every one of these tags (with these values) belong to the group.
     pub tags: std::collections::BTreeMap<String, String>,
+    /// `destinations[].filter`: `None` takes every record.
+    pub filter: Option<Filter>,
     /// `destinations[].streams`: the group's streams by ARN (streams in another account shared by
     /// a resource policy, which ListStreams never lists), instead of a pattern; then `pattern`
     /// matches no name.

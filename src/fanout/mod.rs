@@ -22,6 +22,8 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 
+pub mod filter;
+
 pub use handle::{Closed, Delivery, DestinationHandle, Share};
 pub use relief::Relief;
 

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub catch_up_errors: IntCounterVec,
     pub destination_shed: IntCounterVec,
     pub destination_records_too_large: IntCounterVec,
+    pub destination_records_filtered: IntCounterVec,
+    pub records_not_json: prometheus::IntCounter,
     pub credential_refresh_errors: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
@@ -241,6 +243,20 @@ impl Metrics {
                 "Pages a catch-up could not hand on for an error in what GetRecords returned (reason malformed_sequence_number: a record whose sequence number is none). The catch-up never moves past it: it reads the page again after a backoff, the destination stays detached on that shard and the shard's checkpoint behind it (logged as an error, once a minute).",
                 &["destination", "reason"],
             ),
+            destination_records_filtered: counter(
+                "destination_records_filtered_total",
+                "Records (user records of aggregates, when de- or re-aggregated) the destination's group filter refused: they count as accepted by it, its position moves past them.",
+                &["destination"],
+            ),
+            records_not_json: {
+                let c = prometheus::IntCounter::with_opts(opts(
+                    "records_not_json_total",
+                    "Records whose data is not JSON where a group's filter asks JSON of them: they match no json condition (counted once per record).",
+                ))
+                .expect("valid metric");
+                register(Box::new(c.clone()));
+                c
+            },
             destination_records_too_large: counter(
                 "destination_records_too_large_total",
                 "Records larger than the destination takes (its MaxRecordSizeInKiB): each goes to the group's dead-letter stream with the reason too_large_for_destination, or is held without one.",

@@ -39,6 +39,8 @@ pub struct SourceReport {
 #[derive(Debug, Serialize)]
 pub struct PlaceReport {
     pub groups: Vec<usize>,
+    /// Each group's filter (`destinations[].filter`), by group, for groups that have one.
+    pub filters: std::collections::BTreeMap<usize, String>,
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     /// From the ARN of a stream found there.
@@ -114,6 +116,13 @@ async fn place_report(
 ) -> PlaceReport {
     let mut place = PlaceReport {
         groups: settings.destinations.iter().enumerate().filter(|(_, g)| g.aws == *aws).map(|(i, _)| i).collect(),
+        filters: settings
+            .destinations
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.aws == *aws)
+            .filter_map(|(i, g)| Some((i, g.filter.as_ref()?.describe())))
+            .collect(),
         region: aws.region.clone(),
         endpoint_url: aws.endpoint_url.clone(),
         account: None,
@@ -227,6 +236,9 @@ impl Report {
                 where_(place.region.as_deref(), place.account.as_deref(), place.endpoint_url.as_deref()),
                 who(place.role_arn.as_deref())
             );
+            for (group, filter) in &place.filters {
+                let _ = writeln!(out, "  group {group} takes only records with: {filter}");
+            }
             if let Some(why) = &place.unreachable {
                 let _ = writeln!(out, "  unreachable: {why}");
             }

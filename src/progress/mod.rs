@@ -36,6 +36,9 @@ pub struct Chunk {
     pub last: SequenceNumber,
     /// When the chunk was read: end-to-end latency is measured from here.
     pub read_at: Instant,
+    /// Which groups take which records, decided by the first destination that asks
+    /// (`fanout::filter`), when any group has a filter.
+    pub routes: std::sync::OnceLock<crate::record::Routes>,
     /// Its share of the process's memory budget, returned when the last holder drops it.
     _memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }

@@ -103,6 +103,7 @@ impl ShardProgress {
             bytes,
             last,
             read_at: Instant::now(),
+            routes: std::sync::OnceLock::new(),
             _memory: memory,
         });
         if nobody {

@@ -97,6 +97,8 @@ pub(super) fn spawn_writer(
         shard_map: watch::channel(Arc::new(ShardMap::default())).1,
         limits: watch::channel(crate::record::StreamLimits::default()).1,
         dead_letter_limits: crate::record::StreamLimits::default(),
+        group_index: 0,
+        filters: None,
         share,
         metrics: Arc::new(Metrics::new()),
         removed: CancellationToken::new(),

@@ -45,6 +45,10 @@ pub struct DestinationTask {
     pub queue: mpsc::UnboundedReceiver<Delivery>,
     /// Open shard count, refreshed by discovery; `auto` rates follow it.
     pub open_shards: watch::Receiver<u32>,
+    /// Its group's index (`destinations[N]`), for routing.
+    pub group_index: usize,
+    /// Every group's filter, when any group has one (`fanout::filter`).
+    pub filters: Option<Arc<crate::fanout::filter::Filters>>,
     /// What the stream takes (its `MaxRecordSizeInKiB`), refreshed by discovery.
     pub limits: watch::Receiver<crate::record::StreamLimits>,
     /// What the group's dead-letter stream takes.

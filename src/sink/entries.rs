@@ -70,8 +70,25 @@ pub enum Payload {
     Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes, shard: Option<Arc<str>> },
 }
 
-/// The entries to write for `chunk`: (index of the source record, payload), in order.
-pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap, max_record_bytes: usize) -> Vec<(u32, Payload)> {
+/// Which records a destination takes: `take(record, None)` for a source record as a whole,
+/// `take(record, Some(user))` for one user record of its aggregate.
+pub type Take<'a> = &'a dyn Fn(u32, Option<u32>) -> bool;
+
+/// Takes every record (a group without a filter).
+pub fn every(_: u32, _: Option<u32>) -> bool {
+    true
+}
+
+/// The entries to write for `chunk`: (index of the source record, payload), in order, and how
+/// many records `take` refused (the destination's filter).
+pub fn build(
+    chunk: &Chunk,
+    mode: KplMode,
+    shards: &ShardMap,
+    max_record_bytes: usize,
+    take: Take<'_>,
+) -> (Vec<(u32, Payload)>, u64) {
+    let mut refused = 0u64;
     // An aggregate's partition key is one of its records' (up to 1,024 bytes of UTF-8).
     let max_aggregate =
         if max_record_bytes > crate::record::MAX_RECORD_BYTES { max_record_bytes - 1024 } else { MAX_AGGREGATE_BYTES };
@@ -94,6 +111,10 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap, max_record_bytes: 
         let users = match (&record.user_records, mode) {
             (Some(users), KplMode::Deaggregate | KplMode::Reaggregate) => users,
             _ => {
+                if !take(index, None) {
+                    refused += 1;
+                    continue;
+                }
                 // Keep plain records in order with the aggregates around them.
                 flush(&mut open, &mut out);
                 out.push((index, Payload::Source));
@@ -101,10 +122,20 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap, max_record_bytes: 
             }
         };
         if mode == KplMode::Deaggregate {
-            out.extend((0..users.len() as u32).map(|i| (index, Payload::User(i))));
+            for i in 0..users.len() as u32 {
+                if take(index, Some(i)) {
+                    out.push((index, Payload::User(i)));
+                } else {
+                    refused += 1;
+                }
+            }
             continue;
         }
         for (i, user) in users.iter().enumerate() {
+            if !take(index, Some(i as u32)) {
+                refused += 1;
+                continue;
+            }
             if user.validate_within(max_record_bytes).is_err() {
                 // Never inside an aggregate: it could lend the aggregate an invalid partition key,
                 // and a consumer would get a record Kinesis itself refuses. Alone, it is refused
@@ -120,7 +151,7 @@ pub fn build(chunk: &Chunk, mode: KplMode, shards: &ShardMap, max_record_bytes: 
         }
     }
     flush(&mut open, &mut out);
-    out
+    (out, refused)
 }
 
 /// An aggregate is routed into its shard with an explicit hash key inside the shard's range.
@@ -296,14 +327,14 @@ mod tests {
     #[test]
     fn modes_build_the_expected_entries() {
         let c = chunk(vec![source(1, Some(users(40))), source(2, None)]);
-        let pass = build(&c, KplMode::Passthrough, &four_shards(), crate::record::MAX_RECORD_BYTES);
+        let pass = build(&c, KplMode::Passthrough, &four_shards(), crate::record::MAX_RECORD_BYTES, &every).0;
         assert_eq!(pass, vec![(0, Payload::Source), (1, Payload::Source)]);
-        let deagg = build(&c, KplMode::Deaggregate, &four_shards(), crate::record::MAX_RECORD_BYTES);
+        let deagg = build(&c, KplMode::Deaggregate, &four_shards(), crate::record::MAX_RECORD_BYTES, &every).0;
         assert_eq!(deagg.len(), 41);
         assert_eq!(deagg[40], (1, Payload::Source), "plain records pass through");
 
         let map = four_shards();
-        let reagg = build(&c, KplMode::Reaggregate, &map, crate::record::MAX_RECORD_BYTES);
+        let reagg = build(&c, KplMode::Reaggregate, &map, crate::record::MAX_RECORD_BYTES, &every).0;
         assert!(reagg.len() <= 5, "at most one aggregate per shard plus the plain record");
         let mut seen = 0;
         for (_, payload) in &reagg {

@@ -111,6 +111,8 @@ pub struct Supervisor {
     first_round_done: bool,
     /// The source stream's ARN, once known ([`Supervisor::exclude_source`]).
     source_arn: Option<String>,
+    /// Every group's filter, shared by every writer (`None`: no group has one).
+    filters: Option<Arc<crate::fanout::filter::Filters>>,
 }
 
 impl Supervisor {
@@ -126,6 +128,7 @@ impl Supervisor {
         let (publish, subscribe) = watch::channel(Arc::new(Vec::new()));
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         let (remap_tx, remap_rx) = mpsc::unbounded_channel();
+        let filters = crate::fanout::filter::Filters::new(&settings).map(Arc::new);
         let supervisor = Supervisor {
             settings,
             source,
@@ -142,6 +145,7 @@ impl Supervisor {
             passthrough_warned: HashSet::new(),
             writers,
             first_round_done: false,
+            filters,
             source_arn: None,
         };
         (supervisor, subscribe)
@@ -264,6 +268,8 @@ impl Supervisor {
             shard_map: shard_map_rx,
             limits: limits_rx,
             dead_letter_limits,
+            group_index: candidate.group,
+            filters: self.filters.clone(),
             share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),

@@ -17,6 +17,7 @@ use super::limiter::Limiter;
 use super::limiter::limiter_for;
 use super::retry::Backoff;
 use crate::fanout::Delivery;
+use crate::fanout::filter::Filters;
 use crate::metrics::Outcome;
 use crate::shutdown::Stopped;
 
@@ -221,7 +222,28 @@ impl Writer {
         let now = Instant::now();
         let map = Arc::clone(&self.task.shard_map.borrow());
         let max_record_bytes = self.limits.max_record_bytes;
-        let entries = entries::build(&chunk, self.task.group.kpl, &map, max_record_bytes);
+        // Which records this destination's group takes: decided once per chunk for every group.
+        let routes = self.task.filters.as_ref().map(|filters| {
+            chunk.routes.get_or_init(|| {
+                let (routes, not_json) = filters.route(&chunk.records);
+                self.task.metrics.records_not_json.inc_by(not_json);
+                routes
+            })
+        });
+        let group = self.task.group_index;
+        let take = |record: u32, user: Option<u32>| {
+            routes.is_none_or(|r| {
+                let verdicts = match user {
+                    None => r.records[record as usize],
+                    Some(user) => r.users[record as usize][user as usize],
+                };
+                Filters::takes(verdicts, group)
+            })
+        };
+        let (entries, filtered) = entries::build(&chunk, self.task.group.kpl, &map, max_record_bytes, &take);
+        if filtered > 0 {
+            self.task.metrics.destination_records_filtered.with_label_values(&[&*self.task.name]).inc_by(filtered);
+        }
         let before = self.pending.len();
         self.pending.extend(
             entries
@@ -495,6 +517,8 @@ pub(crate) mod tests {
             shard_map: watch::channel(Arc::new(ShardMap::default())).1,
             limits: watch::channel(crate::record::StreamLimits::default()).1,
             dead_letter_limits: crate::record::StreamLimits::default(),
+            group_index: 0,
+            filters: None,
             share: watch::channel(1.0).1,
             metrics: Arc::clone(&metrics),
             removed: CancellationToken::new(),

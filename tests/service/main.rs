@@ -23,5 +23,6 @@ mod regions;
 mod replication;
 mod resharding;
 mod roles;
+mod routing;
 mod shared_streams;
 mod soak;
