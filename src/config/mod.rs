@@ -369,6 +369,14 @@ mod tests {
         assert!(base64.contains("destinations[0].filter.data_prefix") && base64.contains("not base64"), "{base64}");
         let shape = problems("filter = { json = { \"/r\" = { nested = 1 } } }\n");
         assert!(shape.contains("must be a value, a list of values, or { regex"), "{shape}");
+        let empty = problems("filter = {}\n");
+        assert!(empty.contains("destinations[0].filter: names no condition"), "{empty}");
+        let none = problems("filter = { json = { \"/r\" = [] } }\n");
+        assert!(none.contains("is an empty list"), "{none}");
+        let everything = problems("filter = { data_prefix = \"\" }\n");
+        assert!(everything.contains("destinations[0].filter.data_prefix: is empty"), "{everything}");
+        let both = problems("kpl = \"passthrough\"\nfilter = { data_prefix = \"{\", json = { \"/r\" = \"eu\" } }\n");
+        assert!(both.contains("filter.data_prefix: cannot") && both.contains("filter.json: cannot"), "{both}");
         let unknown = problems("filter = { colour = \"red\" }\n");
         assert!(unknown.contains("destinations[0].filter.colour: unknown key"), "{unknown}");
     }

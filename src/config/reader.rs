@@ -19,7 +19,17 @@ impl<'a> Section<'a> {
     }
 
     fn key(&self, key: &str) -> String {
-        if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) }
+        match (self.path.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            // The table itself.
+            (false, true) => self.path.clone(),
+            (false, false) => format!("{}.{key}", self.path),
+        }
+    }
+
+    /// Whether the table is in the file at all.
+    pub(super) fn present(&self) -> bool {
+        self.table.is_some()
     }
 
     fn get(&mut self, key: &str) -> Option<&'a Value> {

@@ -219,8 +219,10 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     if let (Some(filter), Some(KplMode::Passthrough)) = (&filter, Some(kpl))
         && filter.reads_data()
     {
-        let key = if filter.data_prefix.is_some() { "filter.data_prefix" } else { "filter.json" };
-        s.problem(key, "cannot be checked with kpl = \"passthrough\": an aggregate passes whole, so only filter.partition_key can be (use \"deaggregate\" or \"reaggregate\")");
+        let keys = [("filter.data_prefix", filter.data_prefix.is_some()), ("filter.json", !filter.json.is_empty())];
+        for (key, _) in keys.iter().filter(|(_, given)| *given) {
+            s.problem(key, "cannot be checked with kpl = \"passthrough\": an aggregate passes whole, so only filter.partition_key can be (use \"deaggregate\" or \"reaggregate\")");
+        }
     }
     let detach_after = s.parsed("detach_after", "10s", |v| match v {
         "off" => Ok(None),
@@ -371,6 +373,10 @@ fn filter(s: &mut Section<'_>) -> Option<Filter> {
                     _ => None,
                 };
                 let matched = match wanted {
+                    serde_json::Value::Array(values) if values.is_empty() => {
+                        s.problem(&key, "is an empty list: no record would match");
+                        continue;
+                    }
                     serde_json::Value::Array(values) => {
                         values.iter().map(text).collect::<Option<Vec<_>>>().map(JsonMatch::OneOf).ok_or(())
                     }
@@ -397,9 +403,23 @@ fn filter(s: &mut Section<'_>) -> Option<Filter> {
         }
         Some(_) => s.problem("json", "must be a table of JSON pointers to values, like { \"/type\" = \"order\" }"),
     }
-    (partition_key.is_some() || data_prefix.is_some() || !json.is_empty()).then_some(Filter {
-        partition_key,
-        data_prefix,
-        json,
-    })
+    if data_prefix.as_ref().is_some_and(Vec::is_empty) {
+        s.problem("data_prefix", "is empty: every record would match; leave the key out instead");
+    }
+    if let Some(serde_json::Value::Object(conditions)) = s.raw("json")
+        && conditions.is_empty()
+    {
+        s.problem("json", "names no condition: leave the key out, or name a JSON pointer and its value");
+    }
+    let any = partition_key.is_some() || data_prefix.is_some() || !json.is_empty();
+    if !any
+        && s.present()
+        && s.raw("partition_key").is_none()
+        && s.raw("data_prefix").is_none()
+        && s.raw("json").is_none()
+    {
+        // `filter = {}`: a filter that names nothing would take every record, silently.
+        s.problem("", "names no condition: give partition_key, data_prefix or json, or leave the filter out");
+    }
+    any.then_some(Filter { partition_key, data_prefix, json })
 }

@@ -222,8 +222,10 @@ impl Writer {
         let now = Instant::now();
         let map = Arc::clone(&self.task.shard_map.borrow());
         let max_record_bytes = self.limits.max_record_bytes;
-        // Which records this destination's group takes: decided once per chunk for every group.
-        let routes = self.task.filters.as_ref().map(|filters| {
+        // Which records this destination's group takes: decided once per chunk for every group,
+        // and only asked by a destination whose group has a filter.
+        let filtered_group = self.task.group.filter.is_some();
+        let routes = self.task.filters.as_ref().filter(|_| filtered_group).map(|filters| {
             chunk.routes.get_or_init(|| {
                 let (routes, not_json) = filters.route(&chunk.records);
                 self.task.metrics.records_not_json.inc_by(not_json);
