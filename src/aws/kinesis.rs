@@ -297,14 +297,19 @@ pub struct Consumer {
     pub status: String,
 }
 
+/// A consumer as DescribeStreamConsumer describes it.
+fn consumer(c: &aws_sdk_kinesis::types::ConsumerDescription) -> Consumer {
+    Consumer {
+        arn: c.consumer_arn().to_string(),
+        active: *c.consumer_status() == ConsumerStatus::Active,
+        status: c.consumer_status().as_str().to_string(),
+    }
+}
+
 /// DescribeStreamConsumer; `None` when no consumer of that name is registered.
 pub async fn describe_consumer(client: &Client, stream_arn: &str, name: &str) -> Result<Option<Consumer>, CallError> {
     match client.describe_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await {
-        Ok(out) => Ok(out.consumer_description().map(|c| Consumer {
-            arn: c.consumer_arn().to_string(),
-            active: *c.consumer_status() == ConsumerStatus::Active,
-            status: c.consumer_status().as_str().to_string(),
-        })),
+        Ok(out) => Ok(out.consumer_description().map(consumer)),
         Err(err) if super::classify(&err) == ErrorKind::NotFound => Ok(None),
         Err(err) => Err(CallError::from_sdk(&err)),
     }
@@ -313,11 +318,7 @@ pub async fn describe_consumer(client: &Client, stream_arn: &str, name: &str) ->
 /// DescribeStreamConsumer by the consumer's ARN; `None` when there is no such consumer.
 pub async fn describe_consumer_arn(client: &Client, consumer_arn: &str) -> Result<Option<Consumer>, CallError> {
     match client.describe_stream_consumer().consumer_arn(consumer_arn).send().await {
-        Ok(out) => Ok(out.consumer_description().map(|c| Consumer {
-            arn: c.consumer_arn().to_string(),
-            active: *c.consumer_status() == ConsumerStatus::Active,
-            status: c.consumer_status().as_str().to_string(),
-        })),
+        Ok(out) => Ok(out.consumer_description().map(consumer)),
         Err(err) if super::classify(&err) == ErrorKind::NotFound => Ok(None),
         Err(err) => Err(CallError::from_sdk(&err)),
     }

@@ -42,19 +42,7 @@ impl LargeEmulator {
             .layer(axum::middleware::from_fn_with_state(store, large_records))
             // A 10 MiB request, base64-encoded in JSON.
             .layer(axum::extract::DefaultBodyLimit::max(16 << 20));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        // A runtime of its own, with more workers than requests in flight (see helpers::Emulator).
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(16).enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let _ = ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await;
-            });
-        });
+        let (url, stop) = serve(app);
         LargeEmulator { url, stop }
     }
 }

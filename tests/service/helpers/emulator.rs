@@ -102,6 +102,26 @@ pub fn store_options() -> StoreOptions {
     }
 }
 
+/// Serves an emulator app on 127.0.0.1 until the token is cancelled: its URL and that token.
+/// The emulator gets a runtime of its own, with more workers than requests the tests ever have in
+/// flight: ferrokinesis 0.7 can deadlock when concurrent PutRecords occupy every worker of its
+/// runtime, and the tests' own runtimes have two.
+pub fn serve(app: axum::Router) -> (String, CancellationToken) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let until = stop.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(16).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let _ = ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await;
+        });
+    });
+    (url, stop)
+}
+
 impl Emulator {
     pub async fn start() -> Emulator {
         Self::with_options(store_options()).await
@@ -113,21 +133,7 @@ impl Emulator {
         let app = app.layer(axum::extract::DefaultBodyLimit::max(7 << 20));
         let faults = Arc::new(Mutex::new(Faults::default()));
         let app = app.layer(axum::middleware::from_fn_with_state((Arc::clone(&faults), store), inject_faults));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        // The emulator gets a runtime of its own, with more workers than requests the tests ever
-        // have in flight: ferrokinesis 0.7 can deadlock when concurrent PutRecords occupy every
-        // worker of its runtime, and the tests' own runtimes have two.
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(16).enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let _ = ferrokinesis::serve_plain_http(listener, app, async move { until.cancelled().await }).await;
-            });
-        });
+        let (url, stop) = serve(app);
         Emulator { url, faults, stop }
     }
 
