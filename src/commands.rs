@@ -36,13 +36,44 @@ async fn sdk_config(settings: &Settings) -> anyhow::Result<aws_config::SdkConfig
     Ok(sdk)
 }
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, path: std::path::PathBuf) -> anyhow::Result<()> {
+    // Registered first: until then a SIGHUP would end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let sdk = sdk_config(&settings).await?;
     let grace = settings.shutdown.grace_period;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), grace));
-    Service::new(settings, &sdk)?.run(shutdown).await?;
+    let service = Service::new(settings, &sdk)?;
+    tokio::spawn(reload_on_hangup(service.reloader(), path, hangup));
+    service.run(shutdown).await?;
     Ok(())
+}
+
+/// Every SIGHUP reads the configuration file again (with the environment's overrides, as at
+/// start) and applies what changed in the destination groups; a file with any problem is
+/// refused whole, each problem logged with its key.
+async fn reload_on_hangup(
+    reloader: kinesis_fanout::app::Reloader,
+    path: std::path::PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    use kinesis_fanout::app::ReloadError;
+    while hangup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reading the configuration again.");
+        match reloader.reload(Settings::load(&path)).await {
+            Ok(Some(report)) => {
+                tracing::info!(added = ?report.added, removed = ?report.removed, kept = report.kept.len(), "Configuration reloaded.")
+            }
+            Ok(None) => tracing::info!("Configuration reloaded: no destination group changed."),
+            Err(ReloadError::Invalid(err)) => {
+                for problem in err.problems() {
+                    tracing::error!(key = %problem.key, problem = %problem.message, "Configuration problem.");
+                }
+                tracing::error!(error = %kinesis_fanout::aws::chain(&err), "Configuration reload refused; the running configuration stays.");
+            }
+            Err(err) => tracing::error!(error = %err, "Configuration reload refused."),
+        }
+    }
 }
 
 /// The first SIGTERM/SIGINT starts a graceful stop; a second one, or the grace period plus a

@@ -254,14 +254,28 @@ impl Discovery {
                 tracing::warn!(destination = %name, "The tags of this destination could not be read; keeping it until they can.");
                 continue;
             }
-            if listed.contains(name) {
-                // Listed, matching by name (patterns do not change), but not selected: its tags,
-                // read this round or last read within the refresh interval, no longer say it
-                // belongs to the group.
+            // No group names it or matches its name any more (a reloaded configuration): gone
+            // from the selection whether listed or not (a stream named by ARN never is).
+            let named = self.settings.destinations.iter().any(|g| {
+                g.aws == place.aws
+                    && (g.streams.iter().any(|arn| arn == name) || (g.streams.is_empty() && g.matches(name)))
+            });
+            if !named {
                 changes.push(Change::Gone {
                     place: index,
                     name: name.clone(),
-                    why: "its tags no longer match its group",
+                    why: "no group of the configuration selects it any more",
+                });
+                continue;
+            }
+            if listed.contains(name) {
+                // Listed but not selected: its tags (read this round or last read within the
+                // refresh interval) no longer say it belongs to its group, or a reloaded
+                // configuration's groups do not select it.
+                changes.push(Change::Gone {
+                    place: index,
+                    name: name.clone(),
+                    why: "no group selects it any more (its tags, or a reloaded configuration)",
                 });
                 continue;
             }

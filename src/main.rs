@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs the service until SIGTERM or SIGINT.
+    /// Runs the service until SIGTERM or SIGINT; SIGHUP reloads the destination groups from the
+    /// configuration file.
     Run {
         /// The TOML configuration file.
         #[arg(long, env = "KINESIS_FANOUT_CONFIG")]
@@ -183,7 +184,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { .. } => runtime.block_on(run(settings)),
+        Command::Run { config, .. } => runtime.block_on(run(settings, config.unwrap_or_default())),
         Command::Check { explain, json, .. } => runtime.block_on(check(settings, explain, json)),
         Command::Leases { observe, json, .. } => runtime.block_on(leases(settings, observe, json)),
         Command::DeadLetters(DeadLetters::Replay {

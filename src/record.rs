@@ -141,6 +141,8 @@ impl SourceRecord {
 /// whole, `users[i][j]` for user record `j` of its aggregate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routes {
+    /// Which filters judged (`Filters::id`): a reload brings new ones.
+    pub by: u64,
     pub records: Vec<u64>,
     pub users: Vec<Vec<u64>>,
 }

@@ -43,6 +43,8 @@ mod dynamo;
 #[path = "../../tests/common/streams.rs"]
 mod streams;
 
+use streams::{OnReadError, out_of_order, read_stream};
+
 #[derive(Debug, Clone)]
 struct Opts {
     scenario: Option<String>,
@@ -107,12 +109,29 @@ async fn start_emulator() -> anyhow::Result<Emulator> {
 }
 
 async fn start_emulator_with(event_records: usize) -> anyhow::Result<Emulator> {
-    let options = ferrokinesis::store::StoreOptions {
+    serve_emulator(ferrokinesis::store::StoreOptions {
         create_stream_ms: 10,
         shard_limit: 1_000,
         subscribe_to_shard_event_record_limit: event_records,
         ..Default::default()
-    };
+    })
+    .await
+}
+
+/// An emulator with AWS-like shard limits: 1,000 records/s and 1 MiB/s written per shard (a
+/// faster writer is throttled, record by record), 5 GetRecords calls/s per shard.
+async fn start_limited_emulator() -> anyhow::Result<Emulator> {
+    serve_emulator(ferrokinesis::store::StoreOptions {
+        create_stream_ms: 10,
+        shard_limit: 1_000,
+        subscribe_to_shard_event_record_limit: 1_000,
+        enforce_limits: true,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn serve_emulator(options: ferrokinesis::store::StoreOptions) -> anyhow::Result<Emulator> {
     let (app, _store) = ferrokinesis::create_app(options);
     let reject = Arc::new(Mutex::new(None));
     let app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&reject), reject_layer));
@@ -465,6 +484,77 @@ async fn filter(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// Order per key under throttling (`destinations[].ordering`): batched against strict, at 10,000
+/// keys and at 10 hot keys, into a 2-shard destination that the emulator's shard limits throttle
+/// (the service writes as fast as it can). Records/s (service start included), p99 delivery
+/// latency, records throttled, and records that landed after a newer record of their key, per
+/// million, the source's order per key being the truth.
+async fn strict(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
+    let records = if opts.smoke { 2_000 } else { 20_000 };
+    let mut r = Report::new();
+    for (keys_label, keys) in [("10000_keys", 10_000usize), ("10_hot_keys", 10)] {
+        for mode in ["batched", "strict"] {
+            let emulator = start_limited_emulator().await?;
+            let client = Client::new(&sdk(&emulator.url));
+            create(&client, "bench-in", 4).await?;
+            create(&client, "bench-out-0", 2).await?;
+            // One request at a time, paced under the source's 4,000 records/s: the order per key
+            // is the put order but for a throttled record (read back: the source is the truth).
+            for from in (0..records).step_by(500) {
+                let mut pending: Vec<PutRecordsRequestEntry> =
+                    (from..(from + 500).min(records)).map(|i| keyed_record(i, keys, opts.record_size)).collect();
+                while !pending.is_empty() {
+                    let out =
+                        client.put_records().stream_name("bench-in").set_records(Some(pending.clone())).send().await?;
+                    pending = pending
+                        .into_iter()
+                        .zip(out.records())
+                        .filter(|(_, e)| e.error_code().is_some())
+                        .map(|(entry, _)| entry)
+                        .collect();
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            }
+            let dir = tempfile::tempdir()?;
+            let started = Instant::now();
+            let service =
+                spawn_service_with(bin, dir.path(), &emulator.url, "32MiB", &format!("ordering = \"{mode}\""))?;
+            wait_delivered(&service, &["bench-out-0".to_string()], records, Duration::from_secs(900)).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let page = scrape(&service.metrics).await;
+            stop(service);
+            let retry = OnReadError::Retry(Duration::from_millis(250));
+            let source = read_stream(&client, "bench-in", retry).await?;
+            let landed = read_stream(&client, "bench-out-0", retry).await?;
+            let late = out_of_order(&landed, &source);
+            let key =
+                |what: &str| -> &'static str { Box::leak(format!("{keys_label}_{mode}_{what}").into_boxed_str()) };
+            r.insert(key("records_per_s"), json!((records as f64 / elapsed).round()));
+            r.insert(key("p99_ms"), json!(round2(quantile_ms(&page, "kinesis_fanout_delivery_latency_seconds", 0.99))));
+            r.insert(
+                key("throttled"),
+                json!(sum(&page, "kinesis_fanout_destination_records_total", "outcome=\"throttled\"")),
+            );
+            r.insert(key("out_of_order_per_million"), json!((late as f64 * 1e6 / records as f64).round()));
+        }
+    }
+    Ok(r)
+}
+
+/// Record `i` of `keys` keys, its data unique (its index first): three of `size` bytes, then one
+/// of 8 KB, so that a shard's bytes (not its 1,000 records) run out first, and a large record is
+/// throttled while the small ones of its key behind it in the same request still fit.
+fn keyed_record(i: usize, keys: usize, size: usize) -> PutRecordsRequestEntry {
+    let mut data = format!("{i:012}").into_bytes();
+    let size = if i % 4 == 3 { 8_000 } else { size };
+    data.resize(size.max(12), b'x');
+    PutRecordsRequestEntry::builder()
+        .partition_key(format!("key-{}", i % keys))
+        .data(Blob::new(data))
+        .build()
+        .expect("complete")
+}
+
 /// The emulator's default events (up to 10,000 records, 10 MB at 1 KiB) against a 64 MiB memory
 /// budget: peak RSS must stay within `memory.limit`.
 async fn big_events(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
@@ -808,7 +898,7 @@ async fn main() -> anyhow::Result<()> {
     // The simulation runs no binary.
     let needs_binary = opts.scenario.as_deref() != Some("fleet-sim");
     let bin = if needs_binary { service_binary()? } else { PathBuf::new() };
-    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "filter", "fleet-sim", "fleet"];
+    let all = ["drain", "big-events", "latency", "stall", "backfill", "wide", "filter", "strict", "fleet-sim", "fleet"];
     let chosen: Vec<&str> = match &opts.scenario {
         Some(name) if name == "floor" => vec!["drain"],
         Some(name) => {
@@ -857,6 +947,7 @@ async fn main() -> anyhow::Result<()> {
             "backfill" => backfill(&opts, &bin).await?,
             "big-events" => big_events(&opts, &bin).await?,
             "filter" => filter(&opts, &bin).await?,
+            "strict" => strict(&opts, &bin).await?,
             _ => wide(&opts, &bin).await?,
         };
         report.insert("wall_s", json!(round2(started.elapsed().as_secs_f64())));

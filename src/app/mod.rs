@@ -10,7 +10,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 mod backend;
+mod reload;
 mod teardown;
+
+pub use reload::{ReloadError, Reloader};
 
 use crate::aws::KinesisClients;
 use crate::aws::credentials::Identities;
@@ -23,7 +26,7 @@ use crate::lease::LeaseError;
 use crate::metrics::Metrics;
 use crate::progress::Progress;
 use crate::shutdown::{Stopped, Task, TaskGroup};
-use crate::sink::supervisor::{PlaceClients, Supervisor};
+use crate::sink::supervisor::{MakePlace, PlaceClients, Supervisor};
 use crate::source::assign::{Leases, Listing, Plan, ShardList};
 use crate::source::catchup::CatchUps;
 use crate::source::{self, Source, SourceError};
@@ -51,6 +54,7 @@ pub struct Service {
     pipeline: Pipeline,
     /// Bound at construction, so that a port conflict fails fast and tests learn the port.
     admin: std::net::TcpListener,
+    reloader: Reloader,
 }
 
 /// Everything replication needs; shared state is also read by the admin port.
@@ -60,6 +64,8 @@ struct Pipeline {
     progress: Arc<Progress>,
     health: Arc<Health>,
     sdk: aws_config::SdkConfig,
+    /// Reloaded configurations, for the destinations supervisor.
+    reloads: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::sink::supervisor::Reload>>>,
 }
 
 impl Service {
@@ -70,14 +76,23 @@ impl Service {
         let admin = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| RunError::Admin { addr, source })?;
+        let settings = Arc::new(settings);
+        let metrics = Arc::new(Metrics::new());
+        let (reloader, reloads) = Reloader::new(Arc::clone(&settings), Arc::clone(&metrics));
         let pipeline = Pipeline {
-            settings: Arc::new(settings),
-            metrics: Arc::new(Metrics::new()),
+            settings,
+            metrics,
             progress: Arc::new(Progress::default()),
             health: Arc::new(Health::default()),
             sdk: sdk.clone(),
+            reloads: std::sync::Mutex::new(Some(reloads)),
         };
-        Ok(Service { pipeline, admin })
+        Ok(Service { pipeline, admin, reloader })
+    }
+
+    /// Hands new configurations to this service once it runs (SIGHUP in the binary).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     pub fn health(&self) -> Arc<Health> {
@@ -255,22 +270,23 @@ impl Pipeline {
     ) -> (Task, watch::Receiver<crate::fanout::DestinationSet>) {
         let settings = &self.settings;
         // Each place destinations live in (region, endpoint) has its own clients.
+        let maker = Arc::new(Places { identities: identities.clone(), timeout: settings.put_attempt_timeout() });
         let mut places = Vec::new();
         for aws in settings.destination_places() {
             let first = settings.destinations.iter().position(|g| g.aws == aws).unwrap_or_default();
-            let group = format!("destinations[{first}]");
-            let credentials = identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group).await;
-            places.push(KinesisClients::new(&self.sdk, &aws, credentials, settings.put_attempt_timeout()));
+            places.push(maker.make(&aws, format!("destinations[{first}]")).await);
         }
-        let (mut supervisor, destinations) = Supervisor::new(
+        let (supervisor, destinations) = Supervisor::new(
             Arc::clone(settings),
             clients.control.clone(),
-            places.iter().map(PlaceClients::new).collect(),
+            places.clone(),
             Arc::clone(&self.metrics),
             Arc::clone(&self.health),
             share,
             writers.clone(),
         );
+        let reloads = self.reloads.lock().unwrap_or_else(|e| e.into_inner()).take().expect("replicate runs once");
+        let mut supervisor = supervisor.with_reloads(reloads, maker);
         let discovery = Discovery::new(Arc::clone(settings), places.iter().map(|p| p.control.clone()).collect());
         supervisor.exclude_source(source_arn);
         supervisor.follow(&discovery).await;
@@ -339,5 +355,24 @@ impl Pipeline {
                 source.run(plan, reading).await
             }
         }
+    }
+}
+
+/// Builds each place's clients, with the credentials of the role its groups name.
+struct Places {
+    identities: Identities,
+    timeout: std::time::Duration,
+}
+
+impl MakePlace for Places {
+    fn make<'a>(
+        &'a self,
+        aws: &'a crate::config::AwsSettings,
+        group: String,
+    ) -> std::pin::Pin<Box<dyn Future<Output = PlaceClients> + Send + 'a>> {
+        Box::pin(async move {
+            let credentials = self.identities.provider(aws.role.as_ref(), aws.region.as_deref(), &group).await;
+            PlaceClients::new(&KinesisClients::new(&self.identities.sdk, aws, credentials, self.timeout))
+        })
     }
 }

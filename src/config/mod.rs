@@ -6,6 +6,7 @@
 //! key it concerns, so a user fixes a bad file in one round instead of one error at a time.
 
 mod reader;
+pub mod reload;
 mod sections;
 mod types;
 pub mod units;

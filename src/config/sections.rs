@@ -7,6 +7,14 @@ use std::time::{Duration, SystemTime};
 use super::reader::Section;
 use super::*;
 
+fn parse_ordering(v: &str) -> Result<KeyOrder, String> {
+    match v {
+        "batched" => Ok(KeyOrder::Batched),
+        "strict" => Ok(KeyOrder::Strict),
+        other => Err(format!("`{other}` is not an ordering; use \"batched\" or \"strict\"")),
+    }
+}
+
 pub(super) fn parse_kpl(v: &str) -> Result<KplMode, String> {
     match v {
         "reaggregate" => Ok(KplMode::Reaggregate),
@@ -199,6 +207,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
     let max_backoff = s.duration("max_backoff", "10s");
     let dead_letter_stream = s.string("dead_letter_stream");
     let kpl = s.parsed_opt("kpl", parse_kpl).unwrap_or(default_kpl);
+    let ordering = s.parsed_opt("ordering", parse_ordering).unwrap_or_default();
     let start_position = start_point(s, ("start_position", "start_timestamp"), "latest");
     let mut aws = place(s);
     if named {
@@ -257,6 +266,7 @@ pub(super) fn destination_group(s: &mut Section<'_>, default_kpl: KplMode) -> Op
         tags: tags?,
         streams: streams?,
         filter,
+        ordering,
     })
 }
 

@@ -20,6 +20,27 @@ pub enum KplMode {
     Passthrough,
 }
 
+/// `destinations[].ordering`: how far a group's destinations go to keep order per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyOrder {
+    /// Requests carry as many records as fit; a record retried after a partial failure can land
+    /// after a newer record of its key that succeeded in the same request.
+    #[default]
+    Batched,
+    /// A request carries at most one record per partition key (and per explicit hash key), and
+    /// nothing of a key is sent while an earlier record of that key is unanswered.
+    Strict,
+}
+
+impl KeyOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrder::Batched => "batched",
+            KeyOrder::Strict => "strict",
+        }
+    }
+}
+
 /// `destinations[].filter`: which records a group takes; every condition given must hold.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -145,6 +166,8 @@ pub struct DestinationGroup {
     pub tags: std::collections::BTreeMap<String, String>,
     /// `destinations[].filter`: `None` takes every record.
     pub filter: Option<Filter>,
+    /// `destinations[].ordering`.
+    pub ordering: KeyOrder,
     /// `destinations[].streams`: the group's streams by ARN (streams in another account shared by
     /// a resource policy, which ListStreams never lists), instead of a pattern; then `pattern`
     /// matches no name.

@@ -18,6 +18,8 @@ pub const MAX_FILTERED_GROUPS: usize = 64;
 pub struct Filters {
     groups: Vec<(Option<Filter>, KplMode)>,
     json: bool,
+    /// Told apart from every other configuration's filters, for the verdicts a chunk carries.
+    id: u64,
 }
 
 /// What a record's data is, read once whatever the number of groups asking.
@@ -36,7 +38,13 @@ impl Filters {
             return None;
         }
         let json = groups.iter().any(|(f, _)| f.as_ref().is_some_and(|f| !f.json.is_empty()));
-        Some(Filters { groups, json })
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Some(Filters { groups, json, id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+    }
+
+    /// Which filters these are: verdicts a chunk carries are this one's when their `by` says so.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Whether group `group` takes what `verdicts` says of a record.
@@ -48,7 +56,7 @@ impl Filters {
     /// through whole judges the aggregate by its partition key; the others judge each user record.
     /// Returns them, and how many records were not JSON where a group asked for JSON.
     pub fn route(&self, records: &[SourceRecord]) -> (Routes, u64) {
-        let mut routes = Routes { records: Vec::with_capacity(records.len()), users: Vec::new() };
+        let mut routes = Routes { by: self.id, records: Vec::with_capacity(records.len()), users: Vec::new() };
         let mut not_json = 0;
         for record in records {
             let mut data = Data::Unread;

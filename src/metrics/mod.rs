@@ -45,6 +45,8 @@ pub struct Metrics {
     pub destination_records_filtered: IntCounterVec,
     pub records_not_json: prometheus::IntCounter,
     pub credential_refresh_errors: IntCounterVec,
+    /// SIGHUP reloads of the configuration file, by result.
+    pub config_reloads: IntCounterVec,
     // Progress.
     pub checkpoint_writes: IntCounterVec,
     pub lease_items_unreadable: prometheus::IntCounter,
@@ -271,6 +273,11 @@ impl Metrics {
                 "credential_refresh_errors_total",
                 "Failed attempts to assume a group's role (source, checkpoint, destinations[N]); the group's calls wait and try again.",
                 &["group"],
+            ),
+            config_reloads: counter(
+                "config_reloads_total",
+                "Reloads of the configuration file (SIGHUP), by result: applied, unchanged, invalid (an error in the file; nothing changed), restart_required (a key only a restart changes; nothing changed), failed (the service was not running).",
+                &["result"],
             ),
             lease_items_unreadable: {
                 let c = prometheus::IntCounter::with_opts(opts(

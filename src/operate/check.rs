@@ -41,6 +41,8 @@ pub struct PlaceReport {
     pub groups: Vec<usize>,
     /// Each group's filter (`destinations[].filter`), by group, for groups that have one.
     pub filters: std::collections::BTreeMap<usize, String>,
+    /// Each group's ordering (`destinations[].ordering`: batched or strict), by group.
+    pub ordering: std::collections::BTreeMap<usize, &'static str>,
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     /// From the ARN of a stream found there.
@@ -122,6 +124,13 @@ async fn place_report(
             .enumerate()
             .filter(|(_, g)| g.aws == *aws)
             .filter_map(|(i, g)| Some((i, g.filter.as_ref()?.describe())))
+            .collect(),
+        ordering: settings
+            .destinations
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.aws == *aws)
+            .map(|(i, g)| (i, g.ordering.as_str()))
             .collect(),
         region: aws.region.clone(),
         endpoint_url: aws.endpoint_url.clone(),
@@ -238,6 +247,13 @@ impl Report {
             );
             for (group, filter) in &place.filters {
                 let _ = writeln!(out, "  group {group} takes only records with: {filter}");
+            }
+            for (group, ordering) in place.ordering.iter().filter(|(_, o)| explain || **o == "strict") {
+                let how = match *ordering {
+                    "strict" => "one record per key in flight (strict)",
+                    _ => "requests as full as they fit (batched)",
+                };
+                let _ = writeln!(out, "  group {group} ordering: {how}");
             }
             if let Some(why) = &place.unreachable {
                 let _ = writeln!(out, "  unreachable: {why}");

@@ -41,18 +41,11 @@ pub struct DestinationTask {
     pub source_stream: Arc<str>,
     /// Where PutRecords go (the Kinesis writer client; a fake in unit tests).
     pub edge: Arc<dyn PutEdge>,
-    pub group: Arc<DestinationGroup>,
     pub queue: mpsc::UnboundedReceiver<Delivery>,
     /// Open shard count, refreshed by discovery; `auto` rates follow it.
     pub open_shards: watch::Receiver<u32>,
-    /// Its group's index (`destinations[N]`), for routing.
-    pub group_index: usize,
-    /// Every group's filter, when any group has one (`fanout::filter`).
-    pub filters: Option<Arc<crate::fanout::filter::Filters>>,
     /// What the stream takes (its `MaxRecordSizeInKiB`), refreshed by discovery.
     pub limits: watch::Receiver<crate::record::StreamLimits>,
-    /// What the group's dead-letter stream takes.
-    pub dead_letter_limits: crate::record::StreamLimits,
     /// The destination's shard hash ranges, for re-aggregation per shard.
     pub shard_map: watch::Receiver<Arc<ShardMap>>,
     /// This worker's share of the source's shards (1 alone): N workers together stay within
@@ -71,4 +64,29 @@ pub struct DestinationTask {
     /// Wakes the writer from a rate-limiter or backoff wait when the destination was shed, so
     /// that it lets go of what it no longer owes at once.
     pub shed: Arc<tokio::sync::Notify>,
+    /// Its group, as the configuration last loaded says it: a reload's changes apply from the
+    /// next record the writer takes.
+    pub assignment: watch::Receiver<Assignment>,
+}
+
+/// What a destination's group says, as the configuration last loaded says it. A reload replaces
+/// it whole: the group's settings and the filters its index refers to always belong together.
+#[derive(Clone)]
+pub struct Assignment {
+    pub group: Arc<DestinationGroup>,
+    /// The group's index (`destinations[N]`) in this configuration and in `filters`.
+    pub index: usize,
+    pub filters: Option<Arc<crate::fanout::filter::Filters>>,
+    /// What the group's dead-letter stream takes.
+    pub dead_letter_limits: crate::record::StreamLimits,
+}
+
+impl Assignment {
+    /// An assignment that never changes (a writer built outside the supervisor: tests, the
+    /// simulation).
+    pub fn fixed(group: Arc<DestinationGroup>, index: usize) -> watch::Receiver<Assignment> {
+        let assignment =
+            Assignment { group, index, filters: None, dead_letter_limits: crate::record::StreamLimits::default() };
+        watch::channel(assignment).1
+    }
 }

@@ -8,6 +8,7 @@ pub mod destination;
 pub mod entries;
 pub mod ledger;
 pub mod limiter;
+pub mod order;
 pub mod put;
 pub mod retry;
 pub mod send;
@@ -16,5 +17,5 @@ pub mod supervisor;
 pub mod writer;
 
 pub use batch::MAX_RECORD_BYTES;
-pub use destination::{DestinationTask, Exit};
+pub use destination::{Assignment, DestinationTask, Exit};
 pub use entries::QUEUED_ENTRY_BYTES;

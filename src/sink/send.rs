@@ -47,7 +47,15 @@ impl Drop for InFlight {
 impl Writer {
     pub(super) async fn send_batch(&mut self) -> Result<(), Interrupt> {
         self.drop_released();
-        let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits);
+        // Strict order: only the first queued record of each key goes, brought to the front.
+        let lead = match self.assignment.group.ordering {
+            crate::config::KeyOrder::Strict => {
+                let chosen = super::order::first_of_each_key(self.pending.iter());
+                super::order::bring_forward(&mut self.pending, &chosen)
+            }
+            crate::config::KeyOrder::Batched => usize::MAX,
+        };
+        let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits).min(lead);
         if let Some(split) = self.split {
             count = count.min(split.size).min(split.suspect);
         }

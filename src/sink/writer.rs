@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BatchLimits};
 use super::dead_letter::DeadLetter;
-use super::destination::{DestinationTask, Exit};
+use super::destination::{Assignment, DestinationTask, Exit};
 use super::entries::{self, Pending};
 use super::ledger::Ledger;
 use super::limiter::Limiter;
@@ -37,22 +37,23 @@ pub(super) struct Writer {
     /// Source readings revoked so far, as last seen: the queue is searched for their records
     /// only when this moves.
     pub(super) revocations: u64,
+    /// Its group's settings and filter, as last loaded.
+    pub(super) assignment: Assignment,
 }
 
 /// The destination task runs as a writer: set up from what the task was given, torn down when it
 /// stops.
 impl DestinationTask {
-    pub async fn run(self) -> Exit {
-        let group = Arc::clone(&self.group);
-        let backoff = Backoff::for_group(&group);
+    pub async fn run(mut self) -> Exit {
+        let assignment = self.assignment.borrow_and_update().clone();
+        let backoff = Backoff::for_group(&assignment.group);
         let shards = *self.open_shards.borrow();
         let share = *self.share.borrow();
-        let dead_letter = group.dead_letter_stream.clone().map(|stream| {
-            DeadLetter::new(stream, Arc::clone(&self.edge), backoff.clone()).with_limits(self.dead_letter_limits)
-        });
+        let dead_letter = dead_letter_for(&assignment, &self.edge, &backoff);
         let limits = BatchLimits::for_stream(*self.limits.borrow());
         let mut writer = Writer {
-            limiter: limiter_for(&group, shards, share),
+            limiter: limiter_for(&assignment.group, shards, share),
+            assignment,
             ledger: Ledger::new(Arc::clone(&self.id), Arc::clone(&self.metrics)),
             task: self,
             pending: VecDeque::new(),
@@ -74,6 +75,16 @@ impl DestinationTask {
         writer.clear_gauges();
         exit
     }
+}
+
+/// The group's dead-letter stream, if it has one.
+fn dead_letter_for(
+    assignment: &Assignment,
+    edge: &Arc<dyn super::put::PutEdge>,
+    backoff: &Backoff,
+) -> Option<DeadLetter> {
+    let stream = assignment.group.dead_letter_stream.clone()?;
+    Some(DeadLetter::new(stream, Arc::clone(edge), backoff.clone()).with_limits(assignment.dead_letter_limits))
 }
 
 /// PutRecords refuses a whole request for one entry it finds invalid. The leading `suspect`
@@ -165,10 +176,11 @@ impl Writer {
         if self.task.limits.has_changed().unwrap_or(false) {
             self.follow_limits();
         }
-        if shards_changed || share_changed {
+        let rates_changed = self.follow_assignment();
+        if shards_changed || share_changed || rates_changed {
             let shards = *self.task.open_shards.borrow_and_update();
             let share = *self.task.share.borrow_and_update();
-            self.limiter = limiter_for(&self.task.group, shards, share);
+            self.limiter = limiter_for(&self.assignment.group, shards, share);
             tracing::info!(destination = %self.task.name, open_shards = shards, share, rates = ?self.limiter.rates(), "Destination rate limits follow its shard count and this worker's share.");
         }
         while self.pending.is_empty() {
@@ -178,7 +190,7 @@ impl Writer {
             }
         }
         let front = self.pending.front().expect("not empty");
-        let deadline = if front.retry { Instant::now() } else { front.queued_at + self.task.group.linger };
+        let deadline = if front.retry { Instant::now() } else { front.queued_at + self.assignment.group.linger };
         loop {
             while let Ok(delivery) = self.task.queue.try_recv() {
                 self.accept(delivery);
@@ -214,6 +226,11 @@ impl Writer {
     }
 
     fn accept(&mut self, delivery: Delivery) {
+        // A reload's new filter applies from the next record taken.
+        if self.follow_assignment() {
+            let shards = *self.task.open_shards.borrow();
+            self.limiter = limiter_for(&self.assignment.group, shards, *self.task.share.borrow());
+        }
         let Delivery { chunk, permit } = delivery;
         if !chunk.owed_by(&self.task.id) {
             self.count(released(&chunk), chunk.records.len() as u64, chunk.bytes as u64);
@@ -224,15 +241,27 @@ impl Writer {
         let max_record_bytes = self.limits.max_record_bytes;
         // Which records this destination's group takes: decided once per chunk for every group,
         // and only asked by a destination whose group has a filter.
-        let filtered_group = self.task.group.filter.is_some();
-        let routes = self.task.filters.as_ref().filter(|_| filtered_group).map(|filters| {
-            chunk.routes.get_or_init(|| {
-                let (routes, not_json) = filters.route(&chunk.records);
-                self.task.metrics.records_not_json.inc_by(not_json);
-                routes
-            })
-        });
-        let group = self.task.group_index;
+        let filtered_group = self.assignment.group.filter.is_some();
+        let routed;
+        let routes = match self.assignment.filters.as_ref().filter(|_| filtered_group) {
+            None => None,
+            Some(filters) => {
+                let cached = chunk.routes.get_or_init(|| {
+                    let (routes, not_json) = filters.route(&chunk.records);
+                    self.task.metrics.records_not_json.inc_by(not_json);
+                    routes
+                });
+                if cached.by == filters.id() {
+                    Some(cached)
+                } else {
+                    // Judged by another configuration's filters (a writer that has not yet seen
+                    // a reload, or has): judged again by this one's, for this destination only.
+                    routed = filters.route(&chunk.records).0;
+                    Some(&routed)
+                }
+            }
+        };
+        let group = self.assignment.index;
         let take = |record: u32, user: Option<u32>| {
             routes.is_none_or(|r| {
                 let verdicts = match user {
@@ -242,7 +271,7 @@ impl Writer {
                 Filters::takes(verdicts, group)
             })
         };
-        let (entries, filtered) = entries::build(&chunk, self.task.group.kpl, &map, max_record_bytes, &take);
+        let (entries, filtered) = entries::build(&chunk, self.assignment.group.kpl, &map, max_record_bytes, &take);
         if filtered > 0 {
             self.task.metrics.destination_records_filtered.with_label_values(&[&*self.task.name]).inc_by(filtered);
         }
@@ -260,6 +289,30 @@ impl Writer {
         let bytes = self.pending.iter().skip(before).map(Pending::size).sum();
         self.ledger.open(chunk, permit, added, bytes);
         self.update_gauges();
+    }
+
+    /// Takes a reloaded configuration's assignment, if there is one: the group's settings and
+    /// filter, its backoff and dead-letter stream. Returns whether its rate limits changed (the
+    /// limiter is rebuilt then, and only then: a reload that leaves them alone keeps its bucket).
+    fn follow_assignment(&mut self) -> bool {
+        if !self.task.assignment.has_changed().unwrap_or(false) {
+            return false;
+        }
+        let new = self.task.assignment.borrow_and_update().clone();
+        let (old, group) = (&self.assignment.group, &new.group);
+        let rates_changed =
+            old.records_per_second != group.records_per_second || old.bytes_per_second != group.bytes_per_second;
+        if old.initial_backoff != group.initial_backoff || old.max_backoff != group.max_backoff {
+            self.backoff = Backoff::for_group(group);
+        }
+        let letters_changed = old.dead_letter_stream != group.dead_letter_stream
+            || self.assignment.dead_letter_limits != new.dead_letter_limits;
+        if letters_changed {
+            self.dead_letter = dead_letter_for(&new, &self.task.edge, &self.backoff);
+        }
+        tracing::info!(destination = %self.task.name, group = new.index, "Destination follows its group as the reloaded configuration says it.");
+        self.assignment = new;
+        rates_changed
     }
 
     /// Records larger than the destination takes: counted once each, as they are found.
@@ -513,14 +566,11 @@ pub(crate) mod tests {
             id: "out".into(),
             source_stream: "in".into(),
             edge: Arc::clone(&fake) as Arc<dyn PutEdge>,
-            group: Arc::new(settings.destinations[0].clone()),
             queue,
             open_shards: watch::channel(1).1,
             shard_map: watch::channel(Arc::new(ShardMap::default())).1,
             limits: watch::channel(crate::record::StreamLimits::default()).1,
-            dead_letter_limits: crate::record::StreamLimits::default(),
-            group_index: 0,
-            filters: None,
+            assignment: crate::sink::Assignment::fixed(Arc::new(settings.destinations[0].clone()), 0),
             share: watch::channel(1.0).1,
             metrics: Arc::clone(&metrics),
             removed: CancellationToken::new(),

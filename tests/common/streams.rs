@@ -73,3 +73,33 @@ pub async fn read_stream(
     }
     Ok(out)
 }
+
+/// How many records of `landed` arrived after a newer record of their partition key, the order
+/// of `source` per key being the truth (records told apart by their data); a record seen again
+/// (a duplicate) is not counted twice.
+pub fn out_of_order(landed: &[StreamRecord], source: &[StreamRecord]) -> usize {
+    use std::collections::{HashMap, HashSet};
+    let mut rank: HashMap<&[u8], usize> = HashMap::new();
+    let mut per_key: HashMap<&str, usize> = HashMap::new();
+    for record in source {
+        let n = per_key.entry(&record.partition_key).or_default();
+        rank.insert(&record.data, *n);
+        *n += 1;
+    }
+    let mut newest: HashMap<&str, usize> = HashMap::new();
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    let mut late = 0;
+    for record in landed {
+        let Some(&r) = rank.get(record.data.as_slice()) else { continue };
+        if !seen.insert(&record.data) {
+            continue;
+        }
+        match newest.get(record.partition_key.as_str()) {
+            Some(&n) if r < n => late += 1,
+            _ => {
+                newest.insert(&record.partition_key, r);
+            }
+        }
+    }
+    late
+}

@@ -308,3 +308,53 @@ async fn a_corrupt_checkpoint_file_is_refused_until_reset_explicitly() {
     assert!(status.success(), "SIGTERM drains and exits 0: {status:?}");
     assert!(std::fs::read_to_string(&checkpoint).unwrap().contains("shardId-"), "a fresh checkpoint was written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_groups_and_refuses_a_bad_file_naming_its_keys() {
+    let (emulator, client) = with_streams(&[("in", 1), ("out-x", 1), ("out-y", 1)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoints.json");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let config = TestConfig::new(&emulator.url).checkpoint_file(&checkpoint).set("metrics", "listen", &listen);
+    let path = write(dir.path(), "c.toml", &config.clone().groups([Group::fast("^out-x$")]).toml());
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(["run", "--config", &path]).env("RUST_LOG", "warn").stderr(std::process::Stdio::piped());
+    for (k, v) in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")] {
+        command.env(k, v);
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id().unwrap().to_string();
+    let reloads = |result: &'static str| {
+        let url = format!("http://{listen}/metrics");
+        async move {
+            let text = match reqwest::get(&url).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            text.contains(&format!("kinesis_fanout_config_reloads_total{{result=\"{result}\"}} 1"))
+        }
+    };
+    let first = records(1, 20, 8);
+    put_all(&client, "in", &first).await;
+    wait_until("out-x copies", || async { all_hold(&client, &["out-x"], &first).await }).await;
+
+    write(dir.path(), "c.toml", &config.clone().groups([Group::fast("^out-x$"), Group::fast("^out-y$")]).toml());
+    std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    wait_until("the reload applied", || reloads("applied")).await;
+    let second = records(2, 20, 8);
+    put_all(&client, "in", &second).await;
+    wait_until("out-y, added by the reload, copies", || async { all_hold(&client, &["out-y"], &second).await }).await;
+
+    write(dir.path(), "c.toml", &config.groups([Group::fast("^out-x$"), Group::fast("(unclosed")]).toml());
+    std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    wait_until("the bad file refused", || reloads("invalid")).await;
+    let third = records(3, 20, 8);
+    put_all(&client, "in", &third).await;
+    wait_until("both still copy", || async { all_hold(&client, &["out-x", "out-y"], &third).await }).await;
+
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SIGTERM drains and exits 0: {stderr}");
+    assert!(stderr.contains("destinations[1].pattern") && stderr.contains("refused"), "{stderr}");
+}

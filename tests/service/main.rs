@@ -17,6 +17,7 @@ mod large_records;
 mod leases;
 mod network;
 mod operate;
+mod ordering;
 mod positions;
 mod pressure;
 mod regions;

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
-use ferrokinesis::store::StoreOptions;
 
 use crate::helpers::*;
 
@@ -34,23 +33,6 @@ async fn wait_drained(service: &Running, destination: &str, n: u64) {
         "{destination} accepted {} of {n} records within {within:?}",
         service.accepted(destination)
     );
-}
-
-/// An emulator with AWS-like shard limits (1,000 records/s and 1 MiB/s written per shard, 5
-/// GetRecords calls/s per shard) and events of at most 500 records.
-async fn limited(streams: &[(&str, i32)]) -> (Emulator, Client) {
-    let emulator = Emulator::with_options(StoreOptions {
-        enforce_limits: true,
-        subscribe_to_shard_event_record_limit: 500,
-        ..store_options()
-    })
-    .await;
-    emulator.faults.lock().unwrap().honour_starting_position = true;
-    let client = emulator.client();
-    for (name, shards) in streams {
-        create_stream(&client, name, *shards).await;
-    }
-    (emulator, client)
 }
 
 /// A steady producer: `rate` records a second over 40 keys, for `seconds`, each record's data

@@ -44,6 +44,16 @@ async fn a_group_named_by_arn_writes_to_a_stream_that_list_streams_never_shows()
     assert_eq!(contents(&client, "out-a").await, sorted(&records));
     let puts = emulator.faults.lock().unwrap().puts.clone();
     assert!(!puts.iter().any(|p| p.stream == "shared-orders"), "never named by its name: written by ARN");
+
+    // A reload that drops the ARN group removes it, although it is never listed (nothing says it
+    // is gone but the configuration).
+    let without = config.clone().groups([Group::fast("^(out-a|shared-orders)$")]);
+    let report = service.reloader.reload(kinesis_fanout::Settings::from_toml(&without.toml())).await.unwrap();
+    assert_eq!(report.expect("changed").removed, ["shared-orders"]);
+    let more = crate::helpers::records(4, 100, 64);
+    put_all(&client, "in", &more).await;
+    service.wait_accepted("out-a", 400).await;
+    assert_eq!(contents(&client, "shared-orders").await, sorted(&records), "nothing after the reload");
     service.stop().await.unwrap();
 }
 

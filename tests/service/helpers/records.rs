@@ -175,3 +175,20 @@ pub async fn split_in_half(client: &Client, stream: &str, shard: &str) {
         .unwrap();
     wait_active(client, stream).await;
 }
+
+/// An emulator with AWS-like shard limits (1,000 records/s and 1 MiB/s written per shard, 5
+/// GetRecords calls/s per shard) and events of at most 500 records.
+pub async fn limited(streams: &[(&str, i32)]) -> (Emulator, Client) {
+    let emulator = Emulator::with_options(ferrokinesis::store::StoreOptions {
+        enforce_limits: true,
+        subscribe_to_shard_event_record_limit: 500,
+        ..super::store_options()
+    })
+    .await;
+    emulator.faults.lock().unwrap().honour_starting_position = true;
+    let client = emulator.client();
+    for (name, shards) in streams {
+        create_stream(&client, name, *shards).await;
+    }
+    (emulator, client)
+}

@@ -16,6 +16,8 @@ pub struct Running {
     pub admin: std::net::SocketAddr,
     pub progress: Arc<kinesis_fanout::progress::Progress>,
     pub health: Arc<kinesis_fanout::health::Health>,
+    /// Hands it new configurations, as SIGHUP does in the binary.
+    pub reloader: kinesis_fanout::app::Reloader,
     stop: CancellationToken,
     handle: JoinHandle<Result<(), kinesis_fanout::RunError>>,
 }
@@ -36,9 +38,10 @@ impl Running {
         let metrics = service.metrics();
         let progress = service.progress();
         let health = service.health();
+        let reloader = service.reloader();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(service.run(stop.clone()));
-        Running { metrics, progress, health, admin, stop, handle }
+        Running { metrics, progress, health, admin, reloader, stop, handle }
     }
 
     /// GET an admin path: (status, body).

@@ -10,11 +10,15 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::DestinationTask;
+mod reload;
+
+pub use reload::{MakePlace, Reload, ReloadReport};
+
 use super::entries::ShardMap;
 use super::put::PutEdge;
+use super::{Assignment, DestinationTask};
 use crate::aws::kinesis::stream_name_of;
-use crate::config::{KplMode, Settings};
+use crate::config::{AwsSettings, KplMode, Settings};
 use crate::discovery::{Candidate, Change, Discovery, arn_place};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::health::Health;
@@ -34,6 +38,10 @@ struct Running {
     shard_map: watch::Sender<Arc<ShardMap>>,
     removed: CancellationToken,
     kpl: KplMode,
+    /// Its group, as the writer follows it.
+    assignment: watch::Sender<Assignment>,
+    /// The configuration generation its assignment comes from.
+    generation: u64,
 }
 
 /// The open shards of a stream as hash key ranges.
@@ -57,6 +65,7 @@ pub async fn open_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> Opti
 }
 
 /// The clients of one place destinations live in.
+#[derive(Clone)]
 pub struct PlaceClients {
     /// For shard maps (ListShards).
     pub control: aws_sdk_kinesis::Client,
@@ -113,6 +122,15 @@ pub struct Supervisor {
     source_arn: Option<String>,
     /// Every group's filter, shared by every writer (`None`: no group has one).
     filters: Option<Arc<crate::fanout::filter::Filters>>,
+    /// Where each place of `places` is (`Settings::destination_places`, in order).
+    place_settings: Vec<AwsSettings>,
+    /// Builds the clients of a place a reloaded configuration brings.
+    make_place: Option<Arc<dyn MakePlace>>,
+    /// Reloaded configurations, applied between discovery rounds.
+    reloads: Option<mpsc::Receiver<Reload>>,
+    /// Counts the configurations applied: a destination whose assignment is older follows the
+    /// current one at the next round that selects it.
+    generation: u64,
 }
 
 impl Supervisor {
@@ -129,6 +147,7 @@ impl Supervisor {
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         let (remap_tx, remap_rx) = mpsc::unbounded_channel();
         let filters = crate::fanout::filter::Filters::new(&settings).map(Arc::new);
+        let place_settings = settings.destination_places();
         let supervisor = Supervisor {
             settings,
             source,
@@ -147,19 +166,40 @@ impl Supervisor {
             first_round_done: false,
             filters,
             source_arn: None,
+            place_settings,
+            make_place: None,
+            reloads: None,
+            generation: 0,
         };
         (supervisor, subscribe)
     }
 
-    /// Follows discovery every refresh interval, and the writers' reports, until `shutdown`.
-    pub async fn run(mut self, discovery: Discovery, shutdown: CancellationToken) {
-        let interval = discovery.interval();
+    /// Takes reloaded configurations from `reloads`, building the clients of new places with
+    /// `make_place`.
+    pub fn with_reloads(mut self, reloads: mpsc::Receiver<Reload>, make_place: Arc<dyn MakePlace>) -> Self {
+        self.reloads = Some(reloads);
+        self.make_place = Some(make_place);
+        self
+    }
+
+    /// Follows discovery every refresh interval, the writers' reports and reloaded
+    /// configurations, until `shutdown`.
+    pub async fn run(mut self, mut discovery: Discovery, shutdown: CancellationToken) {
+        let mut reloads = self.reloads.take();
         loop {
+            let interval = discovery.interval();
+            let reload = async {
+                match reloads.as_mut() {
+                    Some(reloads) => reloads.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => self.follow(&discovery).await,
                 Some(gone) = self.gone_rx.recv() => self.remove(&gone, "PutRecords found the stream deleted"),
                 Some(stale) = self.remap_rx.recv() => self.refresh_map(&stale).await,
+                Some(reload) = reload => discovery = self.reload(reload).await,
             }
         }
     }
@@ -167,6 +207,7 @@ impl Supervisor {
     /// One discovery round, applied. A failed round keeps the destinations known so far.
     pub async fn follow(&mut self, discovery: &Discovery) {
         let current: BTreeSet<(usize, String)> = self.running.values().map(|r| (r.place, r.stream.clone())).collect();
+        // (A destination a reload left without a place, `usize::MAX`, is in no place's view.)
         match discovery.changes(&current).await {
             Ok(changes) => {
                 for change in changes {
@@ -223,6 +264,14 @@ impl Supervisor {
         if self.source_arn.as_deref() == Some(arn) {
             return;
         }
+        if let Some(running) = self.running.get_mut(arn) {
+            // A reload moved its group to another place (role, endpoint): its writer keeps the
+            // clients it started with; discovery and shard maps use the new place's.
+            running.place = candidate.place;
+        }
+        if self.running.get(arn).is_some_and(|r| r.generation != self.generation) {
+            self.reassign(arn, candidate.group).await;
+        }
         if let Some(running) = self.running.get(arn) {
             running.limits.send_if_modified(|current| std::mem::replace(current, limits) != limits);
             let changed =
@@ -239,15 +288,13 @@ impl Supervisor {
 
     async fn start(&mut self, candidate: &Candidate, arn: &str, open_shards: u32, limits: StreamLimits) {
         let place = &self.places[candidate.place];
-        let dead_letter_limits = match &self.settings.destinations[candidate.group].dead_letter_stream {
-            Some(stream) => dead_letter_limits(&place.control, stream).await,
-            None => StreamLimits::default(),
-        };
+        let assignment = self.assignment(candidate.place, candidate.group).await;
         let (limits_tx, limits_rx) = watch::channel(limits);
         let map = open_ranges(&place.control, &candidate.name).await.unwrap_or_default();
         let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
-        let group = Arc::new(self.settings.destinations[candidate.group].clone());
+        let group = Arc::clone(&assignment.group);
         let kpl = group.kpl;
+        let (assignment_tx, assignment_rx) = watch::channel(assignment);
         let name = self.label(&candidate.name, arn);
         let id: Arc<str> = arn.into();
         let (mut handle, queue) = DestinationHandle::new(Arc::clone(&name), Arc::clone(&id), group.max_in_flight_bytes);
@@ -262,14 +309,11 @@ impl Supervisor {
             id: Arc::clone(&id),
             source_stream: self.settings.source.stream_name.as_str().into(),
             edge: Arc::clone(&place.edge),
-            group,
             queue,
             open_shards: open_shards_rx,
             shard_map: shard_map_rx,
             limits: limits_rx,
-            dead_letter_limits,
-            group_index: candidate.group,
-            filters: self.filters.clone(),
+            assignment: assignment_rx,
             share: self.share.clone(),
             metrics: Arc::clone(&self.metrics),
             removed: removed.clone(),
@@ -293,6 +337,8 @@ impl Supervisor {
                 shard_map: shard_map_tx,
                 removed,
                 kpl,
+                assignment: assignment_tx,
+                generation: self.generation,
             },
         );
         self.publish_set();
@@ -328,7 +374,8 @@ impl Supervisor {
     async fn refresh_map(&self, id: &str) {
         let Some(running) = self.running.get(id) else { return };
         let name = &running.handle.name;
-        if let Some(map) = open_ranges(&self.places[running.place].control, &running.stream).await {
+        let Some(place) = self.places.get(running.place) else { return };
+        if let Some(map) = open_ranges(&place.control, &running.stream).await {
             let changed = running.shard_map.send_if_modified(|current| {
                 let changed = **current != map;
                 if changed {

@@ -1,0 +1,162 @@
+//! Strict order per key (`destinations[].ordering = "strict"`): a request carries at most one
+//! record per key, and none of a key while an earlier record of that key waits in the queue.
+//!
+//! The writer has one request in flight at a time and puts whatever failed back at the front of
+//! its queue, so the only way a newer record of a key can land before an older one is to travel
+//! in the same request and succeed where the older one was throttled. Choosing, for each
+//! request, only the first queued record of each key closes that: a throttled record is retried
+//! before anything newer of its key goes out, while records of other keys fill the request.
+//!
+//! A key is a partition key, and an explicit hash key when the entry has one (two records of one
+//! explicit hash key land in one shard in request order too). An aggregate built here counts as
+//! one record of every key it holds (and of its explicit hash key: its destination shard).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use super::batch::MAX_BATCH_RECORDS;
+use super::entries::{Payload, Pending};
+
+/// How many queued entries one request's choice looks at: past that, a key that first appears
+/// deeper in the queue waits for the entries ahead of it to go.
+pub const WINDOW: usize = 4 * MAX_BATCH_RECORDS;
+
+/// A key an entry holds: `(0, partition key)` or `(1, explicit hash key)`.
+type Key<'a> = (u8, Cow<'a, str>);
+
+/// The keys one entry holds.
+fn keys(p: &Pending) -> Vec<Key<'_>> {
+    let mut keys = vec![(0, Cow::Borrowed(p.partition_key()))];
+    if let Some(hash) = p.explicit_hash_key() {
+        keys.push((1, Cow::Borrowed(hash)));
+    }
+    if let Payload::Built { data, .. } = &p.payload
+        && crate::kpl::has_magic(data)
+        && let Ok(Some(users)) = crate::kpl::decode(data)
+    {
+        for user in users {
+            if let Some(hash) = user.explicit_hash_key {
+                keys.push((1, Cow::Owned(hash)));
+            }
+            keys.push((0, Cow::Owned(user.partition_key)));
+        }
+    }
+    keys
+}
+
+/// Which of the leading `window` entries may go in the next request: the first of each key,
+/// at most `MAX_BATCH_RECORDS`. An entry passed over still holds its keys, so nothing behind
+/// it of any of them goes either.
+pub fn first_of_each_key<'a>(entries: impl Iterator<Item = &'a Pending>) -> Vec<bool> {
+    let mut held: HashSet<Key<'a>> = HashSet::new();
+    let mut chosen = Vec::new();
+    let mut taken = 0;
+    for p in entries.take(WINDOW) {
+        if taken == MAX_BATCH_RECORDS {
+            break;
+        }
+        let keys = keys(p);
+        let free = keys.iter().all(|k| !held.contains(k));
+        chosen.push(free);
+        taken += usize::from(free);
+        held.extend(keys);
+    }
+    chosen
+}
+
+/// Brings the `chosen` leading entries of `queue` to its front, each side keeping its order:
+/// the order per key is unchanged (an entry moves ahead only of entries of other keys).
+/// Returns how many lead.
+pub fn bring_forward(queue: &mut std::collections::VecDeque<Pending>, chosen: &[bool]) -> usize {
+    let lead = chosen.iter().filter(|c| **c).count();
+    if chosen.iter().take(lead).all(|c| *c) {
+        return lead;
+    }
+    let window: Vec<Pending> = queue.drain(..chosen.len()).collect();
+    let (first, rest): (Vec<_>, Vec<_>) = window.into_iter().zip(chosen).partition(|(_, c)| **c);
+    for (p, _) in rest.into_iter().rev().chain(first.into_iter().rev()) {
+        queue.push_front(p);
+    }
+    lead
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::progress::Progress;
+    use crate::record::{SequenceNumber, SourceRecord};
+
+    /// A queue of entries with these partition keys (and explicit hash keys), in order.
+    fn queue(keys: &[(&str, Option<&str>)]) -> VecDeque<Pending> {
+        let progress = Progress::default();
+        let shard = progress.shard("shardId-0");
+        let records = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| SourceRecord {
+                sequence_number: SequenceNumber::parse(&format!("{}", 100 + i)).unwrap(),
+                partition_key: (*key).into(),
+                data: bytes::Bytes::from(format!("{i}")),
+                arrival: None,
+                user_records: None,
+            })
+            .collect();
+        let chunk = shard.begin(1, records, vec!["out".into()]);
+        keys.iter()
+            .enumerate()
+            .map(|(i, (key, hash))| {
+                let payload = match hash {
+                    None => Payload::Source,
+                    Some(hash) => Payload::Built {
+                        partition_key: (*key).into(),
+                        explicit_hash_key: Some((*hash).into()),
+                        data: bytes::Bytes::from(format!("{i}")),
+                        shard: None,
+                    },
+                };
+                Pending::new(Arc::clone(&chunk), i as u32, payload, Instant::now(), 1 << 20)
+            })
+            .collect()
+    }
+
+    fn order(queue: &VecDeque<Pending>) -> Vec<String> {
+        queue.iter().map(|p| String::from_utf8_lossy(p.data()).into_owned()).collect()
+    }
+
+    #[test]
+    fn the_first_of_each_key_leads_and_nothing_passes_an_earlier_record_of_its_key() {
+        let mut q = queue(&[("a", None), ("a", None), ("b", None), ("c", Some("7")), ("d", Some("7")), ("e", None)]);
+        let chosen = first_of_each_key(q.iter());
+        assert_eq!(chosen, [true, false, true, true, false, true]);
+        assert_eq!(bring_forward(&mut q, &chosen), 4);
+        assert_eq!(order(&q), ["0", "2", "3", "5", "1", "4"]);
+    }
+
+    proptest! {
+        /// Whatever the keys: the chosen lead holds each key once, and per key the queue keeps
+        /// its order.
+        #[test]
+        fn a_request_holds_one_record_per_key_and_order_per_key_holds(keys in proptest::collection::vec(0u8..6, 1..60)) {
+            let names: Vec<String> = keys.iter().map(|k| format!("k{k}")).collect();
+            let spec: Vec<(&str, Option<&str>)> = names.iter().map(|n| (n.as_str(), None)).collect();
+            let mut q = queue(&spec);
+            let chosen = first_of_each_key(q.iter());
+            let lead = bring_forward(&mut q, &chosen);
+            let leading: Vec<&str> = q.iter().take(lead).map(|p| p.partition_key()).collect();
+            let distinct: HashSet<&str> = leading.iter().copied().collect();
+            prop_assert_eq!(distinct.len(), leading.len());
+            prop_assert_eq!(distinct.len(), names.iter().collect::<HashSet<_>>().len());
+            for key in &names {
+                let before: Vec<usize> = (0..names.len()).filter(|i| &names[*i] == key).collect();
+                let after: Vec<usize> = q.iter().filter(|p| p.partition_key() == key).map(|p| p.index as usize).collect();
+                prop_assert_eq!(before, after);
+            }
+        }
+    }
+}
