@@ -502,7 +502,7 @@ async fn strict(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
             // is the put order but for a throttled record (read back: the source is the truth).
             for from in (0..records).step_by(500) {
                 let mut pending: Vec<PutRecordsRequestEntry> =
-                    (from..(from + 500).min(records)).map(|i| keyed_record(i, keys, opts.record_size)).collect();
+                    (from..(from + 500).min(records)).map(|i| keyed_record(i, keys)).collect();
                 while !pending.is_empty() {
                     let out =
                         client.put_records().stream_name("bench-in").set_records(Some(pending.clone())).send().await?;
@@ -541,13 +541,13 @@ async fn strict(opts: &Opts, bin: &Path) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-/// Record `i` of `keys` keys, its data unique (its index first): three of `size` bytes, then one
-/// of 8 KB, so that a shard's bytes (not its 1,000 records) run out first, and a large record is
-/// throttled while the small ones of its key behind it in the same request still fit.
-fn keyed_record(i: usize, keys: usize, size: usize) -> PutRecordsRequestEntry {
+/// Record `i` of `keys` keys, its data unique (its index first): three of 300 bytes, then one of
+/// 4,000, so that a shard's bytes (not its 1,000 records) run out first, and a large record is
+/// throttled while the small ones of its key behind it in the same request still fit (a request
+/// stays under the emulator's 2 MB body limit).
+fn keyed_record(i: usize, keys: usize) -> PutRecordsRequestEntry {
     let mut data = format!("{i:012}").into_bytes();
-    let size = if i % 4 == 3 { 8_000 } else { size };
-    data.resize(size.max(12), b'x');
+    data.resize(if i % 4 == 3 { 4_000 } else { 300 }, b'x');
     PutRecordsRequestEntry::builder()
         .partition_key(format!("key-{}", i % keys))
         .data(Blob::new(data))

@@ -17,9 +17,11 @@ use std::collections::HashSet;
 use super::batch::MAX_BATCH_RECORDS;
 use super::entries::{Payload, Pending};
 
-/// How many queued entries one request's choice looks at: past that, a key that first appears
-/// deeper in the queue waits for the entries ahead of it to go.
-pub const WINDOW: usize = 4 * MAX_BATCH_RECORDS;
+/// How many queued entries one request's choice looks at, at most: past that, a key that first
+/// appears deeper in the queue waits for the entries ahead of it to go. Large, so that a hot or
+/// throttled key with thousands of records queued does not hide the other keys behind them (the
+/// scan stops earlier once a request is full).
+pub const WINDOW: usize = 40 * MAX_BATCH_RECORDS;
 
 /// A key an entry holds: `(0, partition key)` or `(1, explicit hash key)`.
 type Key<'a> = (u8, Cow<'a, str>);
@@ -30,16 +32,28 @@ fn keys(p: &Pending) -> Vec<Key<'_>> {
     if let Some(hash) = p.explicit_hash_key() {
         keys.push((1, Cow::Borrowed(hash)));
     }
-    if let Payload::Built { data, .. } = &p.payload
-        && crate::kpl::has_magic(data)
-        && let Ok(Some(users)) = crate::kpl::decode(data)
-    {
-        for user in users {
-            if let Some(hash) = user.explicit_hash_key {
-                keys.push((1, Cow::Owned(hash)));
+    match &p.payload {
+        // An aggregate passed through holds the keys of its user records (decoded once, on read).
+        Payload::Source => {
+            for user in p.source().user_records.iter().flat_map(|users| users.iter()) {
+                if let Some(hash) = &user.explicit_hash_key {
+                    keys.push((1, Cow::Borrowed(hash.as_str())));
+                }
+                keys.push((0, Cow::Borrowed(user.partition_key.as_str())));
             }
-            keys.push((0, Cow::Owned(user.partition_key)));
         }
+        // An aggregate built here: its keys are read back from it.
+        Payload::Built { data, .. } if crate::kpl::has_magic(data) => {
+            if let Ok(Some(users)) = crate::kpl::decode(data) {
+                for user in users {
+                    if let Some(hash) = user.explicit_hash_key {
+                        keys.push((1, Cow::Owned(hash)));
+                    }
+                    keys.push((0, Cow::Owned(user.partition_key)));
+                }
+            }
+        }
+        _ => {}
     }
     keys
 }
@@ -136,6 +150,16 @@ mod tests {
         assert_eq!(chosen, [true, false, true, true, false, true]);
         assert_eq!(bring_forward(&mut q, &chosen), 4);
         assert_eq!(order(&q), ["0", "2", "3", "5", "1", "4"]);
+    }
+
+    #[test]
+    fn a_key_thousands_deep_does_not_hide_the_keys_behind_it() {
+        let mut spec = vec![("hot", None); 3_000];
+        spec.push(("cold", None));
+        let mut q = queue(&spec);
+        let chosen = first_of_each_key(q.iter());
+        assert_eq!(bring_forward(&mut q, &chosen), 2);
+        assert_eq!(order(&q)[..2], ["0", "3000"]);
     }
 
     proptest! {
