@@ -174,4 +174,33 @@ mod tests {
         assert_eq!((0..5).map(|i| takes(i, 2)).collect::<Vec<_>>(), [true, true, true, true, false]);
         assert_eq!(not_json, 1, "the record that is not JSON is counted once, not per group");
     }
+
+    #[test]
+    fn user_records_are_judged_one_by_one_and_a_passed_through_aggregate_by_its_outer_key() {
+        let s = settings(concat!(
+            "[[destinations]]\npattern = \"^de$\"\nkpl = \"deaggregate\"\n",
+            "filter = { partition_key = \"^order-\", json = { \"/region\" = \"eu\" } }\n",
+            "[[destinations]]\npattern = \"^pass$\"\nkpl = \"passthrough\"\nfilter = { partition_key = \"^a$\" }\n",
+        ));
+        let filters = Filters::new(&s).expect("filters");
+        let user = |key: &str, data: &str| crate::record::UserRecord {
+            partition_key: key.into(),
+            explicit_hash_key: None,
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+        };
+        let mut aggregate = record("a", "(aggregate bytes)");
+        aggregate.user_records = Some(std::sync::Arc::from(vec![
+            user("order-1", r#"{"region":"eu"}"#),
+            user("order-2", r#"{"region":"us"}"#),
+            user("refund-3", r#"{"region":"eu"}"#),
+            user("order-4", "not json"),
+            user("order-5", r#"{"region":"eu"}"#),
+        ]));
+        let (routes, not_json) = filters.route(&[aggregate]);
+        let users: Vec<bool> = routes.users[0].iter().map(|v| Filters::takes(*v, 1)).collect();
+        assert_eq!(users, [true, false, false, false, true], "a refused user record between accepted ones");
+        assert!(Filters::takes(routes.records[0], 2), "passthrough judges the aggregate by its outer key \"a\"");
+        assert!(routes.users[0].iter().all(|v| Filters::takes(*v, 0)), "no filter: every user record");
+        assert_eq!(not_json, 1);
+    }
 }
