@@ -273,8 +273,7 @@ impl Pipeline {
         let maker = Arc::new(Places { identities: identities.clone(), timeout: settings.put_attempt_timeout() });
         let mut places = Vec::new();
         for aws in settings.destination_places() {
-            let first = settings.destinations.iter().position(|g| g.aws == aws).unwrap_or_default();
-            places.push(maker.make(&aws, format!("destinations[{first}]")).await);
+            places.push(maker.make(&aws, settings.place_label(&aws)).await);
         }
         let (supervisor, destinations) = Supervisor::new(
             Arc::clone(settings),

@@ -265,6 +265,13 @@ impl Settings {
         first.is_some_and(|g| !g.tags.is_empty())
     }
 
+    /// The key of the first group in `place` (`destinations[N]`): how its credential errors
+    /// name the place.
+    pub fn place_label(&self, place: &AwsSettings) -> String {
+        let first = self.destinations.iter().position(|g| g.aws == *place).unwrap_or_default();
+        format!("destinations[{first}]")
+    }
+
     /// Every distinct place destination groups live in, in the order groups first name them.
     pub fn destination_places(&self) -> Vec<AwsSettings> {
         let mut places: Vec<AwsSettings> = Vec::new();

@@ -176,8 +176,8 @@ impl Writer {
         if self.task.limits.has_changed().unwrap_or(false) {
             self.follow_limits();
         }
-        let rates_changed = self.follow_assignment();
-        if shards_changed || share_changed || rates_changed {
+        self.follow_assignment();
+        if shards_changed || share_changed {
             let shards = *self.task.open_shards.borrow_and_update();
             let share = *self.task.share.borrow_and_update();
             self.limiter = limiter_for(&self.assignment.group, shards, share);
@@ -227,10 +227,7 @@ impl Writer {
 
     fn accept(&mut self, delivery: Delivery) {
         // A reload's new filter applies from the next record taken.
-        if self.follow_assignment() {
-            let shards = *self.task.open_shards.borrow();
-            self.limiter = limiter_for(&self.assignment.group, shards, *self.task.share.borrow());
-        }
+        self.follow_assignment();
         let Delivery { chunk, permit } = delivery;
         if !chunk.owed_by(&self.task.id) {
             self.count(released(&chunk), chunk.records.len() as u64, chunk.bytes as u64);
@@ -292,11 +289,11 @@ impl Writer {
     }
 
     /// Takes a reloaded configuration's assignment, if there is one: the group's settings and
-    /// filter, its backoff and dead-letter stream. Returns whether its rate limits changed (the
-    /// limiter is rebuilt then, and only then: a reload that leaves them alone keeps its bucket).
-    fn follow_assignment(&mut self) -> bool {
+    /// filter, its backoff and dead-letter stream, and its rate limits (the limiter is rebuilt
+    /// only when they changed: a reload that leaves them alone keeps its bucket).
+    fn follow_assignment(&mut self) {
         if !self.task.assignment.has_changed().unwrap_or(false) {
-            return false;
+            return;
         }
         let new = self.task.assignment.borrow_and_update().clone();
         let (old, group) = (&self.assignment.group, &new.group);
@@ -312,7 +309,10 @@ impl Writer {
         }
         tracing::info!(destination = %self.task.name, group = new.index, "Destination follows its group as the reloaded configuration says it.");
         self.assignment = new;
-        rates_changed
+        if rates_changed {
+            let (shards, share) = (*self.task.open_shards.borrow(), *self.task.share.borrow());
+            self.limiter = limiter_for(&self.assignment.group, shards, share);
+        }
     }
 
     /// Records larger than the destination takes: counted once each, as they are found.

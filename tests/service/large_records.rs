@@ -62,13 +62,7 @@ fn decoded_len(text: &str) -> usize {
 }
 
 async fn large_records(State(store): State<Store>, request: Request, next: Next) -> Response {
-    let operation = request
-        .headers()
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit('.').next())
-        .unwrap_or("")
-        .to_string();
+    let operation = operation_of(&request);
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 32 << 20).await.unwrap_or_default();
     let json_request = parts.headers.get("content-type").is_some_and(|v| v == "application/x-amz-json-1.1");

@@ -18,7 +18,7 @@ use super::entries::ShardMap;
 use super::put::PutEdge;
 use super::{Assignment, DestinationTask};
 use crate::aws::kinesis::stream_name_of;
-use crate::config::{AwsSettings, KplMode, Settings};
+use crate::config::{KplMode, Settings};
 use crate::discovery::{Candidate, Change, Discovery, arn_place};
 use crate::fanout::{DestinationHandle, DestinationSet};
 use crate::health::Health;
@@ -37,11 +37,17 @@ struct Running {
     limits: watch::Sender<StreamLimits>,
     shard_map: watch::Sender<Arc<ShardMap>>,
     removed: CancellationToken,
-    kpl: KplMode,
     /// Its group, as the writer follows it.
     assignment: watch::Sender<Assignment>,
     /// The configuration generation its assignment comes from.
     generation: u64,
+}
+
+impl Running {
+    /// Its group's KPL mode, as its writer follows it.
+    fn kpl(&self) -> KplMode {
+        self.assignment.borrow().group.kpl
+    }
 }
 
 /// The open shards of a stream as hash key ranges.
@@ -122,8 +128,6 @@ pub struct Supervisor {
     source_arn: Option<String>,
     /// Every group's filter, shared by every writer (`None`: no group has one).
     filters: Option<Arc<crate::fanout::filter::Filters>>,
-    /// Where each place of `places` is (`Settings::destination_places`, in order).
-    place_settings: Vec<AwsSettings>,
     /// Builds the clients of a place a reloaded configuration brings.
     make_place: Option<Arc<dyn MakePlace>>,
     /// Reloaded configurations, applied between discovery rounds.
@@ -147,7 +151,6 @@ impl Supervisor {
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         let (remap_tx, remap_rx) = mpsc::unbounded_channel();
         let filters = crate::fanout::filter::Filters::new(&settings).map(Arc::new);
-        let place_settings = settings.destination_places();
         let supervisor = Supervisor {
             settings,
             source,
@@ -166,7 +169,6 @@ impl Supervisor {
             first_round_done: false,
             filters,
             source_arn: None,
-            place_settings,
             make_place: None,
             reloads: None,
             generation: 0,
@@ -238,7 +240,7 @@ impl Supervisor {
         let unchecked: Vec<Arc<str>> = self
             .running
             .iter()
-            .filter(|(id, r)| r.kpl == KplMode::Passthrough && !self.passthrough_warned.contains(*id))
+            .filter(|(id, r)| r.kpl() == KplMode::Passthrough && !self.passthrough_warned.contains(*id))
             .map(|(id, _)| Arc::clone(id))
             .collect();
         if unchecked.is_empty() {
@@ -278,7 +280,7 @@ impl Supervisor {
                 running.open_shards.send_if_modified(|current| std::mem::replace(current, open_shards) != open_shards);
             // A split and a merge keep the count but move the ranges: re-aggregation routes by
             // the map, so it is read again every round (and retried next round when it fails).
-            if changed || running.kpl == KplMode::Reaggregate {
+            if changed || running.kpl() == KplMode::Reaggregate {
                 self.refresh_map(arn).await;
             }
             return;
@@ -293,7 +295,6 @@ impl Supervisor {
         let map = open_ranges(&place.control, &candidate.name).await.unwrap_or_default();
         let (shard_map_tx, shard_map_rx) = watch::channel(Arc::new(map));
         let group = Arc::clone(&assignment.group);
-        let kpl = group.kpl;
         let (assignment_tx, assignment_rx) = watch::channel(assignment);
         let name = self.label(&candidate.name, arn);
         let id: Arc<str> = arn.into();
@@ -336,7 +337,6 @@ impl Supervisor {
                 limits: limits_tx,
                 shard_map: shard_map_tx,
                 removed,
-                kpl,
                 assignment: assignment_tx,
                 generation: self.generation,
             },

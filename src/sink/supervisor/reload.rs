@@ -66,7 +66,6 @@ impl Supervisor {
         let assignment = self.assignment(place, group).await;
         let generation = self.generation;
         let Some(running) = self.running.get_mut(id) else { return };
-        running.kpl = assignment.group.kpl;
         running.handle.detach_after = assignment.group.detach_after;
         running.generation = generation;
         let budget = running.assignment.borrow().group.max_in_flight_bytes;
@@ -87,8 +86,9 @@ impl Supervisor {
             .filter(|(_, r)| r.generation != self.generation && r.place != usize::MAX)
             .map(|(id, r)| (Arc::clone(id), r.place, r.stream.clone()))
             .collect();
+        let places = self.settings.destination_places();
         for (id, place, stream) in stale {
-            let aws = &self.place_settings[place];
+            let aws = &places[place];
             match crate::discovery::explain(&self.settings, aws, &stream, None) {
                 crate::discovery::Verdict::Destination(group) => self.reassign(&id, group).await,
                 crate::discovery::Verdict::Not(why) if !self.settings.needs_tags(aws, &stream) => {
@@ -108,15 +108,15 @@ impl Supervisor {
     pub(super) async fn reload(&mut self, reload: Reload) -> Discovery {
         let Reload { settings, done } = reload;
         let before: BTreeSet<String> = self.current().into_iter().collect();
+        let known = self.settings.destination_places();
         let places = settings.destination_places();
         let mut clients = Vec::with_capacity(places.len());
         for aws in &places {
-            match self.place_settings.iter().position(|known| known == aws) {
+            match known.iter().position(|k| k == aws) {
                 Some(known) => clients.push(self.places[known].clone()),
                 None => {
-                    let first = settings.destinations.iter().position(|g| g.aws == *aws).unwrap_or_default();
                     let maker = self.make_place.clone().expect("reloads come with a place maker");
-                    clients.push(maker.make(aws, format!("destinations[{first}]")).await);
+                    clients.push(maker.make(aws, settings.place_label(aws)).await);
                 }
             }
         }
@@ -126,7 +126,7 @@ impl Supervisor {
         // after the round.
         let mut homeless: Vec<Arc<str>> = Vec::new();
         for (id, running) in self.running.iter_mut() {
-            let aws = &self.place_settings[running.place];
+            let aws = &known[running.place];
             match places.iter().position(|p| p == aws) {
                 Some(index) => running.place = index,
                 None => {
@@ -138,7 +138,6 @@ impl Supervisor {
         self.filters = crate::fanout::filter::Filters::new(&settings).map(Arc::new);
         self.settings = Arc::clone(&settings);
         self.places = clients;
-        self.place_settings = places;
         self.generation += 1;
         let discovery = Discovery::new(settings, self.places.iter().map(|p| p.control.clone()).collect());
         self.follow(&discovery).await;

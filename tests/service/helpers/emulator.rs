@@ -152,18 +152,18 @@ fn error_response(status: StatusCode, kind: &str) -> Response {
     (status, [("content-type", "application/x-amz-json-1.1")], body).into_response()
 }
 
+/// The Kinesis action a request asks for (`PutRecords`, from its `X-Amz-Target`).
+pub fn operation_of(request: &Request) -> String {
+    let target = request.headers().get("x-amz-target").and_then(|v| v.to_str().ok());
+    target.and_then(|v| v.rsplit('.').next()).unwrap_or("").to_string()
+}
+
 async fn inject_faults(
     State((faults, store)): State<(Arc<Mutex<Faults>>, ferrokinesis::store::Store)>,
     request: Request,
     next: Next,
 ) -> Response {
-    let operation = request
-        .headers()
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit('.').next())
-        .unwrap_or("")
-        .to_string();
+    let operation = operation_of(&request);
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let bytes = by_name(&operation, bytes);
