@@ -151,8 +151,15 @@ pub struct Aggregator {
 /// One record the aggregator produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packed {
-    /// An aggregate of `count` user records; its partition key is the first record's.
-    Aggregate { partition_key: String, data: Bytes, count: usize },
+    /// An aggregate of `count` user records; its partition key is the first record's. Its key
+    /// tables: every partition key and explicit hash key its records have, once each.
+    Aggregate {
+        partition_key: String,
+        data: Bytes,
+        count: usize,
+        partition_keys: Vec<String>,
+        explicit_hash_keys: Vec<String>,
+    },
     /// A record too large to aggregate, to be sent as it is.
     Single(UserRecord),
 }
@@ -254,7 +261,15 @@ impl Aggregator {
         self.size = EMPTY_SIZE;
         let partition_key = message.partition_key_table[message.records[0].partition_key_index as usize].clone();
         let count = message.records.len();
-        Some(Packed::Aggregate { partition_key, data: encode(&message), count })
+        let data = encode(&message);
+        let AggregatedRecord { partition_key_table, explicit_hash_key_table, .. } = message;
+        Some(Packed::Aggregate {
+            partition_key,
+            data,
+            count,
+            partition_keys: partition_key_table,
+            explicit_hash_keys: explicit_hash_key_table,
+        })
     }
 }
 

@@ -46,7 +46,7 @@ pub trait CatchUpStarter: Send + Sync + std::fmt::Debug {
 /// What one record queued for one destination costs beside the record itself: the size of the
 /// destination writer's entry (`sink::entries::Pending`, whose test keeps them equal). Defined
 /// here, where the budget is counted, so that the fan-out does not reach into the sink.
-pub const QUEUED_ENTRY_BYTES: usize = 176;
+pub const QUEUED_ENTRY_BYTES: usize = 168;
 
 /// A chunk holds at most this many records or bytes (a SubscribeToShard event can hold far more).
 pub const MAX_CHUNK_RECORDS: usize = 500;

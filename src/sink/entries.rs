@@ -65,9 +65,19 @@ pub enum Payload {
     Source,
     /// One user record (by index) of the source record's aggregate.
     User(u32),
-    /// Bytes built here: a new aggregate, or a user record too large to aggregate. `shard` is the
-    /// destination shard an aggregate was built for, when the map knows its id.
-    Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes, shard: Option<Arc<str>> },
+    /// Bytes built here: a new aggregate (with what it was built for), or a user record too large
+    /// to aggregate.
+    Built { partition_key: String, explicit_hash_key: Option<String>, data: Bytes, aggregate: Option<Arc<Aggregate>> },
+}
+
+/// What an aggregate built here carries beside its bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Aggregate {
+    /// The destination shard it was built for, when the map knows its id.
+    pub shard: Option<Arc<str>>,
+    /// Its user records' keys, as strict order compares them (`order::key_hash`): read when it
+    /// is built, not decoded from it for every request.
+    pub keys: Box<[u64]>,
 }
 
 /// Which records a destination takes: `take(record, None)` for a source record as a whole,
@@ -157,17 +167,26 @@ pub fn build(
 /// An aggregate is routed into its shard with an explicit hash key inside the shard's range.
 fn built(packed: Packed, shards: &ShardMap, shard: usize) -> Payload {
     match packed {
-        Packed::Aggregate { partition_key, data, .. } => Payload::Built {
-            partition_key,
-            explicit_hash_key: shards.ranges().get(shard).map(|(start, _)| start.to_string()),
-            data,
-            shard: shards.id(shard).cloned(),
-        },
+        Packed::Aggregate { partition_key, data, partition_keys, explicit_hash_keys, .. } => {
+            let keys = partition_keys
+                .iter()
+                .map(|key| super::order::key_hash(super::order::PARTITION_KEY, key))
+                .chain(
+                    explicit_hash_keys.iter().map(|key| super::order::key_hash(super::order::EXPLICIT_HASH_KEY, key)),
+                )
+                .collect();
+            Payload::Built {
+                partition_key,
+                explicit_hash_key: shards.ranges().get(shard).map(|(start, _)| start.to_string()),
+                data,
+                aggregate: Some(Arc::new(Aggregate { shard: shards.id(shard).cloned(), keys })),
+            }
+        }
         Packed::Single(user) => Payload::Built {
             partition_key: user.partition_key,
             explicit_hash_key: user.explicit_hash_key,
             data: user.data,
-            shard: None,
+            aggregate: None,
         },
     }
 }

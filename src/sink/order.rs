@@ -11,8 +11,8 @@
 //! explicit hash key land in one shard in request order too). An aggregate built here counts as
 //! one record of every key it holds (and of its explicit hash key: its destination shard).
 
-use std::borrow::Cow;
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 
 use super::batch::MAX_BATCH_RECORDS;
 use super::entries::{Payload, Pending};
@@ -23,57 +23,59 @@ use super::entries::{Payload, Pending};
 /// scan stops earlier once a request is full).
 pub const WINDOW: usize = 40 * MAX_BATCH_RECORDS;
 
-/// A key an entry holds: `(0, partition key)` or `(1, explicit hash key)`.
-type Key<'a> = (u8, Cow<'a, str>);
+/// The kinds of key, told apart in [`key_hash`].
+pub const PARTITION_KEY: u8 = 0;
+pub const EXPLICIT_HASH_KEY: u8 = 1;
 
-/// The keys one entry holds.
-fn keys(p: &Pending) -> Vec<Key<'_>> {
-    let mut keys = vec![(0, Cow::Borrowed(p.partition_key()))];
+/// A key as the choice compares it: a hash of its kind and text. Two keys that collide are
+/// taken for one, which can only hold a record back a request longer, never let one pass.
+pub fn key_hash(kind: u8, key: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    kind.hash(&mut hasher);
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The keys one entry holds, into `keys`.
+fn keys(p: &Pending, keys: &mut Vec<u64>) {
+    keys.clear();
+    keys.push(key_hash(PARTITION_KEY, p.partition_key()));
     if let Some(hash) = p.explicit_hash_key() {
-        keys.push((1, Cow::Borrowed(hash)));
+        keys.push(key_hash(EXPLICIT_HASH_KEY, hash));
     }
     match &p.payload {
         // An aggregate passed through holds the keys of its user records (decoded once, on read).
         Payload::Source => {
             for user in p.source().user_records.iter().flat_map(|users| users.iter()) {
                 if let Some(hash) = &user.explicit_hash_key {
-                    keys.push((1, Cow::Borrowed(hash.as_str())));
+                    keys.push(key_hash(EXPLICIT_HASH_KEY, hash));
                 }
-                keys.push((0, Cow::Borrowed(user.partition_key.as_str())));
+                keys.push(key_hash(PARTITION_KEY, &user.partition_key));
             }
         }
-        // An aggregate built here: its keys are read back from it.
-        Payload::Built { data, .. } if crate::kpl::has_magic(data) => {
-            if let Ok(Some(users)) = crate::kpl::decode(data) {
-                for user in users {
-                    if let Some(hash) = user.explicit_hash_key {
-                        keys.push((1, Cow::Owned(hash)));
-                    }
-                    keys.push((0, Cow::Owned(user.partition_key)));
-                }
-            }
-        }
+        // An aggregate built here: its keys were read when it was built.
+        Payload::Built { aggregate: Some(built), .. } => keys.extend_from_slice(&built.keys),
         _ => {}
     }
-    keys
 }
 
 /// Which of the leading `window` entries may go in the next request: the first of each key,
 /// at most `MAX_BATCH_RECORDS`. An entry passed over still holds its keys, so nothing behind
 /// it of any of them goes either.
 pub fn first_of_each_key<'a>(entries: impl Iterator<Item = &'a Pending>) -> Vec<bool> {
-    let mut held: HashSet<Key<'a>> = HashSet::new();
+    let mut held: HashSet<u64> = HashSet::new();
     let mut chosen = Vec::new();
     let mut taken = 0;
+    let mut of_entry = Vec::new();
     for p in entries.take(WINDOW) {
         if taken == MAX_BATCH_RECORDS {
             break;
         }
-        let keys = keys(p);
-        let free = keys.iter().all(|k| !held.contains(k));
+        keys(p, &mut of_entry);
+        let free = of_entry.iter().all(|k| !held.contains(k));
         chosen.push(free);
         taken += usize::from(free);
-        held.extend(keys);
+        held.extend(of_entry.iter().copied());
     }
     chosen
 }
@@ -131,7 +133,7 @@ mod tests {
                         partition_key: (*key).into(),
                         explicit_hash_key: Some((*hash).into()),
                         data: bytes::Bytes::from(format!("{i}")),
-                        shard: None,
+                        aggregate: None,
                     },
                 };
                 Pending::new(Arc::clone(&chunk), i as u32, payload, Instant::now(), 1 << 20)
@@ -160,6 +162,37 @@ mod tests {
         let chosen = first_of_each_key(q.iter());
         assert_eq!(bring_forward(&mut q, &chosen), 2);
         assert_eq!(order(&q)[..2], ["0", "3000"]);
+    }
+
+    #[test]
+    fn an_aggregate_built_here_holds_every_key_inside_it() {
+        use crate::config::KplMode;
+        use crate::kpl::UserRecord;
+        use crate::sink::entries::{ShardMap, build, every};
+        // A source aggregate of x and y, re-aggregated for a one-shard destination.
+        let user = |key: &str| UserRecord {
+            partition_key: key.into(),
+            explicit_hash_key: None,
+            data: bytes::Bytes::from(key.to_string()),
+        };
+        let aggregate = SourceRecord {
+            sequence_number: SequenceNumber::parse("1").unwrap(),
+            partition_key: "a".into(),
+            data: bytes::Bytes::from_static(b"outer"),
+            arrival: None,
+            user_records: Some(vec![user("x"), user("y")].into()),
+        };
+        let progress = Progress::default();
+        let chunk = progress.shard("shardId-1").begin(1, vec![aggregate], vec!["out".into()]);
+        let map = ShardMap::new(vec![(0, u128::MAX)]);
+        let built = build(&chunk, KplMode::Reaggregate, &map, 1 << 20, &every).0;
+        let [(index, payload)] = &built[..] else { panic!("one aggregate: {built:?}") };
+        let Payload::Built { aggregate: Some(keys), .. } = payload else { panic!("built here: {payload:?}") };
+        assert_eq!(keys.keys.len(), 2, "x and y");
+        // The aggregate, then records of y and of z: y waits for the aggregate, z goes beside it.
+        let mut q = queue(&[("y", None), ("z", None)]);
+        q.push_front(Pending::new(Arc::clone(&chunk), *index, payload.clone(), Instant::now(), 1 << 20));
+        assert_eq!(first_of_each_key(q.iter()), [true, false, true]);
     }
 
     proptest! {

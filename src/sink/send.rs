@@ -192,7 +192,9 @@ impl Writer {
         let misrouted = sent
             .zip(results)
             .filter(|(p, r)| match (&p.payload, r.shard_id.as_deref()) {
-                (Payload::Built { shard: Some(expected), .. }, Some(landed)) => **expected != *landed,
+                (Payload::Built { aggregate: Some(built), .. }, Some(landed)) => {
+                    built.shard.as_deref().is_some_and(|expected| expected != landed)
+                }
                 _ => false,
             })
             .count();
