@@ -25,6 +25,10 @@ pub struct Faults {
     pub throttle_puts_to: Option<String>,
     /// PutRecords requests naming this stream get a 400 AccessDeniedException (cannot succeed).
     pub deny_puts_to: Option<String>,
+    /// `(stream, data prefix)`: in PutRecords requests to the stream, records whose data starts
+    /// with the prefix fail on their own with KMSAccessDeniedException (retrying cannot help),
+    /// and the others go on to the emulator, as a record encrypted with a key it may not use.
+    pub refuse_records: Option<(String, Vec<u8>)>,
     /// The next N SubscribeToShard calls get 400 ResourceInUseException.
     pub subscribe_in_use: u32,
     /// The next N RegisterStreamConsumer calls get LimitExceededException for their call rate.
@@ -168,6 +172,7 @@ async fn inject_faults(
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let bytes = by_name(&operation, bytes);
     let honour_position;
+    let refused;
     let hidden;
     let expired;
     let malformed;
@@ -238,12 +243,19 @@ async fn inject_faults(
             *faults.calls.entry(format!("ListShards({stream})")).or_default() += 1;
         }
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
+        refused = faults
+            .refuse_records
+            .clone()
+            .filter(|(stream, _)| operation == "PutRecords" && names_stream(&bytes, stream));
         hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
         expired = faults.expire_partition_keys.clone().filter(|_| operation == "GetRecords");
         malformed = faults.malform_sequence_numbers.clone().filter(|_| operation == "GetRecords");
     }
     if let Some((_, stall)) = stall {
         tokio::time::sleep(stall).await;
+    }
+    if let Some((_, prefix)) = refused {
+        return refuse_records(parts, bytes, &prefix, next).await;
     }
     if let Some(hidden) = hidden {
         let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
@@ -311,6 +323,53 @@ fn by_name(operation: &str, bytes: axum::body::Bytes) -> axum::body::Bytes {
 }
 
 /// A JSON answer changed by `edit` (left as it is if it is not JSON).
+/// A PutRecords request whose records with data starting with `prefix` fail on their own
+/// (KMSAccessDeniedException): the others are put, and the answers placed back in order.
+async fn refuse_records(
+    mut parts: axum::http::request::Parts,
+    bytes: axum::body::Bytes,
+    prefix: &[u8],
+    next: Next,
+) -> Response {
+    use base64::Engine as _;
+    let Ok(mut request) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    };
+    let records = request["Records"].as_array().cloned().unwrap_or_default();
+    let refused: Vec<bool> = records
+        .iter()
+        .map(|r| {
+            let data = r["Data"].as_str().unwrap_or_default();
+            base64::engine::general_purpose::STANDARD.decode(data).is_ok_and(|d| d.starts_with(prefix))
+        })
+        .collect();
+    let kept: Vec<serde_json::Value> =
+        records.into_iter().zip(&refused).filter(|(_, r)| !**r).map(|(record, _)| record).collect();
+    let denied =
+        serde_json::json!({ "ErrorCode": "KMSAccessDeniedException", "ErrorMessage": "The key may not be used." });
+    let mut answers: Vec<serde_json::Value> = Vec::new();
+    let mut failed = refused.iter().filter(|r| **r).count() as u64;
+    if !kept.is_empty() {
+        request["Records"] = serde_json::Value::Array(kept);
+        parts.headers.remove("content-length");
+        let answer = next.run(Request::from_parts(parts, Body::from(serde_json::to_vec(&request).unwrap()))).await;
+        if !answer.status().is_success() {
+            return answer;
+        }
+        let body = axum::body::to_bytes(answer.into_body(), 64 << 20).await.unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        failed += json["FailedRecordCount"].as_u64().unwrap_or(0);
+        answers = json["Records"].as_array().cloned().unwrap_or_default();
+    }
+    let mut put = answers.into_iter();
+    let records: Vec<serde_json::Value> = refused
+        .iter()
+        .map(|r| if *r { denied.clone() } else { put.next().unwrap_or_else(|| denied.clone()) })
+        .collect();
+    let body = serde_json::json!({ "FailedRecordCount": failed, "Records": records });
+    (StatusCode::OK, [("content-type", "application/x-amz-json-1.1")], body.to_string()).into_response()
+}
+
 async fn rewritten(answer: Response, edit: impl FnOnce(&mut serde_json::Value)) -> Response {
     let (parts, body) = answer.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
@@ -321,6 +380,13 @@ async fn rewritten(answer: Response, edit: impl FnOnce(&mut serde_json::Value)) 
     let mut parts = parts;
     parts.headers.remove("content-length");
     Response::from_parts(parts, Body::from(serde_json::to_vec(&json).unwrap()))
+}
+
+/// Whether a request names `stream`, by name or by ARN.
+fn names_stream(bytes: &[u8], stream: &str) -> bool {
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(bytes) else { return false };
+    request["StreamName"].as_str() == Some(stream)
+        || request["StreamARN"].as_str().is_some_and(|arn| arn.ends_with(&format!(":stream/{stream}")))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
