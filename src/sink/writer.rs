@@ -698,6 +698,33 @@ pub(crate) mod tests {
         assert!(!accepted_twice, "a valid entry is sent in one accepted request only: {requests:?}");
     }
 
+    #[tokio::test]
+    async fn in_strict_order_a_request_split_for_an_invalid_entry_still_holds_one_record_per_key() {
+        let respond = Box::new(|keys: &[String]| {
+            if keys.len() > 1 && keys.iter().any(|k| k == "bad") {
+                return Err(CallError {
+                    kind: ErrorKind::Permanent,
+                    code: "ValidationException".into(),
+                    cause: "1 validation error detected".into(),
+                });
+            }
+            Ok(keys.iter().map(|k| answer((k == "bad").then_some("ValidationException"))).collect())
+        });
+        let keys = ["a", "a", "b", "c", "bad", "a", "b", "d", "c", "e"];
+        let h = start_configured(&keys, respond, None, "ordering = \"strict\"");
+        h.until("the valid ones accepted and the bad one held", |h| {
+            h.count(Outcome::Ok) == 9 && h.count(Outcome::Rejected) == 1
+        })
+        .await;
+        let requests = h.stop().await;
+        assert_eq!(requests[0], ["a", "b", "c", "bad", "d", "e"], "the first of each key leads");
+        for request in &requests {
+            let distinct: std::collections::HashSet<&String> = request.iter().collect();
+            assert_eq!(distinct.len(), request.len(), "one record per key in every request: {requests:?}");
+        }
+        assert!(requests.iter().any(|r| r == &vec!["bad".to_string()]), "the bad entry ends up alone: {requests:?}");
+    }
+
     /// A lease proof switched by the test.
     #[derive(Default)]
     struct Switch(std::sync::atomic::AtomicBool);
