@@ -49,13 +49,24 @@ impl BatchLimits {
 /// Always at least one when there is any entry, so an oversized record still reaches Kinesis and
 /// gets a per-record error back instead of blocking the queue.
 pub fn fits(sizes: impl IntoIterator<Item = usize>, limits: BatchLimits) -> usize {
-    let mut count = 0;
-    let mut bytes = 0usize;
-    for size in sizes {
-        if count == limits.max_records || (count > 0 && bytes + size > limits.max_bytes) {
+    fits_sent(sizes.into_iter().map(Some), limits)
+}
+
+/// As [`fits`], for entries of which some are not sent (`None`: refused here on their own, as a
+/// record Kinesis would refuse): they take no room in the request, so however many of them lead
+/// the queue, the records behind them still go.
+pub fn fits_sent(entries: impl IntoIterator<Item = Option<usize>>, limits: BatchLimits) -> usize {
+    let (mut count, mut sent, mut bytes) = (0, 0, 0usize);
+    for size in entries {
+        let Some(size) = size else {
+            count += 1;
+            continue;
+        };
+        if sent == limits.max_records || (sent > 0 && bytes + size > limits.max_bytes) {
             break;
         }
         count += 1;
+        sent += 1;
         bytes += size;
     }
     count
@@ -87,6 +98,16 @@ mod tests {
         assert_eq!(fits(std::iter::repeat_n(big, 10), large), 7);
         assert!(!is_full(1, encoded_size(1, 6 << 20), large), "room for a usual record beside a 6 MiB one");
         assert!(is_full(2, encoded_size(1, 6 << 20) + encoded_size(1, 3 << 20), large));
+    }
+
+    #[test]
+    fn entries_not_sent_take_no_room() {
+        let limits = BatchLimits::default();
+        // 600 refused here, then 800 to send: all 600 and 500 of the others.
+        let entries = std::iter::repeat_n(None, 600).chain(std::iter::repeat_n(Some(100), 800));
+        assert_eq!(fits_sent(entries, limits), 1_100);
+        assert_eq!(fits_sent([None, None], limits), 2);
+        assert_eq!(fits_sent([Some(MAX_BATCH_BYTES), None, Some(10)], limits), 2);
     }
 
     proptest! {

@@ -149,7 +149,9 @@ pub fn build(
             if user.validate_within(max_record_bytes).is_err() {
                 // Never inside an aggregate: it could lend the aggregate an invalid partition key,
                 // and a consumer would get a record Kinesis itself refuses. Alone, it is refused
-                // (dead-lettered or held) on its own.
+                // (dead-lettered or held) on its own, after the aggregates open so far: they may
+                // hold older records of its key, which must not queue behind it.
+                flush(&mut open, &mut out);
                 out.push((index, Payload::User(i as u32)));
                 continue;
             }
@@ -325,6 +327,20 @@ mod tests {
                 data: Bytes::from(format!("data-{i}")),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_user_record_refused_alone_queues_after_the_older_records_of_its_key() {
+        let small = |data: &[u8]| UserRecord {
+            partition_key: "x".into(),
+            explicit_hash_key: None,
+            data: Bytes::copy_from_slice(data),
+        };
+        // x1 fits, x2 is over the destination's maximum: x1's aggregate goes first.
+        let c = chunk(vec![source(1, Some(vec![small(b"x1"), small(&[0; 2_000])]))]);
+        let entries = build(&c, KplMode::Reaggregate, &four_shards(), 1_024, &every).0;
+        assert!(matches!(entries[0].1, Payload::Built { aggregate: Some(_), .. }), "{entries:?}");
+        assert_eq!(entries[1], (0, Payload::User(1)));
     }
 
     fn four_shards() -> ShardMap {

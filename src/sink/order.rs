@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 
-use super::batch::MAX_BATCH_RECORDS;
+use super::batch::{BatchLimits, MAX_BATCH_RECORDS};
 use super::entries::{Payload, Pending};
 
 /// How many queued entries one request's choice looks at, at most: past that, a key that first
@@ -22,6 +22,11 @@ use super::entries::{Payload, Pending};
 /// throttled key with thousands of records queued does not hide the other keys behind them (the
 /// scan stops earlier once a request is full).
 pub const WINDOW: usize = 40 * MAX_BATCH_RECORDS;
+
+/// How many keys one request's choice compares, at most (past the first entry): an aggregate can
+/// hold a hundred thousand tiny user records, and a queue of them must not cost a scan of
+/// millions of keys per request. Stopping early is safe: it only holds records back.
+pub const KEYS_PER_SCAN: usize = 100_000;
 
 /// The kinds of key, told apart in [`key_hash`].
 pub const PARTITION_KEY: u8 = 0;
@@ -40,7 +45,10 @@ pub fn key_hash(kind: u8, key: &str) -> u64 {
 fn keys(p: &Pending, keys: &mut Vec<u64>) {
     keys.clear();
     keys.push(key_hash(PARTITION_KEY, p.partition_key()));
-    if let Some(hash) = p.explicit_hash_key() {
+    // An aggregate built here has its destination shard's start for explicit hash key: a route,
+    // not a key of its records (counted, it would let one aggregate per shard go at a time).
+    let built_here = matches!(p.payload, Payload::Built { aggregate: Some(_), .. });
+    if let Some(hash) = p.explicit_hash_key().filter(|_| !built_here) {
         keys.push(key_hash(EXPLICIT_HASH_KEY, hash));
     }
     match &p.payload {
@@ -59,22 +67,28 @@ fn keys(p: &Pending, keys: &mut Vec<u64>) {
     }
 }
 
-/// Which of the leading `window` entries may go in the next request: the first of each key,
-/// at most `MAX_BATCH_RECORDS`. An entry passed over still holds its keys, so nothing behind
-/// it of any of them goes either.
-pub fn first_of_each_key<'a>(entries: impl Iterator<Item = &'a Pending>) -> Vec<bool> {
+/// Which of the leading entries may go in the next request: the first of each key, until a
+/// request's worth is chosen (an entry refused here takes no room: it is never sent), [`WINDOW`]
+/// entries or [`KEYS_PER_SCAN`] keys were looked at. An entry passed over still holds its keys,
+/// so nothing behind it of any of them goes either.
+pub fn first_of_each_key<'a>(entries: impl Iterator<Item = &'a Pending>, limits: BatchLimits) -> Vec<bool> {
     let mut held: HashSet<u64> = HashSet::new();
     let mut chosen = Vec::new();
-    let mut taken = 0;
+    let (mut taken, mut bytes, mut looked_at) = (0, 0, 0);
     let mut of_entry = Vec::new();
     for p in entries.take(WINDOW) {
-        if taken == MAX_BATCH_RECORDS {
+        let full = taken == limits.max_records || bytes >= limits.max_bytes;
+        if full || (looked_at >= KEYS_PER_SCAN && !chosen.is_empty()) {
             break;
         }
         keys(p, &mut of_entry);
+        looked_at += of_entry.len();
         let free = of_entry.iter().all(|k| !held.contains(k));
         chosen.push(free);
-        taken += usize::from(free);
+        if free && p.invalid.is_none() {
+            taken += 1;
+            bytes += p.encoded_size();
+        }
         held.extend(of_entry.iter().copied());
     }
     chosen
@@ -148,7 +162,7 @@ mod tests {
     #[test]
     fn the_first_of_each_key_leads_and_nothing_passes_an_earlier_record_of_its_key() {
         let mut q = queue(&[("a", None), ("a", None), ("b", None), ("c", Some("7")), ("d", Some("7")), ("e", None)]);
-        let chosen = first_of_each_key(q.iter());
+        let chosen = first_of_each_key(q.iter(), BatchLimits::default());
         assert_eq!(chosen, [true, false, true, true, false, true]);
         assert_eq!(bring_forward(&mut q, &chosen), 4);
         assert_eq!(order(&q), ["0", "2", "3", "5", "1", "4"]);
@@ -159,7 +173,7 @@ mod tests {
         let mut spec = vec![("hot", None); 3_000];
         spec.push(("cold", None));
         let mut q = queue(&spec);
-        let chosen = first_of_each_key(q.iter());
+        let chosen = first_of_each_key(q.iter(), BatchLimits::default());
         assert_eq!(bring_forward(&mut q, &chosen), 2);
         assert_eq!(order(&q)[..2], ["0", "3000"]);
     }
@@ -192,7 +206,41 @@ mod tests {
         // The aggregate, then records of y and of z: y waits for the aggregate, z goes beside it.
         let mut q = queue(&[("y", None), ("z", None)]);
         q.push_front(Pending::new(Arc::clone(&chunk), *index, payload.clone(), Instant::now(), 1 << 20));
-        assert_eq!(first_of_each_key(q.iter()), [true, false, true]);
+        assert_eq!(first_of_each_key(q.iter(), BatchLimits::default()), [true, false, true]);
+    }
+
+    /// An aggregate built here for the one shard, holding `keys` (its partition key the first).
+    fn built(keys: &[&str]) -> Payload {
+        let first = keys[0].to_string();
+        let keys = keys.iter().map(|k| key_hash(PARTITION_KEY, k)).collect();
+        let aggregate = crate::sink::entries::Aggregate { shard: Some("shardId-0".into()), keys };
+        Payload::Built {
+            partition_key: first,
+            explicit_hash_key: Some("0".into()),
+            data: bytes::Bytes::from_static(b"aggregate"),
+            aggregate: Some(Arc::new(aggregate)),
+        }
+    }
+
+    #[test]
+    fn aggregates_of_one_shard_go_together_unless_they_share_a_key() {
+        let mut q = queue(&[("a", None), ("b", None), ("c", None)]);
+        for (at, keys) in [(0, &["x", "y"][..]), (1, &["z"][..]), (2, &["y", "w"][..])] {
+            q[at].payload = built(keys);
+        }
+        // Their shard's start is a route, not a key: the first two go, the third waits for y.
+        assert_eq!(first_of_each_key(q.iter(), BatchLimits::default()), [true, true, false]);
+    }
+
+    #[test]
+    fn a_scan_stops_after_enough_keys_and_a_request_worth_of_bytes() {
+        let mut q = queue(&[("a", None), ("b", None), ("c", None)]);
+        let many: Vec<String> = (0..KEYS_PER_SCAN + 1).map(|i| format!("k{i}")).collect();
+        q[0].payload = built(&many.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(first_of_each_key(q.iter(), BatchLimits::default()), [true], "the rest waits a request");
+        let q = queue(&[("a", None), ("b", None), ("c", None)]);
+        let small = BatchLimits { max_bytes: 1, ..BatchLimits::default() };
+        assert_eq!(first_of_each_key(q.iter(), small), [true], "a request's worth is chosen");
     }
 
     proptest! {
@@ -203,7 +251,7 @@ mod tests {
             let names: Vec<String> = keys.iter().map(|k| format!("k{k}")).collect();
             let spec: Vec<(&str, Option<&str>)> = names.iter().map(|n| (n.as_str(), None)).collect();
             let mut q = queue(&spec);
-            let chosen = first_of_each_key(q.iter());
+            let chosen = first_of_each_key(q.iter(), BatchLimits::default());
             let lead = bring_forward(&mut q, &chosen);
             let leading: Vec<&str> = q.iter().take(lead).map(|p| p.partition_key()).collect();
             let distinct: HashSet<&str> = leading.iter().copied().collect();

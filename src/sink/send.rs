@@ -50,12 +50,15 @@ impl Writer {
         // Strict order: only the first queued record of each key goes, brought to the front.
         let lead = match self.assignment.group.ordering {
             crate::config::KeyOrder::Strict => {
-                let chosen = super::order::first_of_each_key(self.pending.iter());
+                let chosen = super::order::first_of_each_key(self.pending.iter(), self.limits);
                 super::order::bring_forward(&mut self.pending, &chosen)
             }
             crate::config::KeyOrder::Batched => usize::MAX,
         };
-        let mut count = batch::fits(self.pending.iter().map(Pending::encoded_size), self.limits).min(lead);
+        // An entry refused here is never sent: it takes no room (a queue led by many of them,
+        // held for want of a dead-letter stream, still sends what is behind them).
+        let sizes = self.pending.iter().map(|p| p.invalid.is_none().then(|| p.encoded_size()));
+        let mut count = batch::fits_sent(sizes, self.limits).min(lead);
         if let Some(split) = self.split {
             count = count.min(split.size).min(split.suspect);
         }

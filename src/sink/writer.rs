@@ -725,6 +725,22 @@ pub(crate) mod tests {
         assert!(requests.iter().any(|r| r == &vec!["bad".to_string()]), "the bad entry ends up alone: {requests:?}");
     }
 
+    #[tokio::test]
+    async fn records_refused_here_never_fill_a_request_in_either_ordering() {
+        for ordering in ["batched", "strict"] {
+            // 600 records with keys Kinesis refuses (over 256 characters), no dead-letter stream:
+            // held, never sent, they take no room, and the records behind them go.
+            let long: Vec<String> = (0..600).map(|i| format!("{i}{}", "k".repeat(300))).collect();
+            let mut keys: Vec<&str> = long.iter().map(String::as_str).collect();
+            keys.extend(["a", "b"]);
+            let respond = Box::new(|keys: &[String]| Ok(keys.iter().map(|_| answer(None)).collect()));
+            let h = start_configured(&keys, respond, None, &format!("ordering = \"{ordering}\""));
+            h.until(&format!("{ordering}: the valid records accepted"), |h| h.count(Outcome::Ok) == 2).await;
+            assert_eq!(h.count(Outcome::Rejected), 600, "{ordering}: each held record counted once");
+            assert_eq!(h.stop().await, vec![vec!["a", "b"]], "{ordering}: only the valid ones are sent");
+        }
+    }
+
     /// A lease proof switched by the test.
     #[derive(Default)]
     struct Switch(std::sync::atomic::AtomicBool);

@@ -7,7 +7,8 @@
 //!   its group's `start_position`;
 //! - a destination that stays follows its (possibly other) group's settings and filter from the
 //!   next record its writer takes: rates, backoff, linger, dead-letter stream, KPL mode, filter,
-//!   `detach_after`. Its byte budget (`max_in_flight_bytes`) is the one it started with.
+//!   `detach_after`, and `ordering` from its next request. Its byte budget
+//!   (`max_in_flight_bytes`) is the one it started with.
 
 use std::collections::BTreeSet;
 use std::future::Future;
