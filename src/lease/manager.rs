@@ -48,6 +48,13 @@ pub fn scan_interval(failover: Duration) -> Duration {
     2 * (failover / 3)
 }
 
+/// A share in `[0, 0.1)` of a renewal period, of `me`'s own for round `n`: the same on every run
+/// (a simulated fleet replays from its seed), different per worker and round.
+fn round_jitter(me: &str, n: u64) -> f64 {
+    let draw = super::balance::order(me, n, "round");
+    (draw >> 11) as f64 / (1u64 << 53) as f64 / 10.0
+}
+
 /// One worker's side of the lease table.
 pub struct LeaseManager {
     pub(super) table: LeaseTable,
@@ -105,11 +112,16 @@ impl LeaseManager {
     /// Runs rounds, and the watchdog beside them, until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let rounds = async {
-            loop {
-                // Rounds start a renewal period apart, however long the last one took.
+            for n in 0u64.. {
+                // Rounds start a renewal period apart, however long the last one took, less a
+                // jitter of up to a tenth of it, of this worker's own for each round. Rounds in step
+                // with another worker's would otherwise stay in step for good: a steal that loses
+                // the race to its victim's renewal (the scan read a counter the renewal then moved)
+                // would lose it every round, and the fleet never balance.
                 let started = Instant::now();
                 self.round().await;
-                tokio::time::sleep_until(started + self.renew_interval()).await;
+                let jitter = self.renew_interval().mul_f64(round_jitter(&self.me, n));
+                tokio::time::sleep_until(started + self.renew_interval() - jitter).await;
             }
         };
         let watchdog = async {

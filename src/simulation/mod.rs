@@ -441,6 +441,21 @@ mod tests {
     }
 
     #[test]
+    fn a_steal_that_loses_to_its_victims_renewal_is_not_locked_out_for_good() {
+        // Found by the property below: after a cut-off, one worker held 5 of 12 leases and
+        // another 3. The poorer one's rounds had fallen in step with the richer one's: every
+        // round its scan read a counter the victim's renewal then moved, and its steal failed,
+        // for the whole 900 s of patience. Jittered rounds get out of step.
+        let scenario = Scenario {
+            write_capacity: 0.15,
+            ..small("in step", 12, 3, Event::CutOff { failovers: 3 }, 3_701_853_996_166_490_375)
+        };
+        let report = paused(&scenario);
+        assert!(report.invariant_violations.is_empty(), "{:?}", report.invariant_violations);
+        assert!(report.seconds_to_balance.is_some(), "never balanced");
+    }
+
+    #[test]
     fn a_seed_runs_the_same_every_time() {
         let scenario = small("same", 30, 5, Event::Kill { killed: 2 }, 42);
         let (a, b) = (paused(&scenario), paused(&scenario));
@@ -481,7 +496,7 @@ mod tests {
             assert!(report.invariant_violations.is_empty(), "seed {seed}: {:?}", report.invariant_violations);
         }
         crate::sink::writer::tests::UNFENCED.with(|f| f.set(true));
-        let late = (0..5).any(|seed| paused(&scenario(seed)).invariant_violations.iter().any(|v| v.contains("lands")));
+        let late = (0..20).any(|seed| paused(&scenario(seed)).invariant_violations.iter().any(|v| v.contains("lands")));
         crate::sink::writer::tests::UNFENCED.with(|f| f.set(false));
         assert!(late, "no late request was seen");
     }
