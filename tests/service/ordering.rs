@@ -203,3 +203,55 @@ async fn strict_ordering_holds_with_reaggregation_and_with_dead_letters_under_th
     assert_eq!(letters, refused, "each refused record is in the dead-letter stream once");
     service.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_ordering_holds_through_a_shed_and_its_catch_up_under_a_small_memory_limit() {
+    let streams = [("in", 2), ("out-fast-4", 4), ("out-slow-1", 1)];
+    let (emulator, client) = limited(&streams).await;
+    let (_dir, checkpoint) = temp_checkpoint();
+    // A 1-shard destination the emulator throttles beside a 4-shard one, both strict and written
+    // far faster than a shard takes, through a memory budget far below the backlog: the slow one
+    // is shed, lets go of what it holds and catches up from its own position, re-sending what it
+    // had already written past it, while throttled records are retried. What this guards is the
+    // shed's seam in strict mode: re-sent records are duplicates, and first copies keep their order
+    // (with strict bypassed it gave 0 late too: memory, not the shard, paced these requests).
+    let strict = |group: Group| {
+        group
+            .set("ordering", "strict")
+            .set("detach_after", "30s")
+            .set("records_per_second", "20000")
+            .set("bytes_per_second", "64MiB")
+    };
+    let config = TestConfig::new(&emulator.url)
+        .checkpoint_file(&checkpoint)
+        .set("memory", "limit", "4MiB")
+        .groups([strict(Group::fast("^out-fast-")), strict(Group::fast("^out-slow-"))]);
+    let service = Running::start(&config.toml(), &emulator.url);
+    let records = mixed(6_000, 400);
+    put_all(&client, "in", &records).await;
+    let source = read(&client, "in").await;
+    let detached = |name: &str| service.metrics.destination_detached.with_label_values(&[name]).get();
+    wait_until("both destinations done, no catch-up under way", || async {
+        ["out-fast-4", "out-slow-1"]
+            .iter()
+            .all(|name| service.accepted(name) >= records.len() as u64 && detached(name) == 0)
+    })
+    .await;
+    let shed = service.metrics.destination_shed.with_label_values(&["out-slow-1"]).get();
+    let throttled: Vec<u64> = streams[1..].iter().map(|(name, _)| service.counter(name, "throttled")).collect();
+    service.stop().await.unwrap();
+    assert!(shed > 0, "the slow destination was shed: the test puts order through a shed");
+    assert!(throttled[1] > 0, "the slow destination was throttled");
+    for ((name, _), throttled) in streams[1..].iter().zip(throttled) {
+        let landed = read(&client, name).await;
+        let d = delivery(&client, name, &records).await;
+        assert_eq!((d.missing, d.foreign), (0, 0), "{name}: every record");
+        let late = out_of_order(&landed, &source);
+        println!(
+            "{name}: {late} late of {} (first copies), {} duplicates, {throttled} throttled, shed {shed}",
+            records.len(),
+            d.duplicates
+        );
+        assert_eq!(late, 0, "{name}: strict order per key for each record's first copy, through a shed");
+    }
+}
