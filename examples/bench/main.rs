@@ -196,19 +196,7 @@ async fn produce_with(
     let batches: Vec<Vec<PutRecordsRequestEntry>> =
         (from..to).collect::<Vec<_>>().chunks(500).map(|c| c.iter().map(|i| make(*i, size)).collect()).collect();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(batches)
-        .map(|entries| async move {
-            let mut pending = entries;
-            while !pending.is_empty() {
-                let out = client.put_records().stream_name(stream).set_records(Some(pending.clone())).send().await?;
-                pending = pending
-                    .into_iter()
-                    .zip(out.records())
-                    .filter(|(_, r)| r.error_code().is_some())
-                    .map(|(e, _)| e)
-                    .collect();
-            }
-            Ok(())
-        })
+        .map(|entries| async move { put_until_accepted(client, stream, entries, Duration::ZERO).await })
         .buffer_unordered(4)
         .collect()
         .await;
@@ -599,17 +587,27 @@ impl OrderRun<'_> {
 /// is left: the order per key is the put order but for a throttled record (the source, read back,
 /// is the truth).
 async fn put_keyed(client: &Client, range: std::ops::Range<usize>, keys: usize) -> anyhow::Result<()> {
-    let mut pending: Vec<PutRecordsRequestEntry> = range.map(|i| keyed_record(i, keys)).collect();
+    let entries = range.map(|i| keyed_record(i, keys)).collect();
+    put_until_accepted(client, "bench-in", entries, Duration::from_millis(50)).await
+}
+
+/// Puts `entries` in one request, and the failed ones again (after `pause`) until none is left.
+async fn put_until_accepted(
+    client: &Client,
+    stream: &str,
+    mut pending: Vec<PutRecordsRequestEntry>,
+    pause: Duration,
+) -> anyhow::Result<()> {
     while !pending.is_empty() {
-        let out = client.put_records().stream_name("bench-in").set_records(Some(pending.clone())).send().await?;
+        let out = client.put_records().stream_name(stream).set_records(Some(pending.clone())).send().await?;
         pending = pending
             .into_iter()
             .zip(out.records())
             .filter(|(_, e)| e.error_code().is_some())
             .map(|(entry, _)| entry)
             .collect();
-        if !pending.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !pending.is_empty() && !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
     }
     Ok(())

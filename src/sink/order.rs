@@ -9,7 +9,8 @@
 //!
 //! A key is a partition key, and an explicit hash key when the entry has one (two records of one
 //! explicit hash key land in one shard in request order too). An aggregate built here counts as
-//! one record of every key it holds (and of its explicit hash key: its destination shard).
+//! one record of every key it holds; its own explicit hash key is its destination shard's start,
+//! a route rather than a key, and does not count.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};

@@ -665,9 +665,10 @@ pub(crate) mod tests {
         assert_eq!(requests, vec![vec!["k0", "k1", "k2", "k3", "k4"], vec!["k1", "k3"]]);
     }
 
-    #[tokio::test]
-    async fn a_request_refused_as_invalid_is_split_until_the_bad_entry_is_alone() {
-        let respond = Box::new(|keys: &[String]| {
+    /// A destination that refuses a request holding the entry of key "bad" as a whole (a
+    /// ValidationException), unless that entry is alone: then it is refused on its own.
+    fn refuses_bad() -> Box<Respond> {
+        Box::new(|keys: &[String]| {
             if keys.len() > 1 && keys.iter().any(|k| k == "bad") {
                 return Err(CallError {
                     kind: ErrorKind::Permanent,
@@ -676,9 +677,13 @@ pub(crate) mod tests {
                 });
             }
             Ok(keys.iter().map(|k| answer((k == "bad").then_some("ValidationException"))).collect())
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_as_invalid_is_split_until_the_bad_entry_is_alone() {
         let keys = ["a", "b", "c", "d", "e", "bad", "f", "g"];
-        let h = start(&keys, respond);
+        let h = start(&keys, refuses_bad());
         h.until("the valid ones accepted and the bad one held", |h| {
             h.count(Outcome::Ok) == 7 && h.count(Outcome::Rejected) == 1
         })
@@ -700,18 +705,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn in_strict_order_a_request_split_for_an_invalid_entry_still_holds_one_record_per_key() {
-        let respond = Box::new(|keys: &[String]| {
-            if keys.len() > 1 && keys.iter().any(|k| k == "bad") {
-                return Err(CallError {
-                    kind: ErrorKind::Permanent,
-                    code: "ValidationException".into(),
-                    cause: "1 validation error detected".into(),
-                });
-            }
-            Ok(keys.iter().map(|k| answer((k == "bad").then_some("ValidationException"))).collect())
-        });
         let keys = ["a", "a", "b", "c", "bad", "a", "b", "d", "c", "e"];
-        let h = start_configured(&keys, respond, None, "ordering = \"strict\"");
+        let h = start_configured(&keys, refuses_bad(), None, "ordering = \"strict\"");
         h.until("the valid ones accepted and the bad one held", |h| {
             h.count(Outcome::Ok) == 9 && h.count(Outcome::Rejected) == 1
         })
