@@ -261,6 +261,8 @@ async fn a_small_memory_budget_bounds_what_is_buffered_and_loses_nothing() {
         async move { done("out-a") && done("out-b") }
     })
     .await;
+    // Those counts include the re-sent copies: what the destinations hold says when it is done.
+    wait_until("both destinations hold every record", || all_hold(&client, &["out-a", "out-b"], &input)).await;
     assert_eq!(service.metrics.memory_limit_bytes.get(), 4 << 20);
     let budget = service.metrics.memory_budget_bytes.get() as u64;
     assert!(budget > 0 && budget < 4 << 20, "the buffer budget ({budget}) is the limit less the headroom");

@@ -41,14 +41,21 @@ async fn wait_settled(dynamo: &Dynamo, workers: &[Worker], mut counts: Vec<usize
 }
 
 /// Waits until every destination holds every record at least once; returns the duplicates seen.
+///
+/// The workers' accepted counts are only the cheap first sign: they count duplicates too, so a
+/// shard read again from its checkpoint (after a lease was lost and taken back, say) reaches the
+/// total while records of the last batch are still on their way. Done is what the destinations
+/// hold. (Found on a loaded host: a throttled table stopped both shards, they were read again
+/// from TRIM_HORIZON, and the count was reached with the second batch still in flight.)
 async fn wait_all_delivered(emulator: &Emulator, workers: &[&Worker], input: &[Rec]) -> usize {
     let total = input.len() as u64;
-    wait_until("every destination accepted every record", || async {
+    wait_until("every destination accepted as many records as were put", || async {
         DESTINATIONS.iter().all(|d| workers.iter().map(|w| w.accepted(d)).sum::<u64>() >= total)
     })
     .await;
-    let expected: BTreeSet<Rec> = input.iter().cloned().collect();
     let client = emulator.client();
+    wait_until("every destination holds every record", || all_hold(&client, &DESTINATIONS, input)).await;
+    let expected: BTreeSet<Rec> = input.iter().cloned().collect();
     let mut duplicates = 0;
     for name in DESTINATIONS {
         let held = contents(&client, name).await;
@@ -85,9 +92,11 @@ async fn a_killed_workers_shards_move_within_two_failover_times() {
     let first = records(61, 2_000, 64);
     put_all(&emulator.client(), "in", &first).await;
     let victim = workers.remove(0);
-    let read_by_victim = victim.records_read();
+    // Counted once it is dead: it reads (and writes) until its thread sees the kill.
+    let victim_health = victim.health.clone();
     victim.kill().await;
     let killed_at = Instant::now();
+    let read_by_victim = victim_health.records();
     wait_until("w2 holds every lease", || async { owners(&dynamo.leases("leases").await).get("w2") == Some(&4) }).await;
     let takeover = killed_at.elapsed();
     assert!(takeover < Duration::from_secs(8), "failover_time is 3s; takeover took {takeover:?}");
@@ -206,7 +215,10 @@ async fn throttling_and_an_unreachable_table_never_leave_a_shard_unproven() {
     put_all(&emulator.client(), "in", &first).await;
     wait_until("first batch copied", || async { worker.accepted("out-a") >= 500 }).await;
 
-    // Throttling for a moment (shorter than the failover time) is retried and changes nothing.
+    // Throttling for a moment (shorter than the failover time) is retried. On a loaded host it can
+    // outlast the watchdog's line (a failover time less a renewal period after the last
+    // confirmation): then both shards stop, and are read again from their checkpoints once the
+    // leases are taken back. Either way the worker ends up reading both shards.
     dynamo.set(DynamoMode::Throttle);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     dynamo.set(DynamoMode::Pass);
@@ -217,7 +229,11 @@ async fn throttling_and_an_unreachable_table_never_leave_a_shard_unproven() {
     dynamo.set(DynamoMode::Down);
     let down_at = Instant::now();
     wait_until("shards stopped while their leases cannot be proven", || async { reading(worker) == 0 }).await;
-    assert!(down_at.elapsed() < Duration::from_secs(4), "stopped within the failover time");
+    // Judged by when the worker stopped them, not by when this test looked.
+    let last_stop =
+        worker.spans().iter().filter_map(|s| s.stopped.map(|t| t.into_std())).filter(|t| *t >= down_at).max();
+    let took = last_stop.map(|t| t - down_at);
+    assert!(took.is_none_or(|d| d < Duration::from_secs(4)), "stopped within the failover time: {took:?}");
     dynamo.set(DynamoMode::Pass);
     wait_until("reading again once the table is back", || async { reading(worker) == 2 }).await;
     let second = records(66, 500, 32);
