@@ -115,15 +115,8 @@ async fn strict_ordering_holds_with_reaggregation_and_with_dead_letters_under_th
             refused.push(data.clone());
         }
     }
-    let shards = client.list_shards().stream_name("in").send().await.unwrap();
-    let ranges: Vec<(u128, u128)> = shards
-        .shards()
-        .iter()
-        .map(|s| {
-            let range = s.hash_key_range().unwrap();
-            (range.starting_hash_key().parse().unwrap(), range.ending_hash_key().parse().unwrap())
-        })
-        .collect();
+    let ranges: Vec<(u128, u128)> =
+        crate::resharding::open_shards(&client, "in").await.into_iter().map(|(_, start, end)| (start, end)).collect();
     let shard_of = |key: &str| {
         let hash = kpl::partition_key_hash(key);
         ranges.iter().position(|(start, end)| (*start..=*end).contains(&hash)).unwrap()

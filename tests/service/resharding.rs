@@ -15,7 +15,7 @@ pub async fn per_key(client: &Client, stream: &str) -> BTreeMap<String, Vec<Vec<
     out
 }
 
-async fn open_shards(client: &Client, stream: &str) -> Vec<(String, u128, u128)> {
+pub async fn open_shards(client: &Client, stream: &str) -> Vec<(String, u128, u128)> {
     let out = client.list_shards().stream_name(stream).send().await.unwrap();
     out.shards()
         .iter()

@@ -243,10 +243,7 @@ async fn inject_faults(
             *faults.calls.entry(format!("ListShards({stream})")).or_default() += 1;
         }
         honour_position = operation == "SubscribeToShard" && faults.honour_starting_position;
-        refused = faults
-            .refuse_records
-            .clone()
-            .filter(|(stream, _)| operation == "PutRecords" && names_stream(&bytes, stream));
+        refused = faults.refuse_records.clone().filter(|_| operation == "PutRecords");
         hidden = faults.hide_from_list_streams.clone().filter(|_| operation == "ListStreams");
         expired = faults.expire_partition_keys.clone().filter(|_| operation == "GetRecords");
         malformed = faults.malform_sequence_numbers.clone().filter(|_| operation == "GetRecords");
@@ -254,8 +251,8 @@ async fn inject_faults(
     if let Some((_, stall)) = stall {
         tokio::time::sleep(stall).await;
     }
-    if let Some((_, prefix)) = refused {
-        return refuse_records(parts, bytes, &prefix, next).await;
+    if let Some(refused) = refused {
+        return refuse_records(parts, bytes, refused, next).await;
     }
     if let Some(hidden) = hidden {
         let answer = next.run(Request::from_parts(parts, Body::from(bytes))).await;
@@ -322,17 +319,18 @@ fn by_name(operation: &str, bytes: axum::body::Bytes) -> axum::body::Bytes {
     serde_json::to_vec(&json).map(Into::into).unwrap_or(bytes)
 }
 
-/// A JSON answer changed by `edit` (left as it is if it is not JSON).
-/// A PutRecords request whose records with data starting with `prefix` fail on their own
-/// (KMSAccessDeniedException): the others are put, and the answers placed back in order.
+/// A PutRecords request to `stream` whose records with data starting with `prefix` fail on
+/// their own (KMSAccessDeniedException): the others are put, and the answers placed back in
+/// order. A request to another stream goes on as it is.
 async fn refuse_records(
     mut parts: axum::http::request::Parts,
     bytes: axum::body::Bytes,
-    prefix: &[u8],
+    (stream, prefix): (String, Vec<u8>),
     next: Next,
 ) -> Response {
     use base64::Engine as _;
-    let Ok(mut request) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+    let request = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+    let Some(mut request) = request.filter(|r| names_stream(r, &stream)) else {
         return next.run(Request::from_parts(parts, Body::from(bytes))).await;
     };
     let records = request["Records"].as_array().cloned().unwrap_or_default();
@@ -340,7 +338,7 @@ async fn refuse_records(
         .iter()
         .map(|r| {
             let data = r["Data"].as_str().unwrap_or_default();
-            base64::engine::general_purpose::STANDARD.decode(data).is_ok_and(|d| d.starts_with(prefix))
+            base64::engine::general_purpose::STANDARD.decode(data).is_ok_and(|d| d.starts_with(&prefix))
         })
         .collect();
     let kept: Vec<serde_json::Value> =
@@ -370,6 +368,7 @@ async fn refuse_records(
     (StatusCode::OK, [("content-type", "application/x-amz-json-1.1")], body.to_string()).into_response()
 }
 
+/// A JSON answer changed by `edit` (left as it is if it is not JSON).
 async fn rewritten(answer: Response, edit: impl FnOnce(&mut serde_json::Value)) -> Response {
     let (parts, body) = answer.into_parts();
     let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
@@ -383,8 +382,7 @@ async fn rewritten(answer: Response, edit: impl FnOnce(&mut serde_json::Value)) 
 }
 
 /// Whether a request names `stream`, by name or by ARN.
-fn names_stream(bytes: &[u8], stream: &str) -> bool {
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(bytes) else { return false };
+fn names_stream(request: &serde_json::Value, stream: &str) -> bool {
     request["StreamName"].as_str() == Some(stream)
         || request["StreamARN"].as_str().is_some_and(|arn| arn.ends_with(&format!(":stream/{stream}")))
 }
